@@ -1,0 +1,7 @@
+"""lipverify: audit neural-network classifiers someone else trained.
+
+Sound Lipschitz bounds, certified robustness radii, attacks and certified fine-tuning, over one typed
+Lipschitz graph built from an ONNX file or a PyTorch module.
+"""
+
+__version__ = "0.1.0"

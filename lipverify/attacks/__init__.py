@@ -1,0 +1,1 @@
+"""Attacks that use only the model's forward pass (never the bound code)."""

@@ -1,0 +1,1 @@
+"""Lipschitz mathematics: operator norms, global and margin bounds, local bounds, LipSDP, lower bounds."""

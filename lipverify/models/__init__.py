@@ -1,0 +1,1 @@
+"""Model zoo (architectures from the literature) and the embedded default model."""

@@ -1,0 +1,1 @@
+"""Certified fine-tuning: differentiable bounds, losses, schedules, training loops."""
