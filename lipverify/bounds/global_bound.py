@@ -1,0 +1,129 @@
+"""Global Lipschitz bounds over a Lipschitz graph, and GloRo margin constants ``K_ij``.
+
+Global bound (SPEC section 2).  With ``L(v)`` a bound on the Lipschitz constant of the map from the
+model input to the output of node ``v``::
+
+    L(input)           = 1
+    L(linear A)        = ||A|| * L(u)          (A a merged affine chain / residual operator)
+    L(activation phi)  = Lip(phi) * L(u)
+    L(maxpool)         = Lip(pool) * L(u)
+    L(add sum c_k u_k) = sum |c_k| L(u_k)
+    L(concat)          = sqrt(sum L(u_k)^2)    (l2)  or  max L(u_k)  (l-inf)
+
+Margin constants (SPEC section 3, Leino et al. 2021 "Globally-Robust Neural Networks").  When the
+logits are an affine map ``f = T h + b`` of the last nonlinear node ``h``::
+
+    K_ij = ||T_j - T_i||_2 * L_2(h)       (l2 perturbations)
+    K_ij = ||T_j - T_i||_1 * L_inf(h)     (l-inf perturbations: dual norm)
+
+where ``T`` is the materialised matrix of the whole linear tail.  Without an affine tail only
+``K_ij <= sqrt(2) L_2(f)`` (l2) or ``2 L_inf(f)`` (l-inf) hold.
+
+Every number carries its method and whether it is sound.  ``method="sound"`` uses proven upper
+bounds computed in float64; ``method="power"`` replaces linear-operator norms by power-iteration
+estimates (approach the norm from below: not sound).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lipverify.bounds.operator_norms import SOUND_FACTOR
+from lipverify.graph import LipschitzGraph, Node
+from lipverify.linear_ops import Bound
+
+
+@dataclass
+class NodeConstant:
+    """Lipschitz constant of one graph node (``None`` for combining nodes such as ``add``)."""
+
+    index: int
+    name: str
+    op: str
+    kind: str
+    in_shape: tuple
+    out_shape: tuple
+    constant: Bound | None
+    cumulative: Bound  # bound of the map input -> this node's output
+
+
+def node_constant(node: Node, p: str, method: str = "sound", power_tol: float = 1e-5) -> Bound | None:
+    """Lipschitz constant of a single node's op, for ``p`` in {"2", "inf"}."""
+    k = node.kind
+    if k == "linear":
+        if method == "power" and p == "2":
+            return node.op.power_norm("2", tol=power_tol)
+        return node.op.norm(p)
+    if k == "activation":
+        a = node.op
+        return Bound(a.lipschitz, f"slope range [{a.lo:g}, {a.hi:g}]", True)
+    if k == "minmax":
+        return Bound(1.0, "GroupSort is a permutation at every point", True)
+    if k == "maxpool":
+        if p == "2":
+            n = node.op.windows_per_input()
+            return Bound(node.op.lip2, f"sqrt(windows per input = {n})", True)
+        return Bound(1.0, "max over a window", True)
+    return None
+
+
+def propagate(graph: LipschitzGraph, p: str, method: str = "sound", power_tol: float = 1e-5,
+              constants: list[Bound | None] | None = None) -> list[NodeConstant]:
+    """Per-node constants and cumulative bounds ``L(v)`` in topological order."""
+    if p not in ("2", "inf"):
+        raise ValueError("norm must be '2' or 'inf'")
+    res: list[NodeConstant] = []
+    for i, n in enumerate(graph.nodes):
+        in_shape = graph.nodes[n.inputs[0]].out_shape if n.inputs else n.out_shape
+        if n.kind == "input":
+            c, cum = None, Bound(1.0, "identity", True)
+        else:
+            c = constants[i] if constants is not None else node_constant(n, p, method, power_tol)
+            ins = [res[j].cumulative for j in n.inputs]
+            if n.kind == "add":
+                val = sum(abs(co) * b.value for co, b in zip(n.op, ins))
+                cum = Bound(val, "sum over branches", all(b.sound for b in ins))
+            elif n.kind == "concat":
+                val = (math.sqrt(sum(b.value ** 2 for b in ins)) if p == "2" else max(b.value for b in ins))
+                cum = Bound(val, "concat", all(b.sound for b in ins))
+            else:
+                cum = Bound(ins[0].value * c.value, "product", ins[0].sound and c.sound)
+        res.append(NodeConstant(i, n.name, n.describe(), n.kind, tuple(in_shape), tuple(n.out_shape), c, cum))
+    return res
+
+
+@dataclass
+class MarginConstants:
+    """``K[i][j]`` bounds the Lipschitz constant of ``f_i - f_j`` (symmetric, zero diagonal)."""
+
+    K: torch.Tensor  # float64 (m, m)
+    method: str
+    sound: bool
+
+
+def margin_constants(graph: LipschitzGraph, consts: list[NodeConstant], p: str) -> MarginConstants:
+    out = graph.nodes[graph.output]
+    m = int(math.prod(out.out_shape))
+    if out.kind == "linear":
+        h = out.inputs[0]
+        lh = consts[h].cumulative
+        op = out.op.to_double_copy()
+        with torch.no_grad():
+            eye = torch.eye(m, dtype=torch.float64, device=op._device())
+            T = op.adjoint(eye.reshape((m,) + op.out_shape)).reshape(m, -1)
+            D = torch.cdist(T, T, p=2.0 if p == "2" else 1.0)
+        K = D * lh.value * SOUND_FACTOR
+        norm_name = "l2" if p == "2" else "l1"
+        method = f"{norm_name} norms of row differences of the affine tail x L(h) [{lh.method}]"
+        sound = lh.sound
+    else:
+        lf = consts[graph.output].cumulative
+        factor = math.sqrt(2.0) if p == "2" else 2.0
+        K = torch.full((m, m), factor * lf.value * SOUND_FACTOR, dtype=torch.float64)
+        method = f"{'sqrt(2)' if p == '2' else '2'} x global bound (no affine tail)"
+        sound = lf.sound
+    K.fill_diagonal_(0.0)
+    return MarginConstants(K, method, sound)

@@ -1,0 +1,833 @@
+r"""LipSDP: semidefinite-programming l2 Lipschitz bounds for fully connected networks.
+
+Network and notation
+--------------------
+``weights = [W_0, ..., W_L]`` describes ``f(x) = W_L phi(W_{L-1} phi( ... phi(W_0 x)))`` (biases do not
+change a Lipschitz constant and are not needed).  ``W_k`` has shape ``n_{k+1} x n_k``; ``n_0`` is the
+input dimension, ``n_1 .. n_L`` are the widths of the ``L`` hidden layers, ``N = n_1 + ... + n_L``.
+Every scalar activation ``phi`` is *slope-restricted* in ``[alpha, beta]``:
+``alpha <= (phi(a) - phi(b)) / (a - b) <= beta`` (ReLU, tanh, clipped ReLU: ``[0, 1]``; leaky ReLU with
+slope ``a <= 1``: ``[a, 1]``).  It may differ from neuron to neuron and from layer to layer.
+
+The LMI (LipSDP, Fazlyab et al. 2019)
+-------------------------------------
+For one neuron with pre-activation increment ``dv`` and output increment ``dx = phi(v + dv) - phi(v)``
+the slope restriction is the quadratic constraint ``(dx - alpha dv)(beta dv - dx) >= 0``.  Weighting
+the constraint of neuron ``i`` of hidden layer ``k`` by ``t_i >= 0`` (``T_k = diag(t)``) and adding
+the target inequality ``||dy||^2 <= rho ||dx_0||^2`` (S-procedure) gives the symmetric matrix
+``M(rho, T)`` over the stacked increments ``(dx_0, dx_1, ..., dx_L)`` (block sizes ``n_0 .. n_L``).
+It is block tridiagonal:
+
+* ``M_00 = -rho I - 2 alpha beta W_0^T T_1 W_0``
+* ``M_kk = -2 T_k - 2 alpha beta W_k^T T_{k+1} W_k``   for ``1 <= k <= L-1``
+* ``M_LL = -2 T_L + W_L^T W_L``                         (only ``W_L^T W_L`` enters)
+* ``M_{k,k+1} = M_{k+1,k}^T = (alpha + beta) W_k^T T_{k+1}``   for ``0 <= k <= L-1``
+
+If ``M(rho, T) <= 0`` (negative semidefinite) for some ``T >= 0`` then
+``||f(a) - f(b)||_2 <= sqrt(rho) ||a - b||_2`` for **every** network with these weights and any
+activations slope-restricted in ``[alpha, beta]``.  LipSDP minimises ``rho`` over ``(rho, T)``:
+
+* ``form="neuron"``: ``T_k = diag(t)`` with one multiplier per hidden neuron (LipSDP-Neuron);
+* ``form="layer"``: ``T_k = lambda_k I`` with one multiplier per hidden layer (LipSDP-Layer), cheaper
+  and looser.
+
+The "network" form of the original paper (coupled multipliers between neuron pairs) is **not
+offered**: it was later shown not to be valid in general (the coupled constraints do not hold for
+all slope-restricted activations).
+
+Soundness: exact rho for the solver's multipliers
+-------------------------------------------------
+A first-order solver (SCS) returns ``(rho, T)`` that satisfy the LMI only up to its tolerance, so its
+``sqrt(rho)`` is not a proof.  ``rho`` appears only in the ``(0, 0)`` block.  Write
+``M(rho, T) = [[A - rho I, B], [B^T, C]]`` with ``A = -2 alpha beta W_0^T T_1 W_0`` (``n_0 x n_0``),
+``B = [(alpha + beta) W_0^T T_1, 0, ..., 0]`` and ``C`` the hidden ``N x N`` part.  If ``C < 0``
+(checked with a float64 Cholesky factorisation ``-C = R^T R``), the Schur complement says
+``M(rho, T) <= 0  <=>  A - rho I - B C^{-1} B^T <= 0``, so for this ``T`` the smallest feasible rho is
+exactly
+
+    ``rho_min(T) = lambda_max(A - B C^{-1} B^T) = lambda_max(A + K^T K)``,   ``K = R^{-T} B^T``.
+
+lipverify therefore keeps only the solver's ``T`` (negative entries clipped to zero; if ``C`` is not
+negative definite, the multipliers are nudged upwards a little and retried), recomputes ``rho_min(T)``
+in float64, inflates it by ``(1 + 1e-6)^2`` and checks the whole LMI once more on the *original*
+weights with a shifted Cholesky factorisation of ``-M`` (shift ``~ (n+1) u trace(-M)``, a standard
+way to make a floating-point Cholesky success imply positive definiteness, in the spirit of Rump 2006).
+The reported value is ``sqrt(rho_min(T)) * (1 + 1e-6)``.  Any ``T >= 0`` that passes gives a valid
+bound, so the solver tolerance only affects tightness, never soundness.  Because ``rho_min`` is
+stationary at the optimum, a loose tolerance (``tol=1e-5`` by default) already reproduces the
+optimum to several digits at a fraction of the cost.
+
+Speed
+-----
+* Each ``W_k`` is divided by its spectral norm before solving (the LMI is invariant under the block
+  congruence ``diag(d_0 I, ..., d_L I)``, so the optimum scales exactly by ``prod ||W_k||``); this
+  makes the problem well conditioned.  The multipliers are mapped back
+  (``T_k <- T_k * prod_{j>=k} ||W_j||^2``) before the verification on the original weights.
+* The input block is reduced to ``rank(W_0) <= n_1`` columns (``W_0 = R^T Q^T``, QR of ``W_0^T``) and
+  the output block to ``rank(W_L) <= n_L`` rows: exact, because only ``W_0`` up to an orthogonal factor
+  and ``W_L^T W_L`` enter the LMI.  For MNIST 784-50-10 the cone is 100 x 100 instead of 834 x 834.
+* SCS is called directly (no modelling layer), the LMI is assembled as a sparse matrix in SCS's
+  scaled lower-triangular vectorisation, and warm-started from a feasible "product bound"
+  certificate.  Other solvers (``solver="CLARABEL"``, ...) go through cvxpy with the same data.
+* ``max_neurons_per_block`` splits the network at activation layers into consecutive sub-networks
+  with at most that many hidden neurons each; ``Lip(f) <= prod_j LipSDP(g_j) * max(|alpha|, |beta|)^c``
+  (``c`` cut activations, each ``max(|alpha|,|beta|)``-Lipschitz).  A sub-network without hidden layer
+  is one matrix, bounded by its largest singular value.  The split bound is never tighter than the
+  unsplit one.  By default the network is split when it has more than 300 hidden neurons.
+
+References
+----------
+* M. Fazlyab, A. Robey, H. Hassani, M. Morari, G. J. Pappas, "Efficient and accurate estimation of
+  Lipschitz constants for deep neural networks", NeurIPS 2019 (LipSDP).
+* B. O'Donoghue, E. Chu, N. Parikh, S. Boyd, "Conic optimization via operator splitting and
+  homogeneous self-dual embedding", JOTA 2016 (SCS).
+* S. M. Rump, "Verification of positive definiteness", BIT Numerical Mathematics 46, 2006.
+
+Warnings
+--------
+* Only fully connected networks with scalar slope-restricted activations between consecutive affine
+  layers (no convolutions, pooling, residual connections, GroupSort/MinMax); convolutions must be
+  unrolled into dense matrices first.
+* The network form of LipSDP is not offered (it is not valid in general).
+* The float64 verification is not interval arithmetic: rounding in forming ``M`` is covered by the
+  ``(1 + 1e-6)`` margin and the Cholesky shift, which is ample for well-scaled weights.
+* LipSDP bounds the Lipschitz constant over *all* activations slope-restricted in ``[alpha, beta]``;
+  it is therefore at least the maximum of ``||W_L D_L ... D_1 W_0||`` over all diagonal ``D_k`` with
+  entries in ``[alpha, beta]``, even activation patterns that ReLU can never realise.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.linalg as sla
+import scipy.sparse as sp
+
+from lipverify.errors import UserInputError
+
+__all__ = [
+    "LipSDPResult",
+    "lipsdp",
+    "lipsdp_matrix",
+    "verify_multipliers",
+    "split_network",
+    "product_bound",
+    "DEFAULT_MAX_NEURONS",
+]
+
+#: Total number of hidden neurons above which :func:`lipsdp` splits the network by default.
+DEFAULT_MAX_NEURONS = 300
+
+_MARGIN = 1e-6  # relative safety factor on the reported value
+_U = np.finfo(np.float64).eps / 2  # unit roundoff
+
+
+@dataclass
+class LipSDPResult:
+    """Result of :func:`lipsdp`.
+
+    Attributes
+    ----------
+    value:
+        l2 Lipschitz upper bound of ``x -> W_L phi(... phi(W_0 x))`` (a proven bound when ``sound``).
+    sound:
+        True when every sub-network's bound is backed by a certificate verified in float64 (LipSDP
+        multipliers with an optimal / optimal_inaccurate solver status, or the product of spectral
+        norms used as a fallback).
+    method:
+        How the value was obtained, e.g. ``"lipsdp-neuron (SCS, verified a posteriori)"``.
+    status:
+        Solver status of each sub-network, ``";"``-separated.
+    solve_time:
+        Wall-clock seconds, including the verification.
+    parts:
+        Bound of each sub-network (one entry when the network is not split).  ``value`` is their
+        product times ``max(|alpha|, |beta|)`` per cut activation.
+    multipliers:
+        Verified multipliers ``[T_1, ..., T_L]`` (diagonals, original weight scale) of each
+        sub-network; ``None`` for a part bounded by a spectral norm / product bound.
+    """
+
+    value: float
+    sound: bool
+    method: str
+    status: str
+    solve_time: float
+    parts: list[float] = field(default_factory=list)
+    multipliers: list[list[np.ndarray] | None] = field(default_factory=list, repr=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# input checking and small helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_weights(weights) -> list[np.ndarray]:
+    if weights is None or len(weights) == 0:
+        raise UserInputError("lipsdp: need at least one weight matrix")
+    out = []
+    for k, w in enumerate(weights):
+        if hasattr(w, "detach"):  # torch tensor
+            w = w.detach().cpu().numpy()
+        a = np.array(w, dtype=np.float64, copy=True)
+        if a.ndim != 2:
+            raise UserInputError(f"lipsdp: weight {k} must be a 2-D matrix, got shape {a.shape}")
+        if a.size == 0:
+            raise UserInputError(f"lipsdp: weight {k} is empty (shape {a.shape})")
+        if not np.all(np.isfinite(a)):
+            raise UserInputError(f"lipsdp: weight {k} contains NaN or infinity")
+        if k > 0 and a.shape[1] != out[-1].shape[0]:
+            raise UserInputError(
+                f"lipsdp: weight {k} has {a.shape[1]} columns but weight {k - 1} has "
+                f"{out[-1].shape[0]} rows (expected W_k of shape n_(k+1) x n_k)"
+            )
+        out.append(a)
+    return out
+
+
+def _check_slopes(alpha: float, beta: float) -> tuple[float, float]:
+    alpha, beta = float(alpha), float(beta)
+    if not (math.isfinite(alpha) and math.isfinite(beta)):
+        raise UserInputError("lipsdp: alpha and beta must be finite")
+    if not alpha < beta:
+        raise UserInputError(
+            f"lipsdp: need alpha < beta (got alpha={alpha}, beta={beta}); a linear activation "
+            "(alpha == beta) makes the network linear: bound it by the norm of the merged matrix"
+        )
+    return alpha, beta
+
+
+def _sigma_max(w: np.ndarray) -> float:
+    return float(np.linalg.norm(w, 2))
+
+
+def product_bound(weights, alpha: float = 0.0, beta: float = 1.0) -> float:
+    """Trivial sound bound ``prod_k ||W_k||_2 * max(|alpha|, |beta|)^L * (1 + 1e-6)``.
+
+    Parameters
+    ----------
+    weights: list of 2-D arrays ``[W_0, ..., W_L]``.
+    alpha, beta: slope bounds of the activations.
+
+    Returns
+    -------
+    float: product of the spectral norms (float64 SVD) times the activations' Lipschitz constants,
+    inflated by ``1e-6`` against rounding.
+    """
+    ws = _as_weights(weights)
+    lip_phi = max(abs(float(alpha)), abs(float(beta)))
+    val = lip_phi ** (len(ws) - 1)
+    for w in ws:
+        val *= _sigma_max(w)
+    return val * (1.0 + _MARGIN)
+
+
+def split_network(weights, max_neurons_per_block: int) -> list[list[np.ndarray]]:
+    """Split ``[W_0, ..., W_L]`` at activation layers into consecutive sub-networks.
+
+    Greedy: hidden layers are added to the current sub-network while its total number of hidden
+    neurons stays ``<= max_neurons_per_block``; the first hidden layer that does not fit becomes a
+    *cut* (its activation lies between two sub-networks and is bounded by its Lipschitz constant).
+    A hidden layer wider than the limit is always a cut.
+
+    Returns
+    -------
+    list of weight lists; sub-network ``j`` maps the output of cut ``j-1`` (after its activation) to
+    the pre-activation of cut ``j``.  ``f = g_last o phi o ... o phi o g_0``.
+    """
+    ws = list(weights)
+    if max_neurons_per_block is None or max_neurons_per_block < 0:
+        raise UserInputError("split_network: max_neurons_per_block must be a non-negative integer")
+    chunks: list[list[np.ndarray]] = []
+    cur = [ws[0]]
+    used = 0
+    for k in range(1, len(ws)):
+        width = ws[k].shape[1]  # hidden layer k sits between W_{k-1} and W_k
+        if used + width <= max_neurons_per_block:
+            cur.append(ws[k])
+            used += width
+        else:
+            chunks.append(cur)
+            cur = [ws[k]]
+            used = 0
+    chunks.append(cur)
+    return chunks
+
+
+# ----------------------------------------------------------------------------------------------
+# the LMI
+# ----------------------------------------------------------------------------------------------
+
+
+def _expand_multipliers(weights: list[np.ndarray], multipliers) -> list[np.ndarray]:
+    """Per-layer diagonals; scalars (layer form) are broadcast to the layer width."""
+    L = len(weights) - 1
+    if len(multipliers) != L:
+        raise UserInputError(f"need {L} multiplier vectors (one per hidden layer), got {len(multipliers)}")
+    out = []
+    for k in range(1, L + 1):
+        n_k = weights[k].shape[1]
+        t = np.asarray(multipliers[k - 1], dtype=np.float64).ravel()
+        if t.size == 1:
+            t = np.full(n_k, float(t[0]))
+        if t.size != n_k:
+            raise UserInputError(f"hidden layer {k} has {n_k} neurons but {t.size} multipliers were given")
+        out.append(t)
+    return out
+
+
+def lipsdp_matrix(weights, rho: float, multipliers, alpha: float = 0.0, beta: float = 1.0) -> np.ndarray:
+    """Dense symmetric LipSDP matrix ``M(rho, T)`` (see the module docstring for its blocks).
+
+    Parameters
+    ----------
+    weights: ``[W_0, ..., W_L]`` with ``L >= 1`` hidden layers.
+    rho: the squared Lipschitz candidate.
+    multipliers: ``L`` arrays, the diagonal of ``T_k`` (or one scalar per layer for the layer form).
+    alpha, beta: slope bounds.
+
+    Returns
+    -------
+    ``(n_0 + N) x (n_0 + N)`` float64 array.  ``M <= 0`` certifies ``Lip_2(f) <= sqrt(rho)``.
+    """
+    ws = _as_weights(weights)
+    if len(ws) < 2:
+        raise UserInputError("lipsdp_matrix: need at least one hidden layer (two weight matrices)")
+    ts = _expand_multipliers(ws, multipliers)
+    return _build_M(ws, float(rho), ts, float(alpha), float(beta))
+
+
+def _build_M(ws, rho, ts, alpha, beta):
+    L = len(ws) - 1
+    sizes = [ws[0].shape[1]] + [w.shape[1] for w in ws[1:]]
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    n = int(off[-1])
+    M = np.zeros((n, n))
+    ab2 = 2.0 * alpha * beta
+    apb = alpha + beta
+    M[: sizes[0], : sizes[0]] -= rho * np.eye(sizes[0])
+    for k in range(1, L + 1):
+        W = ws[k - 1]  # n_k x n_{k-1}
+        t = ts[k - 1]
+        a0, a1 = off[k - 1], off[k]
+        b0, b1 = off[k], off[k + 1]
+        if ab2 != 0.0:
+            M[a0:a1, a0:a1] -= ab2 * (W.T * t) @ W
+        cross = apb * (W.T * t)  # n_{k-1} x n_k
+        M[a0:a1, b0:b1] += cross
+        M[b0:b1, a0:a1] += cross.T
+        M[b0:b1, b0:b1] -= 2.0 * np.diag(t)
+    WL = ws[L]
+    M[off[L]:, off[L]:] += WL.T @ WL
+    return 0.5 * (M + M.T)
+
+
+def _reduce_input(W0: np.ndarray) -> np.ndarray:
+    """``F`` with ``W_0 = F Q^T`` (``Q`` orthonormal columns), ``F`` of shape ``n_1 x min(n_0, n_1)``."""
+    if W0.shape[1] <= W0.shape[0]:
+        return W0
+    _q, r = np.linalg.qr(W0.T, mode="reduced")  # W0^T = Q R  ->  W0 = R^T Q^T
+    return r.T
+
+
+def _reduce_output(WL: np.ndarray) -> np.ndarray:
+    """``G`` with ``G^T G = W_L^T W_L`` and at most ``n_L`` rows."""
+    if WL.shape[0] <= WL.shape[1]:
+        return WL
+    _q, r = np.linalg.qr(WL, mode="reduced")
+    return r
+
+
+def _hidden_block(ws, ts, alpha, beta):
+    """Hidden part ``C`` (N x N) and the first-layer data for the Schur complement."""
+    L = len(ws) - 1
+    sizes = [w.shape[1] for w in ws[1:]]
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    N = int(off[-1])
+    C = np.zeros((N, N))
+    ab2 = 2.0 * alpha * beta
+    apb = alpha + beta
+    for k in range(1, L + 1):
+        b0, b1 = off[k - 1], off[k]
+        C[b0:b1, b0:b1] -= 2.0 * np.diag(ts[k - 1])
+        if k < L:
+            W = ws[k]  # n_{k+1} x n_k
+            t_next = ts[k]
+            if ab2 != 0.0:
+                C[b0:b1, b0:b1] -= ab2 * (W.T * t_next) @ W
+            cross = apb * (W.T * t_next)
+            c0, c1 = off[k], off[k + 1]
+            C[b0:b1, c0:c1] += cross
+            C[c0:c1, b0:b1] += cross.T
+    WL = ws[L]
+    C[off[L - 1]:, off[L - 1]:] += WL.T @ WL
+    return 0.5 * (C + C.T)
+
+
+def _rho_min(ws, ts, alpha, beta) -> float | None:
+    """Exact smallest rho with ``M(rho, T) <= 0`` for fixed T (Schur complement); None if ``C`` is not < 0."""
+    ws = [_reduce_input(ws[0])] + list(ws[1:-1]) + [_reduce_output(ws[-1])]
+    C = _hidden_block(ws, ts, alpha, beta)
+    try:
+        R = sla.cholesky(-C, lower=False, check_finite=True)
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+    F = ws[0]  # n_1 x r
+    t1 = ts[0]
+    n1 = F.shape[0]
+    Bt = np.zeros((C.shape[0], F.shape[1]))
+    Bt[:n1] = (alpha + beta) * (t1[:, None] * F)  # B^T = [(a+b) T_1 W_0; 0]
+    K = sla.solve_triangular(R, Bt, trans="T", lower=False)  # R^T K = B^T
+    S = K.T @ K
+    if alpha * beta != 0.0:
+        S -= 2.0 * alpha * beta * (F.T * t1) @ F
+    S = 0.5 * (S + S.T)
+    lam = float(np.linalg.eigvalsh(S)[-1])
+    if not math.isfinite(lam):
+        return None
+    return max(lam, 0.0)
+
+
+def _nd_certified(M: np.ndarray) -> bool:
+    """True when a shifted float64 Cholesky of ``-M`` succeeds, i.e. ``M`` is negative definite."""
+    A = -M
+    n = A.shape[0]
+    g = (n + 1) * _U / (1 - (n + 1) * _U)
+    tr = float(np.sum(np.abs(np.diag(A))))
+    shift = 2.0 * g / (1 - g) * tr + 1e-300
+    try:
+        sla.cholesky(A - shift * np.eye(n), lower=False)
+    except (np.linalg.LinAlgError, ValueError):
+        return False
+    return True
+
+
+def _certify(ws, ts, alpha, beta, rho_min) -> float | None:
+    """Smallest ``rho >= rho_min * (1+1e-6)^2`` (on a short escalation ladder) that passes the full check."""
+    n0 = ws[0].shape[1]
+    check_ws = ws
+    if n0 > 4000:  # the full matrix would be too large: check the exactly reduced LMI instead
+        check_ws = [_reduce_input(ws[0])] + list(ws[1:])
+    scale = 0.0
+    for w in ws:
+        scale += math.log(max(_sigma_max(w), 1e-300))
+    floor = 1e-12 * math.exp(2 * scale)
+    for m in (_MARGIN, 1e-5, 1e-4, 1e-3):
+        rho = max(rho_min, floor) * (1.0 + m) ** 2
+        if _nd_certified(_build_M(check_ws, rho, ts, alpha, beta)):
+            return rho
+    return None
+
+
+def verify_multipliers(weights, multipliers, alpha: float = 0.0, beta: float = 1.0) -> float | None:
+    """Sound l2 Lipschitz bound certified by fixed LipSDP multipliers ``T``, or None.
+
+    Computes ``rho_min(T) = lambda_max(A - B C^{-1} B^T)`` (exact smallest feasible rho for this T),
+    inflates it by ``(1 + 1e-6)^2`` and checks ``M(rho, T) < 0`` with a shifted float64 Cholesky
+    factorisation.  Negative multipliers are clipped to zero.
+
+    Parameters
+    ----------
+    weights: ``[W_0, ..., W_L]``, ``L >= 1``.
+    multipliers: ``L`` arrays (diagonals of ``T_k``) or scalars (layer form).
+    alpha, beta: slope bounds.
+
+    Returns
+    -------
+    ``sqrt(rho)`` for the certified rho (at least ``sqrt(rho_min(T)) * (1 + 1e-6)``), or None when
+    the hidden block ``C`` is not negative definite for these multipliers or the check fails.
+    """
+    ws = _as_weights(weights)
+    alpha, beta = _check_slopes(alpha, beta)
+    if len(ws) < 2:
+        raise UserInputError("verify_multipliers: need at least one hidden layer")
+    ts = [np.maximum(t, 0.0) for t in _expand_multipliers(ws, multipliers)]
+    rho_min = _rho_min(ws, ts, alpha, beta)
+    if rho_min is None:
+        return None
+    rho = _certify(ws, ts, alpha, beta, rho_min)
+    return None if rho is None else math.sqrt(rho)
+
+
+# ----------------------------------------------------------------------------------------------
+# solver data: M(x) = M_const + sum_v x_v G_v, x = (rho, t) or (rho, lambda)
+# ----------------------------------------------------------------------------------------------
+
+
+def _lmi_triplets(ws, alpha, beta):
+    """Lower-triangle entries of ``G_v`` and ``M_const`` for the neuron form.
+
+    Returns ``(n, rows, cols, var, vals, c_rows, c_cols, c_vals, layer_of_var)``; variable 0 is rho,
+    variable ``1 + g`` is the multiplier of hidden neuron ``g`` (global numbering).
+    """
+    L = len(ws) - 1
+    sizes = [ws[0].shape[1]] + [w.shape[1] for w in ws[1:]]
+    off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    n = int(off[-1])
+    R, Cc, V, X = [], [], [], []
+    n0 = sizes[0]
+    idx = np.arange(n0)
+    R.append(idx), Cc.append(idx), V.append(np.zeros(n0, np.int64)), X.append(-np.ones(n0))
+    ab2 = 2.0 * alpha * beta
+    apb = alpha + beta
+    layer_of_var = [0]
+    gvar = 1
+    for k in range(1, L + 1):
+        W = ws[k - 1]
+        nk, nprev = W.shape
+        var = gvar + np.arange(nk)
+        layer_of_var += [k] * nk
+        # diagonal -2 t_i
+        R.append(off[k] + np.arange(nk)), Cc.append(off[k] + np.arange(nk)), V.append(var)
+        X.append(np.full(nk, -2.0))
+        # cross (row in block k, column in block k-1): (alpha+beta) W[i, j]
+        ii, jj = np.meshgrid(np.arange(nk), np.arange(nprev), indexing="ij")
+        vals = apb * W[ii, jj]
+        nz = vals != 0.0
+        R.append((off[k] + ii)[nz]), Cc.append((off[k - 1] + jj)[nz]), V.append(np.broadcast_to(var[:, None], ii.shape)[nz])
+        X.append(vals[nz])
+        if ab2 != 0.0:
+            a, b = np.tril_indices(nprev)
+            vals = -ab2 * W[:, a] * W[:, b]  # nk x npairs
+            vv = np.broadcast_to(var[:, None], vals.shape)
+            nz = vals != 0.0
+            R.append(np.broadcast_to(off[k - 1] + a, vals.shape)[nz])
+            Cc.append(np.broadcast_to(off[k - 1] + b, vals.shape)[nz])
+            V.append(vv[nz]), X.append(vals[nz])
+        gvar += nk
+    WL = ws[L]
+    G = WL.T @ WL
+    a, b = np.tril_indices(sizes[L])
+    c_rows = off[L] + a
+    c_cols = off[L] + b
+    c_vals = G[a, b]
+    return (
+        n,
+        np.concatenate(R),
+        np.concatenate(Cc),
+        np.concatenate(V),
+        np.concatenate(X),
+        c_rows,
+        c_cols,
+        c_vals,
+        np.asarray(layer_of_var),
+    )
+
+
+def _svec_index(r, c, n):
+    return c * n - (c * (c - 1)) // 2 + (r - c)
+
+
+def _aggregate_layer(Gcols: sp.csc_matrix, layer_of_var: np.ndarray, form: str) -> sp.csc_matrix:
+    """Map neuron variables to layer variables (sum of columns) for the layer form."""
+    if form == "neuron":
+        return Gcols
+    L = int(layer_of_var.max())
+    P = sp.csr_matrix(
+        (np.ones(layer_of_var.size), (np.arange(layer_of_var.size), layer_of_var)),
+        shape=(layer_of_var.size, L + 1),
+    )
+    return (Gcols @ P).tocsc()
+
+
+def _scs_data(ws, alpha, beta, form):
+    """SCS data for ``min rho  s.t.  t >= 0,  -M(rho, t) in PSD`` (scaled lower-triangular svec)."""
+    n, r, c, v, x, cr, cc, cv, layer_of_var = _lmi_triplets(ws, alpha, beta)
+    nvar_neuron = layer_of_var.size
+    m_psd = n * (n + 1) // 2
+    scale = np.where(r == c, 1.0, math.sqrt(2.0))
+    G = sp.csc_matrix((x * scale, (_svec_index(r, c, n), v)), shape=(m_psd, nvar_neuron))
+    G = _aggregate_layer(G, layer_of_var, form)
+    nvar = G.shape[1]
+    nt = nvar - 1
+    cscale = np.where(cr == cc, 1.0, math.sqrt(2.0))
+    b_psd = np.zeros(m_psd)
+    np.add.at(b_psd, _svec_index(cr, cc, n), -cv * cscale)  # b = svec(-M_const)
+    A_lin = sp.hstack([sp.csc_matrix((nt, 1)), -sp.identity(nt, format="csc")], format="csc")
+    A = sp.vstack([A_lin, G], format="csc")
+    b = np.concatenate([np.zeros(nt), b_psd])
+    cvec = np.zeros(nvar)
+    cvec[0] = 1.0
+    return {"A": A, "b": b, "c": cvec}, {"l": nt, "s": [n]}, layer_of_var, n
+
+
+def _initial_point(ws, alpha, beta, form):
+    """A feasible ``(rho, T)`` for the normalised problem: the chained "product bound" certificate.
+
+    With every ``||W_k|| = 1`` and ``lip = max(|alpha|, |beta|)``, ``rho = gamma * lip^(2L)`` and
+    ``T_k = c_k I`` with ``c_k`` growing towards the input is feasible for a large enough margin
+    ``gamma``; it only serves as a warm start, so we simply try a few margins.
+    """
+    L = len(ws) - 1
+    lip = max(abs(alpha), abs(beta))
+    for gamma in (1.5, 4.0, 16.0, 256.0):
+        ts, scalars = [], []
+        # layer k's multiplier: weight of the tail, doubled for slack
+        for k in range(1, L + 1):
+            c = gamma * (2.0 * lip) ** (2 * (L - k)) * max(lip, 1e-12) ** 0 / max(beta - alpha, 1e-12)
+            scalars.append(c)
+            ts.append(np.full(ws[k].shape[1], c))
+        rho = _rho_min(ws, ts, alpha, beta)
+        if rho is not None:
+            return rho * (1 + 1e-3) + 1e-9, scalars, ts
+    return None
+
+
+def _solve_scs(ws, alpha, beta, form, tol, verbose, max_iters=50000):
+    import scs
+
+    data, cone, layer_of_var, n = _scs_data(ws, alpha, beta, form)
+    settings = dict(
+        eps_abs=tol, eps_rel=tol, eps_infeas=1e-9, verbose=bool(verbose), max_iters=max_iters,
+        acceleration_lookback=10,
+    )
+    solver = scs.SCS(data, cone, **settings)
+    init = _initial_point(ws, alpha, beta, form)
+    if init is not None:
+        rho0, scalars, ts0 = init
+        if form == "neuron":
+            x0 = np.concatenate([[rho0], np.concatenate(ts0)])
+        else:
+            x0 = np.concatenate([[rho0], scalars])
+        s0 = data["b"] - data["A"] @ x0
+        y0 = np.zeros_like(s0)
+        sol = solver.solve(warm_start=True, x=x0, y=y0, s=s0)
+    else:
+        sol = solver.solve(warm_start=False)
+    info = sol["info"]
+    status = str(info.get("status", "unknown"))
+    st = status.lower()
+    if st == "solved":
+        norm_status = "optimal"
+    elif st == "solved_inaccurate" or st == "solved/inaccurate":
+        norm_status = "optimal_inaccurate"
+    else:
+        norm_status = st
+    xs = np.asarray(sol["x"], dtype=np.float64)
+    return xs, norm_status, layer_of_var
+
+
+def _solve_cvxpy(ws, alpha, beta, form, tol, verbose, solver):
+    import cvxpy as cp
+
+    n, r, c, v, x, cr, cc, cv, layer_of_var = _lmi_triplets(ws, alpha, beta)
+    nvar_neuron = layer_of_var.size
+    # full (column-major) vectorisation of the symmetric matrix
+    off = r != c
+    rows = np.concatenate([r + c * n, (c + r * n)[off]])
+    cols = np.concatenate([v, v[off]])
+    vals = np.concatenate([x, x[off]])
+    G = sp.csc_matrix((vals, (rows, cols)), shape=(n * n, nvar_neuron))
+    G = _aggregate_layer(G, layer_of_var, form)
+    g0 = np.zeros(n * n)
+    offc = cr != cc
+    np.add.at(g0, np.concatenate([cr + cc * n, (cc + cr * n)[offc]]), np.concatenate([cv, cv[offc]]))
+    nvar = G.shape[1]
+    xv = cp.Variable(nvar)
+    Mexpr = cp.reshape(G @ xv + g0, (n, n), order="F")
+    cons = [xv[1:] >= 0, -(Mexpr + Mexpr.T) / 2 >> 0]
+    prob = cp.Problem(cp.Minimize(xv[0]), cons)
+    kwargs = {}
+    name = solver.upper()
+    if name == "SCS":
+        kwargs = dict(eps_abs=tol, eps_rel=tol)
+    elif name == "CLARABEL":
+        kwargs = dict(tol_gap_abs=tol, tol_gap_rel=tol, tol_feas=tol)
+    try:
+        prob.solve(solver=name, verbose=bool(verbose), **kwargs)
+    except cp.error.SolverError as exc:
+        return None, f"solver_error: {exc}", layer_of_var
+    status = str(prob.status)
+    xs = None if xv.value is None else np.asarray(xv.value, dtype=np.float64)
+    return xs, status, layer_of_var
+
+
+def _multipliers_from_x(xs, layer_of_var, ws, form):
+    L = len(ws) - 1
+    out = []
+    if form == "neuron":
+        t_all = xs[1:]
+        for k in range(1, L + 1):
+            out.append(np.asarray(t_all[layer_of_var[1:] == k], dtype=np.float64))
+    else:
+        for k in range(1, L + 1):
+            out.append(np.full(ws[k].shape[1], float(xs[k])))
+    return out
+
+
+def _repair_candidates(ts: list[np.ndarray]):
+    """The clipped multipliers, then versions nudged upwards (per layer, relative to its mean)."""
+    ts = [np.maximum(t, 0.0) for t in ts]
+    yield ts
+    for delta in (1e-10, 1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1):
+        out = []
+        for t in ts:
+            ref = float(np.mean(t)) if np.any(t > 0) else 1.0
+            out.append(t + delta * ref)
+        yield out
+
+
+def _solve_part(ws, alpha, beta, form, solver, tol, verbose):
+    """LipSDP for one sub-network (>= 1 hidden layer).  Returns (value, sound, note, status, T)."""
+    L = len(ws) - 1
+    sig = [_sigma_max(w) for w in ws]
+    if min(sig) == 0.0:
+        return 0.0, True, "zero weight matrix", "trivial", None
+    # normalised and exactly reduced problem for the solver
+    wn = [w / s for w, s in zip(ws, sig)]
+    wred = [_reduce_input(wn[0])] + wn[1:-1] + [_reduce_output(wn[-1])]
+    if solver.upper() == "SCS":
+        xs, status, layer_of_var = _solve_scs(wred, alpha, beta, form, tol, verbose)
+        sname = "SCS"
+    else:
+        xs, status, layer_of_var = _solve_cvxpy(wred, alpha, beta, form, tol, verbose, solver)
+        sname = solver.upper()
+    if xs is None or not np.all(np.isfinite(xs)):
+        return None, False, f"{sname} returned no solution", status, None
+    t_norm = _multipliers_from_x(xs, layer_of_var, wred, form)
+    # map to the original scale: T_k <- T_k * prod_{j >= k} ||W_j||^2
+    tail = [float(np.prod(np.square(sig[k:]))) for k in range(1, L + 1)]
+    best_rho, best_ts = None, None
+    for cand in _repair_candidates(t_norm):
+        r = _rho_min(wred, cand, alpha, beta)
+        if r is None:
+            continue
+        if best_rho is None or r < best_rho:
+            best_rho, best_ts = r, cand
+        if best_rho is not None and cand is not None and r is not None and best_ts is cand:
+            # the first candidate that works is normally the best; one more nudge rarely helps
+            break
+    if best_ts is None:
+        return None, False, f"{sname} multipliers do not certify the LMI", status, None
+    ts_orig = [t * s for t, s in zip(best_ts, tail)]
+    rho_orig = _rho_min(ws, ts_orig, alpha, beta)
+    if rho_orig is None:
+        return None, False, "verification on the original weights failed", status, None
+    rho_cert = _certify(ws, ts_orig, alpha, beta, rho_orig)
+    if rho_cert is None:
+        return None, False, "final Cholesky check failed", status, None
+    value = math.sqrt(rho_cert)
+    ok_status = status in ("optimal", "optimal_inaccurate")
+    return value, ok_status, sname, status, ts_orig
+
+
+def lipsdp(
+    weights,
+    *,
+    form: str = "neuron",
+    alpha: float = 0.0,
+    beta: float = 1.0,
+    solver: str = "SCS",
+    max_neurons_per_block: int | None = None,
+    tol: float = 1e-5,
+    verbose: bool = False,
+) -> LipSDPResult:
+    """Sound l2 Lipschitz upper bound of a fully connected network by LipSDP (neuron or layer form).
+
+    Minimises ``rho`` subject to ``M(rho, T) <= 0`` (the block-tridiagonal LMI of the module
+    docstring), then recomputes the exact smallest ``rho`` for the solver's multipliers ``T`` by a
+    Schur complement and verifies the LMI in float64; the bound is ``sqrt(rho) * (1 + 1e-6)``.
+
+    Parameters
+    ----------
+    weights:
+        ``[W_0, ..., W_L]`` (numpy arrays or torch tensors), ``W_k`` of shape ``n_{k+1} x n_k``;
+        an activation sits between every pair of consecutive matrices.  Biases are irrelevant.
+    form:
+        ``"neuron"`` (one multiplier per hidden neuron, LipSDP-Neuron) or ``"layer"`` (one per hidden
+        layer, LipSDP-Layer).  ``"network"`` is refused: it is not valid in general.
+    alpha, beta:
+        Slope bounds of every activation, ``alpha < beta`` (ReLU / tanh: 0, 1; leaky ReLU(a): a, 1).
+    solver:
+        ``"SCS"`` (default; called directly, fast) or any cvxpy SDP solver name (e.g. ``"CLARABEL"``,
+        much slower beyond ~50 neurons).
+    max_neurons_per_block:
+        Split the network at activation layers into sub-networks with at most this many hidden
+        neurons each and multiply their bounds (see :func:`split_network`).  ``None``: split at
+        ``DEFAULT_MAX_NEURONS`` (300) when the network has more hidden neurons than that.
+    tol:
+        Solver tolerance (SCS ``eps_abs = eps_rel``).  Affects tightness only, not soundness.
+    verbose:
+        Print the solver log.
+
+    Returns
+    -------
+    :class:`LipSDPResult`.  For a sub-network whose LipSDP certificate cannot be verified, the
+    product of spectral norms is used instead (stated in ``method``); it is also used when it is
+    smaller (only possible through solver inaccuracy when LipSDP gains nothing).
+
+    Raises
+    ------
+    UserInputError: bad shapes / values, ``alpha >= beta``, unknown or unsupported ``form``.
+    """
+    t_start = time.perf_counter()
+    form = str(form).lower()
+    if form == "network":
+        raise UserInputError(
+            "lipsdp: the 'network' form (coupled neuron-pair multipliers) is not offered: it was shown "
+            "not to be valid in general; use form='neuron' or form='layer'"
+        )
+    if form not in ("neuron", "layer"):
+        raise UserInputError(f"lipsdp: unknown form {form!r}; use 'neuron' or 'layer'")
+    ws = _as_weights(weights)
+    alpha, beta = _check_slopes(alpha, beta)
+    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise UserInputError(f"lipsdp: tol must be in (0, 1), got {tol!r}")
+    lip_phi = max(abs(alpha), abs(beta))
+    total_hidden = sum(w.shape[1] for w in ws[1:])
+    if max_neurons_per_block is None:
+        max_neurons_per_block = total_hidden if total_hidden <= DEFAULT_MAX_NEURONS else DEFAULT_MAX_NEURONS
+    chunks = split_network(ws, int(max_neurons_per_block))
+
+    parts: list[float] = []
+    mults: list = []
+    statuses: list[str] = []
+    notes: list[str] = []
+    sound = True
+    for chunk in chunks:
+        if len(chunk) == 1:
+            parts.append(_sigma_max(chunk[0]) * (1.0 + _MARGIN))
+            mults.append(None)
+            statuses.append("svd")
+            continue
+        prod = product_bound(chunk, alpha, beta)
+        value, ok, note, status, ts = _solve_part(chunk, alpha, beta, form, solver, tol, verbose)
+        statuses.append(status)
+        if value is None:
+            # no verified certificate: the product of spectral norms is the (sound) fallback
+            parts.append(prod)
+            mults.append(None)
+            notes.append(f"product-bound fallback ({note})")
+            continue
+        if value > prod:
+            parts.append(prod)
+            mults.append(None)
+            notes.append("product bound tighter than LipSDP on a sub-network")
+            continue
+        parts.append(value)
+        mults.append(ts)
+        if not ok:
+            sound = False
+            notes.append(f"solver status {status}")
+    n_cuts = len(chunks) - 1
+    value = float(np.prod(parts)) * lip_phi**n_cuts
+    sname = "SCS" if solver.upper() == "SCS" else solver.upper()
+    method = f"lipsdp-{form} ({sname}, verified a posteriori)"
+    if len(chunks) > 1:
+        method += f", split into {len(chunks)} sub-networks (<= {max_neurons_per_block} hidden neurons each)"
+    if len(ws) == 1:
+        method = "spectral norm (no hidden layer)"
+    if notes:
+        method += "; " + "; ".join(dict.fromkeys(notes))
+    return LipSDPResult(
+        value=value,
+        sound=sound,
+        method=method,
+        status=";".join(statuses),
+        solve_time=time.perf_counter() - t_start,
+        parts=parts,
+        multipliers=mults,
+    )

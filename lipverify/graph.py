@@ -1,0 +1,212 @@
+"""The Lipschitz graph: one small typed graph that every analysis in lipverify consumes.
+
+A model becomes a list of :class:`Node` in topological order.  Node kinds:
+
+``input``       the model input (per-example shape ``out_shape``);
+``linear``      an affine op ``y = A x + b`` (:mod:`lipverify.linear_ops`), one input;
+``activation``  an element-wise nonlinearity with slope range ``[lo, hi]`` and Lipschitz constant;
+``minmax``      GroupSort-2 over channel pairs (1-Lipschitz in l2 and l-inf);
+``maxpool``     max pooling;
+``add``         ``sum_k c_k x_k`` of several tensors (residual connections);
+``concat``      concatenation along a per-example axis.
+
+The graph is executable (:meth:`LipschitzGraph.forward`); the importer checks that it computes the
+same function as the model it came from, so every analysis runs on the function the user gave us.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from lipverify.linear_ops import LinearOp, Shape
+
+
+@dataclass(frozen=True)
+class Activation:
+    """Element-wise ``phi`` with ``phi'`` in ``[lo, hi]`` wherever it exists.
+
+    ``lip2`` and ``lip_inf`` are both ``max(|lo|, |hi|)`` for an element-wise map.  ``const_below`` /
+    ``const_above`` give the input ranges where ``phi`` is constant (used by local bounds): ReLU is
+    constant for ``x <= 0``; a ReLU clipped at ``theta`` is also constant for ``x >= theta``.
+    """
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    lo: float
+    hi: float
+    const_below: float | None = None
+    const_above: float | None = None
+
+    @property
+    def lipschitz(self) -> float:
+        return max(abs(self.lo), abs(self.hi))
+
+
+def make_activation(name: str, **kw) -> Activation:
+    """Activation table (SPEC section 2).  Raises KeyError for names lipverify cannot bound."""
+    if name == "relu":
+        return Activation("relu", F.relu, 0.0, 1.0, const_below=0.0)
+    if name == "leaky_relu":
+        a = float(kw.get("negative_slope", 0.01))
+        return Activation(f"leaky_relu({a:g})", lambda x: F.leaky_relu(x, a), min(a, 1.0), max(a, 1.0))
+    if name == "clip":
+        lo, hi = kw.get("min"), kw.get("max")
+        lo = -math.inf if lo is None else float(lo)
+        hi = math.inf if hi is None else float(hi)
+        return Activation(f"clip[{lo:g},{hi:g}]", lambda x: torch.clamp(x, lo, hi), 0.0, 1.0,
+                          const_below=lo if math.isfinite(lo) else None,
+                          const_above=hi if math.isfinite(hi) else None)
+    if name == "tanh":
+        return Activation("tanh", torch.tanh, 0.0, 1.0)
+    if name == "sigmoid":
+        return Activation("sigmoid", torch.sigmoid, 0.0, 0.25)
+    if name == "gelu":
+        # sup of GELU' is 1.1289 (at x ~ 0.7518), inf is about -0.1700 (at x ~ -0.7518)
+        return Activation("gelu", F.gelu, -0.1701, 1.1290)
+    if name == "silu":
+        # SiLU' ranges over about [-0.0998, 1.0998]
+        return Activation("silu", F.silu, -0.0999, 1.0999)
+    if name == "elu":
+        a = float(kw.get("alpha", 1.0))
+        if a > 1.0 or a < 0:
+            raise KeyError("elu with alpha outside [0, 1]")
+        return Activation(f"elu({a:g})", lambda x: F.elu(x, a), 0.0, 1.0)
+    if name == "softplus":
+        beta = float(kw.get("beta", 1.0))
+        return Activation("softplus", lambda x: F.softplus(x, beta), 0.0, 1.0)
+    if name == "hardtanh":
+        lo, hi = float(kw.get("min_val", -1.0)), float(kw.get("max_val", 1.0))
+        return make_activation("clip", min=lo, max=hi)
+    if name == "relu6":
+        return make_activation("clip", min=0.0, max=6.0)
+    raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class MaxPool:
+    """2-d max pooling (1-d stored with height 1).  Padding is with -inf (never selected)."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    ceil_mode: bool
+    one_d: bool = False
+
+    def __call__(self, x):
+        if self.one_d:
+            return F.max_pool1d(x, self.kernel[1], self.stride[1], self.padding[1], self.dilation[1],
+                                ceil_mode=self.ceil_mode)
+        return F.max_pool2d(x, self.kernel, self.stride, self.padding, self.dilation,
+                            ceil_mode=self.ceil_mode)
+
+    def windows_per_input(self) -> int:
+        """Upper bound on the number of pooling windows that contain one input entry."""
+        n = 1
+        for k, s, d in zip(self.kernel, self.stride, self.dilation):
+            n *= min(k, math.ceil(((k - 1) * d + 1) / s))
+        return n
+
+    @property
+    def lip2(self) -> float:
+        # |max(a) - max(b)| <= max_window |a - b|, and each input lies in at most N windows:
+        # ||P a - P b||_2^2 <= N ||a - b||_2^2.
+        return math.sqrt(self.windows_per_input())
+
+    lip_inf = 1.0
+
+
+def minmax(x: torch.Tensor) -> torch.Tensor:
+    """GroupSort-2 over channel pairs ``(2k, 2k+1)`` -> ``(max, min)``."""
+    b, c = x.shape[0], x.shape[1]
+    pairs = x.reshape(b, c // 2, 2, *x.shape[2:])
+    hi = torch.maximum(pairs[:, :, 0], pairs[:, :, 1])
+    lo = torch.minimum(pairs[:, :, 0], pairs[:, :, 1])
+    return torch.stack([hi, lo], dim=2).reshape(x.shape)
+
+
+@dataclass
+class Node:
+    name: str
+    kind: str
+    inputs: list[int]
+    out_shape: Shape
+    op: Any = None
+    sources: list[str] = field(default_factory=list)  # names of original model nodes merged here
+
+    def describe(self) -> str:
+        if self.kind == "linear":
+            return self.op.describe()
+        if self.kind == "activation":
+            return self.op.name
+        if self.kind == "maxpool":
+            return f"maxpool k{self.op.kernel[-1]} s{self.op.stride[-1]}"
+        if self.kind == "add":
+            return "add(" + ", ".join(f"{c:+g}" for c in self.op) + ")"
+        if self.kind == "concat":
+            return f"concat(axis {self.op})"
+        return self.kind
+
+
+class LipschitzGraph:
+    """Nodes in topological order; node 0 is the input; ``output`` is the index of the logits."""
+
+    def __init__(self, nodes: list[Node], output: int, notes: list[str] | None = None):
+        self.nodes = nodes
+        self.output = output
+        self.notes = list(notes or [])
+
+    @property
+    def input_shape(self) -> Shape:
+        return self.nodes[0].out_shape
+
+    def consumers(self) -> list[list[int]]:
+        cons: list[list[int]] = [[] for _ in self.nodes]
+        for i, n in enumerate(self.nodes):
+            for j in n.inputs:
+                cons[j].append(i)
+        return cons
+
+    def forward(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        vals = self.forward_all(x, upto)
+        return vals[self.output if upto is None else upto]
+
+    def forward_all(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor | None]:
+        vals: list[torch.Tensor | None] = [None] * len(self.nodes)
+        last = self.output if upto is None else upto
+        for i, n in enumerate(self.nodes):
+            if i > last:
+                break
+            vals[i] = x if n.kind == "input" else apply_node(n, [vals[j] for j in n.inputs])
+        return vals
+
+    def to(self, dtype=None, device=None) -> "LipschitzGraph":
+        for n in self.nodes:
+            if n.kind == "linear":
+                n.op.to(dtype, device)
+        return self
+
+
+def apply_node(n: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+    k = n.kind
+    if k == "linear":
+        return n.op.forward(xs[0])
+    if k == "activation":
+        return n.op.fn(xs[0])
+    if k == "minmax":
+        return minmax(xs[0])
+    if k == "maxpool":
+        return n.op(xs[0])
+    if k == "add":
+        y = xs[0] * n.op[0]
+        for c, t in zip(n.op[1:], xs[1:]):
+            y = y + c * t
+        return y
+    if k == "concat":
+        return torch.cat(xs, dim=n.op + 1)
+    raise ValueError(f"unknown node kind {k}")

@@ -1,0 +1,628 @@
+"""Turn a ``torch.fx.GraphModule`` (from onnx2torch or from tracing a torch module) into a
+:class:`~lipverify.graph.LipschitzGraph`.
+
+The walk runs the fx graph once on an example batch, which folds everything that does not depend
+on the input (constants, shape arithmetic) to values.  Each input-dependent node is then classified:
+
+* affine ops become :mod:`lipverify.linear_ops` objects (dense, conv, element-wise scale, and
+  coordinate selections — reshape, transpose, slice, pad, ... — whose index map is *measured* by
+  pushing exact integers through the op);
+* element-wise nonlinearities become activations with their slope range;
+* max pooling, residual adds/subs of two branches and concatenations become their own nodes;
+* a Softmax/LogSoftmax that produces the output is stripped with a note.
+
+Anything else is collected, and all unsupported nodes are reported together in one
+:class:`~lipverify.errors.UnsupportedOpError` — lipverify never assumes a constant for an op it does
+not know.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lipverify.errors import UnsupportedOpError, UserInputError
+from lipverify.graph import LipschitzGraph, MaxPool, Node, make_activation
+from lipverify.linear_ops import Conv, Dense, LinearOp, Scale, probe_select
+
+try:  # MinMax lives in the model zoo; the importer recognises it as a graph primitive
+    from lipverify.models.layers import MinMax as _MinMax
+except Exception:  # pragma: no cover - zoo not importable
+    _MinMax = None
+
+TRACE_BATCH = 2
+
+
+class _LeafTracer(fx.Tracer):
+    """fx tracer that keeps torch.nn built-ins and lipverify's MinMax as single nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if _MinMax is not None and isinstance(m, _MinMax):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace_module(module: nn.Module) -> fx.GraphModule:
+    """Symbolically trace an ``nn.Module``; raises whatever fx raises for untraceable code."""
+    if isinstance(module, fx.GraphModule):
+        return module
+    graph = _LeafTracer().trace(module)
+    return fx.GraphModule(module, graph)
+
+
+def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return str(node.target)
+
+
+# ------------------------------------------------------------------------------------------------
+# op tables
+
+_ACT_MODULES: dict[type, Callable[[nn.Module], tuple[str, dict]]] = {
+    nn.ReLU: lambda m: ("relu", {}),
+    nn.Tanh: lambda m: ("tanh", {}),
+    nn.Sigmoid: lambda m: ("sigmoid", {}),
+    nn.GELU: lambda m: ("gelu", {}) if m.approximate == "none" else ("gelu", {}),
+    nn.SiLU: lambda m: ("silu", {}),
+    nn.ELU: lambda m: ("elu", {"alpha": m.alpha}),
+    nn.LeakyReLU: lambda m: ("leaky_relu", {"negative_slope": m.negative_slope}),
+    nn.ReLU6: lambda m: ("relu6", {}),
+    nn.Hardtanh: lambda m: ("hardtanh", {"min_val": m.min_val, "max_val": m.max_val}),
+    nn.Softplus: lambda m: ("softplus", {"beta": m.beta}) if m.threshold >= 20 else ("softplus", {"beta": m.beta}),
+}
+
+_ACT_FUNCS = {
+    F.relu: "relu", torch.relu: "relu", torch.tanh: "tanh", torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid", F.tanh: "tanh", F.gelu: "gelu", F.silu: "silu", F.elu: "elu",
+    F.leaky_relu: "leaky_relu", F.hardtanh: "hardtanh", F.relu6: "relu6", F.softplus: "softplus",
+    torch.clamp: "clip", torch.clip: "clip",
+}
+_ACT_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "clamp": "clip", "clip": "clip"}
+
+_SELECT_MODULES = {
+    "Flatten", "Unflatten", "Identity", "Dropout", "Dropout1d", "Dropout2d", "AlphaDropout",
+    "ZeroPad1d", "ZeroPad2d", "ConstantPad1d", "ConstantPad2d", "ReflectionPad1d", "ReflectionPad2d",
+    "ReplicationPad1d", "ReplicationPad2d", "OnnxReshape", "OnnxTranspose", "OnnxSlice", "OnnxSliceV9",
+    "OnnxSqueezeStaticAxes", "OnnxSqueezeDynamicAxes", "OnnxUnsqueezeStaticAxes",
+    "OnnxUnsqueezeDynamicAxes", "OnnxPadStatic", "OnnxPadDynamic", "OnnxGather", "OnnxCast",
+    "OnnxCopyIdentity", "OnnxDropoutDynamic", "OnnxFlatten", "OnnxDepthToSpace", "OnnxExpand",
+    "OnnxTile",
+}
+_SELECT_FUNCS = {
+    torch.flatten, torch.reshape, operator.getitem, torch.squeeze, torch.unsqueeze, torch.permute,
+    torch.transpose, torch.t, F.pad, F.dropout, torch.narrow, torch.movedim, torch.swapaxes,
+    F.dropout2d,
+}
+_SELECT_METHODS = {
+    "view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
+    "narrow", "__getitem__", "float", "to", "type_as", "movedim", "swapaxes", "expand", "repeat",
+    "clone", "detach",
+}
+_SOFTMAX = {"Softmax", "LogSoftmax", "OnnxSoftmaxV1V11", "softmax", "log_softmax"}
+
+_ADD = {operator.add, torch.add, operator.iadd}
+_SUB = {operator.sub, torch.sub, torch.subtract, operator.isub}
+_MUL = {operator.mul, torch.mul, torch.multiply, operator.imul}
+_DIV = {operator.truediv, torch.div, torch.true_divide, torch.divide, operator.itruediv}
+
+
+def _binary_kind(gm, node) -> str | None:
+    """'add', 'sub', 'mul', 'div' or None for a binary arithmetic node."""
+    if node.op == "call_function":
+        t = node.target
+        return ("add" if t in _ADD else "sub" if t in _SUB else "mul" if t in _MUL
+                else "div" if t in _DIV else None)
+    if node.op == "call_method" and node.target in ("add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"):
+        return node.target.rstrip("_")
+    if node.op == "call_module" and _op_name(gm, node) == "OnnxBinaryMathOperation":
+        fn = gm.get_submodule(node.target).math_op_function
+        name = getattr(fn, "__name__", "")
+        return {"add": "add", "sub": "sub", "mul": "mul", "_onnx_div": "div", "div": "div"}.get(name)
+    return None
+
+
+def _is_neg(gm, node) -> bool:
+    if node.op == "call_function" and node.target in (operator.neg, torch.neg):
+        return True
+    if node.op == "call_method" and node.target == "neg":
+        return True
+    return node.op == "call_module" and _op_name(gm, node) == "OnnxNeg"
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class _Builder:
+    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...], path: str | None):
+        self.gm = gm
+        self.input_shape = tuple(input_shape)
+        self.path = path
+        self.env: dict[fx.Node, Any] = {}
+        self.dep: dict[fx.Node, bool] = {}
+        self.index: dict[fx.Node, int] = {}  # fx node -> graph node index
+        self.nodes: list[Node] = []
+        self.unsupported: list[tuple[str, str]] = []
+        self.notes: list[str] = []
+        self.softmax_of: dict[fx.Node, fx.Node] = {}
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def _run(self, node: fx.Node, env: dict, override: dict | None = None):
+        def lookup(a):
+            if override is not None and a in override:
+                return override[a]
+            return env[a]
+
+        args = fx.node.map_arg(node.args, lookup)
+        kwargs = fx.node.map_arg(node.kwargs, lookup)
+        if node.op == "call_module":
+            return self.gm.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        raise ValueError(node.op)
+
+    def _closure(self, node: fx.Node, src: fx.Node) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The node's op as a function of its one input-dependent argument (others fixed)."""
+        env = self.env
+
+        def fn(t):
+            return self._run(node, env, {src: t})
+
+        return fn
+
+    def _is_shape_op(self, node: fx.Node) -> bool:
+        if node.op == "call_module" and _op_name(self.gm, node) == "OnnxShape":
+            return True
+        if node.op == "call_method" and node.target in ("size", "dim", "numel"):
+            return True
+        if node.op == "call_function" and node.target in (getattr, len) and (
+                node.target is len or (len(node.args) > 1 and node.args[1] in ("shape", "ndim", "dtype", "device"))):
+            return True
+        return False
+
+    # -- emission ---------------------------------------------------------------------------------
+    def _emit(self, fxn: fx.Node, kind: str, inputs: list[fx.Node], op: Any) -> None:
+        shape = tuple(self.env[fxn].shape[1:])
+        self.index[fxn] = len(self.nodes)
+        self.nodes.append(Node(fxn.name, kind, [self.index[i] for i in inputs], shape, op, [fxn.name]))
+
+    def _alias(self, fxn: fx.Node, src: fx.Node) -> None:
+        self.index[fxn] = self.index[src]
+
+    def _bad(self, fxn: fx.Node, why: str | None = None) -> None:
+        name = _op_name(self.gm, fxn)
+        self.unsupported.append((name + (f" [{why}]" if why else ""), fxn.name))
+
+    # -- main -------------------------------------------------------------------------------------
+    def build(self, example: torch.Tensor) -> LipschitzGraph:
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise UserInputError(f"the model has {len(placeholders)} inputs; lipverify needs exactly one",
+                                 self.path)
+        out_node = None
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                self.env[node] = example
+                self.dep[node] = True
+                self.index[node] = 0
+                self.nodes.append(Node(node.name, "input", [], tuple(example.shape[1:]), None, [node.name]))
+                continue
+            if node.op == "get_attr":
+                obj = self.gm
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+                self.env[node] = obj
+                self.dep[node] = False
+                continue
+            if node.op == "output":
+                out_node = node
+                continue
+            deps = [a for a in node.all_input_nodes if self.dep.get(a, False)]
+            try:
+                self.env[node] = self._run(node, self.env)
+            except Exception as exc:  # the model itself fails on this input
+                if deps and any(a in self.unsupported_nodes() for a in deps):
+                    self.env[node] = None
+                    self.dep[node] = True
+                    continue
+                raise UserInputError(
+                    f"running node {node.name} ({_op_name(self.gm, node)}) on an input of shape "
+                    f"{tuple(example.shape[1:])} failed: {str(exc).splitlines()[0]}", self.path) from exc
+            if self._is_shape_op(node) or not deps:
+                self.dep[node] = False
+                continue
+            self.dep[node] = True
+            if any(self.env.get(d) is None or self.index.get(d) is None for d in deps):
+                self.index[node] = None  # downstream of an unsupported node
+                continue
+            if not isinstance(self.env[node], torch.Tensor):
+                self._bad(node, "non-tensor output")
+                self.index[node] = None
+                continue
+            self._classify(node, deps)
+            if node not in self.index:
+                self.index[node] = None
+        return self._finish(out_node)
+
+    def unsupported_nodes(self):
+        return {n for n, i in self.index.items() if i is None}
+
+    def _finish(self, out_node: fx.Node) -> LipschitzGraph:
+        if self.unsupported:
+            raise UnsupportedOpError(self.unsupported, self.path)
+        arg = out_node.args[0]
+        if isinstance(arg, (tuple, list)):
+            if len(arg) != 1:
+                raise UserInputError(f"the model has {len(arg)} outputs; lipverify needs exactly one", self.path)
+            arg = arg[0]
+        if isinstance(arg, dict) or not isinstance(arg, fx.Node):
+            raise UserInputError("the model output is not a single tensor", self.path)
+        while arg in self.softmax_of:
+            self.notes.append(f"stripped the trailing {_op_name(self.gm, arg)} ({arg.name}): "
+                              "bounds and certificates are about the logits (same argmax)")
+            arg = self.softmax_of[arg]
+        if not self.dep.get(arg, False):
+            raise UserInputError("the model output does not depend on its input", self.path)
+        out_idx = self.index[arg]
+        if out_idx is None:
+            raise UnsupportedOpError([(_op_name(self.gm, arg), arg.name)], self.path)
+        for sm in self.softmax_of:
+            if any(u.op != "output" for u in sm.users):
+                raise UnsupportedOpError([(_op_name(self.gm, sm) + " [not at the output]", sm.name)], self.path)
+        return LipschitzGraph(self.nodes, out_idx, self.notes)
+
+    # -- classification ---------------------------------------------------------------------------
+    def _classify(self, node: fx.Node, deps: list[fx.Node]) -> None:
+        gm = self.gm
+        name = _op_name(gm, node)
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+
+        # softmax: only legal at the output; resolved in _finish
+        if name in _SOFTMAX or (node.op == "call_function" and node.target in (torch.softmax, F.softmax,
+                                                                              F.log_softmax, torch.log_softmax)):
+            self.softmax_of[node] = deps[0]
+            self.index[node] = self.index[deps[0]]
+            return
+
+        # residual add / sub of two input-dependent tensors
+        bk = _binary_kind(gm, node)
+        if bk is not None and len(deps) == 2:
+            if bk in ("add", "sub"):
+                alpha = float(node.kwargs.get("alpha", 1.0))
+                self._emit(node, "add", deps, (1.0, alpha if bk == "add" else -alpha))
+            else:
+                self._bad(node, "product of two input-dependent tensors")
+            return
+        if len(deps) != 1:
+            if name in ("OnnxConcat", "cat") or (node.op == "call_function" and node.target is torch.cat):
+                self._concat(node, deps)
+                return
+            self._bad(node)
+            return
+        src = deps[0]
+        x = self.env[src]
+        in_shape = tuple(x.shape[1:])
+
+        if bk is not None or _is_neg(gm, node):
+            self._elementwise_affine(node, src, bk)
+            return
+
+        # activations
+        if mod is not None and type(mod) in _ACT_MODULES:
+            act, kw = _ACT_MODULES[type(mod)](mod)
+            self._emit(node, "activation", [src], make_activation(act, **kw))
+            return
+        if mod is not None and name == "OnnxClip":
+            self._emit(node, "activation", [src], make_activation("clip", min=mod.min_val, max=mod.max_val))
+            return
+        if (node.op == "call_function" and node.target in _ACT_FUNCS) or (
+                node.op == "call_method" and node.target in _ACT_METHODS):
+            act = _ACT_FUNCS.get(node.target) if node.op == "call_function" else _ACT_METHODS[node.target]
+            kw = self._act_kwargs(node, act)
+            if kw is None:
+                self._bad(node, "non-constant parameters")
+                return
+            self._emit(node, "activation", [src], make_activation(act, **kw))
+            return
+        if _MinMax is not None and isinstance(mod, _MinMax):
+            if in_shape[0] % 2:
+                self._bad(node, "odd channel count")
+                return
+            self._emit(node, "minmax", [src], None)
+            return
+
+        # dense / conv / batch norm / pooling
+        if isinstance(mod, nn.Linear):
+            self._emit(node, "linear", [src], Dense(mod.weight.detach(), in_shape,
+                                                    None if mod.bias is None else mod.bias.detach()))
+            return
+        if node.op == "call_function" and node.target is F.linear:
+            w = self._const_arg(node, 1, "weight")
+            b = self._const_arg(node, 2, "bias")
+            if isinstance(w, torch.Tensor) and node.args[0] is src:
+                self._emit(node, "linear", [src], Dense(w.detach(), in_shape, None if b is None else b.detach()))
+                return
+        if (name == "OnnxMatMul" or (node.op == "call_function" and node.target in (torch.matmul, operator.matmul))):
+            if node.args[0] is src and isinstance(self.env[node.args[1]], torch.Tensor) \
+                    and self.env[node.args[1]].dim() == 2:
+                self._emit(node, "linear", [src], Dense(self.env[node.args[1]].detach().T, in_shape))
+                return
+            self._bad(node, "matmul with an input-dependent right operand")
+            return
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not isinstance(mod, nn.ConvTranspose2d):
+            self._conv_module(node, mod, src, in_shape)
+            return
+        if node.op == "call_function" and node.target in (F.conv2d, F.conv1d, torch.conv2d, torch.conv1d):
+            self._conv_function(node, src, in_shape)
+            return
+        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) or name == "OnnxBatchNorm" or (
+                node.op == "call_function" and node.target is F.batch_norm):
+            if mod is not None and mod.training:
+                self._bad(node, "BatchNorm in training mode")
+                return
+            self._channel_affine(node, src, in_shape)
+            return
+        if isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)) or name in (
+                "OnnxGlobalAveragePool", "OnnxGlobalAveragePoolWithKnownInputShape") or (
+                node.op == "call_function" and node.target in (F.avg_pool2d, F.adaptive_avg_pool2d)):
+            self._avgpool(node, src, in_shape)
+            return
+        if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d)) or (
+                node.op == "call_function" and node.target in (F.max_pool2d, F.max_pool1d)):
+            self._maxpool(node, mod, src, in_shape)
+            return
+
+        # coordinate selections
+        if name in _SELECT_MODULES or (node.op == "call_function" and node.target in _SELECT_FUNCS) or (
+                node.op == "call_method" and node.target in _SELECT_METHODS):
+            self._select(node, src, in_shape, name)
+            return
+        self._bad(node)
+
+    # -- helpers per op ---------------------------------------------------------------------------
+    def _const_arg(self, node, pos, key, default=None):
+        if len(node.args) > pos:
+            a = node.args[pos]
+        else:
+            a = node.kwargs.get(key, default)
+        if isinstance(a, fx.Node):
+            if self.dep.get(a, False):
+                raise _NotConst()
+            return self.env[a]
+        return a
+
+    def _act_kwargs(self, node, act) -> dict | None:
+        try:
+            if act == "clip":
+                return {"min": _num(self._const_arg(node, 1, "min")), "max": _num(self._const_arg(node, 2, "max"))}
+            if act == "leaky_relu":
+                return {"negative_slope": _num(self._const_arg(node, 1, "negative_slope", 0.01))}
+            if act == "elu":
+                return {"alpha": _num(self._const_arg(node, 1, "alpha", 1.0))}
+            if act == "hardtanh":
+                return {"min_val": _num(self._const_arg(node, 1, "min_val", -1.0)),
+                        "max_val": _num(self._const_arg(node, 2, "max_val", 1.0))}
+            if act == "softplus":
+                return {"beta": _num(self._const_arg(node, 1, "beta", 1.0))}
+            if act == "gelu" and node.kwargs.get("approximate", "none") not in ("none", "tanh"):
+                return None
+            return {}
+        except _NotConst:
+            return None
+
+    def _elementwise_affine(self, node, src, bk):
+        """``x + c``, ``x - c``, ``c - x``, ``x * c``, ``x / c``, ``-x`` with constant ``c``."""
+        fn = self._closure(node, src)
+        x = self.env[src]
+        in_shape = tuple(x.shape[1:])
+        if bk == "div" and node.args[0] is not src:
+            self._bad(node, "division by an input-dependent tensor")
+            return
+        with torch.no_grad():
+            z = torch.zeros_like(x)
+            b = fn(z)
+            a = fn(torch.ones_like(x)) - b
+        if tuple(b.shape) != tuple(x.shape):
+            self._bad(node, "broadcast changes the shape")
+            return
+        if not (torch.allclose(a, a[:1].expand_as(a)) and torch.allclose(b, b[:1].expand_as(b))):
+            self._bad(node, "constant differs across the batch")
+            return
+        a0, b0 = a[0], b[0]
+        # check the map really is x -> a*x + b on a random input
+        with torch.no_grad():
+            r = torch.randn_like(x)
+            if not torch.allclose(fn(r), a * r + b, rtol=1e-5, atol=1e-5 * (1 + float(b.abs().max()))):
+                self._bad(node, "not an element-wise affine map")
+                return
+        self._emit(node, "linear", [src], Scale(a0.detach(), in_shape,
+                                                b0.detach() if bool(torch.any(b0 != 0)) else None))
+
+    def _channel_affine(self, node, src, in_shape):
+        """BatchNorm in eval: an element-wise affine map measured from the op itself."""
+        self._elementwise_affine(node, src, "mul")
+
+    def _conv_module(self, node, mod, src, in_shape):
+        if mod.padding_mode != "zeros":
+            self._bad(node, f"padding_mode {mod.padding_mode}")
+            return
+        one_d = isinstance(mod, nn.Conv1d)
+        rp = mod._reversed_padding_repeated_twice  # (left, right[, top, bottom])
+        padding = (rp[0], rp[1]) if one_d else (rp[2], rp[3], rp[0], rp[1])
+        if isinstance(mod.padding, tuple) and not one_d:
+            padding = (mod.padding[0], mod.padding[0], mod.padding[1], mod.padding[1])
+        op = Conv(mod.weight.detach(), in_shape, tuple(mod.stride), padding, tuple(mod.dilation), mod.groups,
+                  bias=None if mod.bias is None else mod.bias.detach(), one_d=one_d)
+        self._emit_checked(node, src, op)
+
+    def _conv_function(self, node, src, in_shape):
+        try:
+            w = self._const_arg(node, 1, "weight")
+            b = self._const_arg(node, 2, "bias")
+            stride = _pair(self._const_arg(node, 3, "stride", 1))
+            pad = self._const_arg(node, 4, "padding", 0)
+            dil = _pair(self._const_arg(node, 5, "dilation", 1))
+            groups = int(self._const_arg(node, 6, "groups", 1))
+        except _NotConst:
+            self._bad(node, "input-dependent weights")
+            return
+        if isinstance(pad, str):
+            self._bad(node, "string padding")
+            return
+        one_d = node.target in (F.conv1d, torch.conv1d)
+        p = _pair(pad)
+        padding = (p[0], p[0]) if one_d else (p[0], p[0], p[1], p[1])
+        if one_d:
+            stride, dil = (stride[0],), (dil[0],)
+        op = Conv(w.detach(), in_shape, stride, padding, dil, groups, bias=None if b is None else b.detach(),
+                  one_d=one_d)
+        self._emit_checked(node, src, op)
+
+    def _avgpool(self, node, src, in_shape):
+        x = self.env[src]
+        y = self.env[node]
+        mod = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        one_d = x.dim() == 3
+        c = in_shape[0]
+        spatial_in = in_shape[1:]
+        spatial_out = tuple(y.shape[2:])
+        if mod is not None and isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d)):
+            k, s, p = _pair(mod.kernel_size), _pair(mod.stride), _pair(mod.padding)
+            if mod.ceil_mode or getattr(mod, "divisor_override", None) or (any(p) and not mod.count_include_pad):
+                self._bad(node, "avg-pool options (ceil_mode/divisor/count_include_pad)")
+                return
+        elif node.op == "call_function" and node.target is F.avg_pool2d:
+            k = _pair(self._const_arg(node, 1, "kernel_size"))
+            s = _pair(self._const_arg(node, 2, "stride", None) or k)
+            p = _pair(self._const_arg(node, 3, "padding", 0))
+        else:  # adaptive / global average: must tile exactly
+            if any(i % o for i, o in zip(spatial_in, spatial_out)):
+                self._bad(node, "adaptive pooling with non-dividing sizes")
+                return
+            k = tuple(i // o for i, o in zip(spatial_in, spatial_out))
+            s, p = k, (0,) * len(k)
+        if one_d:
+            k, s, p = (k[0],), (s[0],), (p[0],)
+            w = torch.full((c, 1, k[0]), 1.0 / k[0], dtype=x.dtype)
+            op = Conv(w, in_shape, s, (p[0], p[0]), (1,), c, one_d=True)
+        else:
+            w = torch.full((c, 1, k[0], k[1]), 1.0 / (k[0] * k[1]), dtype=x.dtype)
+            op = Conv(w, in_shape, s, (p[0], p[0], p[1], p[1]), (1, 1), c)
+        self._emit_checked(node, src, op, label="avgpool")
+
+    def _maxpool(self, node, mod, src, in_shape):
+        one_d = len(in_shape) == 2
+        if mod is not None:
+            if mod.return_indices:
+                self._bad(node, "return_indices")
+                return
+            k, s, p, d, ceil = mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode
+        else:
+            try:
+                k = self._const_arg(node, 1, "kernel_size")
+                s = self._const_arg(node, 2, "stride", None) or k
+                p = self._const_arg(node, 3, "padding", 0)
+                d = self._const_arg(node, 4, "dilation", 1)
+                ceil = bool(self._const_arg(node, 5, "ceil_mode", False))
+            except _NotConst:
+                self._bad(node)
+                return
+        if one_d:
+            mp = MaxPool((1, _pair(k)[0]), (1, _pair(s)[0]), (0, _pair(p)[0]), (1, _pair(d)[0]), ceil, True)
+        else:
+            mp = MaxPool(_pair(k), _pair(s), _pair(p), _pair(d), ceil)
+        with torch.no_grad():
+            if not torch.allclose(mp(self.env[src]), self.env[node]):
+                self._bad(node, "could not reproduce the pooling")
+                return
+        self._emit(node, "maxpool", [src], mp)
+
+    def _select(self, node, src, in_shape, name):
+        fn = self._closure(node, src)
+        try:
+            sel = probe_select(fn, in_shape, TRACE_BATCH, label=_select_label(name))
+        except Exception:
+            sel = None
+        if sel is None:
+            self._bad(node, "not a coordinate selection")
+            return
+        self._emit_checked(node, src, sel)
+
+    def _concat(self, node, deps):
+        if len(node.all_input_nodes) != len(deps) and not all(self.dep.get(a) for a in node.all_input_nodes):
+            self._bad(node, "concatenation with constants")
+            return
+        y = self.env[node]
+        if node.op == "call_module":
+            axis = self.gm.get_submodule(node.target).axis
+            order = list(node.args)
+        else:
+            axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            order = list(node.args[0])
+        if axis < 0:
+            axis += y.dim()
+        if axis == 0:
+            self._bad(node, "concatenation along the batch axis")
+            return
+        self._emit(node, "concat", order, axis - 1)
+
+    def _emit_checked(self, node, src, op: LinearOp, label: str | None = None):
+        """Emit a linear node after checking that the op reproduces the model's own output."""
+        with torch.no_grad():
+            got = op.forward(self.env[src])
+            want = self.env[node]
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * (1 + float(want.abs().max()))):
+            self._bad(node, "could not reproduce the op")
+            return
+        if label and hasattr(op, "label"):
+            op.label = label
+        self._emit(node, "linear", [src], op)
+
+
+class _NotConst(Exception):
+    pass
+
+
+def _num(v):
+    if v is None:
+        return None
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise _NotConst()
+        return float(v)
+    return float(v)
+
+
+def _pair(v):
+    if isinstance(v, (tuple, list)):
+        return tuple(int(a) for a in v) if len(v) > 1 else (int(v[0]), int(v[0]))
+    return (int(v), int(v))
+
+
+def _select_label(name: str) -> str:
+    n = name.lower().replace("onnx", "")
+    for key in ("reshape", "flatten", "transpose", "permute", "slice", "pad", "squeeze", "unsqueeze",
+                "gather", "getitem", "view", "cast", "dropout", "identity", "expand", "tile"):
+        if key in n:
+            return {"getitem": "slice", "view": "reshape", "cast": "identity", "dropout": "identity"}.get(key, key)
+    return n
+
+
+def build_graph(gm: fx.GraphModule, input_shape: tuple[int, ...], path: str | None = None,
+                example: torch.Tensor | None = None) -> LipschitzGraph:
+    """Walk ``gm`` on an example batch and return the (unsimplified) Lipschitz graph."""
+    if example is None:
+        g = torch.Generator().manual_seed(0)
+        example = torch.rand((TRACE_BATCH,) + tuple(input_shape), generator=g)
+    with torch.no_grad():
+        return _Builder(gm, input_shape, path).build(example)

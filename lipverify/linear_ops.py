@@ -1,0 +1,602 @@
+"""Linear operators of the Lipschitz graph: forward, adjoint, bias and operator norms.
+
+Every affine node of a network is ``y = A x + b``.  The classes here hold ``A`` in a structured form
+(dense matrix, convolution, per-element scale, coordinate selection, composition, residual sum) and
+know three things about it:
+
+* ``apply(x)``: the linear part ``A x`` on a batch ``(B, *in_shape)``;
+* ``adjoint(y)``: ``A^T y`` (explicit where cheap, otherwise the exact vector-Jacobian product of the
+  linear map, which *is* the adjoint);
+* ``norm(p)``: a sound upper bound of the ``l_p -> l_p`` operator norm for ``p`` in ``{"2", "inf"}``,
+  as a :class:`Bound` that names the method.
+
+Soundness rules (SPEC sections 2 and 11): sound values are computed in float64 and multiplied by
+``SOUND_FACTOR``; power iteration is only ever reported as an estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lipverify.bounds import operator_norms as on
+
+Shape = tuple[int, ...]
+
+#: largest operator matrix (entries) that is materialised for an exact SVD.
+EXACT_MAX_ENTRIES = 1_000_000
+#: materialisation also needs the smaller side to be at most this (number of basis vectors pushed).
+EXACT_MAX_SIDE = 1024
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A Lipschitz constant with the method that produced it and whether it is a proven upper bound."""
+
+    value: float
+    method: str
+    sound: bool
+
+    def times(self, other: "Bound", method: str | None = None) -> "Bound":
+        return Bound(self.value * other.value, method or f"{self.method} * {other.method}",
+                     self.sound and other.sound)
+
+
+def numel(shape: Shape) -> int:
+    return int(math.prod(shape))
+
+
+class LinearOp:
+    """Base class: a linear map between per-example shapes, plus an affine offset ``bias``."""
+
+    kind = "linear"
+
+    def __init__(self, in_shape: Shape, out_shape: Shape, bias: torch.Tensor | None = None):
+        self.in_shape = tuple(int(s) for s in in_shape)
+        self.out_shape = tuple(int(s) for s in out_shape)
+        self.bias = None if bias is None else bias.reshape(self.out_shape)
+        self._u: dict[str, torch.Tensor] = {}  # power-iteration warm starts
+
+    # -- maps -------------------------------------------------------------------------------------
+    def apply(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.apply(x)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """``A^T y`` as the vector-Jacobian product of the linear map (exact for a linear map)."""
+        x0 = torch.zeros((y.shape[0],) + self.in_shape, dtype=y.dtype, device=y.device,
+                         requires_grad=True)
+        with torch.enable_grad():
+            out = self.apply(x0)
+            (g,) = torch.autograd.grad(out, x0, grad_outputs=y)
+        return g
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        for k, v in list(vars(self).items()):
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                setattr(self, k, v.to(dtype=dtype or v.dtype, device=device or v.device))
+            elif isinstance(v, torch.Tensor):
+                setattr(self, k, v.to(device=device or v.device))
+        for sub in self.children():
+            sub.to(dtype, device)
+        return self
+
+    def children(self) -> Sequence["LinearOp"]:
+        return ()
+
+    @property
+    def in_dim(self) -> int:
+        return numel(self.in_shape)
+
+    @property
+    def out_dim(self) -> int:
+        return numel(self.out_shape)
+
+    def describe(self) -> str:
+        return self.kind
+
+    # -- norms ------------------------------------------------------------------------------------
+    def norm(self, p: str = "2") -> Bound:
+        """Sound upper bound of the operator norm; subclasses refine ``_norm_candidates``."""
+        cands = list(self._norm_candidates(p))
+        exact = self.exact_norm(p)
+        if exact is not None:
+            cands.append(exact)
+        sound = [c for c in cands if c.sound]
+        if not sound:
+            raise RuntimeError(f"no sound norm for {self.describe()}")
+        return min(sound, key=lambda b: b.value)
+
+    def _norm_candidates(self, p: str) -> list[Bound]:
+        return []
+
+    def can_materialise(self) -> bool:
+        return (min(self.in_dim, self.out_dim) <= EXACT_MAX_SIDE
+                and self.in_dim * self.out_dim <= EXACT_MAX_ENTRIES)
+
+    def matrix(self, dtype=torch.float64) -> torch.Tensor:
+        """The operator matrix ``(out_dim, in_dim)`` built from impulse responses (or adjoint rows)."""
+        dev = self._device()
+        if self.in_dim <= self.out_dim:
+            eye = torch.eye(self.in_dim, dtype=dtype, device=dev)
+            cols = []
+            for chunk in eye.split(256):
+                cols.append(self.apply(chunk.reshape((-1,) + self.in_shape)).reshape(chunk.shape[0], -1))
+            return torch.cat(cols).T.contiguous()
+        eye = torch.eye(self.out_dim, dtype=dtype, device=dev)
+        rows = []
+        for chunk in eye.split(256):
+            rows.append(self.adjoint(chunk.reshape((-1,) + self.out_shape)).reshape(chunk.shape[0], -1))
+        return torch.cat(rows)
+
+    def exact_norm(self, p: str) -> Bound | None:
+        if not self.can_materialise():
+            return None
+        with torch.no_grad():
+            m = self.to_double_copy().matrix()
+        if p == "2":
+            return Bound(on.dense_norm2(m), "exact SVD of the operator matrix", True)
+        return Bound(on.dense_norm_inf(m), "exact row sums of the operator matrix", True)
+
+    def to_double_copy(self) -> "LinearOp":
+        import copy
+
+        c = copy.copy(self)
+        c.__dict__ = dict(self.__dict__)
+        c._u = {}
+        return c.to(torch.float64)
+
+    def power_norm(self, p: str = "2", tol: float = 1e-5, max_iter: int = 1000) -> Bound:
+        """Power-iteration estimate of the l2 norm (approaches it from below; never sound)."""
+        if p != "2":
+            raise ValueError("power iteration estimates only the l2 norm")
+        op = self.to_double_copy()
+        res = on.power_iteration(op.apply, op.adjoint, self.in_shape, u0=self._u.get("2"), tol=tol,
+                                 max_iter=max_iter, device=self._device())
+        self._u["2"] = res.u.detach()
+        return Bound(float(res.sigma), f"power iteration ({res.iterations} it, tol {tol:g})", False)
+
+    def _device(self) -> torch.device:
+        for v in vars(self).values():
+            if isinstance(v, torch.Tensor):
+                return v.device
+        for c in self.children():
+            return c._device()
+        return torch.device("cpu")
+
+
+class Dense(LinearOp):
+    """``y = x W^T`` on the last axis (``nn.Linear`` semantics); leading axes are batched blocks.
+
+    On leading axes the map is ``I (x) W`` (block diagonal), whose l2 and l-inf norms equal those of W.
+    """
+
+    kind = "dense"
+
+    def __init__(self, weight: torch.Tensor, in_shape: Shape, bias: torch.Tensor | None = None):
+        out_shape = tuple(in_shape[:-1]) + (weight.shape[0],)
+        if bias is not None:
+            bias = bias.expand(out_shape)
+        super().__init__(in_shape, out_shape, bias)
+        self.weight = weight.detach()
+
+    def apply(self, x):
+        return x @ self.weight.to(x.dtype).T
+
+    def adjoint(self, y):
+        return y @ self.weight.to(y.dtype)
+
+    def describe(self):
+        return f"dense {self.weight.shape[1]}->{self.weight.shape[0]}"
+
+    def _norm_candidates(self, p):
+        if p == "2":
+            return [Bound(on.dense_norm2(self.weight), "exact SVD (float64)", True)]
+        return [Bound(on.dense_norm_inf(self.weight), "exact max row sum", True)]
+
+    def exact_norm(self, p):
+        return None  # the candidate above is already exact
+
+
+class Conv(LinearOp):
+    """2-d convolution (1-d convolutions are stored as 2-d with height 1), zero padding, no bias."""
+
+    kind = "conv"
+
+    def __init__(self, weight, in_shape, stride, padding, dilation, groups, bias=None, one_d=False):
+        self.one_d = one_d
+        if one_d:
+            weight = weight.unsqueeze(2)
+            stride, padding, dilation = (1, stride[0]), (0, 0, padding[0], padding[1]), (1, dilation[0])
+        self.weight = weight.detach()
+        self.stride = tuple(stride)
+        # padding as (top, bottom, left, right)
+        self.padding = tuple(padding) if len(padding) == 4 else (padding[0], padding[0], padding[1], padding[1])
+        self.dilation = tuple(dilation)
+        self.groups = int(groups)
+        c, h, w = self._in_chw(in_shape)
+        ho = (h + self.padding[0] + self.padding[1] - self.dilation[0] * (weight.shape[2] - 1) - 1) // self.stride[0] + 1
+        wo = (w + self.padding[2] + self.padding[3] - self.dilation[1] * (weight.shape[3] - 1) - 1) // self.stride[1] + 1
+        out_shape = (weight.shape[0], wo) if one_d else (weight.shape[0], ho, wo)
+        if bias is not None:
+            bias = bias.reshape((-1, 1) if one_d else (-1, 1, 1)).expand(out_shape)
+        super().__init__(in_shape, out_shape, bias)
+        self.hw = (h, w)
+
+    def _in_chw(self, in_shape):
+        if self.one_d:
+            return in_shape[0], 1, in_shape[1]
+        return in_shape
+
+    def _pad(self, x):
+        t, b, l, r = self.padding
+        if any(self.padding):
+            x = F.pad(x, (l, r, t, b))
+        return x
+
+    def apply(self, x):
+        if self.one_d:
+            x = x.unsqueeze(2)
+        y = F.conv2d(self._pad(x), self.weight.to(x.dtype), stride=self.stride, dilation=self.dilation,
+                     groups=self.groups)
+        return y.squeeze(2) if self.one_d else y
+
+    def adjoint(self, y):
+        if self.one_d:
+            y = y.unsqueeze(2)
+        c, h, w = self._in_chw(self.in_shape)
+        t, b, l, r = self.padding
+        hp, wp = h + t + b, w + l + r
+        ho, wo = y.shape[-2], y.shape[-1]
+        op_h = hp - ((ho - 1) * self.stride[0] + self.dilation[0] * (self.weight.shape[2] - 1) + 1)
+        op_w = wp - ((wo - 1) * self.stride[1] + self.dilation[1] * (self.weight.shape[3] - 1) + 1)
+        if op_h >= max(self.stride[0], self.dilation[0]) or op_w >= max(self.stride[1], self.dilation[1]):
+            return super().adjoint(y.squeeze(2) if self.one_d else y)
+        xp = F.conv_transpose2d(y, self.weight.to(y.dtype), stride=self.stride, dilation=self.dilation,
+                                groups=self.groups, output_padding=(op_h, op_w))
+        x = xp[..., t:t + h, l:l + w]
+        return x.squeeze(2) if self.one_d else x
+
+    def describe(self):
+        k = tuple(self.weight.shape[2:]) if not self.one_d else (self.weight.shape[3],)
+        return (f"conv{'1d' if self.one_d else ''} {self.weight.shape[1] * self.groups}->{self.weight.shape[0]} "
+                f"k{'x'.join(map(str, k))} s{self.stride[-1] if self.one_d else self.stride[0]}")
+
+    def _norm_candidates(self, p):
+        if p == "2":
+            v = on.conv_norm2_fft(self.weight, self.hw, stride=self.stride, padding=self.padding,
+                                  dilation=self.dilation, groups=self.groups)
+            return [Bound(v, "FFT bound (circular embedding, polyphase for strides)", True)]
+        return [Bound(on.conv_norm_inf(self.weight, groups=self.groups), "kernel abs-sum bound", True)]
+
+
+class Scale(LinearOp):
+    """Element-wise scale ``y = a * x`` with ``a`` broadcast to the input shape (BatchNorm in eval,
+    normalisation by constants, multiplication by constants)."""
+
+    kind = "scale"
+
+    def __init__(self, scale: torch.Tensor, in_shape: Shape, bias: torch.Tensor | None = None):
+        scale = torch.as_tensor(scale)
+        while scale.dim() > len(in_shape):
+            if scale.shape[0] != 1:
+                raise ValueError("scale has a batch dimension")
+            scale = scale[0]
+        out_shape = tuple(torch.broadcast_shapes(scale.shape, tuple(in_shape)))
+        if out_shape != tuple(in_shape):
+            raise ValueError("scale would change the shape")
+        if bias is not None:
+            bias = torch.as_tensor(bias).expand(out_shape)
+        super().__init__(in_shape, out_shape, bias)
+        self.scale = scale.detach()
+
+    def apply(self, x):
+        return x * self.scale.to(x.dtype)
+
+    def adjoint(self, y):
+        return y * self.scale.to(y.dtype)
+
+    def channel_scale(self) -> torch.Tensor | None:
+        """The per-channel vector if ``a`` varies only along axis 0 of the input (else None)."""
+        if len(self.in_shape) == 0:
+            return None
+        s = self.scale
+        full = s.expand(self.in_shape).reshape(self.in_shape[0], -1)
+        if torch.all(full == full[:, :1]):
+            return full[:, 0]
+        return None
+
+    def describe(self):
+        return "scale"
+
+    def _norm_candidates(self, p):
+        return [Bound(float(self.scale.double().abs().max()) if self.scale.numel() else 0.0,
+                      "max |scale|", True)]
+
+    def exact_norm(self, p):
+        return None
+
+
+class Select(LinearOp):
+    """A coordinate selection: ``y[k] = x[idx[k]]`` or 0 where ``idx[k] < 0``.
+
+    Reshape, flatten, transpose, slicing, zero padding, squeeze/unsqueeze are all of this form.  The
+    index map is found by pushing exact integers through the original op, so it is checked, not
+    assumed.  When no input coordinate is used twice the operator is a partial isometry: norm 1 (or 0
+    if nothing is selected); otherwise the l2 norm is ``sqrt(max multiplicity)`` and the l-inf norm 1.
+    """
+
+    kind = "select"
+
+    def __init__(self, idx: torch.Tensor, in_shape: Shape, out_shape: Shape, bias=None, label="select"):
+        super().__init__(in_shape, out_shape, bias)
+        self.idx = idx.reshape(-1).long()
+        self.label = label
+        used = self.idx[self.idx >= 0]
+        self.multiplicity = int(torch.bincount(used).max()) if used.numel() else 0
+
+    def apply(self, x):
+        flat = x.reshape(x.shape[0], -1)
+        safe = self.idx.clamp(min=0)
+        y = flat[:, safe] * (self.idx >= 0).to(x.dtype)
+        return y.reshape((x.shape[0],) + self.out_shape)
+
+    def adjoint(self, y):
+        flat = y.reshape(y.shape[0], -1) * (self.idx >= 0).to(y.dtype)
+        x = torch.zeros(y.shape[0], self.in_dim, dtype=y.dtype, device=y.device)
+        x.index_add_(1, self.idx.clamp(min=0), flat)
+        return x.reshape((y.shape[0],) + self.in_shape)
+
+    def is_identity(self) -> bool:
+        return self.in_dim == self.out_dim and bool(
+            torch.equal(self.idx, torch.arange(self.in_dim, device=self.idx.device)))
+
+    def describe(self):
+        return self.label
+
+    def _norm_candidates(self, p):
+        if self.multiplicity == 0:
+            return [Bound(0.0, "selects nothing", True)]
+        if p == "2":
+            return [Bound(math.sqrt(self.multiplicity), "coordinate selection (exact)", True)]
+        return [Bound(1.0, "coordinate selection (exact)", True)]
+
+    def exact_norm(self, p):
+        return None
+
+
+class Chain(LinearOp):
+    """Composition ``A_k ... A_1`` of affine ops with no nonlinearity between them.
+
+    The norm of the merged operator is at most the product of the parts' norms and often much
+    smaller; we take the best of (a) the product after folding per-channel scales into neighbouring
+    convolutions / dense layers and multiplying consecutive dense matrices, and (b) the exact SVD of
+    the materialised operator when it is small enough.
+    """
+
+    kind = "chain"
+
+    def __init__(self, ops: Sequence[LinearOp]):
+        flat: list[LinearOp] = []
+        for o in ops:
+            flat.extend(o.ops if isinstance(o, Chain) else [o])
+        self.ops = flat
+        super().__init__(flat[0].in_shape, flat[-1].out_shape, None)
+        with torch.no_grad():
+            z = torch.zeros((1,) + self.in_shape, dtype=torch.float64, device=self._device())
+            for o in flat:
+                z = o.to_double_copy().forward(z)
+        b = z[0]
+        self.bias = b.to(self._param_dtype()) if bool(torch.any(b != 0)) else None
+
+    def _param_dtype(self):
+        for o in self.ops:
+            for v in vars(o).values():
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    return v.dtype
+        return torch.float32
+
+    def children(self):
+        return self.ops
+
+    def apply(self, x):
+        for o in self.ops:
+            x = o.apply(x)
+        return x
+
+    def adjoint(self, y):
+        for o in reversed(self.ops):
+            y = o.adjoint(y)
+        return y
+
+    def describe(self):
+        return " > ".join(o.describe() for o in self.ops if not (isinstance(o, Select) and o.is_identity()))
+
+    def _norm_candidates(self, p):
+        folded = fold_chain(self.ops)
+        prod_val, methods = 1.0, []
+        for o in folded:
+            b = o.norm(p)
+            prod_val *= b.value
+            methods.append(b.method)
+        label = "product over merged chain" if len(folded) > 1 else methods[0]
+        n_real = sum(1 for o in self.ops if not (isinstance(o, Select) and o.is_identity()))
+        if len(folded) < n_real:
+            label += " (affine chain folded)"
+        return [Bound(prod_val, label, True)]
+
+
+class Residual(LinearOp):
+    """Sum of linear branches from one source: ``y = sum_k s_k B_k x`` (e.g. ``x + W x``).
+
+    Norm: ``sum_k ||B_k||`` in general; when the sum is ``x + conv(x)`` with a stride-1 conv that keeps
+    the shape and has a centre tap, the identity is folded into the kernel's centre (LiResNet) and the
+    single convolution is bounded; the exact SVD when the operator is small.
+    """
+
+    kind = "residual"
+
+    def __init__(self, branches: Sequence[LinearOp], signs: Sequence[float]):
+        self.branches = list(branches)
+        self.signs = [float(s) for s in signs]
+        super().__init__(self.branches[0].in_shape, self.branches[0].out_shape, None)
+        bias = None
+        for br, s in zip(self.branches, self.signs):
+            if br.bias is not None:
+                bias = s * br.bias if bias is None else bias + s * br.bias
+        self.bias = bias
+
+    def children(self):
+        return self.branches
+
+    def apply(self, x):
+        y = None
+        for br, s in zip(self.branches, self.signs):
+            t = br.apply(x) * s
+            y = t if y is None else y + t
+        return y
+
+    def adjoint(self, y):
+        x = None
+        for br, s in zip(self.branches, self.signs):
+            t = br.adjoint(y) * s
+            x = t if x is None else x + t
+        return x
+
+    def describe(self):
+        parts = []
+        for br, s in zip(self.branches, self.signs):
+            d = "identity" if isinstance(br, Select) and br.is_identity() else br.describe()
+            parts.append(("- " if s < 0 else "+ ") + d)
+        return "residual(" + " ".join(parts).lstrip("+ ") + ")"
+
+    def _norm_candidates(self, p):
+        total, sound = 0.0, True
+        for br, s in zip(self.branches, self.signs):
+            b = br.norm(p)
+            total += abs(s) * b.value
+            sound = sound and b.sound
+        cands = [Bound(total, "sum of branch norms", sound)]
+        merged = self._as_single_conv()
+        if merged is not None:
+            cands.append(Bound(merged.norm(p).value, "identity folded into the conv centre tap, then "
+                               + merged.norm(p).method, True))
+        return cands
+
+    def _as_single_conv(self) -> Conv | None:
+        """``s_0 x + s_1 conv(x)`` as one convolution when the conv has a usable centre tap."""
+        ident, conv = None, None
+        for br, s in zip(self.branches, self.signs):
+            inner = br.ops if isinstance(br, Chain) else [br]
+            inner = [o for o in inner if not (isinstance(o, Select) and o.is_identity())]
+            if not inner:
+                if ident is not None:
+                    return None
+                ident = s
+            elif len(inner) == 1 and isinstance(inner[0], Conv):
+                if conv is not None:
+                    return None
+                conv = (s, inner[0])
+            else:
+                return None
+        if ident is None or conv is None:
+            return None
+        s, c = conv
+        kh, kw = c.weight.shape[2:]
+        if (c.one_d or c.stride != (1, 1) or c.in_shape != c.out_shape or kh % 2 == 0 or kw % 2 == 0
+                or c.padding != (c.dilation[0] * (kh // 2),) * 2 + (c.dilation[1] * (kw // 2),) * 2):
+            return None
+        w = c.weight.double() * s
+        cpg = w.shape[1]
+        for ch in range(w.shape[0]):
+            w[ch, ch % cpg, kh // 2, kw // 2] += ident
+        return Conv(w, c.in_shape, c.stride, c.padding, c.dilation, c.groups)
+
+
+# ------------------------------------------------------------------------------------------------
+# folding of affine chains
+
+
+def fold_chain(ops: Sequence[LinearOp]) -> list[LinearOp]:
+    """Fold per-channel scales into adjacent convs/dense layers, drop identity selections and multiply
+    consecutive dense matrices.  The result composes to the same linear map (biases are dropped: they
+    do not affect norms)."""
+    work = [o for o in ops if not (isinstance(o, Select) and o.is_identity())]
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(work) - 1):
+            a, b = work[i], work[i + 1]
+            merged = _fold_pair(a, b)
+            if merged is not None:
+                work[i:i + 2] = [merged]
+                changed = True
+                break
+    return work or [ops[0]]
+
+
+def _fold_pair(a: LinearOp, b: LinearOp) -> LinearOp | None:
+    if isinstance(a, Scale) and isinstance(b, Scale):
+        return Scale(a.scale.double() * b.scale.double(), a.in_shape)
+    if isinstance(a, Scale) and isinstance(b, Conv) and not b.one_d:
+        cs = a.channel_scale()
+        if cs is not None:
+            w = b.weight.double().clone()
+            cin_g = w.shape[1]
+            for g in range(b.groups):
+                w[g * (w.shape[0] // b.groups):(g + 1) * (w.shape[0] // b.groups)] *= \
+                    cs.double()[g * cin_g:(g + 1) * cin_g].view(1, -1, 1, 1)
+            return Conv(w, a.in_shape, b.stride, b.padding, b.dilation, b.groups)
+    if isinstance(a, Conv) and isinstance(b, Scale) and not a.one_d:
+        cs = b.channel_scale()
+        if cs is not None:
+            w = a.weight.double() * cs.double().view(-1, 1, 1, 1)
+            return Conv(w, a.in_shape, a.stride, a.padding, a.dilation, a.groups)
+    if isinstance(a, Dense) and isinstance(b, Dense):
+        return Dense(b.weight.double() @ a.weight.double(), a.in_shape)
+    if isinstance(a, Scale) and isinstance(b, Dense) and len(a.in_shape) == 1:
+        return Dense(b.weight.double() * a.scale.double().expand(a.in_shape).view(1, -1), a.in_shape)
+    if isinstance(a, Dense) and isinstance(b, Scale) and len(b.in_shape) == 1:
+        return Dense(a.weight.double() * b.scale.double().expand(b.in_shape).view(-1, 1), a.in_shape)
+    return None
+
+
+def identity_select(shape: Shape, device=None) -> Select:
+    n = numel(shape)
+    return Select(torch.arange(n, device=device), shape, shape, label="identity")
+
+
+def probe_select(fn: Callable[[torch.Tensor], torch.Tensor], in_shape: Shape, batch: int,
+                 label: str) -> Select | None:
+    """Find the index map of a coordinate-selection op by pushing exact integers through it.
+
+    ``fn`` must be the original (affine) op.  Returns None when the op is not a selection (some
+    output is not exactly 0 or one input coordinate), or when it mixes batch elements.
+    """
+    n = numel(in_shape)
+    base = torch.arange(1, batch * n + 1, dtype=torch.float64).reshape((batch,) + tuple(in_shape))
+    with torch.no_grad():
+        zero_out = fn(torch.zeros_like(base))
+        out = fn(base) - zero_out
+    if out.shape[0] != batch:
+        return None
+    first = out[0].reshape(-1)
+    if not torch.all(first == torch.round(first)) or torch.any(first < 0) or torch.any(first > n):
+        return None
+    idx = first.long() - 1
+    sel = Select(idx, in_shape, tuple(out.shape[1:]),
+                 bias=zero_out[0] if bool(torch.any(zero_out != 0)) else None, label=label)
+    # every batch element must see the same map
+    check = sel.apply(base)
+    if not torch.equal(check, out):
+        return None
+    return sel

@@ -1,0 +1,130 @@
+"""``LipModel``: an imported classifier together with its Lipschitz graph.
+
+This is the object the Python API hands out (``lipverify.load(path)``).  Analyses are methods that
+delegate to the pure functions in :mod:`lipverify.bounds` and friends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+import torch.nn as nn
+
+from lipverify.bounds.global_bound import margin_constants, propagate
+from lipverify.errors import LipverifyError
+from lipverify.graph import LipschitzGraph
+from lipverify.results import BoundsReport, LayerRow, MarginSummary, ValueWithMethod
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Bound arithmetic never runs with TF32 matmuls (they silently drop mantissa bits)."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+class LipModel:
+    """An imported classifier: ``module`` maps raw inputs (the user's pixel space) to logits and
+    ``graph`` is the same function as a typed Lipschitz graph."""
+
+    def __init__(self, module: nn.Module, graph: LipschitzGraph, input_shape, name: str, fidelity=None,
+                 notes=None):
+        self.module = module.eval()
+        self.graph = graph
+        self.input_shape = tuple(input_shape)
+        self.name = name
+        self.fidelity = fidelity
+        self.notes = list(notes or [])
+        self.device = torch.device("cpu")
+        self._cache: dict = {}
+
+    # -- basics -----------------------------------------------------------------------------------
+    def to(self, device) -> "LipModel":
+        self.device = torch.device(device)
+        self.module.to(self.device)
+        self.graph.to(device=self.device)
+        self._cache.clear()
+        return self
+
+    @property
+    def n_classes(self) -> int:
+        n = 1
+        for s in self.graph.nodes[self.graph.output].out_shape:
+            n *= s
+        return n
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, m)`` of the model for raw inputs ``(B, *input_shape)``."""
+        out = self.module(x.to(self.device))
+        return out.reshape(out.shape[0], -1)
+
+    def check_graph(self, n: int = 3, rtol: float = 1e-4) -> float:
+        """Check that the Lipschitz graph reproduces the module; raises if it does not."""
+        g = torch.Generator().manual_seed(1)
+        x = torch.rand((n,) + self.input_shape, generator=g).to(self.device)
+        with torch.no_grad():
+            want = self(x).double()
+            got = self.graph.forward(x).reshape(n, -1).double()
+        diff = float((want - got).abs().max())
+        scale = max(1.0, float(want.abs().max()))
+        if not diff <= rtol * scale:
+            raise LipverifyError(f"internal error: the Lipschitz graph differs from the model by {diff:.3g}")
+        return diff
+
+    # -- bounds -----------------------------------------------------------------------------------
+    def node_constants(self, norm: str = "2", method: str = "sound"):
+        key = ("consts", norm, method)
+        if key not in self._cache:
+            with no_tf32(), torch.no_grad():
+                self._cache[key] = propagate(self.graph, norm, method)
+        return self._cache[key]
+
+    def margin_constants(self, norm: str = "2", method: str = "sound"):
+        """``K`` (float64, m x m) bounding the Lipschitz constants of the logit margins."""
+        key = ("margin", norm, method)
+        if key not in self._cache:
+            with no_tf32(), torch.no_grad():
+                self._cache[key] = margin_constants(self.graph, self.node_constants(norm, method), norm)
+        return self._cache[key]
+
+    def bounds(self, norm: str = "2", method: str = "sound") -> BoundsReport:
+        """Per-layer constants, the global bound and the margin constants.
+
+        ``method="sound"``: proven upper bounds (float64).  ``method="power"``: power-iteration
+        estimates for linear operators (labelled ``sound: false``).
+        """
+        norm = str(norm)
+        if norm not in ("2", "inf"):
+            raise ValueError("norm must be '2' or 'inf'")
+        if method not in ("sound", "power"):
+            raise ValueError("method must be 'sound' or 'power'")
+        t0 = time.perf_counter()
+        consts = self.node_constants(norm, method)
+        mc = self.margin_constants(norm, method)
+        rows = []
+        for c in consts:
+            if c.kind == "input":
+                continue
+            if c.constant is None:
+                rows.append(LayerRow(c.name, c.op, c.kind, c.in_shape, c.out_shape, None,
+                                     "combines branches (bounded in the global propagation)", True))
+            else:
+                rows.append(LayerRow(c.name, c.op, c.kind, c.in_shape, c.out_shape, c.constant.value,
+                                     c.constant.method, c.constant.sound))
+        out = consts[self.graph.output].cumulative
+        gmethod = ("product of layer constants along the graph (sums over residual branches)"
+                   if method == "sound" else "product of power-iteration estimates (not a bound)")
+        return BoundsReport(
+            model=self.name, norm=norm, method=method, input_shape=self.input_shape,
+            n_classes=self.n_classes, layers=rows,
+            global_bound=ValueWithMethod(out.value, gmethod, out.sound),
+            margin=MarginSummary(mc.K.tolist(), mc.method, mc.sound),
+            fidelity=self.fidelity, notes=list(self.notes), time_s=time.perf_counter() - t0,
+        )
