@@ -63,6 +63,8 @@ def make_activation(name: str, **kw) -> Activation:
                           const_above=hi if math.isfinite(hi) else None)
     if name == "tanh":
         return Activation("tanh", torch.tanh, 0.0, 1.0)
+    if name == "abs":
+        return Activation("abs", torch.abs, -1.0, 1.0)
     if name == "sigmoid":
         return Activation("sigmoid", torch.sigmoid, 0.0, 0.25)
     if name == "gelu":

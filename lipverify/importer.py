@@ -58,7 +58,10 @@ def trace_module(module: nn.Module) -> fx.GraphModule:
 
 def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
-        return type(gm.get_submodule(node.target)).__name__
+        mod = gm.get_submodule(node.target)
+        if type(mod).__name__ == "OnnxFunction":
+            return getattr(mod.function, "__name__", "OnnxFunction")
+        return type(mod).__name__
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target))
     return str(node.target)
@@ -279,7 +282,9 @@ class _Builder:
         for sm in self.softmax_of:
             if any(u.op != "output" for u in sm.users):
                 raise UnsupportedOpError([(_op_name(self.gm, sm) + " [not at the output]", sm.name)], self.path)
-        return LipschitzGraph(self.nodes, out_idx, self.notes)
+        g = LipschitzGraph(self.nodes, out_idx, self.notes)
+        g.logits_fx_node = arg.name  # the fx node whose value are the logits (after stripping)
+        return g
 
     # -- classification ---------------------------------------------------------------------------
     def _classify(self, node: fx.Node, deps: list[fx.Node]) -> None:
@@ -296,10 +301,11 @@ class _Builder:
 
         # residual add / sub of two input-dependent tensors
         bk = _binary_kind(gm, node)
-        if bk is not None and len(deps) == 2:
+        dep_args = [a for a in node.args if isinstance(a, fx.Node) and self.dep.get(a, False)]
+        if bk is not None and len(dep_args) == 2:
             if bk in ("add", "sub"):
                 alpha = float(node.kwargs.get("alpha", 1.0))
-                self._emit(node, "add", deps, (1.0, alpha if bk == "add" else -alpha))
+                self._emit(node, "add", dep_args, (1.0, alpha if bk == "add" else -alpha))
             else:
                 self._bad(node, "product of two input-dependent tensors")
             return
@@ -321,6 +327,12 @@ class _Builder:
         if mod is not None and type(mod) in _ACT_MODULES:
             act, kw = _ACT_MODULES[type(mod)](mod)
             self._emit(node, "activation", [src], make_activation(act, **kw))
+            return
+        if mod is not None and type(mod).__name__ == "OnnxFunction" and mod.function in (torch.tanh, torch.abs):
+            self._emit(node, "activation", [src], make_activation("tanh" if mod.function is torch.tanh else "abs"))
+            return
+        if node.op == "call_function" and node.target is torch.abs or (node.op == "call_method" and node.target == "abs"):
+            self._emit(node, "activation", [src], make_activation("abs"))
             return
         if mod is not None and name == "OnnxClip":
             self._emit(node, "activation", [src], make_activation("clip", min=mod.min_val, max=mod.max_val))
@@ -616,6 +628,21 @@ def _select_label(name: str) -> str:
         if key in n:
             return {"getitem": "slice", "view": "reshape", "cast": "identity", "dropout": "identity"}.get(key, key)
     return n
+
+
+def strip_to_logits(gm: fx.GraphModule, logits_node: str) -> fx.GraphModule:
+    """Rewire ``gm`` so that it returns the named node (the logits before a stripped Softmax)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    target = next(n for n in gm.graph.nodes if n.name == logits_node)
+    cur = out.args[0]
+    if isinstance(cur, (tuple, list)):
+        cur = cur[0]
+    if cur is target:
+        return gm
+    out.args = (target,)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
 
 
 def build_graph(gm: fx.GraphModule, input_shape: tuple[int, ...], path: str | None = None,

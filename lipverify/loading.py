@@ -316,7 +316,7 @@ def load(source: str | os.PathLike | nn.Module = BUILTIN_DEFAULT, *, input_shape
     -------
     :class:`lipverify.model.LipModel`
     """
-    from lipverify.importer import build_graph, trace_module
+    from lipverify.importer import build_graph, strip_to_logits, trace_module
     from lipverify.model import LipModel
     from lipverify.simplify import simplify
 
@@ -388,6 +388,7 @@ def load(source: str | os.PathLike | nn.Module = BUILTIN_DEFAULT, *, input_shape
     normalizer = _normalizer(mean, std, shape)
     gm = gm.eval()
     graph = build_graph(gm, shape, path_str or label)
+    gm = strip_to_logits(gm, graph.logits_fx_node)
     if normalizer is not None:
         graph = _prepend_normalizer(graph, normalizer, shape)
         notes.append("normalisation outside the model folded in: inputs and radii are in pixel space")

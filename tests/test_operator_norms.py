@@ -1,8 +1,9 @@
 """Tests of lipverify.bounds.operator_norms against independent oracles.
 
-Oracles: numpy's matrix norms, the Jacobian of ``torch.nn.functional.conv2d`` computed by autograd
-(the exact operator matrix, built without the code under test), a naive loop convolution in numpy,
-and circularly padded convolutions (for which the FFT bound is exact).
+Oracles: numpy's matrix norms; the exact operator matrix obtained by applying PyTorch's own conv2d
+(with its own padding argument) to every basis input, without the code under test; the autograd
+Jacobian of conv1d; a naive loop convolution in numpy; and circularly padded convolutions, for
+which the FFT bound is exact.
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ from lipverify.bounds.operator_norms import (
 REL = 1e-9  # slack for float64 rounding when comparing two sound/exact values
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Small problems: one intra-op thread avoids spin-wait slowdowns on a busy, shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # ---------------------------------------------------------------------------------------------
 # Independent oracles
 # ---------------------------------------------------------------------------------------------
@@ -55,23 +65,21 @@ def _torch_conv(x, w, stride, padding, dilation, groups):
 
 
 def _jacobian_matrix(w, input_size, stride=1, padding=0, dilation=1, groups=1, mode="zeros"):
-    """Exact operator matrix of the conv via autograd (float64); mode='circular' pads circularly."""
+    """Exact operator matrix of the conv (float64): PyTorch's conv applied to every basis input.
+
+    Independent of the code under test: it calls ``F.conv2d`` with its own padding argument (or
+    ``F.pad`` for asymmetric/circular padding) on the rows of an identity matrix.
+    """
     w = w.to(torch.float64)
     c_in = w.shape[1] * groups
-    x0 = torch.zeros((c_in,) + tuple(input_size), dtype=torch.float64)
-
-    def f(x):
-        x = x.unsqueeze(0)
-        if mode == "circular":
-            t, b, l, r = _pad4(padding)
-            y = F.conv2d(F.pad(x, (l, r, t, b), mode="circular"), w, stride=stride, dilation=dilation, groups=groups)
-        else:
-            y = _torch_conv(x, w, stride, padding, dilation, groups)
-        return y[0]
-
-    J = torch.autograd.functional.jacobian(f, x0, vectorize=True)
-    n_out = int(np.prod(J.shape[: J.dim() - 3]))
-    return J.reshape(n_out, -1).numpy()
+    n_in = c_in * int(np.prod(input_size))
+    x = torch.eye(n_in, dtype=torch.float64).reshape((n_in, c_in) + tuple(input_size))
+    if mode == "circular":
+        t, b, l, r = _pad4(padding)
+        y = F.conv2d(F.pad(x, (l, r, t, b), mode="circular"), w, stride=stride, dilation=dilation, groups=groups)
+    else:
+        y = _torch_conv(x, w, stride, padding, dilation, groups)
+    return y.reshape(n_in, -1).T.numpy()
 
 
 def _naive_conv(x, w, stride, padding, dilation, groups):
@@ -101,7 +109,11 @@ def _naive_conv(x, w, stride, padding, dilation, groups):
 
 
 def _np_norm2(M):
-    return float(np.linalg.norm(M, 2))
+    """Spectral norm in float64 (numpy for small matrices; torch's LAPACK for operator matrices,
+    which avoids numpy's BLAS thread pool fighting torch's on a small shared CPU)."""
+    if M.size <= 4096:
+        return float(np.linalg.norm(M, 2))
+    return float(torch.linalg.svdvals(torch.from_numpy(np.ascontiguousarray(M)))[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +231,7 @@ def test_conv_norm2_fft_sound_with_rectangular_kernel_and_mixed_params():
         assert bound >= exact * (1 - REL)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
 def test_same_padding_matches_pytorch_convention():
     w = torch.randn(2, 2, 2, 4)
     x = torch.randn(1, 2, 6, 7, dtype=torch.float64)
@@ -256,8 +269,8 @@ def test_conv_norm2_fft_is_tight_for_stride_one():
 def test_polyphase_is_much_tighter_than_stride_one_bound():
     # 2x2 average pooling: stride-1 bound of the kernel is 1, the strided operator has norm 1/2.
     w = torch.full((1, 1, 2, 2), 0.25)
-    assert conv_norm2_fft(w, (8, 8), stride=1) == pytest.approx(1.0, rel=1e-9)
-    assert conv_norm2_fft(w, (8, 8), stride=2) == pytest.approx(0.5, rel=1e-9)
+    assert conv_norm2_fft(w, (8, 8), stride=1) == pytest.approx(1.0 * SOUND_FACTOR, rel=1e-9)
+    assert conv_norm2_fft(w, (8, 8), stride=2) == pytest.approx(0.5 * SOUND_FACTOR, rel=1e-9)
     # Random strided kernel: polyphase bound is valid and clearly below the stride-1 bound.
     gains = []
     for _ in range(3):
@@ -276,9 +289,8 @@ def test_identity_conv_has_norm_one(k, padding):
     w = torch.zeros(c, c, k, k)
     for i in range(c):
         w[i, i, k // 2, k // 2] = 1.0
-    assert conv_norm2_fft(w, (6, 7), padding=padding) == pytest.approx(1.0, rel=1e-12)
-    assert conv_norm2_fft(w, (6, 7), padding=padding) >= 1.0
-    assert conv_norm2_exact(w, (6, 7), padding=padding) == pytest.approx(1.0, rel=1e-12)
+    assert conv_norm2_fft(w, (6, 7), padding=padding) == pytest.approx(SOUND_FACTOR, rel=1e-12)
+    assert conv_norm2_exact(w, (6, 7), padding=padding) == pytest.approx(SOUND_FACTOR, rel=1e-12)
 
 
 def test_average_pooling_as_depthwise_conv_has_norm_half():
@@ -287,8 +299,8 @@ def test_average_pooling_as_depthwise_conv_has_norm_half():
     x = torch.randn(1, C, 6, 8, dtype=torch.float64)
     # The conv is average pooling (validates the set-up).
     torch.testing.assert_close(F.conv2d(x, w.double(), stride=2, groups=C), F.avg_pool2d(x, 2, 2))
-    assert conv_norm2_fft(w, (6, 8), stride=2, groups=C) == pytest.approx(0.5, rel=1e-9)
-    assert conv_norm2_exact(w, (6, 8), stride=2, groups=C) == pytest.approx(0.5, rel=1e-9)
+    assert conv_norm2_fft(w, (6, 8), stride=2, groups=C) == pytest.approx(0.5 * SOUND_FACTOR, rel=1e-9)
+    assert conv_norm2_exact(w, (6, 8), stride=2, groups=C) == pytest.approx(0.5 * SOUND_FACTOR, rel=1e-9)
     assert _np_norm2(_jacobian_matrix(w, (6, 8), 2, 0, 1, C)) == pytest.approx(0.5, rel=1e-12)
 
 
@@ -301,10 +313,11 @@ def test_conv1d():
         else:
             xpad = (padding, padding)
 
+        # Autograd Jacobian of F.conv1d: an oracle independent of the basis-input construction.
         def f(x):
             return F.conv1d(F.pad(x.unsqueeze(0), xpad), w.double(), stride=stride, dilation=dilation)[0]
 
-        J = torch.autograd.functional.jacobian(f, torch.zeros(2, L, dtype=torch.float64), vectorize=True)
+        J = torch.autograd.functional.jacobian(f, torch.zeros(2, L, dtype=torch.float64))
         exact = _np_norm2(J.reshape(-1, 2 * L).numpy())
         bound = conv1d_norm2_fft(w, L, stride=stride, padding=padding, dilation=dilation)
         assert bound >= exact * (1 - REL)
@@ -325,7 +338,7 @@ def test_fft_bound_fast_for_realistic_layers():
     b = conv_norm2_fft(w, (32, 32), padding=1)
     elapsed = time.perf_counter() - t0
     assert np.isfinite(b) and b > 0
-    assert elapsed < 3.0  # generous: shared CPU; typically ~0.3 s
+    assert elapsed < 10.0  # generous smoke check for a shared CPU; typically ~0.3 s
     w = torch.randn(128, 128, 3, 3)
     b2 = conv_norm2_fft(w, (16, 16), padding=1, stride=2)
     assert np.isfinite(b2) and b2 > 0

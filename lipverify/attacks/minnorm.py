@@ -58,6 +58,7 @@ from lipverify.attacks.pgd import (
     _logits,
     _margin,
     _project_ball,
+    _ranked_targets,
     margin_loss,
     pgd_attack,
 )
@@ -120,6 +121,7 @@ def fmn_attack(
     steps: int = 200,
     clip=None,
     max_eps=None,
+    targets: int | None = 2,
     alpha0: float = 1.0,
     alpha_final: float | None = None,
     gamma0: float = 0.05,
@@ -129,11 +131,25 @@ def fmn_attack(
     """Fast-minimum-norm style search (see the module docstring).  Returns ``(radius, x_adv)``.
 
     ``radius`` is float64 (``inf`` where no adversarial point was seen); ``x_adv`` equals ``x`` there.
-    Points are checked adversarial by the forward pass that produced them; :func:`min_norm_radius`
-    re-verifies.  ``alpha0`` is the initial step length relative to the current radius ``eps_k``
-    (l2: ``alpha * eps_k * g/||g||_2``; l-inf: ``alpha * eps_k * sign(g)``), decaying to ``alpha_final``
-    (default ``alpha0 / 100``).  ``init_scale`` is the step used while ``eps_k`` is still undefined
-    (only when the gradient vanishes).
+    Points are checked adversarial (untargeted: label no longer the unique argmax) by the forward pass
+    that produced them; :func:`min_norm_radius` re-verifies.
+
+    Parameters beyond :func:`min_norm_radius`'s:
+
+    targets:
+        Besides one trajectory on the untargeted margin ``f_y - max_{i != y} f_i``, run ``targets``
+        trajectories on ``f_y - f_t`` for the classes ``t`` nearest by linearised boundary distance at
+        ``x`` (all batched together; the per-example minimum is kept).  ``0`` gives the plain untargeted
+        attack; ``None`` all ``m - 1`` classes.  Descent on the untargeted margin can lock onto the
+        runner-up class when another class's boundary is nearer, even for an affine model.
+    alpha0, alpha_final:
+        Step length relative to the current radius ``eps_k`` (l2: ``alpha * eps_k * g / ||g||_2``;
+        l-inf: ``alpha * eps_k * sign(g)``), cosine-decayed from ``alpha0`` to ``alpha_final``
+        (default ``alpha0 / 100``).
+    gamma0, gamma_final:
+        Radius growth/shrink factor, cosine-decayed.
+    init_scale:
+        Step length used while ``eps_k`` is undefined (only when the gradient vanishes).
     """
     norm = _check_norm(norm)
     x = x.detach()
@@ -146,42 +162,63 @@ def fmn_attack(
 
     best_r = torch.full((B,), math.inf, dtype=torch.float64, device=x.device)
     best_x = x.clone()
-    idx = torch.arange(B, device=x.device)
-    delta = torch.zeros_like(x)
-    eps = torch.full((B,), math.inf, dtype=torch.float64, device=x.device)
-    xa, ya = x, y
-    for k in range(steps + 1):
+    m0 = _margin(forward, x, y)
+    clean_bad = m0 <= 0
+    best_r[clean_bad] = 0.0
+    todo = (~clean_bad).nonzero().reshape(-1)
+    if todo.numel() == 0 or steps <= 0:
+        return best_r, best_x
+
+    # rows: (example, target) with target -1 meaning untargeted
+    with torch.no_grad():
+        m_cls = _logits(forward, x[:1]).shape[1]
+    k = (m_cls - 1) if targets is None else max(0, min(int(targets), m_cls - 1))
+    tgt_cols = [torch.full((todo.numel(),), -1, dtype=torch.long, device=x.device)]
+    if k > 0:
+        ranked = _ranked_targets(forward, x[todo], y[todo], norm)[:, :k]
+        tgt_cols += [ranked[:, j] for j in range(k)]
+    R = len(tgt_cols)
+    idx = todo.repeat_interleave(R)                       # example index of each row
+    tgt = torch.stack(tgt_cols, dim=1).reshape(-1)        # target of each row (-1: untargeted)
+    xa, ya = x[idx], y[idx]
+    delta = torch.zeros_like(xa)
+    eps = torch.full((idx.numel(),), math.inf, dtype=torch.float64, device=x.device)
+    row_best = torch.full((idx.numel(),), math.inf, dtype=torch.float64, device=x.device)
+    row_x = xa.clone()
+    targeted = tgt >= 0
+    tsafe = tgt.clamp_min(0).reshape(-1, 1)
+
+    for it in range(steps + 1):
         xt = (xa + delta).detach().requires_grad_(True)
         with torch.enable_grad():
-            marg = -margin_loss(_logits(forward, xt), ya)
-        m64 = marg.detach().to(torch.float64)
+            lg = _logits(forward, xt)
+            unt = -margin_loss(lg, ya)                      # f_y - max_other
+            fy = lg.gather(1, ya.reshape(-1, 1)).squeeze(1)
+            tmarg = fy - lg.gather(1, tsafe).squeeze(1)     # f_y - f_t
+            obj = torch.where(targeted, tmarg, unt)
+        m_unt = unt.detach().to(torch.float64)
         dn = _delta_norm64(xt.detach(), xa, norm)
-        is_adv = m64 <= 0
-        better = is_adv & (dn < best_r[idx]) & (dn <= cap)
+        is_adv = m_unt <= 0
+        better = is_adv & (dn < row_best) & (dn <= cap)
         if better.any():
-            bi = idx[better]
-            best_r[bi] = dn[better]
-            best_x[bi] = xt.detach()[better]
-        if k == steps:
+            row_best[better] = dn[better]
+            row_x[better] = xt.detach()[better]
+        if it == steps:
             break
-        # inputs misclassified at x (radius 0, recorded above) leave the search at the first step
-        keep = ~is_adv if k == 0 else torch.ones_like(is_adv)
-        if not keep.any():
-            break
-        (g,) = torch.autograd.grad(marg.sum(), xt)
-        if not keep.all():
-            idx, xa, ya, delta, g = idx[keep], xa[keep], ya[keep], delta[keep], g[keep]
-            m64, dn, is_adv, eps = m64[keep], dn[keep], is_adv[keep], eps[keep]
+        (g,) = torch.autograd.grad(obj.sum(), xt)
         with torch.no_grad():
-            gamma = _cosine(gamma0, gamma_final, k, steps)
-            alpha = _cosine(alpha0, alpha_final, k, steps)
+            m_obj = obj.detach().to(torch.float64)
+            gamma = _cosine(gamma0, gamma_final, it, steps)
+            alpha = _cosine(alpha0, alpha_final, it, steps)
             gq = _flat_dual_norm(g, norm).to(torch.float64)
-            found = torch.isfinite(best_r[idx])
-            lin = dn + m64.clamp_min(0) / gq.clamp_min(1e-30)
+            found = torch.isfinite(row_best)
+            # linearised distance to the boundary, with a small overshoot so that an exactly linear
+            # boundary is crossed instead of approached from the robust side forever
+            lin = (dn + m_obj.clamp_min(0) / gq.clamp_min(1e-30)) * (1 + gamma)
             lin = torch.where(gq > 0, lin, torch.full_like(lin, math.inf))
             eps = torch.where(
                 is_adv,
-                torch.minimum(eps * (1 - gamma), best_r[idx]),
+                torch.minimum(eps * (1 - gamma), row_best),
                 torch.where(found, eps * (1 + gamma), lin),
             )
             eps = eps.clamp_max(cap)
@@ -198,6 +235,13 @@ def fmn_attack(
                 proj = _project_ball(delta, e, norm)
                 delta = torch.where(_bcast(finite, delta), proj, delta)
             delta = _apply_clip(xa + delta, clip) - xa
+
+    rb = row_best.reshape(-1, R)
+    j = rb.argmin(dim=1)
+    rows = torch.arange(todo.numel(), device=x.device) * R + j
+    ok = torch.isfinite(row_best[rows])
+    best_r[todo[ok]] = row_best[rows[ok]]
+    best_x[todo[ok]] = row_x[rows[ok]]
     return best_r, best_x
 
 
@@ -315,7 +359,7 @@ def min_norm_radius(
     max_eps=None,
     method: str = "auto",
     steps: int | None = None,
-    restarts: int = 1,
+    restarts: int = 2,
     bisection_iters: int | None = None,
     generator: torch.Generator | None = None,
 ) -> MinNormResult:
@@ -340,7 +384,8 @@ def min_norm_radius(
         FMN iterations (``"fmn"``, default 300), or PGD steps per bisection stage (``"bisection"``,
         default 100).  ``"auto"`` uses ``steps`` (default 300) for FMN and ``max(steps // 6, 20)`` PGD steps.
     restarts:
-        PGD restarts per bisection stage.
+        PGD restarts per bisection stage (default 2: untargeted from x, then targeted at the class with
+        the nearest linearised boundary; see :func:`pgd_attack`).
     bisection_iters:
         Bisection steps after the bracket search (default 12 for "bisection", 6 for "auto").
     generator:

@@ -367,8 +367,15 @@ def _hidden_block(ws, ts, alpha, beta):
     return 0.5 * (C + C.T)
 
 
-def _rho_min(ws, ts, alpha, beta) -> float | None:
-    """Exact smallest rho with ``M(rho, T) <= 0`` for fixed T (Schur complement); None if ``C`` is not < 0."""
+def _rho_min(ws, ts, alpha, beta, grad: bool = False):
+    """Exact smallest rho with ``M(rho, T) <= 0`` for fixed T (Schur complement).
+
+    Returns None if the hidden block ``C`` is not negative definite.  With ``grad=True`` returns
+    ``(rho, [d rho / d t for each hidden layer])``: with ``v`` the top unit eigenvector of the Schur
+    complement and ``u = (v, -C^{-1} B^T v)`` the null vector of ``M(rho_min, T)``, the derivative
+    for neuron ``i`` of layer ``k`` is ``u^T (dM/dt_i) u = -2 (x_i - alpha p_i)(x_i - beta p_i)``
+    with ``x = u_k`` and ``p = W_{k-1} u_{k-1}`` (a subgradient where the top eigenvalue is multiple).
+    """
     ws = [_reduce_input(ws[0])] + list(ws[1:-1]) + [_reduce_output(ws[-1])]
     C = _hidden_block(ws, ts, alpha, beta)
     try:
@@ -385,10 +392,77 @@ def _rho_min(ws, ts, alpha, beta) -> float | None:
     if alpha * beta != 0.0:
         S -= 2.0 * alpha * beta * (F.T * t1) @ F
     S = 0.5 * (S + S.T)
-    lam = float(np.linalg.eigvalsh(S)[-1])
+    if not grad:
+        lam = float(np.linalg.eigvalsh(S)[-1])
+        return max(lam, 0.0) if math.isfinite(lam) else None
+    evals, evecs = np.linalg.eigh(S)
+    lam = float(evals[-1])
     if not math.isfinite(lam):
         return None
-    return max(lam, 0.0)
+    v = evecs[:, -1]
+    y = sla.solve_triangular(R, K @ v, lower=False)  # -C^{-1} B^T v = R^{-1} R^{-T} B^T v
+    sizes = [w.shape[1] for w in ws[1:]]
+    us = [v] + np.split(y, np.cumsum(sizes)[:-1])
+    g = []
+    for k in range(1, len(ws)):
+        p = ws[k - 1] @ us[k - 1]
+        x = us[k]
+        g.append(-2.0 * (x - alpha * p) * (x - beta * p))
+    return max(lam, 0.0), g
+
+
+def _polish(ws, ts, alpha, beta, form, maxiter=60):
+    """Improve the multipliers locally: L-BFGS-B on ``log t -> rho_min(t)`` from the solver's point.
+
+    ``rho_min`` is quasi-convex in ``T`` and stationary at the optimum, so a few quasi-Newton steps
+    from a loose solver solution recover several digits.  Only multipliers that the exact
+    Schur-complement evaluation accepts are ever returned, so this affects tightness only.
+    """
+    from scipy.optimize import minimize
+
+    sizes = [t.size for t in ts]
+    cuts = np.cumsum(sizes)[:-1]
+    pos = [np.maximum(t, 0.0) for t in ts]
+    floor = 1e-12 * max(float(np.max(np.concatenate(pos))), 1e-300)
+    if form == "neuron":
+        u0 = np.log(np.maximum(np.concatenate(pos), floor))
+
+        def unpack(u):
+            return np.split(np.exp(u), cuts)
+
+        def pack_grad(g, t):
+            return np.concatenate(g) * np.concatenate(t)
+    else:
+        u0 = np.log(np.maximum(np.array([float(np.mean(t)) for t in pos]), floor))
+
+        def unpack(u):
+            return [np.full(n, math.exp(ui)) for n, ui in zip(sizes, u)]
+
+        def pack_grad(g, t):
+            return np.array([float(np.sum(gk)) * tk[0] for gk, tk in zip(g, t)])
+
+    best = {"rho": math.inf, "ts": None}
+    big = [None]
+
+    def fun(u):
+        t = unpack(u)
+        out = _rho_min(ws, t, alpha, beta, grad=True)
+        if out is None:
+            big[0] = 2.0 * best["rho"] if math.isfinite(best["rho"]) else 1e30
+            return big[0], np.zeros_like(u)
+        rho, g = out
+        if rho < best["rho"]:
+            best["rho"], best["ts"] = rho, t
+        return rho, pack_grad(g, t)
+
+    fun(u0)
+    if best["ts"] is None:
+        return None, None
+    try:
+        minimize(fun, u0, jac=True, method="L-BFGS-B", options={"maxiter": maxiter, "maxfun": 3 * maxiter})
+    except (ValueError, np.linalg.LinAlgError, FloatingPointError):
+        pass
+    return best["rho"], best["ts"]
 
 
 def _nd_certified(M: np.ndarray) -> bool:
@@ -533,65 +607,142 @@ def _aggregate_layer(Gcols: sp.csc_matrix, layer_of_var: np.ndarray, form: str) 
     return (Gcols @ P).tocsc()
 
 
-def _scs_data(ws, alpha, beta, form):
-    """SCS data for ``min rho  s.t.  t >= 0,  -M(rho, t) in PSD`` (scaled lower-triangular svec)."""
+def _scs_data(ws, alpha, beta, form, chordal=False):
+    """SCS data for ``min rho  s.t.  t >= 0,  -M(rho, t) in PSD`` (scaled lower-triangular svec).
+
+    With ``chordal=True`` (and ``L >= 2``) the single ``n x n`` cone is replaced by ``L`` cones over
+    the consecutive block pairs ``(k, k+1)``: ``M`` is block tridiagonal, its sparsity graph is
+    chordal with these cliques, so ``-M >= 0`` iff ``-M`` is a sum of PSD matrices supported on the
+    cliques (Agler et al. 1988).  The diagonal block ``k`` shared by cliques ``k-1`` and ``k`` is split
+    as ``-M_kk = (-M_kk - Z_k) + Z_k`` with a free symmetric ``Z_k``.  Exact, and much cheaper per
+    iteration for deep networks (eigendecompositions of ``n_k + n_{k+1}`` instead of ``n``).
+
+    Returns ``(data, cone, layer_of_var, x_layout)`` where ``x_layout`` holds what is needed to build
+    a warm start: ``(nvar_main, z_slices)``.
+    """
     n, r, c, v, x, cr, cc, cv, layer_of_var = _lmi_triplets(ws, alpha, beta)
+    L = len(ws) - 1
+    sizes = [ws[0].shape[1]] + [w.shape[1] for w in ws[1:]]
+    off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     nvar_neuron = layer_of_var.size
-    m_psd = n * (n + 1) // 2
-    scale = np.where(r == c, 1.0, math.sqrt(2.0))
-    G = sp.csc_matrix((x * scale, (_svec_index(r, c, n), v)), shape=(m_psd, nvar_neuron))
-    G = _aggregate_layer(G, layer_of_var, form)
-    nvar = G.shape[1]
-    nt = nvar - 1
-    cscale = np.where(cr == cc, 1.0, math.sqrt(2.0))
-    b_psd = np.zeros(m_psd)
-    np.add.at(b_psd, _svec_index(cr, cc, n), -cv * cscale)  # b = svec(-M_const)
-    A_lin = sp.hstack([sp.csc_matrix((nt, 1)), -sp.identity(nt, format="csc")], format="csc")
+    agg = _aggregate_layer(sp.identity(nvar_neuron, format="csc"), layer_of_var, form)  # var map
+    nvar_main = agg.shape[1]
+    nt = nvar_main - 1
+    if not chordal or L < 2:
+        cones_n = [n]
+        m_psd = n * (n + 1) // 2
+        scale = np.where(r == c, 1.0, math.sqrt(2.0))
+        G = sp.csc_matrix((x * scale, (_svec_index(r, c, n), v)), shape=(m_psd, nvar_neuron)) @ agg
+        cscale = np.where(cr == cc, 1.0, math.sqrt(2.0))
+        b_psd = np.zeros(m_psd)
+        np.add.at(b_psd, _svec_index(cr, cc, n), -cv * cscale)  # b = svec(-M_const)
+        z_slices = []
+        nvar = nvar_main
+    else:
+        # clique j = blocks (j, j+1), local offset of its first block is 0, of its second n_j
+        cones_n = [sizes[j] + sizes[j + 1] for j in range(L)]
+        cone_start = np.concatenate([[0], np.cumsum([m * (m + 1) // 2 for m in cones_n])]).astype(np.int64)
+        m_psd = int(cone_start[-1])
+        blk = np.searchsorted(off, np.arange(n), side="right") - 1  # block of each global index
+
+        def place(rr, cc_):
+            bi, bj = blk[rr], blk[cc_]
+            # clique: off-diagonal pair (j+1, j) -> j; diagonal block k -> k-1 except block 0 -> 0
+            clique = np.where(bi == bj, np.maximum(bi - 1, 0), bj)
+            base = off[clique]
+            lr, lc = rr - base, cc_ - base
+            m = np.asarray(cones_n)[clique]
+            return cone_start[clique] + _svec_index(lr, lc, m), lr == lc
+
+        idx, diag = place(r, c)
+        G = sp.csc_matrix((x * np.where(diag, 1.0, math.sqrt(2.0)), (idx, v)), shape=(m_psd, nvar_neuron)) @ agg
+        cidx, cdiag = place(cr, cc)
+        b_psd = np.zeros(m_psd)
+        np.add.at(b_psd, cidx, -cv * np.where(cdiag, 1.0, math.sqrt(2.0)))
+        # Z_k variables, k = 1 .. L-1: +Z_k in clique k (first block), -Z_k in clique k-1 (second block)
+        zr, zc, zv, zx = [], [], [], []
+        z_slices = []
+        col = nvar_main
+        for k in range(1, L):
+            nk = sizes[k]
+            a_, b_ = np.tril_indices(nk)
+            nz = a_.size
+            cols = col + np.arange(nz)
+            z_slices.append((k, col, a_, b_))
+            sc = np.where(a_ == b_, 1.0, math.sqrt(2.0))
+            # s = b - A x, s holds svec(-M split); Z enters s with +1 in clique k -> A coefficient -1
+            zr.append(cone_start[k] + _svec_index(a_, b_, cones_n[k])), zc.append(cols), zx.append(-sc)
+            mprev = cones_n[k - 1]
+            zr.append(cone_start[k - 1] + _svec_index(sizes[k - 1] + a_, sizes[k - 1] + b_, mprev))
+            zc.append(cols), zx.append(sc)
+            col += nz
+        nvar = col
+        Z = sp.csc_matrix((np.concatenate(zx), (np.concatenate(zr), np.concatenate(zc))), shape=(m_psd, nvar))
+        G = sp.hstack([G, sp.csc_matrix((m_psd, nvar - nvar_main))], format="csc") + Z
+    A_lin = sp.hstack(
+        [sp.csc_matrix((nt, 1)), -sp.identity(nt, format="csc"), sp.csc_matrix((nt, nvar - nvar_main))], format="csc"
+    )
     A = sp.vstack([A_lin, G], format="csc")
     b = np.concatenate([np.zeros(nt), b_psd])
     cvec = np.zeros(nvar)
     cvec[0] = 1.0
-    return {"A": A, "b": b, "c": cvec}, {"l": nt, "s": [n]}, layer_of_var, n
+    return {"A": A, "b": b, "c": cvec}, {"l": nt, "s": cones_n}, layer_of_var, (nvar_main, z_slices, off)
 
 
 def _initial_point(ws, alpha, beta, form):
-    """A feasible ``(rho, T)`` for the normalised problem: the chained "product bound" certificate.
+    """Warm start for the normalised problem (every ``||W_k|| <= 1``): the chained product certificate.
 
-    With every ``||W_k|| = 1`` and ``lip = max(|alpha|, |beta|)``, ``rho = gamma * lip^(2L)`` and
-    ``T_k = c_k I`` with ``c_k`` growing towards the input is feasible for a large enough margin
-    ``gamma``; it only serves as a warm start, so we simply try a few margins.
+    With ``lip = max(|alpha|, |beta|)``, a neuron obeys ``lip^2 dv^2 - dx^2 >= lam * q(dv, dx)``
+    where ``q = 2 (dx - alpha dv)(beta dv - dx)`` is its slope constraint, for the ``lam`` that makes
+    the 2 x 2 form ``[[lip^2 + 2 lam alpha beta, -lam (alpha+beta)], [., 2 lam - 1]]`` PSD (``lam = 1``
+    for ReLU).  Chaining ``||dv_{k+1}|| <= ||dx_k||`` through the layers shows that
+    ``rho = lip^(2L)``, ``T_k = lam lip^(2(L-k)) I`` satisfies the LMI (the product bound).
     """
     L = len(ws) - 1
     lip = max(abs(alpha), abs(beta))
-    for gamma in (1.5, 4.0, 16.0, 256.0):
-        ts, scalars = [], []
-        # layer k's multiplier: weight of the tail, doubled for slack
-        for k in range(1, L + 1):
-            c = gamma * (2.0 * lip) ** (2 * (L - k)) * max(lip, 1e-12) ** 0 / max(beta - alpha, 1e-12)
-            scalars.append(c)
-            ts.append(np.full(ws[k].shape[1], c))
-        rho = _rho_min(ws, ts, alpha, beta)
-        if rho is not None:
-            return rho * (1 + 1e-3) + 1e-9, scalars, ts
-    return None
+    best_lam, best_eig = 1.0, -math.inf
+    for lam in np.geomspace(1e-3, 1e3, 241):
+        q = np.array([[lip**2 + 2 * lam * alpha * beta, -lam * (alpha + beta)], [-lam * (alpha + beta), 2 * lam - 1]])
+        e = float(np.linalg.eigvalsh(q)[0]) / (1.0 + lam)
+        if e > best_eig:
+            best_lam, best_eig = float(lam), e
+    scalars = [best_lam * lip ** (2 * (L - k)) for k in range(1, L + 1)]
+    ts = [np.full(ws[k].shape[1], c) for k, c in zip(range(1, L + 1), scalars)]
+    return lip ** (2 * L), scalars, ts
 
 
-def _solve_scs(ws, alpha, beta, form, tol, verbose, max_iters=50000):
+def _use_chordal(ws) -> bool:
+    """Chordal splitting pays off when the clique cones are clearly smaller than the full cone."""
+    sizes = [ws[0].shape[1]] + [w.shape[1] for w in ws[1:]]
+    if len(sizes) < 3:
+        return False
+    full = float(sum(sizes)) ** 3
+    split = sum(float(sizes[j] + sizes[j + 1]) ** 3 for j in range(len(sizes) - 1))
+    return split < 0.6 * full
+
+
+def _solve_scs(ws, alpha, beta, form, tol, verbose, max_iters=50000, warm_start=True, chordal=None):
     import scs
 
-    data, cone, layer_of_var, n = _scs_data(ws, alpha, beta, form)
+    if chordal is None:
+        chordal = _use_chordal(ws)
+    data, cone, layer_of_var, (nvar_main, z_slices, off) = _scs_data(ws, alpha, beta, form, chordal=chordal)
     settings = dict(
         eps_abs=tol, eps_rel=tol, eps_infeas=1e-9, verbose=bool(verbose), max_iters=max_iters,
         acceleration_lookback=10,
     )
     solver = scs.SCS(data, cone, **settings)
-    init = _initial_point(ws, alpha, beta, form)
+    init = _initial_point(ws, alpha, beta, form) if warm_start else None
     if init is not None:
         rho0, scalars, ts0 = init
-        if form == "neuron":
-            x0 = np.concatenate([[rho0], np.concatenate(ts0)])
-        else:
-            x0 = np.concatenate([[rho0], scalars])
+        main = np.concatenate([[rho0], np.concatenate(ts0) if form == "neuron" else scalars])
+        x0 = np.zeros(data["A"].shape[1])
+        x0[:nvar_main] = main
+        if z_slices:
+            Mfull = _build_M(ws, rho0, ts0, alpha, beta)
+            for k, col, a_, b_ in z_slices:
+                blkk = -Mfull[off[k]:off[k + 1], off[k]:off[k + 1]]
+                x0[col:col + a_.size] = 0.5 * blkk[a_, b_]
         s0 = data["b"] - data["A"] @ x0
         y0 = np.zeros_like(s0)
         sol = solver.solve(warm_start=True, x=x0, y=y0, s=s0)
@@ -606,7 +757,7 @@ def _solve_scs(ws, alpha, beta, form, tol, verbose, max_iters=50000):
         norm_status = "optimal_inaccurate"
     else:
         norm_status = st
-    xs = np.asarray(sol["x"], dtype=np.float64)
+    xs = np.asarray(sol["x"], dtype=np.float64)[:nvar_main]
     return xs, norm_status, layer_of_var
 
 
@@ -670,7 +821,7 @@ def _repair_candidates(ts: list[np.ndarray]):
         yield out
 
 
-def _solve_part(ws, alpha, beta, form, solver, tol, verbose):
+def _solve_part(ws, alpha, beta, form, solver, tol, verbose, polish=True, warm_start=True):
     """LipSDP for one sub-network (>= 1 hidden layer).  Returns (value, sound, note, status, T)."""
     L = len(ws) - 1
     sig = [_sigma_max(w) for w in ws]
@@ -680,7 +831,7 @@ def _solve_part(ws, alpha, beta, form, solver, tol, verbose):
     wn = [w / s for w, s in zip(ws, sig)]
     wred = [_reduce_input(wn[0])] + wn[1:-1] + [_reduce_output(wn[-1])]
     if solver.upper() == "SCS":
-        xs, status, layer_of_var = _solve_scs(wred, alpha, beta, form, tol, verbose)
+        xs, status, layer_of_var = _solve_scs(wred, alpha, beta, form, tol, verbose, warm_start=warm_start)
         sname = "SCS"
     else:
         xs, status, layer_of_var = _solve_cvxpy(wred, alpha, beta, form, tol, verbose, solver)
@@ -693,13 +844,13 @@ def _solve_part(ws, alpha, beta, form, solver, tol, verbose):
     best_rho, best_ts = None, None
     for cand in _repair_candidates(t_norm):
         r = _rho_min(wred, cand, alpha, beta)
-        if r is None:
-            continue
-        if best_rho is None or r < best_rho:
+        if r is not None:
             best_rho, best_ts = r, cand
-        if best_rho is not None and cand is not None and r is not None and best_ts is cand:
-            # the first candidate that works is normally the best; one more nudge rarely helps
             break
+    if best_ts is not None and polish:
+        r, cand = _polish(wred, best_ts, alpha, beta, form)
+        if cand is not None and r < best_rho:
+            best_rho, best_ts = r, cand
     if best_ts is None:
         return None, False, f"{sname} multipliers do not certify the LMI", status, None
     ts_orig = [t * s for t, s in zip(best_ts, tail)]
@@ -724,6 +875,8 @@ def lipsdp(
     max_neurons_per_block: int | None = None,
     tol: float = 1e-5,
     verbose: bool = False,
+    polish: bool = True,
+    warm_start: bool = True,
 ) -> LipSDPResult:
     """Sound l2 Lipschitz upper bound of a fully connected network by LipSDP (neuron or layer form).
 
@@ -794,7 +947,9 @@ def lipsdp(
             statuses.append("svd")
             continue
         prod = product_bound(chunk, alpha, beta)
-        value, ok, note, status, ts = _solve_part(chunk, alpha, beta, form, solver, tol, verbose)
+        value, ok, note, status, ts = _solve_part(
+            chunk, alpha, beta, form, solver, tol, verbose, polish=polish, warm_start=warm_start
+        )
         statuses.append(status)
         if value is None:
             # no verified certificate: the product of spectral norms is the (sound) fallback

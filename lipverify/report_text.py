@@ -1,0 +1,54 @@
+"""Human-readable terminal output (rich) for the CLI."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from lipverify.results import BoundsReport
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e5 or abs(v) < 1e-3:
+        return f"{v:.4e}"
+    return f"{v:.5g}"
+
+
+def _sound(s: bool) -> str:
+    return "[green]yes[/green]" if s else "[yellow]no (estimate)[/yellow]"
+
+
+def print_bounds(report: BoundsReport, console: Console | None = None) -> None:
+    c = console or Console()
+    c.print(f"[bold]lipverify bounds[/bold]  model {report.model}  norm l{report.norm}  "
+            f"input {tuple(report.input_shape)}  classes {report.n_classes}")
+    if report.fidelity is not None:
+        c.print(report.fidelity.line())
+    for n in report.notes:
+        c.print(f"[dim]note: {n}[/dim]")
+    t = Table(show_lines=False)
+    for col in ("layer", "op", "in", "out", "constant", "method", "sound"):
+        t.add_column(col, overflow="fold")
+    for r in report.layers:
+        t.add_row(r.name, r.op, "x".join(map(str, r.in_shape)), "x".join(map(str, r.out_shape)),
+                  _fmt(r.lipschitz), r.method, _sound(r.sound) if r.lipschitz is not None else "")
+    c.print(t)
+    g = report.global_bound
+    c.print(f"[bold]global Lipschitz bound[/bold] (l{report.norm}): {_fmt(g.value)}   "
+            f"method: {g.method}   sound: {_sound(g.sound)}")
+    m = report.margin
+    c.print(f"[bold]margin constants K_ij[/bold]: max {_fmt(m.max)}  min {_fmt(m.min)}   "
+            f"method: {m.method}   sound: {_sound(m.sound)}")
+    if report.n_classes <= 20:
+        kt = Table(title="K_ij (Lipschitz constant of f_i - f_j)", show_header=True)
+        kt.add_column("")
+        for j in range(report.n_classes):
+            kt.add_column(str(j))
+        for i, row in enumerate(m.K):
+            kt.add_row(str(i), *[_fmt(v) if i != j else "-" for j, v in enumerate(row)])
+        c.print(kt)
+    c.print(f"time {report.time_s:.2f} s")
