@@ -61,6 +61,9 @@ def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
         mod = gm.get_submodule(node.target)
         if type(mod).__name__ == "OnnxFunction":
             return getattr(mod.function, "__name__", "OnnxFunction")
+        if type(mod).__name__ == "OnnxBinaryMathOperation":
+            fn = getattr(mod.math_op_function, "__name__", "")
+            return {"add": "Add", "sub": "Sub", "mul": "Mul", "_onnx_div": "Div", "div": "Div"}.get(fn, "BinaryMath")
         return type(mod).__name__
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target))
@@ -103,7 +106,7 @@ _SELECT_MODULES = {
 _SELECT_FUNCS = {
     torch.flatten, torch.reshape, operator.getitem, torch.squeeze, torch.unsqueeze, torch.permute,
     torch.transpose, torch.t, F.pad, F.dropout, torch.narrow, torch.movedim, torch.swapaxes,
-    F.dropout2d,
+    F.dropout2d, torch.clone,
 }
 _SELECT_METHODS = {
     "view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
@@ -118,6 +121,51 @@ _MUL = {operator.mul, torch.mul, torch.multiply, operator.imul}
 _DIV = {operator.truediv, torch.div, torch.true_divide, torch.divide, operator.itruediv}
 
 
+def _aten_equivalents() -> dict:
+    """aten overloads (from ``torch.export`` programs) -> the torch function with the same signature."""
+    a = torch.ops.aten
+    pairs = {
+        "conv2d.default": F.conv2d, "conv1d.default": F.conv1d, "linear.default": F.linear,
+        "relu.default": torch.relu, "relu_.default": torch.relu, "tanh.default": torch.tanh,
+        "sigmoid.default": torch.sigmoid, "gelu.default": F.gelu, "silu.default": F.silu,
+        "leaky_relu.default": F.leaky_relu, "hardtanh.default": F.hardtanh, "clamp.default": torch.clamp,
+        "elu.default": F.elu, "abs.default": torch.abs,
+        "max_pool2d.default": F.max_pool2d, "avg_pool2d.default": F.avg_pool2d,
+        "adaptive_avg_pool2d.default": F.adaptive_avg_pool2d, "batch_norm.default": torch.batch_norm,
+        "add.Tensor": torch.add, "sub.Tensor": torch.sub, "mul.Tensor": torch.mul, "div.Tensor": torch.div,
+        "neg.default": torch.neg, "cat.default": torch.cat, "softmax.int": torch.softmax,
+        "log_softmax.int": torch.log_softmax, "_softmax.default": torch.softmax, "matmul.default": torch.matmul,
+        "flatten.using_ints": torch.flatten, "view.default": torch.reshape, "reshape.default": torch.reshape,
+        "permute.default": torch.permute, "transpose.int": torch.transpose, "squeeze.dim": torch.squeeze,
+        "unsqueeze.default": torch.unsqueeze, "dropout.default": F.dropout, "clone.default": torch.clone,
+        "contiguous.default": torch.clone, "_unsafe_view.default": torch.reshape,
+    }
+    out = {}
+    for name, fn in pairs.items():
+        op, _, overload = name.partition(".")
+        try:
+            out[getattr(getattr(a, op), overload)] = fn
+        except AttributeError:
+            continue
+    for name in ("slice.Tensor", "select.int", "constant_pad_nd.default", "pad.default", "expand.default",
+                 "alias.default", "detach.default"):
+        op, _, overload = name.partition(".")
+        try:
+            _SELECT_FUNCS.add(getattr(getattr(a, op), overload))
+        except AttributeError:
+            continue
+    return out
+
+
+def normalise_aten(gm: fx.GraphModule) -> None:
+    """Rewrite aten call targets to their torch equivalents so one op table serves every importer."""
+    table = _aten_equivalents()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in table:
+            node.target = table[node.target]
+    gm.recompile()
+
+
 def _binary_kind(gm, node) -> str | None:
     """'add', 'sub', 'mul', 'div' or None for a binary arithmetic node."""
     if node.op == "call_function":
@@ -126,10 +174,8 @@ def _binary_kind(gm, node) -> str | None:
                 else "div" if t in _DIV else None)
     if node.op == "call_method" and node.target in ("add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"):
         return node.target.rstrip("_")
-    if node.op == "call_module" and _op_name(gm, node) == "OnnxBinaryMathOperation":
-        fn = gm.get_submodule(node.target).math_op_function
-        name = getattr(fn, "__name__", "")
-        return {"add": "add", "sub": "sub", "mul": "mul", "_onnx_div": "div", "div": "div"}.get(name)
+    if node.op == "call_module" and type(gm.get_submodule(node.target)).__name__ == "OnnxBinaryMathOperation":
+        return {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}.get(_op_name(gm, node))
     return None
 
 
@@ -205,6 +251,10 @@ class _Builder:
     def _bad(self, fxn: fx.Node, why: str | None = None) -> None:
         name = _op_name(self.gm, fxn)
         self.unsupported.append((name + (f" [{why}]" if why else ""), fxn.name))
+        if isinstance(self.env.get(fxn), torch.Tensor) and fxn not in self.index:
+            # placeholder so that nodes further down are still classified (all problems listed at once)
+            ins = [a for a in fxn.all_input_nodes if self.index.get(a) is not None]
+            self._emit(fxn, "unsupported", ins, None)
 
     # -- main -------------------------------------------------------------------------------------
     def build(self, example: torch.Tensor) -> LipschitzGraph:
@@ -247,6 +297,9 @@ class _Builder:
             self.dep[node] = True
             if any(self.env.get(d) is None or self.index.get(d) is None for d in deps):
                 self.index[node] = None  # downstream of an unsupported node
+                continue
+            if self.env[node] is None and not node.users:
+                self.dep[node] = False  # e.g. the shape guard of a torch.export program
                 continue
             if not isinstance(self.env[node], torch.Tensor):
                 self._bad(node, "non-tensor output")
@@ -378,7 +431,7 @@ class _Builder:
             self._conv_function(node, src, in_shape)
             return
         if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) or name == "OnnxBatchNorm" or (
-                node.op == "call_function" and node.target is F.batch_norm):
+                node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm)):
             if mod is not None and mod.training:
                 self._bad(node, "BatchNorm in training mode")
                 return

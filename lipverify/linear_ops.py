@@ -165,6 +165,40 @@ class LinearOp:
         self._u["2"] = res.u.detach()
         return Bound(float(res.sigma), f"power iteration ({res.iterations} it, tol {tol:g})", False)
 
+    # -- element-wise absolute values and row norms (local bounds, SPEC section 4) -----------------
+    def abs_apply(self, x: torch.Tensor) -> torch.Tensor:
+        """An element-wise upper bound of ``|A| x`` for a non-negative batch ``x`` (``(B, *in_shape)``).
+
+        ``|A|`` is the operator matrix with every entry replaced by its absolute value.  Exact for
+        :class:`Dense`, :class:`Conv`, :class:`Scale` and :class:`Select`; for compositions and sums it is
+        ``|A_k| ... |A_1| x`` (resp. ``sum |s_b| |B_b| x``), which is ``>= |A| x`` entry by entry.  This
+        generic version materialises the matrix when it is small and otherwise returns
+        ``||A||_inf * max(x)`` in every output entry (each row's absolute sum is at most ``||A||_inf``).
+        Interval bound propagation uses it for radii; it is never used for anything but ``x >= 0``.
+        """
+        b = x.shape[0]
+        if self.can_materialise():
+            m = self.matrix(torch.float64).abs().to(device=x.device, dtype=x.dtype)
+            return (x.reshape(b, -1) @ m.T).reshape((b,) + self.out_shape)
+        v = self.norm("inf").value
+        mx = x.reshape(b, -1).amax(dim=1).clamp_min(0) * v
+        return mx.reshape((b,) + (1,) * len(self.out_shape)).expand((b,) + self.out_shape).clone()
+
+    def row_norms(self, q: str = "2") -> torch.Tensor:
+        """Upper bounds of the ``l_q`` norm of every row of the operator matrix (one per output unit).
+
+        ``q`` is ``"2"`` or ``"1"``.  Returns a float64 tensor of shape ``out_shape``.  Exact for
+        :class:`Dense`, :class:`Conv`, :class:`Scale`, :class:`Select` and for small operators
+        (materialised); otherwise a sound upper bound (here: the operator norm, which bounds every row
+        norm: ``||A^T e_k||_2 <= ||A||_2`` and ``||row_k||_1 <= ||A||_inf``).  Computed in float64 without
+        a safety factor: callers that need outward rounding add it.
+        """
+        _check_row_q(q)
+        if self.can_materialise():
+            return _matrix_row_norms(self.matrix(torch.float64), q).reshape(self.out_shape)
+        v = self.norm("2" if q == "2" else "inf").value
+        return torch.full(self.out_shape, v, dtype=torch.float64, device=self._device())
+
     def _device(self) -> torch.device:
         for v in vars(self).values():
             if isinstance(v, torch.Tensor):
@@ -194,6 +228,15 @@ class Dense(LinearOp):
 
     def adjoint(self, y):
         return y @ self.weight.to(y.dtype)
+
+    def abs_apply(self, x):
+        return x @ self.weight.to(x.dtype).abs().T
+
+    def row_norms(self, q: str = "2"):
+        _check_row_q(q)
+        w = self.weight.double()
+        r = w.norm(dim=1) if q == "2" else w.abs().sum(dim=1)
+        return r.expand(self.out_shape).clone()
 
     def describe(self):
         return f"dense {self.weight.shape[1]}->{self.weight.shape[0]}"
@@ -266,6 +309,28 @@ class Conv(LinearOp):
         x = xp[..., t:t + h, l:l + w]
         return x.squeeze(2) if self.one_d else x
 
+    def _conv_with(self, x, weight):
+        """This convolution's geometry applied with another kernel (same shape as ``self.weight``)."""
+        if self.one_d:
+            x = x.unsqueeze(2)
+        y = F.conv2d(self._pad(x), weight.to(x.dtype), stride=self.stride, dilation=self.dilation,
+                     groups=self.groups)
+        return y.squeeze(2) if self.one_d else y
+
+    def abs_apply(self, x):
+        return self._conv_with(x, self.weight.abs())
+
+    def row_norms(self, q: str = "2"):
+        # An output unit reads distinct input entries through distinct kernel taps (zero padding only
+        # removes taps), so its row holds exactly the in-range kernel entries: squared / absolute row
+        # sums are the convolution of an all-ones input with the squared / absolute kernel.
+        _check_row_q(q)
+        ones = torch.ones((1,) + self.in_shape, dtype=torch.float64, device=self.weight.device)
+        w = self.weight.double()
+        if q == "2":
+            return self._conv_with(ones, w * w)[0].clamp_min(0).sqrt()
+        return self._conv_with(ones, w.abs())[0]
+
     def describe(self):
         k = tuple(self.weight.shape[2:]) if not self.one_d else (self.weight.shape[3],)
         return (f"conv{'1d' if self.one_d else ''} {self.weight.shape[1] * self.groups}->{self.weight.shape[0]} "
@@ -315,6 +380,13 @@ class Scale(LinearOp):
             return full[:, 0]
         return None
 
+    def abs_apply(self, x):
+        return x * self.scale.to(x.dtype).abs()
+
+    def row_norms(self, q: str = "2"):
+        _check_row_q(q)
+        return self.scale.double().abs().expand(self.out_shape).clone()
+
     def describe(self):
         return "scale"
 
@@ -359,6 +431,13 @@ class Select(LinearOp):
     def is_identity(self) -> bool:
         return self.in_dim == self.out_dim and bool(
             torch.equal(self.idx, torch.arange(self.in_dim, device=self.idx.device)))
+
+    def abs_apply(self, x):
+        return self.apply(x)  # entries are 0 or 1
+
+    def row_norms(self, q: str = "2"):
+        _check_row_q(q)
+        return (self.idx >= 0).to(torch.float64).reshape(self.out_shape)
 
     def describe(self):
         return self.label
@@ -418,6 +497,29 @@ class Chain(LinearOp):
             y = o.adjoint(y)
         return y
 
+    def abs_apply(self, x):
+        # |A_k ... A_1| <= |A_k| ... |A_1| entry by entry
+        for o in self.ops:
+            x = o.abs_apply(x)
+        return x
+
+    def row_norms(self, q: str = "2"):
+        """Exact when the chain can be materialised; otherwise for ``q = "1"`` the row sums of
+        ``|A_k| ... |A_1|`` and for ``q = "2"`` ``||row_k(A_n)||_2 * prod_{i<n} ||A_i||_2`` over the folded
+        chain (``||A_1^T ... A_{n-1}^T r|| <= ||r|| prod ||A_i||``): upper bounds."""
+        _check_row_q(q)
+        if self.can_materialise():
+            return _matrix_row_norms(self.matrix(torch.float64), q).reshape(self.out_shape)
+        if q == "1":
+            ones = torch.ones((1,) + self.in_shape, dtype=torch.float64, device=self._device())
+            return self.abs_apply(ones)[0]
+        folded = fold_chain(self.ops)
+        r = folded[-1].row_norms("2")
+        prod = 1.0
+        for o in folded[:-1]:
+            prod *= o.norm("2").value
+        return r * prod
+
     def describe(self):
         return " > ".join(o.describe() for o in self.ops if not (isinstance(o, Select) and o.is_identity()))
 
@@ -472,6 +574,31 @@ class Residual(LinearOp):
             x = t if x is None else x + t
         return x
 
+    def abs_apply(self, x):
+        merged = self._as_single_conv()
+        if merged is not None:
+            return merged.abs_apply(x)
+        y = None
+        for br, s in zip(self.branches, self.signs):
+            t = br.abs_apply(x) * abs(s)
+            y = t if y is None else y + t
+        return y
+
+    def row_norms(self, q: str = "2"):
+        """Exact when materialisable or when the sum folds into one convolution; otherwise the
+        triangle inequality ``sum_b |s_b| ||row_k(B_b)||`` (an upper bound)."""
+        _check_row_q(q)
+        if self.can_materialise():
+            return _matrix_row_norms(self.matrix(torch.float64), q).reshape(self.out_shape)
+        merged = self._as_single_conv()
+        if merged is not None:
+            return merged.row_norms(q)
+        r = None
+        for br, s in zip(self.branches, self.signs):
+            t = br.row_norms(q) * abs(s)
+            r = t if r is None else r + t
+        return r
+
     def describe(self):
         parts = []
         for br, s in zip(self.branches, self.signs):
@@ -520,6 +647,16 @@ class Residual(LinearOp):
         for ch in range(w.shape[0]):
             w[ch, ch % cpg, kh // 2, kw // 2] += ident
         return Conv(w, c.in_shape, c.stride, c.padding, c.dilation, c.groups)
+
+
+def _check_row_q(q: str) -> None:
+    if q not in ("1", "2"):
+        raise ValueError("row norms are l1 ('1') or l2 ('2')")
+
+
+def _matrix_row_norms(m: torch.Tensor, q: str) -> torch.Tensor:
+    m = m.to(torch.float64)
+    return m.norm(dim=1) if q == "2" else m.abs().sum(dim=1)
 
 
 # ------------------------------------------------------------------------------------------------

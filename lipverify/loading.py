@@ -60,6 +60,19 @@ class PixelSpaceModel(nn.Module):
         return self.model(x)
 
 
+class _Unregistered(nn.Module):
+    """Wraps a module that refuses ``train()``/``eval()`` (a ``torch.export`` program) for tracing."""
+
+    def __init__(self, inner):
+        super().__init__()
+        for prm in inner.parameters():
+            prm.requires_grad_(False)
+        object.__setattr__(self, "_inner", inner)
+
+    def forward(self, x):
+        return self._inner(x)
+
+
 def parse_floats(text: str | Sequence[float] | None, what: str) -> list[float] | None:
     if text is None:
         return None
@@ -184,6 +197,10 @@ def _export_to_onnx(module: nn.Module, input_shape, path) -> bytes:
                               input_names=["input"], output_names=["logits"],
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     except Exception as exc:
+        if "Guard failed" in str(exc) and "size()[0]" in str(exc):
+            raise UserInputError("the program was exported with a fixed batch size; export it with a dynamic "
+                                 "batch dimension (torch.export Dim) so lipverify can run batches",
+                                 str(path) if path else None) from None
         raise UserInputError(f"could not export the model to a graph lipverify can read: "
                              f"{str(exc).splitlines()[0]}", str(path) if path else None) from None
     return buf.getvalue()
@@ -241,7 +258,7 @@ def _load_torch_file(path: Path, arch: str | None, trust_pickle: bool, input_sha
             ep = torch.export.load(str(path))
         except Exception as exc:
             raise UserInputError(f"not a torch.export program: {str(exc).splitlines()[0]}", str(path)) from None
-        return ep.module(), ["torch.export program"], True
+        return _Unregistered(ep.module()), ["torch.export program"], "pt2"
     is_zip = zipfile.is_zipfile(path)
     if is_zip:
         try:
@@ -373,7 +390,13 @@ def load(source: str | os.PathLike | nn.Module = BUILTIN_DEFAULT, *, input_shape
         raise UserInputError("pass --input-shape (e.g. 1,28,28) for a PyTorch model", path_str)
 
     gm = None
-    if not needs_onnx:
+    if needs_onnx == "pt2":
+        from lipverify.importer import normalise_aten
+
+        gm = module._inner
+        normalise_aten(gm)
+        needs_onnx = False
+    elif not needs_onnx:
         try:
             gm = trace_module(module)
         except Exception as exc:
@@ -386,14 +409,15 @@ def load(source: str | os.PathLike | nn.Module = BUILTIN_DEFAULT, *, input_shape
         gm = _convert_onnx(onnx.load_from_string(data), path_str or label)
         module = gm
     normalizer = _normalizer(mean, std, shape)
-    gm = gm.eval()
+    if not isinstance(module, _Unregistered):
+        gm = gm.eval()
     graph = build_graph(gm, shape, path_str or label)
     gm = strip_to_logits(gm, graph.logits_fx_node)
     if normalizer is not None:
         graph = _prepend_normalizer(graph, normalizer, shape)
         notes.append("normalisation outside the model folded in: inputs and radii are in pixel space")
     graph = simplify(graph)
-    pixel_module = PixelSpaceModel(gm, normalizer).eval()
+    pixel_module = PixelSpaceModel(_Unregistered(gm) if isinstance(module, _Unregistered) else gm, normalizer)
     lm = LipModel(pixel_module, graph, shape, label, fidelity=fidelity, notes=notes + graph.notes)
     lm.check_graph()
     return lm.to(device)

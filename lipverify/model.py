@@ -36,7 +36,9 @@ class LipModel:
 
     def __init__(self, module: nn.Module, graph: LipschitzGraph, input_shape, name: str, fidelity=None,
                  notes=None):
-        self.module = module.eval()
+        self.module = module
+        for m in module.modules():
+            m.training = False
         self.graph = graph
         self.input_shape = tuple(input_shape)
         self.name = name

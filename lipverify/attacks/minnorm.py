@@ -24,8 +24,12 @@ Two searches, both using only the forward pass (and autograd through it):
       not adversarial, found:    eps_k = eps_{k-1} (1 + gamma_k)
 
   ``gamma_k`` and the step length (relative to ``eps_k``; l2: normalised gradient, l-inf: sign of the
-  gradient) decay with a cosine schedule.  This is our own rendering of the published algorithm, not the
-  authors' code.
+  gradient) decay with a cosine schedule.  The linearised estimate overshoots by ``(1 + gamma_k)`` so
+  that a flat boundary is crossed rather than approached forever from the robust side.  Besides the
+  untargeted trajectory, by default two targeted ones run in the same batch (margin ``f_y - f_t`` for
+  the two classes with the nearest linearised boundary at ``x``), because descent on ``f_y - max f_i``
+  can lock onto the runner-up class while another class is closer.  This is our own rendering of the
+  published algorithm, not the authors' code.
 * ``"auto"``: FMN first, then a short PGD bisection *below* the FMN radius; the per-example minimum.
 
 Every method finishes with a line search along the segment from ``x`` to the best point (the smallest
@@ -175,7 +179,7 @@ def fmn_attack(
     k = (m_cls - 1) if targets is None else max(0, min(int(targets), m_cls - 1))
     tgt_cols = [torch.full((todo.numel(),), -1, dtype=torch.long, device=x.device)]
     if k > 0:
-        ranked = _ranked_targets(forward, x[todo], y[todo], norm)[:, :k]
+        ranked = _ranked_targets(forward, x[todo], y[todo], norm, max_candidates=max(k, 10))[:, :k]
         tgt_cols += [ranked[:, j] for j in range(k)]
     R = len(tgt_cols)
     idx = todo.repeat_interleave(R)                       # example index of each row
