@@ -80,6 +80,23 @@ class LipModel:
             raise LipverifyError(f"internal error: the Lipschitz graph differs from the model by {diff:.3g}")
         return diff
 
+    def module_double(self) -> nn.Module:
+        """A float64 copy of the model (certificates use float64 logits)."""
+        if "module64" not in self._cache:
+            import copy
+
+            m = copy.deepcopy(self.module).to(self.device, torch.float64)
+            for sub in m.modules():
+                sub.training = False
+            self._cache["module64"] = m
+        return self._cache["module64"]
+
+    def certify(self, x, y, eps=(), norm: str = "2", method: str = "global", **kw):
+        """Certified radius per input (see :func:`lipverify.certify.certify`)."""
+        from lipverify.certify import certify
+
+        return certify(self, x, y, eps=eps, norm=norm, method=method, **kw)
+
     # -- bounds -----------------------------------------------------------------------------------
     def node_constants(self, norm: str = "2", method: str = "sound"):
         key = ("consts", norm, method)

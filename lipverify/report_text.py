@@ -52,3 +52,27 @@ def print_bounds(report: BoundsReport, console: Console | None = None) -> None:
             kt.add_row(str(i), *[_fmt(v) if i != j else "-" for j, v in enumerate(row)])
         c.print(kt)
     c.print(f"time {report.time_s:.2f} s")
+
+
+def print_certify(res, model_name: str, console: Console | None = None) -> None:
+    c = console or Console()
+    c.print(f"[bold]lipverify certify[/bold]  model {model_name}  norm l{res.norm}  method {res.method}  "
+            f"inputs {res.n}")
+    for n in res.notes:
+        c.print(f"[dim]note: {n}[/dim]")
+    c.print(f"clean accuracy: {res.clean_accuracy:.4f}")
+    t = Table(title="verified-robust accuracy (correct and soundly certified)")
+    t.add_column("eps")
+    t.add_column("VRA")
+    if res.vra_with_estimates:
+        t.add_column("incl. estimates")
+    for k, v in res.vra.items():
+        row = [k if isinstance(k, str) else f"{k:.6g}", f"{v:.4f}"]
+        if res.vra_with_estimates:
+            row.append(f"{res.vra_with_estimates.get(k, v):.4f}")
+        t.add_row(*row)
+    c.print(t)
+    c.print(f"median certified radius (correct inputs): {res.median_radius:.6g}")
+    by = ", ".join(f"{k}: {v}" for k, v in res.counts.items()) or "none"
+    c.print(f"certified by: {by}")
+    c.print(f"time {res.time_s:.2f} s")

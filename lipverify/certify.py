@@ -1,0 +1,234 @@
+"""Certified radii per input: global (GloRo) and IBP-masked local certification.
+
+Global rule (Leino et al. 2021, SPEC section 3).  With prediction ``j = argmax f(x)`` and margin
+constants ``K``, ``x`` is certified at radius ``eps`` iff for every ``i != j``::
+
+    f_j(x) - f_i(x) > eps * K_ji          (strict)
+
+and the certified radius is ``r(x) = min_{i != j} (f_j(x) - f_i(x)) / K_ji`` (0 when the margin is
+<= 0).  A tie for the top logit is never certified: the check excludes only the argmax *index*, so a
+second class with the same logit has margin 0 and fails the strict inequality.  Logits are computed in
+float64 and ``K`` once per model, so certification costs about one forward pass.
+
+Local rule (Huang et al. 2021, SPEC section 4).  Local margin constants ``K(x, eps)`` are valid only
+inside ``B(x, eps)``: ``x`` is certified at ``eps`` iff ``margin_i > eps * K_ji(x, eps)``; the largest
+certified radius is found by bisection over ``eps`` (``K(x, eps)`` is non-decreasing in ``eps``).  Only
+points the global bound did not certify go through it.  A local certificate is sound only where every
+masked operator norm was computed exactly; otherwise it is reported as an estimate and not counted in
+the VRA.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Callable, Sequence
+
+import torch
+
+from lipverify.errors import UserInputError
+
+
+def parse_eps(text: str | float | Sequence[float] | None) -> list[float]:
+    """``"36/255,72/255"`` -> ``[0.1411..., 0.2823...]`` (fractions, decimals, lists)."""
+    if text is None:
+        return []
+    if isinstance(text, (int, float)):
+        vals = [float(text)]
+    elif isinstance(text, (list, tuple)):
+        vals = [float(v) for v in text]
+    else:
+        vals = []
+        for part in str(text).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                vals.append(float(Fraction(part)))
+            except (ValueError, ZeroDivisionError):
+                raise UserInputError(f"--eps must be numbers or fractions like 36/255, got {part!r}") from None
+    for v in vals:
+        if not math.isfinite(v) or v < 0:
+            raise UserInputError(f"--eps values must be finite and >= 0, got {v}")
+    return vals
+
+
+@dataclass
+class InputCertificate:
+    index: int
+    label: int
+    pred: int
+    margin: float
+    radius: float
+    certified: bool
+    method: str
+    sound: bool
+    certified_at: dict = field(default_factory=dict)  # eps -> bool (sound certificates)
+    name: str = ""
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "label": self.label, "pred": self.pred, "margin": self.margin,
+                "radius": self.radius, "certified": self.certified, "method": self.method,
+                "sound": self.sound, "certified_at": {repr_eps(k): v for k, v in self.certified_at.items()},
+                "name": self.name}
+
+
+def repr_eps(e) -> str:
+    return e if isinstance(e, str) else f"{e:.6g}"
+
+
+@dataclass
+class CertifyResult:
+    """Per-input radii plus the summary the CLI prints (VRA counts sound certificates only)."""
+
+    n: int
+    norm: str
+    method: str
+    eps: list[float]
+    clean_accuracy: float
+    vra: dict  # eps -> fraction correct and soundly certified
+    inputs: list[InputCertificate]
+    counts: dict  # certificate method -> number of inputs certified at the largest eps by it
+    median_radius: float
+    time_s: float
+    per_example_eps: bool = False
+    notes: list[str] = field(default_factory=list)
+    vra_with_estimates: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"n": self.n, "norm": self.norm, "method": self.method, "eps": self.eps,
+                "clean_accuracy": self.clean_accuracy, "vra": {repr_eps(k): v for k, v in self.vra.items()},
+                "vra_with_estimates": {repr_eps(k): v for k, v in self.vra_with_estimates.items()},
+                "median_radius": self.median_radius, "certified_by": self.counts,
+                "per_example_eps": self.per_example_eps, "time_s": self.time_s, "notes": self.notes,
+                "inputs": [c.to_dict() for c in self.inputs]}
+
+
+def global_radii(logits: torch.Tensor, K: torch.Tensor):
+    """Prediction, top margin and certified radius for a batch of float64 logits.
+
+    Returns ``pred``, ``margin`` (``f_j - max_{i != j} f_i``), ``radius`` and the per-class margins.
+    """
+    logits = logits.double()
+    K = K.to(logits.device, torch.float64)
+    pred = logits.argmax(1)
+    top = logits.gather(1, pred[:, None])
+    diffs = top - logits  # f_j - f_i, 0 at i = j
+    mask = torch.ones_like(diffs, dtype=torch.bool)
+    mask.scatter_(1, pred[:, None], False)
+    Kj = K[pred]  # K_ji for every i
+    with torch.no_grad():
+        ratio = torch.where(Kj > 0, diffs / Kj, torch.where(diffs > 0, torch.full_like(diffs, math.inf),
+                                                            torch.zeros_like(diffs)))
+    ratio = torch.where(mask, ratio, torch.full_like(ratio, math.inf))
+    radius = ratio.min(1).values.clamp_min(0.0)
+    margin = torch.where(mask, diffs, torch.full_like(diffs, math.inf)).min(1).values
+    radius = torch.where(margin > 0, radius, torch.zeros_like(radius))
+    return pred, margin, radius, diffs, mask
+
+
+def certified_at(diffs: torch.Tensor, mask: torch.Tensor, Kj: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Strict GloRo rule ``f_j - f_i > eps * K_ji`` for all ``i != j`` (eps per example)."""
+    ok = (diffs > eps[:, None] * Kj) | ~mask
+    return ok.all(1)
+
+
+def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float] | torch.Tensor = (),
+            norm: str = "2", method: str = "global", batch_size: int = 256, progress: Callable | None = None,
+            names: Sequence[str] | None = None, local_options: dict | None = None) -> CertifyResult:
+    """Certify every input of ``(x, y)`` with ``model`` (a :class:`lipverify.model.LipModel`).
+
+    ``eps``: a float, a list of floats (VRA per eps), or a per-example tensor (e.g. from VNN-LIB
+    specifications).  ``method``: ``"global"`` or ``"local"`` (global first, local bisection for the
+    points global leaves uncertified).
+    """
+    t0 = time.perf_counter()
+    norm = str(norm)
+    if method not in ("global", "local"):
+        raise ValueError("method must be 'global' or 'local'")
+    n = len(x)
+    per_example = isinstance(eps, torch.Tensor) and eps.dim() == 1 and len(eps) == n
+    eps_list = [] if per_example else sorted(set(parse_eps(eps if not isinstance(eps, torch.Tensor) else eps.tolist())))
+    K = model.margin_constants(norm).K
+    sound_K = model.margin_constants(norm).sound
+    device = model.device
+    module64 = model.module_double()
+    preds, margins, radii, diff_rows, mask_rows = [], [], [], [], []
+    with torch.no_grad():
+        for s in range(0, n, batch_size):
+            xb = x[s:s + batch_size].to(device, torch.float64)
+            logits = module64(xb).reshape(len(xb), -1)
+            p, mg, r, d, mk = global_radii(logits, K)
+            preds.append(p.cpu()), margins.append(mg.cpu()), radii.append(r.cpu())
+            diff_rows.append(d.cpu()), mask_rows.append(mk.cpu())
+            if progress:
+                progress(len(xb))
+    pred = torch.cat(preds)
+    margin = torch.cat(margins)
+    radius = torch.cat(radii)
+    diffs = torch.cat(diff_rows)
+    mask = torch.cat(mask_rows)
+    Kj = K.cpu()[pred]
+    y = y.long().cpu()
+    correct = pred == y
+    methods = ["global"] * n
+    sound = [bool(sound_K)] * n
+    eps_check = eps.double().cpu() if per_example else None
+
+    cert_at: dict[float, torch.Tensor] = {}
+    if per_example:
+        cert_at[-1.0] = certified_at(diffs, mask, Kj, eps_check) & torch.tensor(sound)
+    for e in eps_list:
+        cert_at[e] = certified_at(diffs, mask, Kj, torch.full((n,), e, dtype=torch.float64)) & torch.tensor(sound)
+
+    notes = []
+    if method == "local":
+        from lipverify.certify_local import local_certify
+
+        targets = eps_check if per_example else (max(eps_list) if eps_list else None)
+        loc = local_certify(model, x, pred, diffs, mask, radius, targets, norm, cert_at, eps_list,
+                            per_example, **(local_options or {}))
+        for i, (r_loc, snd, at) in loc.items():
+            if r_loc > radius[i]:
+                radius[i] = r_loc
+                methods[i] = "local" if snd else "local (estimate)"
+                sound[i] = snd
+            for key, v in at.items():
+                if v and snd:
+                    cert_at[key][i] = True
+        notes.append(f"local bounds computed for {len(loc)} inputs the global bound left uncertified")
+
+    # summary
+    keys = list(cert_at)
+    primary = -1.0 if per_example else (max(eps_list) if eps_list else None)
+    inputs = []
+    for i in range(n):
+        at = {k: bool(cert_at[k][i]) for k in keys if k >= 0}
+        if per_example:
+            cert = bool(cert_at[-1.0][i])
+        elif primary is not None:
+            cert = bool(cert_at[primary][i])
+        else:
+            cert = bool(radius[i] > 0) and sound[i]
+        inputs.append(InputCertificate(i, int(y[i]), int(pred[i]), float(margin[i]), float(radius[i]), cert,
+                                       methods[i], sound[i], at, names[i] if names is not None else str(i)))
+    vra = {k: float((cert_at[k] & correct).double().mean()) for k in keys if k >= 0}
+    if per_example:
+        vra_pe = float((cert_at[-1.0] & correct).double().mean())
+    vra_est = {}
+    for e in (eps_list if method == "local" else []):
+        est = (radius > e) & correct
+        vra_est[e] = float(est.double().mean())
+    counts: dict[str, int] = {}
+    for c in inputs:
+        if c.certified:
+            counts[c.method] = counts.get(c.method, 0) + 1
+    rc = radius[correct]
+    med = float(rc.median()) if len(rc) else 0.0
+    res = CertifyResult(n, norm, method, eps_list if not per_example else [], float(correct.double().mean()), vra,
+                        inputs, counts, med, time.perf_counter() - t0, per_example, notes, vra_est)
+    if per_example:
+        res.vra = {"per-example": vra_pe}
+    return res
