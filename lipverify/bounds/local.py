@@ -524,7 +524,7 @@ def _combine(ctx: _Context, norms, masks):
     if out.kind == "linear":
         h = out.inputs[0]
         T = ctx.tail_matrix()
-        Tm = T.unsqueeze(0) * masks[h].reshape(B, 1, -1).to(torch.float64) * 0.9
+        Tm = T.unsqueeze(0) * masks[h].reshape(B, 1, -1).to(torch.float64)
         D = torch.cdist(Tm, Tm, p=2.0 if p == "2" else 1.0, compute_mode="donot_use_mm_for_euclid_dist")
         K = D * L[h][:, None, None]
     else:

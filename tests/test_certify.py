@@ -1,0 +1,213 @@
+"""Certification: the strict GloRo rule, ties, batch independence, monotonicity, and the soundness
+invariant ``certified radius <= adversarial radius`` against an independent attack (forward pass only).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+
+import lipverify
+from lipverify.attacks.minnorm import min_norm_radius
+from lipverify.attacks.pgd import pgd_attack
+from lipverify.certify import parse_eps
+from lipverify.cli import main
+
+
+def linear_model(seed=0, d=6, m=4):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d, m)).eval()
+
+
+def test_parse_eps():
+    assert parse_eps("36/255,72/255") == pytest.approx([36 / 255, 72 / 255])
+    assert parse_eps("0.3") == [0.3]
+    with pytest.raises(lipverify.UserInputError):
+        parse_eps("abc")
+    with pytest.raises(lipverify.UserInputError):
+        parse_eps("-1")
+
+
+@pytest.mark.parametrize("norm", ["2", "inf"])
+def test_linear_model_radius_is_exact_distance_to_boundary(norm):
+    net = linear_model()
+    lm = lipverify.load(net, input_shape=(6,))
+    x = torch.randn(50, 6)
+    with torch.no_grad():
+        f = net.double()(x.double())
+    net.float()
+    y = f.argmax(1)
+    res = lm.certify(x, y, norm=norm)
+    W = net[0].weight.double()
+    q = 2 if norm == "2" else 1  # dual norm
+    for k, c in enumerate(res.inputs):
+        j = int(y[k])
+        exact = min(float((f[k, j] - f[k, i]) / (W[j] - W[i]).norm(p=q)) for i in range(4) if i != j)
+        # the bound is exact for an affine map, up to the 1e-6 soundness factor
+        assert c.radius <= exact * (1 + 1e-9)
+        assert c.radius == pytest.approx(exact, rel=2e-6)
+
+
+def test_ties_are_never_certified():
+    net = nn.Sequential(nn.Linear(3, 3)).eval()
+    with torch.no_grad():
+        net[0].weight[:] = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 0, 1.0]])
+        net[0].bias.zero_()
+    lm = lipverify.load(net, input_shape=(3,))
+    x = torch.tensor([[2.0, 0.0, -1.0], [3.0, 1.0, 0.0]])
+    res = lm.certify(x, torch.tensor([0, 1]), eps=[0.0, 0.1])
+    for c in res.inputs:
+        assert c.radius == 0.0 and not c.certified
+        assert not any(c.certified_at.values())  # not even at eps = 0
+
+
+def random_conv():
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 2 * 2, 5)).eval()
+
+
+def test_batch_size_independence_and_monotonicity():
+    lm = lipverify.load(random_conv(), input_shape=(1, 8, 8))
+    x = torch.rand(37, 1, 8, 8)
+    with torch.no_grad():
+        y = lm(x).argmax(1)
+    eps = [0.0001, 0.001, 0.01, 0.1]
+    a = lm.certify(x, y, eps=eps, batch_size=1)
+    b = lm.certify(x, y, eps=eps, batch_size=256)
+    # float64 kernels may round differently per batch size: equal to ~1 ulp, identical decisions
+    assert [c.radius for c in a.inputs] == pytest.approx([c.radius for c in b.inputs], rel=1e-12)
+    assert [c.certified_at for c in a.inputs] == [c.certified_at for c in b.inputs]
+    for c in a.inputs:
+        flags = [c.certified_at[e] for e in sorted(eps)]
+        assert flags == sorted(flags, reverse=True)  # certified at eps => certified at smaller eps
+        for e in eps:
+            assert c.certified_at[e] == (c.radius > e) or math.isclose(c.radius, e, rel_tol=1e-9)
+    assert [a.vra[e] for e in sorted(eps)] == sorted([a.vra[e] for e in eps], reverse=True)
+
+
+@pytest.mark.parametrize("norm", ["2", "inf"])
+def test_certified_radius_below_attack_radius_random_model(norm):
+    lm = lipverify.load(random_conv(), input_shape=(1, 8, 8))
+    x = torch.rand(40, 1, 8, 8)
+    with torch.no_grad():
+        y = lm(x).argmax(1)
+    res = lm.certify(x, y, norm=norm)
+    r_cert = torch.tensor([c.radius for c in res.inputs])
+    adv = min_norm_radius(lm.module, x, y, norm=norm, method="fmn", generator=torch.Generator().manual_seed(0))
+    assert torch.all(r_cert <= adv.radius.cpu() + 1e-9)
+    # sampled points inside a certified ball keep the prediction
+    g = torch.Generator().manual_seed(1)
+    for k in range(len(x)):
+        r = float(r_cert[k])
+        if r <= 0:
+            continue
+        d = torch.randn((200, 1, 8, 8), generator=g)
+        if norm == "2":
+            d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * r * 0.999
+        else:
+            d = torch.sign(d) * r * 0.999
+        with torch.no_grad():
+            assert torch.all(lm.module_double()((x[k] + d).double()).argmax(1) == y[k])
+    # PGD at the certified radius never succeeds on certified points
+    cert = r_cert > 0
+    atk = pgd_attack(lm.module, x[cert], y[cert], r_cert[cert].float() * 0.999, norm=norm, steps=50, restarts=2)
+    assert not atk.success.any()
+
+
+def test_default_model_soundness_against_attack():
+    lm = lipverify.load()
+    from lipverify.models.zoo import default_samples
+
+    x, y = default_samples()
+    res = lm.certify(x, y, eps=[0.3])
+    r_cert = torch.tensor([c.radius for c in res.inputs])
+    adv = min_norm_radius(lm.module, x, y, norm="2", clip=(0.0, 1.0), method="fmn")
+    assert torch.all(r_cert <= adv.radius + 1e-9)
+    assert res.vra[0.3] > 0.5  # the shipped model is trained to have meaningful certificates
+
+
+@pytest.mark.realdata
+def test_competition_sat_instances_never_certified(realdata):
+    """Ground truth: no instance with verdict `sat` may be certified (l-inf, at its eps), any method."""
+    rows = list(csv.DictReader(open(realdata / "ground_truth" / "instances.csv")))
+    from lipverify.data import load_data
+
+    n_sat = 0
+    for model_file in sorted({r["model_file"] for r in rows}):
+        lm = lipverify.load(realdata / model_file)
+        for r in [r for r in rows if r["model_file"] == model_file]:
+            ds = load_data(realdata / r["vnnlib_file"], lm.input_shape, n_classes=lm.n_classes)
+            for method in ("global", "local"):
+                res = lm.certify(ds.x, ds.y, eps=ds.eps, norm="inf", method=method)
+                c = res.inputs[0]
+                if r["verdict"].startswith("sat"):
+                    n_sat += 1
+                    assert not c.certified, (r["vnnlib_file"], method)
+                    assert c.radius < float(ds.eps[0]) or c.pred != c.label
+    assert n_sat > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _run(*args):
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+def test_cli_certify_outputs(tmp_path):
+    from lipverify.models.zoo import default_samples
+
+    x, y = default_samples()
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x.numpy(), y=y.numpy())
+    res = _run("certify", "--data", data, "--eps", "0.1,36/255", "--json", "--out", tmp_path / "r.csv",
+               "--plot", tmp_path / "r.png")
+    assert res.exit_code == 0, res.stderr
+    d = json.loads(res.stdout)
+    for k in ("n", "norm", "clean_accuracy", "vra", "inputs"):
+        assert k in d
+    assert d["n"] == len(x) and set(d["vra"]) == {"0.1", "0.141176"}
+    assert {"index", "label", "pred", "margin", "radius", "certified", "method", "sound"} <= set(d["inputs"][0])
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+    assert len(rows) == len(x) and float(rows[0]["radius"]) == pytest.approx(d["inputs"][0]["radius"], rel=1e-6)
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    human = _run("certify", "--data", data, "--eps", "0.3")
+    assert human.exit_code == 0 and "clean accuracy" in human.stdout
+    # outputs never overwrite inputs
+    r = _run("certify", "--data", data, "--eps", "0.3", "--out", data)
+    assert r.exit_code == 2 and "overwrite" in r.stderr
+
+
+def test_cli_certify_bad_data(tmp_path):
+    def bad(name, **arrays):
+        p = tmp_path / name
+        np.savez(p, **arrays)
+        return p
+
+    x = np.random.rand(4, 1, 28, 28).astype(np.float32)
+    cases = [
+        (bad("shape.npz", x=np.random.rand(4, 3, 5).astype(np.float32), y=np.zeros(4, int)), "shape.npz"),
+        (bad("nan.npz", x=np.where(x > 0.5, np.nan, x), y=np.zeros(4, int)), "nan.npz"),
+        (bad("label.npz", x=x, y=np.array([0, 1, 2, 10])), "label.npz"),
+        (bad("empty.npz", x=x[:0], y=np.zeros(0, int)), "empty.npz"),
+    ]
+    empty = tmp_path / "zero.npz"
+    empty.write_bytes(b"")
+    cases.append((empty, "zero.npz"))
+    spec = tmp_path / "broken.vnnlib"
+    spec.write_text("(declare-const X_0 Real)\n(assert (<= X_0 0.5)\n")
+    cases.append((spec, "broken.vnnlib"))
+    for path, needle in cases:
+        res = _run("certify", "--data", path, "--eps", "0.1")
+        assert res.exit_code == 2, (needle, res.output, res.stderr)
+        assert needle in res.stderr and "Traceback" not in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
