@@ -256,6 +256,19 @@ def _write_certify_outputs(res, out_csv, plot_png):
         atomic_write_bytes(plot_png, certify_plot(radii, correct, res.norm, res.eps))
 
 
+
+def _register_optional_commands():
+    """Commands that live in their own modules (fine-tuning)."""
+    try:
+        from lipverify.train.command import finetune
+    except ImportError:  # pragma: no cover - module not present
+        return
+    main.add_command(finetune)
+
+
+_register_optional_commands()
+
+
 def _entry():  # pragma: no cover - console script
     main()
 

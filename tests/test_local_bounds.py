@@ -298,6 +298,44 @@ def test_local_constants_between_empirical_lower_bounds_and_global(name, p):
         assert float(ratio.max()) <= float(res.lipschitz[b]) * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("p", ["2", "inf"])
+def test_sharp_on_identity_hidden_layer(p):
+    """``f = T relu(x + c)``: the local bound is exactly ``||(T_j - T_i) I_V||_q`` and a point of the ball
+    where every non-dead unit is active has exactly that gradient norm, so the oracle is two-sided:
+    deleting one unit too many (or too few) fails."""
+    n, eps = 12, 0.1
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Linear(n, n), nn.ReLU(), nn.Linear(n, 3)).eval()
+    x = torch.full((1, n), 0.5, dtype=torch.float64)
+    # offsets of the pre-activations at x, in units of eps: dead, always active, straddling (active at
+    # x for l2, where one push must activate all at once), then just dead / just alive
+    mid = [0.3, 0.2, 0.1, 0.05] if p == "2" else [-0.9, -0.5, 0.5, 0.9]
+    offs = [-2.0] * 3 + [2.0] * 3 + mid + [-1.01, -0.999]
+    with torch.no_grad():
+        net[0].weight.copy_(torch.eye(n))
+        net[0].bias.copy_(-x[0].float() + eps * torch.tensor(offs))
+    lm = lipverify.load(net, input_shape=(n,))
+    ref = copy.deepcopy(net).double()
+    res = local_margin_constants(lm.graph, x, eps, p, clamp_to_global=False)
+    K = res.K[0]
+    # the point where every unit with upper bound > 0 is active
+    alive = torch.tensor([o > -1.0 for o in offs])
+    if p == "inf":
+        pt = x + eps * (1 - 1e-6)
+    else:
+        pt = x.clone()
+        pt[0, n - 1] += eps * (1 - 1e-6)  # only the "just alive" unit needs a push
+    assert float(_flat_norm(pt - x, p)) <= eps
+    lb = _gradient_lower_bounds(ref, pt, p)
+    T = net[2].weight.detach().double()[:, alive]
+    q = 2.0 if p == "2" else 1.0
+    want = torch.cdist(T, T, p=q)
+    assert torch.allclose(lb, want, rtol=1e-9, atol=1e-12)  # the oracle attains the bound
+    assert torch.allclose(K, want, rtol=1e-5, atol=1e-12)
+    assert bool(torch.all(lb <= K * (1 + 1e-9) + 1e-12))
+    assert res.varying_fraction[0] == pytest.approx(float(alive.double().mean()))
+
+
 def test_power_path_estimates_close_to_exact_and_flagged():
     lm, _, shape = _load(_convnet)
     x = torch.rand((3,) + shape, dtype=torch.float64)

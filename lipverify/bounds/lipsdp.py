@@ -721,7 +721,7 @@ def _use_chordal(ws) -> bool:
     return split < 0.6 * full
 
 
-def _solve_scs(ws, alpha, beta, form, tol, verbose, max_iters=50000, warm_start=True, chordal=None):
+def _solve_scs(ws, alpha, beta, form, tol, verbose, max_iters=50000, warm_start=False, chordal=None):
     import scs
 
     if chordal is None:
@@ -821,7 +821,40 @@ def _repair_candidates(ts: list[np.ndarray]):
         yield out
 
 
-def _solve_part(ws, alpha, beta, form, solver, tol, verbose, polish=True, warm_start=True):
+def _direct_start(ws, alpha, beta):
+    """Starting multipliers for ``solver="direct"``: the chained product certificate, scaled."""
+    _rho, _scalars, ts0 = _initial_point(ws, alpha, beta, "layer")
+    best = (None, None)
+    for f in (1.01, 2.0, 0.5, 4.0, 0.25, 16.0):
+        cand = [t * f for t in ts0]
+        r = _rho_min(ws, cand, alpha, beta)
+        if r is not None and (best[0] is None or r < best[0]):
+            best = (r, cand)
+    return best
+
+
+def _solve_direct(ws, alpha, beta, form):
+    """``solver="direct"``: minimise the exact ``rho_min(T)`` by L-BFGS-B, no SDP solver.
+
+    Layer form first (``L`` variables, from the chained product certificate), then, for the neuron
+    form, all ``N`` multipliers from the layer optimum.  Any point it returns is verified like an SDP
+    solution; it is not guaranteed to reach the SDP optimum (``rho_min`` is non-smooth where the top
+    eigenvalue is multiple), which matters most for the neuron form.
+    """
+    rho, ts = _direct_start(ws, alpha, beta)
+    if ts is None:
+        return None, None, "direct: no strictly feasible start"
+    r, cand = _polish(ws, ts, alpha, beta, "layer", maxiter=300)
+    if cand is not None and r < rho:
+        rho, ts = r, cand
+    if form == "neuron":
+        r, cand = _polish(ws, ts, alpha, beta, "neuron", maxiter=300)
+        if cand is not None and r < rho:
+            rho, ts = r, cand
+    return rho, ts, "direct"
+
+
+def _solve_part(ws, alpha, beta, form, solver, tol, verbose, polish=True, warm_start=False):
     """LipSDP for one sub-network (>= 1 hidden layer).  Returns (value, sound, note, status, T)."""
     L = len(ws) - 1
     sig = [_sigma_max(w) for w in ws]
@@ -830,29 +863,33 @@ def _solve_part(ws, alpha, beta, form, solver, tol, verbose, polish=True, warm_s
     # normalised and exactly reduced problem for the solver
     wn = [w / s for w, s in zip(ws, sig)]
     wred = [_reduce_input(wn[0])] + wn[1:-1] + [_reduce_output(wn[-1])]
-    if solver.upper() == "SCS":
-        xs, status, layer_of_var = _solve_scs(wred, alpha, beta, form, tol, verbose, warm_start=warm_start)
-        sname = "SCS"
-    else:
-        xs, status, layer_of_var = _solve_cvxpy(wred, alpha, beta, form, tol, verbose, solver)
-        sname = solver.upper()
-    if xs is None or not np.all(np.isfinite(xs)):
-        return None, False, f"{sname} returned no solution", status, None
-    t_norm = _multipliers_from_x(xs, layer_of_var, wred, form)
-    # map to the original scale: T_k <- T_k * prod_{j >= k} ||W_j||^2
-    tail = [float(np.prod(np.square(sig[k:]))) for k in range(1, L + 1)]
+    sname = solver.upper()
     best_rho, best_ts = None, None
-    for cand in _repair_candidates(t_norm):
-        r = _rho_min(wred, cand, alpha, beta)
-        if r is not None:
-            best_rho, best_ts = r, cand
-            break
-    if best_ts is not None and polish:
-        r, cand = _polish(wred, best_ts, alpha, beta, form)
-        if cand is not None and r < best_rho:
-            best_rho, best_ts = r, cand
-    if best_ts is None:
-        return None, False, f"{sname} multipliers do not certify the LMI", status, None
+    if sname == "DIRECT":
+        best_rho, best_ts, status = _solve_direct(wred, alpha, beta, form)
+        if best_ts is None:
+            return None, False, status, status, None
+    else:
+        if sname == "SCS":
+            xs, status, layer_of_var = _solve_scs(wred, alpha, beta, form, tol, verbose, warm_start=warm_start)
+        else:
+            xs, status, layer_of_var = _solve_cvxpy(wred, alpha, beta, form, tol, verbose, solver)
+        if xs is None or not np.all(np.isfinite(xs)):
+            return None, False, f"{sname} returned no solution", status, None
+        t_norm = _multipliers_from_x(xs, layer_of_var, wred, form)
+        for cand in _repair_candidates(t_norm):
+            r = _rho_min(wred, cand, alpha, beta)
+            if r is not None:
+                best_rho, best_ts = r, cand
+                break
+        if best_ts is not None and polish:
+            r, cand = _polish(wred, best_ts, alpha, beta, form, maxiter=300 if form == "layer" else 100)
+            if cand is not None and r < best_rho:
+                best_rho, best_ts = r, cand
+        if best_ts is None:
+            return None, False, f"{sname} multipliers do not certify the LMI", status, None
+    # map to the original scale: T_k <- T_k * prod_{j >= k} ||W_j||^2, then verify there
+    tail = [float(np.prod(np.square(sig[k:]))) for k in range(1, L + 1)]
     ts_orig = [t * s for t, s in zip(best_ts, tail)]
     rho_orig = _rho_min(ws, ts_orig, alpha, beta)
     if rho_orig is None:
@@ -861,7 +898,9 @@ def _solve_part(ws, alpha, beta, form, solver, tol, verbose, polish=True, warm_s
     if rho_cert is None:
         return None, False, "final Cholesky check failed", status, None
     value = math.sqrt(rho_cert)
-    ok_status = status in ("optimal", "optimal_inaccurate")
+    # an SDP solver's multipliers count only with an optimal status; "direct" has no such status,
+    # its multipliers are a certificate on their own once verified
+    ok_status = status in ("optimal", "optimal_inaccurate", "direct")
     return value, ok_status, sname, status, ts_orig
 
 
@@ -873,10 +912,10 @@ def lipsdp(
     beta: float = 1.0,
     solver: str = "SCS",
     max_neurons_per_block: int | None = None,
-    tol: float = 1e-5,
+    tol: float = 1e-6,
     verbose: bool = False,
     polish: bool = True,
-    warm_start: bool = True,
+    warm_start: bool = False,
 ) -> LipSDPResult:
     """Sound l2 Lipschitz upper bound of a fully connected network by LipSDP (neuron or layer form).
 

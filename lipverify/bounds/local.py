@@ -464,12 +464,53 @@ def _masked_norms_2(ctx: _Context, i: int, m_in, m_out, tol, max_iter, exact_max
         mi = m_in[idx].to(torch.float64)
         mo = m_out[idx].to(torch.float64)
         u0 = mi * (ctx.top_vector(i) + 1e-2 * ctx.jitter(i))
-        res = on.batched_power_iteration(lambda u: mo * op.apply(mi * u), lambda v: mi * op.adjoint(mo * v),
-                                         u0, tol=tol, max_iter=max_iter)
-        val[idx] = res.sigma
+        sig, it = _masked_power_iteration(op, mi, mo, u0, tol, max_iter)
+        val[idx] = sig
         sound[idx] = False
-        iters[idx] = res.iterations
+        iters[idx] = it
     return torch.minimum(val, torch.full_like(val, gnorm)), sound, iters
+
+
+def _flat_norms(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
+
+
+def _masked_power_iteration(op, mi, mo, u0, tol, max_iter):
+    """Per-example power iteration on ``G_b = I_in A^T I_out A I_in`` for a batch of masks.
+
+    Iterates ``u <- G u / ||G u||`` (unit vectors) and stops example ``b`` when the iterate moves by
+    ``||u_{t+1} - u_t|| <= tol`` (the criterion of Huang et al.; a relative change since ``||u|| = 1``)
+    or ``G u = 0``.  A criterion on the change of the estimate instead stops too early where the top
+    singular values are close (it left the MNIST conv layers 0.5-1% low at ``tol = 1e-3``).  Only the
+    examples still running are computed at each step, and each follows exactly the computation it
+    would follow alone.  The estimate is ``sqrt(||G u||)`` for the last unit ``u``: it is at least
+    the Rayleigh estimate ``||A I_in u||`` and at most ``sigma_max`` (an estimate from below).
+    Returns ``(sigma (B,), iterations (B,))``.
+    """
+    B = u0.shape[0]
+    dev = u0.device
+    n0 = _flat_norms(u0)
+    u0 = torch.where(_bc(n0 > 0, u0), u0, mi)  # an empty start: the mask itself (or zero: sigma 0)
+    n0 = _flat_norms(u0)
+    u = u0 / _bc(torch.where(n0 > 0, n0, torch.ones_like(n0)), u0)
+    sigma = torch.zeros(B, dtype=torch.float64, device=dev)
+    iters = torch.zeros(B, dtype=torch.int64, device=dev)
+    act = torch.arange(B, device=dev)
+    ua, mia, moa = u, mi, mo
+    for t in range(1, max_iter + 1):
+        w = mia * op.adjoint(moa * op.apply(mia * ua))
+        wn = _flat_norms(w)
+        sigma[act] = wn.sqrt()
+        iters[act] = t
+        un = w / _bc(torch.where(wn > 0, wn, torch.ones_like(wn)), w)
+        done = (wn == 0) | (_flat_norms(un - ua) <= tol)
+        keep = torch.nonzero(~done).flatten()
+        if keep.numel() == 0:
+            break
+        if keep.numel() < act.numel():
+            act, un, mia, moa = act[keep], un[keep], mia[keep], moa[keep]
+        ua = un
+    return sigma, iters
 
 
 def _masked_norms_inf(ctx: _Context, i: int, m_in, m_out):
