@@ -257,6 +257,147 @@ def _write_certify_outputs(res, out_csv, plot_png):
 
 
 
+def _clip_option(text, x):
+    """``--clip lo,hi``; default (0, 1) when every input lies in [0, 1], else no box."""
+    if text is not None:
+        if text.lower() == "none":
+            return None
+        vals = [float(v) for v in text.split(",")]
+        if len(vals) != 2 or vals[0] >= vals[1]:
+            raise UserInputError(f"--clip must be LO,HI with LO < HI, got {text!r}")
+        return tuple(vals)
+    if float(x.min()) >= 0.0 and float(x.max()) <= 1.0:
+        return (0.0, 1.0)
+    return None
+
+
+@main.command()
+@model_options
+@data_options
+@click.option("--eps", default=None, help="Radius or list for robust accuracy under PGD, e.g. 0.3 or 8/255,16/255.")
+@click.option("--norm", type=click.Choice(["2", "inf"]), default="2", show_default=True)
+@click.option("--clip", default=None, help="Input domain LO,HI (default 0,1 when the data lies in [0,1]; 'none').")
+@click.option("--steps", type=int, default=100, show_default=True, help="PGD steps per restart.")
+@click.option("--restarts", type=int, default=5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--out", "out_csv", default=None, help="Per-input CSV (index, label, pred, r_adv, broken at each eps).")
+@handle_errors
+def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device, debug, data_path, layout,
+           limit, batch_size, quiet, eps, norm, clip, steps, restarts, seed, as_json, out_csv):
+    """Empirical robustness: PGD robust accuracy per eps and a minimum-norm adversarial radius per input."""
+    import torch
+
+    from lipverify.attacks.minnorm import min_norm_radius
+    from lipverify.attacks.pgd import pgd_attack
+    from lipverify.certify import parse_eps
+    from lipverify.io_utils import atomic_write_text, check_not_input
+
+    if out_csv:
+        check_not_input(out_csv, model, data_path)
+    lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
+    ds = load_dataset(lm, data_path, layout, limit, mean, std)
+    eps_list = sorted(set(parse_eps(eps)))
+    box = _clip_option(clip, ds.x)
+    g = torch.Generator(device=lm.device).manual_seed(seed)
+    x, y = ds.x.to(lm.device), ds.y.to(lm.device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        pred = lm(x).argmax(1)
+    broken = {}
+    radii, xadv_found = [], []
+    with progress_bar(len(x) * (len(eps_list) + 1), "attacking", quiet) as advance:
+        for e in eps_list:
+            flags = []
+            for s in range(0, len(x), batch_size):
+                r = pgd_attack(lm.module, x[s:s + batch_size], y[s:s + batch_size], e, norm=norm, steps=steps,
+                               restarts=restarts, clip=box, generator=g)
+                flags.append(r.success.cpu())
+                advance(len(r.success))
+            broken[e] = torch.cat(flags)
+        for s in range(0, len(x), batch_size):
+            r = min_norm_radius(lm.module, x[s:s + batch_size], y[s:s + batch_size], norm=norm, clip=box,
+                                generator=g)
+            radii.append(r.radius.cpu())
+            advance(len(r.radius))
+    r_adv = torch.cat(radii)
+    correct = (pred.cpu() == ds.y)
+    out = {"model": lm.name, "n": len(x), "norm": norm, "clip": box, "clean_accuracy": float(correct.double().mean()),
+           "robust_accuracy": {f"{e:.6g}": float((correct & ~broken[e]).double().mean()) for e in eps_list},
+           "median_adversarial_radius": float(r_adv[correct].median()) if correct.any() else 0.0,
+           "time_s": time.perf_counter() - t0,
+           "inputs": [{"index": i, "label": int(ds.y[i]), "pred": int(pred[i]), "r_adv": float(r_adv[i]),
+                       "broken": {f"{e:.6g}": bool(broken[e][i]) for e in eps_list}} for i in range(len(x))],
+           "notes": lm.notes + ds.notes}
+    if out_csv:
+        lines = ["index,label,pred,r_adv" + "".join(f",broken@{e:.6g}" for e in eps_list)]
+        for c in out["inputs"]:
+            lines.append(f"{c['index']},{c['label']},{c['pred']},{c['r_adv']:.9g}"
+                         + "".join(f",{int(v)}" for v in c["broken"].values()))
+        atomic_write_text(out_csv, "\n".join(lines) + "\n")
+    if as_json:
+        click.echo(json.dumps(out, default=str))
+        return
+    from rich.console import Console
+
+    con = Console()
+    con.print(f"[bold]lipverify attack[/bold]  model {lm.name}  norm l{norm}  inputs {len(x)}  clip {box}")
+    con.print(f"clean accuracy: {out['clean_accuracy']:.4f}")
+    for e, v in out["robust_accuracy"].items():
+        con.print(f"robust accuracy under PGD ({steps} steps x {restarts} restarts) at eps={e}: {v:.4f}")
+    con.print(f"median adversarial radius (correct inputs): {out['median_adversarial_radius']:.6g}")
+    con.print(f"time {out['time_s']:.1f} s")
+
+
+@main.command()
+@model_options
+@data_options
+@click.option("--eps", default=None, help="Radii to report (default: a few fractions of the median adversarial radius).")
+@click.option("--norm", type=click.Choice(["2", "inf"]), default="2", show_default=True)
+@click.option("--clip", default=None, help="Input domain LO,HI (default 0,1 when the data lies in [0,1]; 'none').")
+@click.option("--out", "out_dir", default="lipverify-audit", show_default=True, help="Output folder for the report.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@handle_errors
+def audit(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device, debug, data_path, layout,
+          limit, batch_size, quiet, eps, norm, clip, out_dir, seed):
+    """Two-sided report: sound bounds and certificates next to lower bounds and attacks."""
+    from pathlib import Path
+
+    from lipverify.audit import run_audit
+    from lipverify.certify import parse_eps
+    from lipverify.errors import SoundnessViolation
+    from lipverify.io_utils import atomic_write_bytes, check_not_input
+    from lipverify.report_audit import render
+
+    out = Path(out_dir)
+    for name in ("report.md", "report.html", "report.json"):
+        check_not_input(out / name, model, data_path)
+    lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
+    ds = load_dataset(lm, data_path, layout, limit if limit is not None else 200, mean, std)
+    eps_list = sorted(set(parse_eps(eps)))
+    box = _clip_option(clip, ds.x)
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    show = (lambda msg: err.print(f"[dim]audit: {msg}...[/dim]")) if (not quiet and err.is_terminal) else None
+    if not eps_list:
+        eps_list = [0.1, 0.3, 1.0] if norm == "2" else [1 / 255, 2 / 255, 8 / 255]
+    res = run_audit(lm, ds.x, ds.y, eps_list, norm=norm, clip=box, seed=seed, progress=show)
+    res.notes = res.notes + ds.notes
+    files = render(res)
+    for name, data in files.items():
+        atomic_write_bytes(out / name, data)
+    con = Console()
+    if res.violations:
+        con.print(f"[bold red]SOUNDNESS VIOLATION on {len(res.violations)} input(s)[/bold red]")
+    con.print(f"[bold]lipverify audit[/bold]  model {lm.name}  norm l{norm}  inputs {res.n}")
+    for v in res.verdict:
+        con.print(f"- {v}")
+    con.print(f"report: {out / 'report.html'} (also report.md, report.json)   time {res.time_s:.1f} s")
+    if res.violations:
+        raise SoundnessViolation(f"{len(res.violations)} certified input(s) broken by an attack; see {out}")
+
+
 def _register_optional_commands():
     """Commands that live in their own modules (fine-tuning)."""
     try:

@@ -38,3 +38,53 @@ def certify_plot(radii: np.ndarray, correct: np.ndarray, norm: str, eps_marks=()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _png(fig) -> bytes:
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def radius_scatter(r_cert, r_adv, correct, norm: str) -> bytes:
+    """Certified radius against adversarial radius per input; the diagonal is the soundness limit."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    fin = np.isfinite(r_adv)
+    ax.scatter(r_adv[fin & correct], r_cert[fin & correct], s=12, label="correct")
+    ax.scatter(r_adv[fin & ~correct], r_cert[fin & ~correct], s=12, marker="x", label="misclassified")
+    top = max(float(np.max(r_adv[fin])) if fin.any() else 1.0, 1e-6)
+    ax.plot([0, top], [0, top], "k--", lw=1, label="r_cert = r_adv")
+    ax.set_xlabel(f"adversarial radius (l{norm}, attack)")
+    ax.set_ylabel(f"certified radius (l{norm}, sound)")
+    ax.legend()
+    ax.set_title("certified vs adversarial radius")
+    return _png(fig)
+
+
+def accuracy_curves(curves: dict, norm: str) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style in (("clean", ":"), ("empirical", "-"), ("certified", "-")):
+        ax.plot(curves["eps"], curves[key], style, label=key)
+    ax.set_xlabel(f"eps (l{norm})")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    ax.set_title("clean, empirically robust and certified accuracy")
+    return _png(fig)
+
+
+def layer_bars(names, values) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(names) + 2), 3.5))
+    ax.bar(range(len(values)), values)
+    ax.set_xticks(range(len(values)))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("Lipschitz constant")
+    ax.set_title("per-layer constants (sound)")
+    return _png(fig)

@@ -32,7 +32,10 @@ from lipverify.errors import UserInputError
 
 def _rand_net(widths, seed, scale=1.0):
     rng = np.random.default_rng(seed)
-    return [scale * rng.standard_normal((widths[i + 1], widths[i])) / math.sqrt(widths[i]) for i in range(len(widths) - 1)]
+    return [
+        scale * rng.standard_normal((widths[i + 1], widths[i])) / math.sqrt(widths[i])
+        for i in range(len(widths) - 1)
+    ]
 
 
 def _sampled_jacobian_max(weights, alpha=0.0, beta=1.0, n=4000, seed=0):
@@ -281,7 +284,7 @@ def test_split_is_looser_but_below_product():
 
 def test_default_split_for_large_networks():
     ws = _rand_net([3, 160, 160, 2], 4)
-    r = lipsdp(ws, tol=1e-3)
+    r = lipsdp(ws, form="layer", solver="direct")
     assert len(r.parts) == 2  # 320 hidden neurons > 300: split by default
     assert r.sound and r.value <= product_bound(ws)
 
@@ -310,3 +313,52 @@ def test_rejects_bad_input():
 def test_zero_network():
     r = lipsdp([np.zeros((4, 3)), np.ones((2, 4))])
     assert r.value == 0.0 and r.sound
+
+
+@pytest.mark.parametrize("form", ["layer", "neuron"])
+def test_direct_solver(form):
+    """No SDP solver: quasi-Newton on the exact rho_min(T).  Sound always; layer form matches SCS."""
+    ws = _rand_net([4, 10, 10, 2], 8)
+    d = lipsdp(ws, form=form, solver="direct")
+    s = lipsdp(ws, form=form)
+    assert d.sound and "direct" in d.method
+    lam, scale = _lmi_max_eig(ws, d)
+    assert lam <= 1e-12 * scale
+    assert d.value >= s.value * (1 - 1e-4)
+    if form == "layer":
+        assert d.value == pytest.approx(s.value, rel=1e-4)
+    else:
+        assert d.value <= s.value * 1.05
+    assert _sampled_jacobian_max(ws, n=2000) <= d.value
+
+
+def _independent_cvxpy_lipsdp(ws, alpha, beta):
+    """LipSDP-Neuron written block by block in cvxpy (independent of lipverify's sparse assembly)."""
+    cp = pytest.importorskip("cvxpy")
+    L = len(ws) - 1
+    sizes = [ws[0].shape[1]] + [w.shape[1] for w in ws[1:]]
+    rho = cp.Variable(nonneg=True)
+    T = [cp.diag(cp.Variable(n, nonneg=True)) for n in sizes[1:]]
+    blocks = [[np.zeros((sizes[i], sizes[j])) for j in range(L + 1)] for i in range(L + 1)]
+    blocks[0][0] = -rho * np.eye(sizes[0])
+    for k in range(1, L + 1):
+        W = ws[k - 1]
+        blocks[k - 1][k - 1] = blocks[k - 1][k - 1] - 2 * alpha * beta * W.T @ T[k - 1] @ W
+        blocks[k - 1][k] = (alpha + beta) * W.T @ T[k - 1]
+        blocks[k][k - 1] = (alpha + beta) * T[k - 1] @ W
+        blocks[k][k] = blocks[k][k] - 2 * T[k - 1]
+    blocks[L][L] = blocks[L][L] + ws[L].T @ ws[L]
+    M = cp.bmat(blocks)
+    prob = cp.Problem(cp.Minimize(rho), [(M + M.T) / 2 << 0])
+    prob.solve(solver="CLARABEL")
+    return math.sqrt(rho.value)
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.0, 1.0), (0.2, 1.0), (-0.5, 0.5)])
+def test_matches_independent_cvxpy_model(alpha, beta):
+    ws = _rand_net([3, 5, 4, 2], 31)
+    ref = _independent_cvxpy_lipsdp(ws, alpha, beta)
+    r = lipsdp(ws, alpha=alpha, beta=beta)
+    assert r.sound
+    assert r.value >= ref * (1 - 1e-6)
+    assert r.value == pytest.approx(ref, rel=1e-4)

@@ -23,6 +23,7 @@ import torch.nn as nn
 import lipverify
 from lipverify.bounds.local import local_margin_constants, preactivation_bounds, varying_masks
 from lipverify.linear_ops import Chain, Conv, Dense, Residual, Scale, Select, identity_select
+from lipverify.models.layers import MinMax
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,7 +78,23 @@ def _mixed(seed=0):
     return net, (6,)
 
 
-NETS = {"mlp": _mlp, "conv": _convnet, "residual": _resnet}
+class _CatMinMax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Linear(6, 6), nn.Linear(6, 4), nn.Linear(10, 8), nn.Linear(8, 3)
+        self.mm = MinMax()
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        return self.d(self.mm(self.c(h)))
+
+
+def _catminmax(seed=0):
+    torch.manual_seed(seed)
+    return _CatMinMax().eval(), (6,)
+
+
+NETS = {"mlp": _mlp, "conv": _convnet, "residual": _resnet, "concat_minmax": _catminmax}
 
 
 def _load(builder):
@@ -208,7 +225,7 @@ def _ascent_pairs(model, x, eps, p, steps=80, restarts=3, seed=0):
 # (a) interval bounds contain the node values of points in the ball
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv", "residual", "mixed"])
+@pytest.mark.parametrize("name", ["mlp", "conv", "residual", "concat_minmax", "mixed"])
 @pytest.mark.parametrize("p", ["2", "inf"])
 def test_interval_bounds_contain_sampled_and_extremal_points(name, p):
     builder = {**NETS, "mixed": _mixed}[name]
@@ -263,7 +280,7 @@ def test_bounds_are_nested_in_eps():
 # (b) + (c) local <= global, and >= every empirical difference quotient in the ball
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv", "residual"])
+@pytest.mark.parametrize("name", ["mlp", "conv", "residual", "concat_minmax"])
 @pytest.mark.parametrize("p", ["2", "inf"])
 def test_local_constants_between_empirical_lower_bounds_and_global(name, p):
     lm, ref, shape = _load(NETS[name])

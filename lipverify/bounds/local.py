@@ -37,7 +37,8 @@ efficient local Lipschitz bounds", NeurIPS 2021, generalised to the Lipschitz gr
    * ``p = 2``: the exact float64 SVD of the masked matrix when ``#rows * #cols <= exact_max_entries``
      (times ``SOUND_FACTOR``: sound); the sound global norm when nothing is masked; otherwise batched
      per-example power iteration on ``u -> I_in A^T I_out A I_in u``, warm-started from the unmasked
-     top right singular vector (an *estimate*, clamped to the global norm);
+     top right singular vector and stopped per example when the unit iterate moves by
+     ``||u_{t+1} - u_t|| <= tol`` (Huang et al.'s criterion): an *estimate*, clamped to the global norm;
    * ``p = inf``: the masked maximum row sum ``max_{k in I_out} (|A| I_in)_k`` (sound, exact for dense
      and conv layers, an upper bound for composed operators).
 
@@ -124,7 +125,6 @@ class _Context:
         self.graph = graph
         self.p = p
         self.cache = cache
-        self.consumers = graph.consumers()
         ops = cache.get("ops64")
         if ops is None:
             ops = {i: copy.deepcopy(n.op).to(torch.float64)
@@ -390,7 +390,8 @@ def varying_masks(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2",
     return {i: var[i] for i in range(len(var)) if var[i] is not None}
 
 
-def operator_masks(graph: LipschitzGraph, masks: dict[int, torch.Tensor]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def operator_masks(graph: LipschitzGraph,
+                   masks: dict[int, torch.Tensor]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """For every linear node the ``(in_mask, out_mask)`` of its masked operator ``I_out A I_in``.
 
     ``in_mask`` is the varying set of its input; ``out_mask`` that of the activation it feeds when
@@ -572,7 +573,8 @@ def _combine(ctx: _Context, norms, masks):
         factor = math.sqrt(2.0) if p == "2" else 2.0
         K = (factor * L[g.output])[:, None, None].expand(B, m, m).clone()
     K = K.clone()
-    K[:, torch.arange(m), torch.arange(m)] = 0.0
+    diag = torch.arange(m, device=K.device)
+    K[:, diag, diag] = 0.0
     return K, L[g.output]
 
 
@@ -599,8 +601,8 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
     norm:
         ``"2"`` or ``"inf"`` (the ball's norm; the margin constants use the dual norm of tail rows).
     tol, max_iter:
-        Per-example stopping rule of the batched power iteration: relative change of the estimate
-        ``<= tol``, at most ``max_iter`` iterations.
+        Per-example stopping rule of the batched power iteration: relative change of the (unit)
+        iterate ``||u_{t+1} - u_t|| <= tol``, at most ``max_iter`` iterations.
     exact_max_entries:
         A masked operator with at most this many entries (varying rows x varying columns) is
         materialised and its norm taken by a float64 SVD (sound); ``0`` forces power iteration.
