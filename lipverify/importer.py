@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lipverify.errors import UnsupportedOpError, UserInputError
-from lipverify.graph import LipschitzGraph, MaxPool, Node, make_activation
+from lipverify.graph import Activation, LipschitzGraph, MaxPool, Node, make_activation, minmax
 from lipverify.linear_ops import Conv, Dense, LinearOp, Scale, probe_select
 
 try:  # MinMax lives in the model zoo; the importer recognises it as a graph primitive
@@ -191,8 +191,12 @@ def _is_neg(gm, node) -> bool:
 
 
 class _Builder:
-    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...], path: str | None):
+    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...], path: str | None,
+                 keep_params: bool = False):
         self.gm = gm
+        self.keep_params = bool(keep_params)
+        self._absorbed: set[fx.Node] = set()  # nodes folded into a recognised pattern (MinMax)
+        self._pre_emitted: set[fx.Node] = set()
         self.input_shape = tuple(input_shape)
         self.path = path
         self.env: dict[fx.Node, Any] = {}
@@ -295,6 +299,8 @@ class _Builder:
                 self.dep[node] = False
                 continue
             self.dep[node] = True
+            if node in self._absorbed or node in self._pre_emitted:
+                continue  # part of a pattern already emitted as one graph node
             if any(self.env.get(d) is None or self.index.get(d) is None for d in deps):
                 self.index[node] = None  # downstream of an unsupported node
                 continue
@@ -306,7 +312,7 @@ class _Builder:
                 self.index[node] = None
                 continue
             self._classify(node, deps)
-            if node not in self.index:
+            if node not in self.index and node not in self._absorbed:
                 self.index[node] = None
         return self._finish(out_node)
 
@@ -366,6 +372,8 @@ class _Builder:
             if name in ("OnnxConcat", "cat") or (node.op == "call_function" and node.target is torch.cat):
                 self._concat(node, deps)
                 return
+            if self._minmax_pattern(node, deps):
+                return
             self._bad(node)
             return
         src = deps[0]
@@ -399,6 +407,8 @@ class _Builder:
                 return
             self._emit(node, "activation", [src], make_activation(act, **kw))
             return
+        if self._minmax_const(node, src):
+            return
         if _MinMax is not None and isinstance(mod, _MinMax):
             if in_shape[0] % 2:
                 self._bad(node, "odd channel count")
@@ -408,14 +418,16 @@ class _Builder:
 
         # dense / conv / batch norm / pooling
         if isinstance(mod, nn.Linear):
-            self._emit(node, "linear", [src], Dense(mod.weight.detach(), in_shape,
-                                                    None if mod.bias is None else mod.bias.detach()))
+            self._emit(node, "linear", [src], Dense(mod.weight, in_shape,
+                                                    None if mod.bias is None else mod.bias.detach(),
+                                                    keep_params=self.keep_params))
             return
         if node.op == "call_function" and node.target is F.linear:
             w = self._const_arg(node, 1, "weight")
             b = self._const_arg(node, 2, "bias")
             if isinstance(w, torch.Tensor) and node.args[0] is src:
-                self._emit(node, "linear", [src], Dense(w.detach(), in_shape, None if b is None else b.detach()))
+                self._emit(node, "linear", [src], Dense(w, in_shape, None if b is None else b.detach(),
+                                                        keep_params=self.keep_params))
                 return
         if (name == "OnnxMatMul" or (node.op == "call_function" and node.target in (torch.matmul, operator.matmul))):
             if node.args[0] is src and isinstance(self.env[node.args[1]], torch.Tensor) \
@@ -526,8 +538,8 @@ class _Builder:
         padding = (rp[0], rp[1]) if one_d else (rp[2], rp[3], rp[0], rp[1])
         if isinstance(mod.padding, tuple) and not one_d:
             padding = (mod.padding[0], mod.padding[0], mod.padding[1], mod.padding[1])
-        op = Conv(mod.weight.detach(), in_shape, tuple(mod.stride), padding, tuple(mod.dilation), mod.groups,
-                  bias=None if mod.bias is None else mod.bias.detach(), one_d=one_d)
+        op = Conv(mod.weight, in_shape, tuple(mod.stride), padding, tuple(mod.dilation), mod.groups,
+                  bias=None if mod.bias is None else mod.bias.detach(), one_d=one_d, keep_params=self.keep_params)
         self._emit_checked(node, src, op)
 
     def _conv_function(self, node, src, in_shape):
@@ -549,8 +561,8 @@ class _Builder:
         padding = (p[0], p[0]) if one_d else (p[0], p[0], p[1], p[1])
         if one_d:
             stride, dil = (stride[0],), (dil[0],)
-        op = Conv(w.detach(), in_shape, stride, padding, dil, groups, bias=None if b is None else b.detach(),
-                  one_d=one_d)
+        op = Conv(w, in_shape, stride, padding, dil, groups, bias=None if b is None else b.detach(),
+                  one_d=one_d, keep_params=self.keep_params)
         self._emit_checked(node, src, op)
 
     def _avgpool(self, node, src, in_shape):
@@ -641,6 +653,150 @@ class _Builder:
             return
         self._emit(node, "concat", order, axis - 1)
 
+    # -- element-wise max / min ------------------------------------------------------------------
+    def _minmax_kind(self, node) -> str | None:
+        """'max' / 'min' for an element-wise maximum / minimum of tensors, else None."""
+        if node.op == "call_module":
+            mod = self.gm.get_submodule(node.target)
+            if type(mod).__name__ == "OnnxMinMax":
+                return {"Max": "max", "Min": "min"}.get(getattr(mod, "_op_type", None))
+            return None
+        if node.op == "call_function":
+            return {torch.maximum: "max", torch.fmax: "max", torch.minimum: "min", torch.fmin: "min"}.get(node.target)
+        if node.op == "call_method":
+            return {"maximum": "max", "minimum": "min"}.get(node.target)
+        return None
+
+    def _minmax_const(self, node, src) -> bool:
+        """``max(x, c)`` / ``min(x, c)`` with a constant ``c`` (e.g. a ReLU clipped at learned per-unit
+        thresholds): an element-wise monotone map with slope in [0, 1], constant where ``x <= c``
+        (max) or ``x >= c`` (min)."""
+        kind = self._minmax_kind(node)
+        if kind is None:
+            return False
+        others = [a for a in node.args if a is not src]
+        if len(others) != 1 or len(node.args) != 2 or node.kwargs:
+            return False
+        c = self.env[others[0]] if isinstance(others[0], fx.Node) else others[0]
+        if isinstance(c, (int, float)):
+            c = torch.tensor(float(c))
+        if not isinstance(c, torch.Tensor) or not c.is_floating_point():
+            return False
+        x = self.env[src]
+        per = c
+        if c.dim() == x.dim():
+            if c.shape[0] != 1:
+                return False
+            per = c[0]
+        if c.dim() > x.dim():
+            return False
+        try:
+            if tuple(torch.broadcast_shapes(per.shape, tuple(x.shape[1:]))) != tuple(x.shape[1:]):
+                return False
+        except RuntimeError:
+            return False
+        f = torch.maximum if kind == "max" else torch.minimum
+
+        def fn(t, c=per, f=f):
+            return f(t, c.to(device=t.device, dtype=t.dtype))
+
+        with torch.no_grad():
+            if not torch.equal(fn(x), self.env[node]):
+                return False
+        act = Activation(f"{kind}(x, const)", fn, 0.0, 1.0,
+                         const_below=per if kind == "max" else None, const_above=per if kind == "min" else None)
+        self._emit(node, "activation", [src], act)
+        return True
+
+    def _minmax_pattern(self, node, deps) -> bool:
+        """The ONNX export of GroupSort-2 (``MinMax``): ``x`` sliced into even/odd channels ``a, b``,
+        ``max(a, b)`` and ``min(a, b)`` interleaved back (unsqueeze / concat / reshape).  The whole
+        pattern becomes one ``minmax`` node after checking numerically that it computes ``minmax(x)``
+        and that no intermediate value is used elsewhere."""
+        kind = self._minmax_kind(node)
+        if kind is None or len(deps) != 2 or len(node.args) != 2:
+            return False
+        a, b = deps
+        srcs = set()
+        for n in (a, b):
+            ds = [d for d in n.all_input_nodes if self.dep.get(d, False)]
+            if len(ds) != 1:
+                return False
+            srcs.add(ds[0])
+        if len(srcs) != 1:
+            return False
+        x = srcs.pop()
+        if self.index.get(x) is None or not isinstance(self.env.get(x), torch.Tensor):
+            return False
+        xv = self.env[x]
+        if xv.dim() < 2 or xv.shape[1] % 2:
+            return False
+        partner = [u for u in a.users if u is not node and self._minmax_kind(u) not in (None, kind)
+                   and set(u.all_input_nodes) == {a, b}]
+        if len(partner) != 1:
+            return False
+        order = list(self.gm.graph.nodes)
+        start = order.index(node)
+        local = dict(self.env)
+        region = {a, b}
+        from_max, from_min = {node if kind == "max" else partner[0]}, {partner[0] if kind == "max" else node}
+        out = None
+        for n in order[start:start + 80]:
+            if n.op in ("output", "placeholder"):
+                break
+            try:
+                if n.op == "get_attr":
+                    obj = self.gm
+                    for part in n.target.split("."):
+                        obj = getattr(obj, part)
+                    local[n] = obj
+                    continue
+                local[n] = self._run(n, local)
+            except Exception:
+                break
+            ins = set(n.all_input_nodes)
+            if not ins & region or self._is_shape_op(n):
+                continue
+            region.add(n)
+            if ins & from_max:
+                from_max.add(n)
+            if ins & from_min:
+                from_min.add(n)
+            v = local[n]
+            if n in from_max and n in from_min and isinstance(v, torch.Tensor) and v.shape == xv.shape:
+                out = n
+                break
+        if out is None:
+            return False
+        # nothing inside the pattern may be used outside it
+        for n in region - {out}:
+            for u in n.users:
+                if u not in region and not self._is_shape_op(u):
+                    return False
+        # numerical check on the example and on a random input
+        g = torch.Generator().manual_seed(7)
+        t = torch.randn(xv.shape, generator=g, dtype=xv.dtype).to(xv.device)
+        with torch.no_grad():
+            if not torch.equal(local[out], minmax(xv)):
+                return False
+            loc2 = dict(local)
+            loc2[x] = t
+            for n in order[min(order.index(a), order.index(b)):order.index(out) + 1]:
+                if n.op == "get_attr":
+                    continue
+                try:
+                    loc2[n] = self._run(n, loc2)
+                except Exception:
+                    return False
+            if not torch.allclose(loc2[out], minmax(t), rtol=0, atol=1e-6 * float(t.abs().max())):
+                return False
+        self.index[out] = len(self.nodes)
+        names = [n.name for n in order if n in region]
+        self.nodes.append(Node(out.name, "minmax", [self.index[x]], tuple(xv.shape[1:]), None, names))
+        self._absorbed.update(region - {a, b, out})
+        self._pre_emitted.add(out)
+        return True
+
     def _emit_checked(self, node, src, op: LinearOp, label: str | None = None):
         """Emit a linear node after checking that the op reproduces the model's own output."""
         with torch.no_grad():
@@ -699,10 +855,15 @@ def strip_to_logits(gm: fx.GraphModule, logits_node: str) -> fx.GraphModule:
 
 
 def build_graph(gm: fx.GraphModule, input_shape: tuple[int, ...], path: str | None = None,
-                example: torch.Tensor | None = None) -> LipschitzGraph:
-    """Walk ``gm`` on an example batch and return the (unsimplified) Lipschitz graph."""
+                example: torch.Tensor | None = None, keep_params: bool = False) -> LipschitzGraph:
+    """Walk ``gm`` on an example batch and return the (unsimplified) Lipschitz graph.
+
+    ``keep_params=True``: dense and convolution operators reference the module's live
+    ``nn.Parameter`` weights instead of detached copies, so that ``op.apply`` is differentiable with
+    respect to them (used by certified fine-tuning; the default builds a frozen snapshot).
+    """
     if example is None:
         g = torch.Generator().manual_seed(0)
         example = torch.rand((TRACE_BATCH,) + tuple(input_shape), generator=g)
     with torch.no_grad():
-        return _Builder(gm, input_shape, path).build(example)
+        return _Builder(gm, input_shape, path, keep_params=keep_params).build(example)

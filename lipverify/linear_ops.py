@@ -46,6 +46,11 @@ class Bound:
                      self.sound and other.sound)
 
 
+def _live(weight, keep_params: bool) -> bool:
+    """Keep ``weight`` itself (no detach) only when asked to and it is a model parameter."""
+    return bool(keep_params) and isinstance(weight, torch.nn.Parameter)
+
+
 def numel(shape: Shape) -> int:
     return int(math.prod(shape))
 
@@ -150,9 +155,11 @@ class LinearOp:
     def to_double_copy(self) -> "LinearOp":
         import copy
 
-        c = copy.copy(self)
-        c.__dict__ = dict(self.__dict__)
-        c._u = {}
+        u, self._u = self._u, {}
+        try:
+            c = copy.deepcopy(self)  # children too: never convert the model's own operators in place
+        finally:
+            self._u = u
         return c.to(torch.float64)
 
     def power_norm(self, p: str = "2", tol: float = 1e-5, max_iter: int = 1000) -> Bound:
@@ -216,12 +223,15 @@ class Dense(LinearOp):
 
     kind = "dense"
 
-    def __init__(self, weight: torch.Tensor, in_shape: Shape, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, in_shape: Shape, bias: torch.Tensor | None = None,
+                 keep_params: bool = False):
         out_shape = tuple(in_shape[:-1]) + (weight.shape[0],)
         if bias is not None:
             bias = bias.expand(out_shape)
         super().__init__(in_shape, out_shape, bias)
-        self.weight = weight.detach()
+        # keep_params: reference a live ``nn.Parameter`` (not a detached copy), so that ``apply`` is
+        # differentiable with respect to the model's weights (certified fine-tuning).
+        self.weight = weight if _live(weight, keep_params) else weight.detach()
 
     def apply(self, x):
         return x @ self.weight.to(x.dtype).T
@@ -255,12 +265,13 @@ class Conv(LinearOp):
 
     kind = "conv"
 
-    def __init__(self, weight, in_shape, stride, padding, dilation, groups, bias=None, one_d=False):
+    def __init__(self, weight, in_shape, stride, padding, dilation, groups, bias=None, one_d=False,
+                 keep_params: bool = False):
         self.one_d = one_d
         if one_d:
             weight = weight.unsqueeze(2)
             stride, padding, dilation = (1, stride[0]), (0, 0, padding[0], padding[1]), (1, dilation[0])
-        self.weight = weight.detach()
+        self.weight = weight if _live(weight, keep_params) else weight.detach()  # see Dense
         self.stride = tuple(stride)
         # padding as (top, bottom, left, right)
         self.padding = tuple(padding) if len(padding) == 4 else (padding[0], padding[0], padding[1], padding[1])

@@ -120,9 +120,19 @@ def _project_ball(delta: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Te
 
 
 def _check_clip(clip, x: torch.Tensor):
+    """``(lo, hi)`` as floats, or as tensors broadcastable to ``x`` (a per-coordinate box)."""
     if clip is None:
         return None
-    lo, hi = float(clip[0]), float(clip[1])
+    lo, hi = clip
+    if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
+        lo = torch.as_tensor(lo, dtype=x.dtype, device=x.device)
+        hi = torch.as_tensor(hi, dtype=x.dtype, device=x.device)
+        if bool((lo > hi).any()):
+            raise ValueError("clip box has lo > hi somewhere")
+        if x.numel() and (bool((x < lo - 1e-6).any()) or bool((x > hi + 1e-6).any())):
+            raise ValueError("inputs lie outside the clip box")
+        return lo, hi
+    lo, hi = float(lo), float(hi)
     if not lo <= hi:
         raise ValueError(f"clip must be (lo, hi) with lo <= hi, got {clip!r}")
     if x.numel() and (float(x.min()) < lo - 1e-6 or float(x.max()) > hi + 1e-6):
@@ -133,7 +143,11 @@ def _check_clip(clip, x: torch.Tensor):
 
 
 def _apply_clip(z: torch.Tensor, clip) -> torch.Tensor:
-    return z if clip is None else z.clamp(clip[0], clip[1])
+    if clip is None:
+        return z
+    if isinstance(clip[0], torch.Tensor):
+        return torch.maximum(torch.minimum(z, clip[1]), clip[0])
+    return z.clamp(clip[0], clip[1])
 
 
 def _per_example(v, n: int, like: torch.Tensor, name: str) -> torch.Tensor:

@@ -146,9 +146,10 @@ class LipSDPResult:
     value:
         l2 Lipschitz upper bound of ``x -> W_L phi(... phi(W_0 x))`` (a proven bound when ``sound``).
     sound:
-        True when every sub-network's bound is backed by a certificate verified in float64 (LipSDP
-        multipliers with an optimal / optimal_inaccurate solver status, or the product of spectral
-        norms used as a fallback).
+        True when every sub-network's bound is backed by a certificate verified in float64: LipSDP
+        multipliers that passed the a posteriori check *and* came with an optimal /
+        optimal_inaccurate SDP-solver status (or from ``solver="direct"``), or the product of
+        spectral norms used as a fallback.
     method:
         How the value was obtained, e.g. ``"lipsdp-neuron (SCS, verified a posteriori)"``.
     status:

@@ -1,0 +1,206 @@
+"""The empirical side and the two-sided audit.
+
+Oracles: published counterexamples (replayed through the model), competition `sat` verdicts (the
+attack must find an adversarial point inside the box), the ordering lower <= LipSDP <= product, and
+`r_cert <= r_adv` on every input.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+
+import lipverify
+from lipverify.attacks.pgd import pgd_attack
+from lipverify.bounds.lower import margin_lipschitz_lower_bound
+from lipverify.cli import main
+
+
+def _run(*args):
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4)).eval()
+
+
+def test_lower_bounds_below_upper_and_lipsdp_between():
+    net = _mlp()
+    lm = lipverify.load(net, input_shape=(5,))
+    K = lm.margin_constants("2").K
+    x = torch.randn(16, 5)
+    pairs = [(0, 1), (2, 3), (1, 3)]
+    lbs = margin_lipschitz_lower_bound(net, x, pairs, steps=120, restarts=2)
+    for p, lb in zip(pairs, lbs):
+        assert 0 < lb.value <= float(K[p]) * (1 + 1e-9)
+    from lipverify.bounds.lipsdp_graph import lipsdp_report
+
+    rep = lipsdp_report(lm)
+    prod = lm.bounds("2").global_bound.value
+    assert rep.global_bound.sound and rep.global_bound.value <= prod * (1 + 1e-9)
+    from lipverify.bounds.lower import jacobian_spectral_lower_bound
+
+    jl = jacobian_spectral_lower_bound(net, x)
+    assert jl.value <= rep.global_bound.value * (1 + 1e-9)
+
+
+def test_bounds_cli_lipsdp_and_refusal(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(_mlp(), (torch.zeros(1, 5),), str(path), dynamo=False, opset_version=17,
+                      dynamic_axes={"x": {0: "b"}}, input_names=["x"])
+    res = _run("bounds", path, "--method", "lipsdp", "--json")
+    assert res.exit_code == 0, res.stderr
+    d = json.loads(res.stdout)
+    assert d["method"] == "lipsdp" and d["global"]["sound"] and "lipsdp" in d["global"]["method"].lower()
+    # a conv net with max pooling is not a LipSDP-Neuron network: a clear refusal
+    res = _run("bounds", "--method", "lipsdp")
+    assert res.exit_code in (0, 2)
+    res2 = _run("bounds", path, "--method", "lipsdp", "--norm", "inf")
+    assert res2.exit_code == 2 and "--norm 2" in res2.stderr
+
+
+def test_audit_end_to_end_default_model(tmp_path):
+    from lipverify.models.zoo import default_samples
+
+    x, y = default_samples()
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x[:12].numpy(), y=y[:12].numpy())
+    out = tmp_path / "audit"
+    res = _run("audit", "--data", data, "--out", out, "--eps", "0.1,0.5", "--quiet")
+    assert res.exit_code == 0, res.stdout + res.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["violations"] == []
+    for row in rep["inputs"]:
+        assert row["r_cert"] <= row["r_adv"] * (1 + 1e-9) + 1e-12
+    for p in rep["pairs"]:
+        assert p["lower"] <= p["upper"] * (1 + 1e-9)
+    assert rep["lipschitz_lower"] <= rep["global_upper"]
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "Verdict" in html
+    md = (out / "report.md").read_text()
+    assert "upper/lower" in md and (out / "scatter.png").exists()
+    _screenshot(out / "report.html", tmp_path / "shot.png")
+
+
+def _screenshot(html, png):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no headless browser available to open the HTML report")
+    p = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                        "--disable-component-update", "--disable-sync", "--no-first-run",
+                        f"--user-data-dir={png.parent / 'chrome-profile'}", f"--screenshot={png}",
+                        "--window-size=1100,1400", f"file://{html}"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_audit_reports_soundness_violation_with_exit_3(tmp_path, monkeypatch):
+    """If a certificate were ever wrong, audit must say so first and exit 3 (simulated bad bound)."""
+    import lipverify.model as model_mod
+
+    real = model_mod.LipModel.margin_constants
+
+    def shrunk(self, norm="2", method="sound"):
+        mc = real(self, norm, method)
+        return type(mc)(mc.K / 50.0, mc.method, mc.sound)
+
+    monkeypatch.setattr(model_mod.LipModel, "margin_constants", shrunk)
+    from lipverify.models.zoo import default_samples
+
+    x, y = default_samples()
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x[:8].numpy(), y=y[:8].numpy())
+    res = _run("audit", "--data", data, "--out", tmp_path / "a", "--eps", "0.5", "--quiet")
+    assert res.exit_code == 3
+    assert res.stdout.lstrip().startswith("SOUNDNESS VIOLATION")
+    assert "SOUNDNESS VIOLATION" in res.stderr
+
+
+def test_attack_cli(tmp_path):
+    from lipverify.models.zoo import default_samples
+
+    x, y = default_samples()
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x[:10].numpy(), y=y[:10].numpy())
+    res = _run("attack", "--data", data, "--eps", "0.5,3", "--json", "--steps", "30", "--restarts", "2",
+               "--out", tmp_path / "a.csv")
+    assert res.exit_code == 0, res.stderr
+    d = json.loads(res.stdout)
+    ra = d["robust_accuracy"]
+    assert ra["0.5"] >= ra["3"]  # more budget never helps the model
+    cert = lipverify.load().certify(x[:10], y[:10], eps=[0.5])
+    for c, a in zip(cert.inputs, d["inputs"]):
+        assert c.radius <= a["r_adv"] * (1 + 1e-9) + 1e-12
+        if c.certified_at[0.5]:
+            assert not a["broken"]["0.5"]
+    assert len(open(tmp_path / "a.csv").read().strip().splitlines()) == 11
+
+
+# ------------------------------------------------------------------------------------------------
+# real data
+
+
+def _read_counterexample(path):
+    vals = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"\(X_(\d+)\s+([-+0-9.eE]+)\)", path.read_text())}
+    return torch.tensor([vals[i] for i in range(len(vals))])
+
+
+@pytest.mark.realdata
+def test_published_counterexamples_replay(realdata):
+    rows = [r for r in csv.DictReader(open(realdata / "ground_truth" / "instances.csv")) if r["counterexample_file"]]
+    assert rows
+    for r in rows:
+        lm = lipverify.load(realdata / r["model_file"])
+        x = _read_counterexample(realdata / r["counterexample_file"]).reshape((1,) + lm.input_shape)
+        from lipverify.data import load_data
+
+        ds = load_data(realdata / r["vnnlib_file"], lm.input_shape, n_classes=lm.n_classes)
+        assert torch.all(x >= ds.lower.float() - 1e-6) and torch.all(x <= ds.upper.float() + 1e-6)
+        with torch.no_grad():
+            logits = lm.module_double()(x.double()).reshape(-1)
+        label = int(r["label"])
+        others = torch.cat([logits[:label], logits[label + 1:]])
+        assert others.max() >= logits[label]  # a counterexample: some class scores at least the label
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_linf_attack_breaks_sat_instances(realdata):
+    rows = [r for r in csv.DictReader(open(realdata / "ground_truth" / "instances.csv")) if r["verdict"].startswith("sat")]
+    from lipverify.data import load_data
+
+    missed = []
+    for r in rows:
+        lm = lipverify.load(realdata / r["model_file"])
+        ds = load_data(realdata / r["vnnlib_file"], lm.input_shape, n_classes=lm.n_classes)
+        lo, hi = ds.lower.float(), ds.upper.float()
+        # attack inside the exact box: PGD in the l-inf ball, then clamp to the box (clip per coordinate)
+        res = pgd_attack(lm.module, ds.x, ds.y, float(ds.eps[0]), norm="inf", steps=200, restarts=10,
+                         clip=(lo, hi))
+        if not bool(res.success[0]):
+            missed.append(r["vnnlib_file"])
+    # report the miss rate; the competition tools needed exact search for a few of these
+    assert len(missed) <= max(1, len(rows) // 5), missed
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_audit_on_public_model(realdata, tmp_path):
+    res = _run("audit", realdata / "models" / "onnx" / "mnist-net_256x2.onnx", "--data",
+               realdata / "data" / "mnist_test_1000.npz", "--limit", "16", "--out", tmp_path / "a", "--quiet",
+               "--eps", "0.1,0.3")
+    assert res.exit_code == 0, res.stdout + res.stderr
+    rep = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert rep["violations"] == []
+    if rep["lipsdp"]:
+        assert rep["lipschitz_lower"] <= rep["lipsdp"]["value"] <= rep["global_upper"] * (1 + 1e-9)
