@@ -135,7 +135,7 @@ def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str 
 
             weights, lo, hi = extract_weights(lm.graph)
             hidden = sum(w.shape[0] for w in weights[:-1])
-            if hidden <= 1200:
+            if hidden <= 300:
                 res = lipsdp(weights, alpha=lo, beta=hi)
                 lipsdp_info = {"value": res.value, "sound": res.sound, "method": res.method,
                                "time_s": res.solve_time,

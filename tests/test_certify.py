@@ -145,10 +145,13 @@ def test_competition_sat_instances_never_certified(realdata):
         lm = lipverify.load(realdata / model_file)
         for r in [r for r in rows if r["model_file"] == model_file]:
             ds = load_data(realdata / r["vnnlib_file"], lm.input_shape, n_classes=lm.n_classes)
-            for method in ("global", "local"):
-                res = lm.certify(ds.x, ds.y, eps=ds.eps, norm="inf", method=method)
+            sat = r["verdict"].startswith("sat")
+            for method in ("global", "local") if sat else ("global",):
+                # the decision at the spec's eps is what matters here: no radius bisection needed
+                res = lm.certify(ds.x, ds.y, eps=ds.eps, norm="inf", method=method,
+                                 local_options={"bisection_steps": 0})
                 c = res.inputs[0]
-                if r["verdict"].startswith("sat"):
+                if sat:
                     n_sat += 1
                     assert not c.certified, (r["vnnlib_file"], method)
                     assert c.radius < float(ds.eps[0]) or c.pred != c.label

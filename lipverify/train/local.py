@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from lipverify.graph import minmax
 from lipverify.linear_ops import Chain, Conv, Dense, Scale, Select
 from lipverify.train.losses import worst_case_ce
-from lipverify.train.trainable import GloroBound, _ParametrizedDense, _unit, operator_rows
+from lipverify.train.trainable import GloroBound, _unit, operator_rows
 
 
 def live_sq_row_norms(op) -> torch.Tensor | None:
