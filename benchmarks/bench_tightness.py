@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--data", default=os.environ.get("LIPVERIFY_REALDATA", str(ROOT.parent / "shared" / "data")))
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--eps", type=float, default=0.1)
-    ap.add_argument("--lipsdp-max-hidden", type=int, default=600)
+    ap.add_argument("--lipsdp-max-hidden", type=int, default=300)
     args = ap.parse_args()
     torch.set_num_threads(2)
     data = Path(args.data)

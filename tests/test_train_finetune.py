@@ -224,7 +224,7 @@ def test_state_dict_input_writes_state_dict(tmp_path, samples):
          "--input-shape", "1,28,28", "--mean", "0.1307", "--std", "0.3081", "--data", samples, "--eps", "0.3",
          "--epochs", "2", "--batch-size", "16", "--out", out, "--quiet"])
     rep = json.loads((out / "report.json").read_text())
-    assert rep["input_format"] == "torch" and rep["outputs"]["primary"] == "model.pt"
+    assert rep["input_format"] == "state_dict" and rep["outputs"]["primary"] == "model.pt"
     chk = rep["outputs"]["state_dict_check"]
     assert chk["checked"] and chk["passed"], chk
     fresh = spectral_nor_mlp_b()

@@ -202,3 +202,24 @@ def test_apply_plan_rebuilds_arch():
     x = torch.rand(5, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(fresh(x), gm(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("name,norm", [
+    ("mnist-net_256x2.onnx", {}),
+    ("Convnet_maxpool.onnx", {}),
+    ("cifar_base_kw.onnx", {"mean": "0.485,0.456,0.406", "std": "0.225"}),
+    ("resnet_2b.onnx", {"mean": "0.4914,0.4822,0.4465", "std": "0.2471,0.2435,0.2616"}),
+])
+def test_third_party_onnx_models(realdata, name, norm):
+    """Trainable views of real third-party ONNX models (dense, max pooling, outside normalisation,
+    residual blocks with a 1x1 shortcut): the graph reproduces the model, every weight is live, and the
+    training estimate of K stays below (and close to) the sound K."""
+    lm = lipverify.load(str(realdata / "models" / "onnx" / name), **norm)
+    _, net, graph, b = _view(lm)
+    train, frozen = select_trainable(net, graph)
+    assert train and frozen == []
+    K = b.margin_constants().detach().double()
+    Ks = lm.margin_constants().K
+    off = ~torch.eye(K.shape[0], dtype=torch.bool)
+    r = K[off] / Ks[off]
+    assert float(r.max()) <= 1 + 1e-5 and float(r.min()) >= 0.85

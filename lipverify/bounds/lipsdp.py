@@ -757,6 +757,10 @@ def _use_chordal(ws) -> bool:
     return split < 0.6 * full
 
 
+#: wall-clock limit of one SCS solve (seconds); an unfinished solve still yields verified multipliers
+SCS_TIME_LIMIT = 60.0
+
+
 def _solve_scs(ws, alpha, beta, form, tol, verbose, max_iters=None, warm_start=False, chordal=None):
     import scs
 
@@ -769,7 +773,7 @@ def _solve_scs(ws, alpha, beta, form, tol, verbose, max_iters=None, warm_start=F
     data, cone, layer_of_var, (nvar_main, z_slices, off) = _scs_data(ws, alpha, beta, form, chordal=chordal)
     settings = dict(
         eps_abs=tol, eps_rel=tol, eps_infeas=1e-9, verbose=bool(verbose), max_iters=max_iters,
-        acceleration_lookback=10,
+        acceleration_lookback=10, time_limit_secs=SCS_TIME_LIMIT,
     )
     solver = scs.SCS(data, cone, **settings)
     init = _initial_point(ws, alpha, beta) if warm_start else None

@@ -42,22 +42,25 @@ def _cli():
 
 
 def _parse_augment(text: str | None) -> tuple:
+    """``crop``, ``crop:P`` (zero padding P pixels, default H // 8), ``flip``; comma-separated."""
     if not text or text.strip().lower() in ("", "none"):
         return ()
     kinds = tuple(sorted({t.strip().lower() for t in text.split(",") if t.strip()}))
-    bad = [k for k in kinds if k not in ("crop", "flip")]
-    if bad:
-        raise UserInputError(f"--augment takes crop and/or flip (comma-separated), got {', '.join(bad)}")
+    bad = [k for k in kinds if not (k in ("crop", "flip") or (k.startswith("crop:") and k[5:].isdigit()
+                                                               and int(k[5:]) >= 1))]
+    if bad or sum(k.startswith("crop") for k in kinds) > 1:
+        raise UserInputError(f"--augment takes crop (or crop:PIXELS) and/or flip, comma-separated; got {text!r}")
     return kinds
 
 
-def _input_format(model: str | None) -> str:
+def _input_format(model: str | None, arch: str | None = None) -> str:
+    """``builtin``, ``onnx``, ``state_dict`` (a torch file loaded with ``--arch``) or ``torch_program``
+    (TorchScript, ``.pt2``, pickled module: the output is ONNX plus the converted module's state dict)."""
     if model is None or str(model).startswith("builtin:"):
         return "builtin"
-    suf = Path(model).suffix.lower()
-    if suf == ".onnx":
+    if Path(model).suffix.lower() == ".onnx":
         return "onnx"
-    return "torch"
+    return "state_dict" if arch else "torch_program"
 
 
 def _training_module(lm):
@@ -293,7 +296,7 @@ def run_finetune(o: dict, echo=None) -> dict:
     except Exception:
         verify_path.unlink(missing_ok=True)
         raise
-    fmt = _input_format(o.get("model"))
+    fmt = _input_format(o.get("model"), o.get("arch"))
     sd_bytes = report.state_dict_bytes(gm_cpu)
     pt_check = _check_state_dict(o, gm_cpu, plan, lm_after, eval_x[:64])
     export_s = time.perf_counter() - t0
@@ -317,12 +320,9 @@ def run_finetune(o: dict, echo=None) -> dict:
         "model": str(o.get("model") or lipverify.BUILTIN_DEFAULT),
         "input_format": fmt,
         "outputs": {
-            "primary": "model.pt" if fmt == "torch" else "model.onnx",
+            "primary": "model.pt" if fmt == "state_dict" else "model.onnx",
             "model.onnx": "fine-tuned network, ONNX opset 17, re-imported and re-verified by lipverify.load",
-            "model.pt": "state dict of the fine-tuned network" + (
-                " (keys of the --arch network" + (" with the surgery in 'plan' applied: "
-                                                  "lipverify.train.surgery.apply_plan)" if plan else ")")
-                if fmt == "torch" else " (the converted fx module)"),
+            "model.pt": _pt_description(fmt, plan),
             "input_convention": ("same as the input model: raw inputs"
                                  if o.get("mean") is None and o.get("std") is None else
                                  f"same as the input model: normalise outside with mean {o.get('mean')} "
@@ -357,6 +357,15 @@ def run_finetune(o: dict, echo=None) -> dict:
     return rep
 
 
+def _pt_description(fmt: str, plan: list[dict]) -> str:
+    if fmt != "state_dict":
+        return "state dict of the fine-tuned network (the fx module lipverify converted the input to)"
+    if not plan:
+        return "state dict of the fine-tuned network; loads into the --arch network"
+    return ("state dict of the fine-tuned network; loads into the --arch network after the surgery listed in "
+            "'plan' (lipverify.train.surgery.apply_plan(net, plan)): ReLU modules replaced at the same paths")
+
+
 def _extra_rows(after_local, eps_keys, mean_epoch, n_epochs):
     rows = []
     if after_local is not None:
@@ -379,7 +388,7 @@ def _json_default(v):
 def _check_state_dict(o, gm_cpu, plan, lm_after, xs) -> dict:
     """For a state-dict input, load the written state dict into a fresh ``--arch`` network (with the
     same surgery) and compare its logits with the re-imported ONNX model."""
-    if _input_format(o.get("model")) != "torch" or not o.get("arch"):
+    if _input_format(o.get("model"), o.get("arch")) != "state_dict":
         return {"checked": False, "why": "the input was not a state dict with --arch"}
     from lipverify.loading import PixelSpaceModel, _import_arch, _normalizer
     from lipverify.train.surgery import apply_plan
@@ -436,7 +445,8 @@ def _options(fn):
         click.option("--activation", type=click.Choice(["keep", "minmax"]), default="keep", show_default=True,
                      help="minmax: replace every ReLU by MinMax (GroupSort-2)."),
         click.option("--lln", is_flag=True, help="Normalise the class rows of the last layer (LiResNet head)."),
-        click.option("--augment", default="", help="Data augmentation: crop,flip (images)."),
+        click.option("--augment", default="", help="Data augmentation for images: crop (random shifts with zero "
+                     "padding H/8; crop:P pads P pixels) and/or flip (horizontal), e.g. crop:2,flip."),
         click.option("--amp", is_flag=True, help="Mixed precision for the network forward pass (never for the bound)."),
         click.option("--sparsity-weight", type=float, default=0.01, show_default=True,
                      help="--loss local: weight of the sparsity loss."),

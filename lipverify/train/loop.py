@@ -116,13 +116,15 @@ class TrainStep(nn.Module):
 
 
 def augment_batch(x: torch.Tensor, kinds: tuple, gen: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding ``max(1, H // 8)`` then a crop back to H x W) and/or horizontal flip."""
+    """Random crop (zero padding ``P`` pixels, ``crop:P``, default ``max(1, H // 8)``, then a crop back to
+    H x W) and/or horizontal flip; ``gen`` draws the offsets and flips."""
     if not kinds:
         return x
     B = x.shape[0]
-    if "crop" in kinds:
+    crop = [k for k in kinds if k == "crop" or k.startswith("crop:")]
+    if crop:
         C, H, W = x.shape[1:]
-        p = max(1, H // 8)
+        p = int(crop[0][5:]) if ":" in crop[0] else max(1, H // 8)
         off = torch.randint(0, 2 * p + 1, (B, 2), generator=gen).to(x.device)
         xp = torch.nn.functional.pad(x, (p, p, p, p))
         rows = off[:, 0:1] + torch.arange(H, device=x.device)[None]
