@@ -634,7 +634,7 @@ class Residual(LinearOp):
         """``s_0 x + s_1 conv(x)`` as one convolution when the conv has a usable centre tap."""
         ident, conv = None, None
         for br, s in zip(self.branches, self.signs):
-            inner = br.ops if isinstance(br, Chain) else [br]
+            inner = fold_chain(br.ops) if isinstance(br, Chain) else [br]
             inner = [o for o in inner if not (isinstance(o, Select) and o.is_identity())]
             if not inner:
                 if ident is not None:

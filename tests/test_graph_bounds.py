@@ -345,3 +345,21 @@ def test_margin_constants_exact_for_affine_tail():
     s1i = float(lin1.weight.double().abs().sum(1).max())
     assert float(Kinf[0, 1]) == pytest.approx(float((W[0] - W[1]).abs().sum()) * s1i, rel=1e-5)
     assert math.isclose(float(K[2, 2]), 0.0)
+
+
+def test_liresnet_block_bounded_as_one_convolution():
+    """x + s*beta*conv(x) (LiResNet): identity folded into the centre tap of the scaled kernel."""
+    from lipverify.models.zoo import ScaledResidualConv
+
+    torch.manual_seed(7)
+    blk = ScaledResidualConv(4, 0.5).eval()
+    with torch.no_grad():
+        blk.beta.uniform_(0.5, 1.5)
+    shape = (4, 12, 12)
+    lm = lipverify.load(nn.Sequential(blk), input_shape=shape)
+    rows = [r for r in lm.bounds("2").layers if r.kind == "linear"]
+    assert len(rows) == 1 and "centre tap" in rows[0].method
+    exact = exact_l2(nn.Sequential(blk), shape)
+    conv_only = global_bound(nn.Sequential(blk.conv), shape).value
+    assert exact * (1 - 1e-9) <= rows[0].lipschitz <= 1.3 * exact
+    assert rows[0].lipschitz < 1 + 0.5 * 1.5 * conv_only
