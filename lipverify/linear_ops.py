@@ -571,29 +571,25 @@ class Residual(LinearOp):
     def children(self):
         return self.branches
 
-    def apply(self, x):
-        y = None
+    def _signed_sum(self, method: str, x, absolute: bool = False):
+        """``sum_b s_b B_b.method(x)`` (with ``|s_b|`` when ``absolute``)."""
+        total = None
         for br, s in zip(self.branches, self.signs):
-            t = br.apply(x) * s
-            y = t if y is None else y + t
-        return y
+            t = getattr(br, method)(x) * (abs(s) if absolute else s)
+            total = t if total is None else total + t
+        return total
+
+    def apply(self, x):
+        return self._signed_sum("apply", x)
 
     def adjoint(self, y):
-        x = None
-        for br, s in zip(self.branches, self.signs):
-            t = br.adjoint(y) * s
-            x = t if x is None else x + t
-        return x
+        return self._signed_sum("adjoint", y)
 
     def abs_apply(self, x):
         merged = self._as_single_conv()
         if merged is not None:
             return merged.abs_apply(x)
-        y = None
-        for br, s in zip(self.branches, self.signs):
-            t = br.abs_apply(x) * abs(s)
-            y = t if y is None else y + t
-        return y
+        return self._signed_sum("abs_apply", x, absolute=True)
 
     def row_norms(self, q: str = "2"):
         """Exact when materialisable or when the sum folds into one convolution; otherwise the

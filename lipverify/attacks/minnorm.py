@@ -56,6 +56,7 @@ from lipverify.attacks.pgd import (
     _apply_clip,
     _bcast,
     _check_clip,
+    _prepare,
     _check_norm,
     _flat_dual_norm,
     _flat_norm,
@@ -412,12 +413,7 @@ def min_norm_radius(
     norm = _check_norm(norm)
     if method not in ("auto", "fmn", "bisection"):
         raise ValueError(f"method must be 'auto', 'fmn' or 'bisection', got {method!r}")
-    x = x.detach()
-    B = x.shape[0]
-    y = y.detach().to(device=x.device, dtype=torch.long).reshape(-1)
-    if y.numel() != B:
-        raise ValueError(f"y has {y.numel()} labels for {B} inputs")
-    clip = _check_clip(clip, x)
+    x, y, B, clip = _prepare(x, y, clip)
 
     if method == "fmn":
         r, xa = fmn_attack(forward, x, y, norm=norm, steps=300 if steps is None else steps, clip=clip,

@@ -142,6 +142,16 @@ def _check_clip(clip, x: torch.Tensor):
     return lo, hi
 
 
+def _prepare(x: torch.Tensor, y: torch.Tensor, clip):
+    """Detached inputs, labels as a flat long tensor on x's device, checked clip box."""
+    x = x.detach()
+    B = x.shape[0]
+    y = y.detach().to(device=x.device, dtype=torch.long).reshape(-1)
+    if y.numel() != B:
+        raise ValueError(f"y has {y.numel()} labels for {B} inputs")
+    return x, y, B, _check_clip(clip, x)
+
+
 def _apply_clip(z: torch.Tensor, clip) -> torch.Tensor:
     if clip is None:
         return z
@@ -313,12 +323,7 @@ def pgd_attack(
         raise ValueError("steps and restarts must be non-negative")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
-    x = x.detach()
-    B = x.shape[0]
-    y = y.detach().to(device=x.device, dtype=torch.long).reshape(-1)
-    if y.numel() != B:
-        raise ValueError(f"y has {y.numel()} labels for {B} inputs")
-    clip = _check_clip(clip, x)
+    x, y, B, clip = _prepare(x, y, clip)
     eps_t = _per_example(eps, B, x, "eps")
     if step_size is None:
         step_t = eps_t / 4
