@@ -32,7 +32,7 @@ def test_two_gloo_processes_match_one(tmp_path, loss):
     data = tmp_path / "d.npz"
     np.savez(data, x=x.numpy(), y=y.numpy())
     common = ["finetune", "--data", str(data), "--eps", "1.0", "--epochs", "2", "--batch-size", "16",
-              "--lr", "3e-3", "--augment", "crop", "--loss", loss, "--eval-limit", "8", "--quiet"]
+              "--lr", "3e-3", "--augment", "crop", "--loss", loss, "--eps-schedule", "constant", "--eval-limit", "8", "--quiet"]
     one = tmp_path / "one"
     res = CliRunner().invoke(main, common + ["--out", str(one)], catch_exceptions=False)
     assert res.exit_code == 0, res.output
@@ -46,19 +46,21 @@ def test_two_gloo_processes_match_one(tmp_path, loss):
     a = torch.load(one / "model.pt", weights_only=True)
     b = torch.load(two / "model.pt", weights_only=True)
     assert a.keys() == b.keys()
-    # Adam divides by sqrt(v): for a weight whose gradient is ~0, summing the batch in another order
-    # (two half batches) can flip its sign and move it by up to one step (lr); one thread vs two threads
-    # in a single process shows the same effect.  So: almost every weight equal, the function equal.
+    # Adam divides by sqrt(v): for a weight whose gradient is ~0 (e.g. the last-layer column of a ReLU
+    # unit that is off on every input), summing the batch in another order (two half batches) can flip
+    # the sign of that gradient and move the weight by up to one step (lr); one thread vs two threads in
+    # a single process shows the same effect.  Such weights do not change the function, so: every weight
+    # within the sign-flip bound, the same losses, the same logits.
     for k in a:
         d = (a[k] - b[k]).abs().flatten()
         assert float(d.max()) <= 2 * 3e-3 * 4, k
-        assert float((d > 1e-4).float().mean()) <= 0.02, (k, float((d > 1e-4).float().mean()))
+        assert float(d.median()) <= 1e-5, k
     import lipverify
 
     la, lb = lipverify.load(str(one / "model.onnx")), lipverify.load(str(two / "model.onnx"))
     with torch.no_grad():
         fa, fb = la(x), lb(x)
-    assert torch.allclose(fa, fb, rtol=1e-3, atol=1e-3 * float(fa.abs().max()))
+    assert torch.allclose(fa, fb, rtol=1e-4, atol=1e-4 * float(fa.abs().max()))
     ra = json.loads((one / "report.json").read_text())
     rb = json.loads((two / "report.json").read_text())
     assert rb["processes"] == 2 and ra["processes"] == 1

@@ -220,10 +220,12 @@ def test_state_dict_input_writes_state_dict(tmp_path, samples):
     src = tmp_path / "mlp.pth"
     torch.save(net.state_dict(), src)
     out = tmp_path / "ft"
-    run(["finetune", src, "--arch", f"{ROOT / 'examples' / 'architectures.py'}:spectral_nor_mlp_b",
+    res = run(["finetune", src, "--arch", f"{ROOT / 'examples' / 'architectures.py'}:spectral_nor_mlp_b",
          "--input-shape", "1,28,28", "--mean", "0.1307", "--std", "0.3081", "--data", samples, "--eps", "0.3",
-         "--epochs", "2", "--batch-size", "16", "--out", out, "--quiet"])
+         "--epochs", "2", "--batch-size", "16", "--out", out, "--quiet", "--json"])
     rep = json.loads((out / "report.json").read_text())
+    printed = json.loads(res.stdout)
+    assert printed["after"] == rep["after"]
     assert rep["input_format"] == "state_dict" and rep["outputs"]["primary"] == "model.pt"
     chk = rep["outputs"]["state_dict_check"]
     assert chk["checked"] and chk["passed"], chk

@@ -102,14 +102,22 @@ def test_residual_batchnorm_pooling_model():
     lm = lipverify.load(net, input_shape=(1, 8, 8))
     _, tnet, graph, b = _view(lm)
     train, frozen = select_trainable(tnet, graph)
-    assert any(n.endswith("bn.weight") for n in frozen)  # the BN scale is measured, not live: frozen
-    assert not any(n.endswith("bn.bias") for n in frozen)
+    assert frozen == []  # the BN scale is re-read from the module: trainable
+    assert b.batchnorms == [tnet.model.bn]
     K_est = b.margin_constants().detach().double()
     K_sound = lm.margin_constants().K
     off = ~torch.eye(3, dtype=torch.bool)
     assert float((K_est[off] / K_sound[off]).max()) <= 1.0 + 1e-5
     b.margin_constants().sum().backward()
     assert tnet.model.c1.weight.grad is not None and float(tnet.model.c1.weight.grad.abs().sum()) > 0
+    assert tnet.model.bn.weight.grad is not None and float(tnet.model.bn.weight.grad.abs().sum()) > 0
+    # the bound follows the BatchNorm scale: doubling gamma doubles the first block's constant
+    i0 = b.live[0]
+    s0 = float(b.sigma(i0))
+    with torch.no_grad():
+        tnet.model.bn.weight.mul_(2.0)
+    b.converge()
+    assert float(b.sigma(i0)) == pytest.approx(2 * s0, rel=1e-3)
 
 
 def test_normalizer_outside_is_folded():

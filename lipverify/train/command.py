@@ -351,7 +351,8 @@ def run_finetune(o: dict, echo=None) -> dict:
         "device": str(dev), "processes": ctx.world,
         "notes": notes + list(lm_after.notes),
     }
-    atomic_write_text(out_dir / "report.json", json.dumps(rep, indent=2, default=_json_default))
+    atomic_write_text(out_dir / "report.json", json.dumps(_finite(rep), indent=2, default=_json_default,
+                                                          allow_nan=False))
     rep["_table"] = report.table(before, after, eps_keys, _extra_rows(after_local, eps_keys, mean_epoch,
                                                                      len(trainer.history)))
     return rep
@@ -373,6 +374,17 @@ def _extra_rows(after_local, eps_keys, mean_epoch, n_epochs):
             rows.append((f"VRA @ eps={e}, local bound", "-", f"{100 * after_local['vra'].get(e, 0):.1f}%"))
     rows.append(("time per epoch (s)", "-", f"{mean_epoch:.2f} x {n_epochs}"))
     return rows
+
+
+def _finite(v):
+    """Non-finite floats become ``None`` (strict JSON)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 def _json_default(v):
@@ -429,7 +441,7 @@ def _options(fn):
         click.option("--eval-eps", default=None, help="Radii for the report, comma-separated (default: --eps)."),
         click.option("--eps-mult", type=float, default=1.0, show_default=True,
                      help="Training eps = mult x eps (GloRo trains slightly above the test radius)."),
-        click.option("--eps-schedule", type=click.Choice(list(EPS_SCHEDULES)), default="constant", show_default=True,
+        click.option("--eps-schedule", type=click.Choice(list(EPS_SCHEDULES)), default="log", show_default=True,
                      help="Ramp of the training eps: linear / log (GloRo) / liresnet (0.1 eps -> 1.5 eps)."),
         click.option("--eps-ramp-epochs", type=float, default=None, help="Length of the eps ramp (default: half the run)."),
         click.option("--trades-lambda", default="1.0", show_default=True, help="TRADES weight: x or start,end,epochs."),
@@ -497,7 +509,8 @@ def _make_command():
         if not rep:
             return
         if o["as_json"]:
-            click.echo(json.dumps({k: v for k, v in rep.items() if not k.startswith("_")}, default=_json_default))
+            click.echo(json.dumps(_finite({k: v for k, v in rep.items() if not k.startswith("_")}),
+                                  default=_json_default, allow_nan=False))
             return
         click.echo(rep["_table"])
         click.echo(f"\nnumbers in 'after' are re-verified with the sound bound on {o['out_dir']}/model.onnx; "

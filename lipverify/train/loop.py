@@ -33,7 +33,7 @@ class TrainConfig:
     loss: str = "gloro"
     eps: float = 0.3
     eps_mult: float = 1.0
-    eps_schedule: str = "constant"
+    eps_schedule: str = "log"
     eps_ramp: float | None = None  # epochs; default: half of the run
     trades_lambda: str = "1.0"
     epochs: int = 10

@@ -98,9 +98,10 @@ def curves_png(history: list[dict], eps: float) -> bytes:
     """Per-epoch curves: loss; accuracy and VRA estimates; global bound estimate; eps and lr."""
     plt = _plt()
     ep = [h["epoch"] for h in history]
+    mk = "o" if len(ep) <= 30 else None
     fig, ax = plt.subplots(2, 2, figsize=(10, 7))
     a = ax[0, 0]
-    a.plot(ep, [h["loss"] for h in history], marker="o")
+    a.plot(ep, [h["loss"] for h in history], marker=mk)
     a.set_title("training loss")
     a.set_xlabel("epoch")
     a = ax[0, 1]
@@ -114,7 +115,7 @@ def curves_png(history: list[dict], eps: float) -> bytes:
     a.set_xlabel("epoch")
     a.legend(fontsize=8)
     a = ax[1, 0]
-    a.plot(ep, [h["global_bound_estimate"] for h in history], marker="o")
+    a.plot(ep, [h["global_bound_estimate"] for h in history], marker=mk)
     a.set_yscale("log")
     a.set_title("global Lipschitz bound (power-iteration estimate)")
     a.set_xlabel("epoch")

@@ -20,9 +20,14 @@ These are *estimates* (power iteration approaches the norm from below): they dri
 Every number that lipverify reports as a certificate is recomputed afterwards with the sound method on
 the exported model.
 
-Parameters that the graph does not reference live (a BatchNorm scale, a per-channel multiplier measured
-as a constant element-wise scale, a weight the importer had to materialise) would change the function
-without changing the training bound; they are frozen, and :attr:`GloroBound.frozen` names them.
+Dense and convolution weights are read live through the importer's ``keep_params`` option; a
+row-normalised last layer (a parametrisation) and the scale of an eval-mode BatchNorm
+(``weight / sqrt(running_var + eps)``, matched to the element-wise scale the importer measured) are
+re-read from their modules.  Parameters that the graph does not reference live (a per-channel
+multiplier measured as a constant element-wise scale, a weight the importer had to materialise, a 1-d
+convolution) would change the function without changing the training bound; they are frozen, and
+:func:`select_trainable` names them.  BatchNorm statistics stay frozen (the network is trained in eval
+mode).
 Additive biases (``.bias`` of dense, convolution and BatchNorm layers) never affect a Lipschitz constant
 and stay trainable.
 """
@@ -35,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from lipverify.graph import LipschitzGraph
-from lipverify.linear_ops import Chain, Conv, Dense, LinearOp, Residual
+from lipverify.linear_ops import Chain, Conv, Dense, LinearOp, Residual, Scale
 
 _BIAS_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
                  nn.LayerNorm, nn.GroupNorm)
@@ -84,6 +89,44 @@ def _patch_parametrized(graph: LipschitzGraph, net: nn.Module) -> list[nn.Module
     return patched
 
 
+class _BatchNormScale(Scale):
+    """A :class:`Scale` measured from an eval-mode BatchNorm, re-read from the module on every use
+    (``weight / sqrt(running_var + eps)`` per channel), so that the BatchNorm scale is trainable."""
+
+    @property
+    def scale(self):
+        bn = self._bn
+        s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return s.view((-1,) + (1,) * (len(self.in_shape) - 1))
+
+    @scale.setter
+    def scale(self, value):
+        pass
+
+
+def _patch_batchnorm(graph: LipschitzGraph, net: nn.Module) -> list[nn.Module]:
+    """Point element-wise scales measured from eval-mode BatchNorm layers at the modules."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
+           and m.track_running_stats and isinstance(m.weight, nn.Parameter)]
+    patched = []
+    for bn in bns:
+        with torch.no_grad():
+            want = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+        for n in graph.nodes:
+            if n.kind != "linear":
+                continue
+            for o in iter_ops(n.op):
+                if type(o) is not Scale or not o.in_shape or o.in_shape[0] != want.numel():
+                    continue
+                cs = o.channel_scale()
+                if cs is not None and torch.allclose(cs.to(want.dtype), want, rtol=1e-6, atol=1e-9):
+                    o.__dict__.pop("scale", None)
+                    o.__class__ = _BatchNormScale
+                    o._bn = bn
+                    patched.append(bn)
+    return patched
+
+
 def live_parameters(graph: LipschitzGraph) -> list[nn.Parameter]:
     """Parameters that the graph's operators and activations read live (differentiable)."""
     seen, out = set(), []
@@ -99,6 +142,8 @@ def live_parameters(graph: LipschitzGraph) -> list[nn.Parameter]:
                 if isinstance(o, _ParametrizedDense):
                     for p in o._source.parametrizations.weight.parameters():
                         add(p)
+                elif isinstance(o, _BatchNormScale):
+                    add(o._bn.weight)
                 elif isinstance(o, (Dense, Conv)):
                     add(o.weight)
         elif n.kind == "activation":
@@ -129,7 +174,7 @@ def select_trainable(net: nn.Module, graph: LipschitzGraph) -> tuple[list[nn.Par
 
 def _has_params(op: LinearOp) -> bool:
     for o in iter_ops(op):
-        if isinstance(o, _ParametrizedDense):
+        if isinstance(o, (_ParametrizedDense, _BatchNormScale)):
             return True
         if isinstance(o, (Dense, Conv)) and isinstance(o.weight, nn.Parameter):
             return True
@@ -181,6 +226,7 @@ class GloroBound(nn.Module):
         self.graph = graph
         self.power_iters = int(power_iters)
         self.parametrized = _patch_parametrized(graph, net)
+        self.batchnorms = _patch_batchnorm(graph, net)
         self.out = graph.output
         self.m = int(math.prod(graph.nodes[self.out].out_shape))
         self.live: list[int] = []
