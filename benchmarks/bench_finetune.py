@@ -35,6 +35,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def main() -> None:
     ap.add_argument("--skip-compare", action="store_true")
     ap.add_argument("--skip-headline", action="store_true")
     ap.add_argument("--quick", action="store_true", help="short runs (overhead + 30-epoch comparisons)")
-    ap.add_argument("--workdir", default="/tmp/lipverify_bench_finetune")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "lipverify_bench_finetune"))
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     a = ap.parse_args()
     data = realdata_dir(a.realdata)
