@@ -203,17 +203,18 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     # summary
     keys = list(cert_at)
     primary = -1.0 if per_example else (max(eps_list) if eps_list else None)
-    inputs = []
-    for i in range(n):
-        at = {k: bool(cert_at[k][i]) for k in keys if k >= 0}
-        if per_example:
-            cert = bool(cert_at[-1.0][i])
-        elif primary is not None:
-            cert = bool(cert_at[primary][i])
-        else:
-            cert = bool(radius[i] > 0) and sound[i]
-        inputs.append(InputCertificate(i, int(y[i]), int(pred[i]), float(margin[i]), float(radius[i]), cert,
-                                       methods[i], sound[i], at, names[i] if names is not None else str(i)))
+    # convert once to Python lists (per-element tensor indexing dominates for fast models)
+    at_lists = {k: cert_at[k].tolist() for k in keys if k >= 0}
+    if per_example:
+        primary_list = cert_at[-1.0].tolist()
+    elif primary is not None:
+        primary_list = at_lists[primary]
+    else:
+        primary_list = [r > 0 and sd for r, sd in zip(radius.tolist(), sound)]
+    y_l, p_l, m_l, r_l = y.tolist(), pred.tolist(), margin.tolist(), radius.tolist()
+    inputs = [InputCertificate(i, y_l[i], p_l[i], m_l[i], r_l[i], bool(primary_list[i]), methods[i], sound[i],
+                               {k: v[i] for k, v in at_lists.items()}, names[i] if names is not None else str(i))
+              for i in range(n)]
     vra = {k: float((cert_at[k] & correct).double().mean()) for k in keys if k >= 0}
     if per_example:
         vra_pe = float((cert_at[-1.0] & correct).double().mean())
