@@ -95,6 +95,25 @@ def propagate(graph: LipschitzGraph, p: str, method: str = "sound", power_tol: f
     return res
 
 
+def combine_lipschitz(node: Node, ins: list, linear_constant=None):
+    """``L(v)`` from the inputs' bounds ``ins`` (floats or tensors, l2) by the rules in the module
+    docstring; ``linear_constant`` is the operator norm of a linear node."""
+    k = node.kind
+    if k == "linear":
+        return ins[0] * linear_constant
+    if k == "activation":
+        return ins[0] * node.op.lipschitz
+    if k == "minmax":
+        return ins[0]
+    if k == "maxpool":
+        return ins[0] * node.op.lip2
+    if k == "add":
+        return sum(abs(c) * v for c, v in zip(node.op, ins))
+    if k == "concat":
+        return sum(v * v for v in ins) ** 0.5
+    raise ValueError(f"node kind {k} has no Lipschitz rule")
+
+
 @dataclass
 class MarginConstants:
     """``K[i][j]`` bounds the Lipschitz constant of ``f_i - f_j`` (symmetric, zero diagonal)."""

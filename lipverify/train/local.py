@@ -32,6 +32,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lipverify.bounds.global_bound import combine_lipschitz
 from lipverify.graph import minmax
 from lipverify.linear_ops import Chain, Conv, Dense, Scale, Select
 from lipverify.train.losses import worst_case_ce
@@ -292,17 +293,9 @@ class LocalBound(nn.Module):
                 s = sig.get(i)
                 if s is None:
                     s = self.bound.sigma(i) if i in self.bound.live else self.bound.const[i]
-                Lloc[i] = ins[0] * s
-            elif k == "activation":
-                Lloc[i] = ins[0] * n.op.lipschitz
-            elif k == "minmax":
-                Lloc[i] = ins[0]
-            elif k == "maxpool":
-                Lloc[i] = ins[0] * n.op.lip2
-            elif k == "add":
-                Lloc[i] = sum(abs(c) * v for c, v in zip(n.op, ins))
-            elif k == "concat":
-                Lloc[i] = sum(v * v for v in ins) ** 0.5
+                Lloc[i] = combine_lipschitz(n, ins, s)
+            else:
+                Lloc[i] = combine_lipschitz(n, ins)
         out = nodes[self.out]
         Kg = self.bound.margin_constants()
         if out.kind == "linear":

@@ -39,6 +39,7 @@ import math
 import torch
 import torch.nn as nn
 
+from lipverify.bounds.global_bound import combine_lipschitz
 from lipverify.graph import LipschitzGraph
 from lipverify.linear_ops import Chain, Conv, Dense, LinearOp, Residual, Scale
 
@@ -305,19 +306,9 @@ class GloroBound(nn.Module):
                 if skip_output and i == self.out:
                     continue
                 c = self.sigma(i) if i in self.live else self.const[i]
-                L[i] = ins[0] * c
-            elif k == "activation":
-                L[i] = ins[0] * n.op.lipschitz
-            elif k == "minmax":
-                L[i] = ins[0]
-            elif k == "maxpool":
-                L[i] = ins[0] * n.op.lip2
-            elif k == "add":
-                L[i] = sum(abs(c) * v for c, v in zip(n.op, ins))
-            elif k == "concat":
-                L[i] = sum(v * v for v in ins) ** 0.5
+                L[i] = combine_lipschitz(n, ins, c)
             else:
-                raise ValueError(f"node kind {k} has no Lipschitz rule")
+                L[i] = combine_lipschitz(n, ins)
         return L
 
     def margin_constants(self) -> torch.Tensor:
