@@ -174,8 +174,6 @@ def data_options(fn):
 def load_dataset(lm, data_path, layout, limit, mean, std):
     """Load data for ``lm``; VNN-LIB boxes (model-input units) are mapped to pixel space when the
     normalisation is outside the model."""
-    import torch
-
     from lipverify.data import load_data
 
     ds = load_data(data_path, lm.input_shape, layout=layout, n_classes=lm.n_classes, limit=limit)
@@ -203,8 +201,6 @@ def load_dataset(lm, data_path, layout, limit, mean, std):
 def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device, debug, data_path, layout,
             limit, batch_size, quiet, eps, norm, method, as_json, out_csv, plot_png):
     """Certified radius per input (global GloRo rule, or IBP-masked local bounds)."""
-    import torch
-
     from lipverify.certify import parse_eps
     from lipverify.io_utils import check_not_input
 
@@ -305,7 +301,7 @@ def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
     with torch.no_grad():
         pred = lm(x).argmax(1)
     broken = {}
-    radii, xadv_found = [], []
+    radii = []
     with progress_bar(len(x) * (len(eps_list) + 1), "attacking", quiet) as advance:
         for e in eps_list:
             flags = []

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from lipverify.linear_ops import LinearOp, Shape
+from lipverify.linear_ops import Shape
 
 
 @dataclass(frozen=True)

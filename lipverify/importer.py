@@ -18,7 +18,6 @@ not know.
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Any, Callable
 

@@ -33,14 +33,11 @@ def certify_plot(radii: np.ndarray, correct: np.ndarray, norm: str, eps_marks=()
     b.hist(radii[correct], bins=30, color="tab:blue", alpha=0.8, label="correct")
     b.set_xlabel(f"certified radius (l{norm})")
     b.set_title("certified radii (correctly classified inputs)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
+    """Render a figure to PNG bytes and close it."""
     plt = _plt()
     buf = io.BytesIO()
     fig.tight_layout()
@@ -62,7 +59,7 @@ def radius_scatter(r_cert, r_adv, correct, norm: str) -> bytes:
     ax.set_ylabel(f"certified radius (l{norm}, sound)")
     ax.legend()
     ax.set_title("certified vs adversarial radius")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def accuracy_curves(curves: dict, norm: str) -> bytes:
@@ -75,7 +72,7 @@ def accuracy_curves(curves: dict, norm: str) -> bytes:
     ax.set_ylim(0, 1.02)
     ax.legend()
     ax.set_title("clean, empirically robust and certified accuracy")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def layer_bars(names, values) -> bytes:
@@ -87,4 +84,4 @@ def layer_bars(names, values) -> bytes:
     ax.set_yscale("log")
     ax.set_ylabel("Lipschitz constant")
     ax.set_title("per-layer constants (sound)")
-    return _png(fig)
+    return png_bytes(fig)

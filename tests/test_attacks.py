@@ -18,15 +18,6 @@ import torch.nn as nn
 from lipverify.attacks import AttackResult, MinNormResult, margin_loss, min_norm_radius, pgd_attack
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: thread start-up dominates; also keeps the shared CI cores free
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _affine(n=10, m=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(m, n, generator=g, dtype=torch.float64)

@@ -17,14 +17,6 @@ from lipverify.bounds.lower import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _linear(n=12, m=4, seed=0):
     torch.manual_seed(seed)
     return nn.Linear(n, m).double().eval()

@@ -83,14 +83,14 @@ def propagate(graph: LipschitzGraph, p: str, method: str = "sound", power_tol: f
         else:
             c = constants[i] if constants is not None else node_constant(n, p, method, power_tol)
             ins = [res[j].cumulative for j in n.inputs]
-            if n.kind == "add":
-                val = sum(abs(co) * b.value for co, b in zip(n.op, ins))
-                cum = Bound(val, "sum over branches", all(b.sound for b in ins))
-            elif n.kind == "concat":
-                val = (math.sqrt(sum(b.value ** 2 for b in ins)) if p == "2" else max(b.value for b in ins))
-                cum = Bound(val, "concat", all(b.sound for b in ins))
+            vals = [b.value for b in ins]
+            if n.kind == "concat" and p == "inf":
+                val = max(vals)
+            elif c is not None:  # single-input node: L(u) * its own constant (l2 or l-inf)
+                val = vals[0] * c.value
             else:
-                cum = Bound(ins[0].value * c.value, "product", ins[0].sound and c.sound)
+                val = combine_lipschitz(n, vals)
+            cum = Bound(val, "propagated", all(b.sound for b in ins) and (c is None or c.sound))
         res.append(NodeConstant(i, n.name, n.describe(), n.kind, tuple(in_shape), tuple(n.out_shape), c, cum))
     return res
 

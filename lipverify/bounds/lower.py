@@ -530,7 +530,6 @@ def jacobian_spectral_lower_bound(
     """
     prob = _Problem(forward, x_seed, "2", eps, clip, recompute_forward)
     z, sid = prob.centres(restarts, generator)
-    R = z.shape[0]
     if lr is None:
         lr = _default_lr(prob)
     dev = z.device

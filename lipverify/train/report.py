@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from lipverify.certify import repr_eps
+from lipverify.plots import _plt, png_bytes
 
 
 def sound_evaluation(lm, x, y, eps_list, norm: str = "2", batch_size: int = 256, method: str = "global",
@@ -85,15 +86,6 @@ def table(before: dict, after: dict, eps_keys: list[str], extra_rows=()) -> str:
     return "\n".join(lines)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def curves_png(history: list[dict], eps: float) -> bytes:
     """Per-epoch curves: loss; accuracy and VRA estimates; global bound estimate; eps and lr."""
     plt = _plt()
@@ -127,11 +119,7 @@ def curves_png(history: list[dict], eps: float) -> bytes:
     b.plot(ep, [h["lr"] for h in history], label="learning rate", color="tab:red")
     b.set_ylabel("lr")
     a.set_title("schedules (end of epoch)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def before_after_png(before: dict, after: dict, norm: str, eps_marks=()) -> bytes:
@@ -153,8 +141,4 @@ def before_after_png(before: dict, after: dict, norm: str, eps_marks=()) -> byte
     a.set_ylabel("certified accuracy")
     a.set_ylim(0, 1.02)
     a.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
