@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from lipverify.attacks.minnorm import min_norm_radius
 from lipverify.bounds.lower import jacobian_spectral_lower_bound, margin_lipschitz_lower_bound
 
 
@@ -72,7 +71,7 @@ def _jsonable(o):
 
 
 def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str = "2", clip=None,
-              lower_steps: int = 150, n_local: int = 16, attack_steps: int | None = None, seed: int = 0,
+              lower_steps: int = 150, n_local: int = 16, strength: str = "standard", seed: int = 0,
               progress=None) -> AuditResult:
     t0 = time.perf_counter()
     notes: list[str] = []
@@ -95,10 +94,10 @@ def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str 
 
     step("attack")
     fwd = lm.module
-    kw = {"steps": attack_steps} if attack_steps else {}
-    adv = min_norm_radius(fwd, x.to(lm.device), y.to(lm.device), norm=norm, clip=clip, method="fmn", generator=g,
-                          **kw)
+    adv = lm.attack(x, y, eps=eps, norm=norm, clip=clip, strength=strength, seed=seed)
     r_adv = adv.radius.cpu().double().numpy()
+    notes.append(f"attacks ({strength}): {'; '.join(adv.tried)}; every adversarial point checked in "
+                 f"{adv.precision}")
     # misclassified inputs have r_adv = 0 and r_cert = 0 (margin <= 0) by construction
     violations = []
     for i in range(len(x)):
@@ -179,7 +178,8 @@ def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str 
                             "empirical": float((correct & (r_adv > e)).mean())} for e in eps}
 
     inputs = [{"index": i, "label": int(labels[i]), "pred": int(pred[i]), "r_cert": float(r_cert[i]),
-               "r_adv": float(r_adv[i]), "cert_method": cert.inputs[i].method, "sound": cert.inputs[i].sound}
+               "r_adv": float(r_adv[i]), "r_adv_found_by": adv.found_by[i], "cert_method": cert.inputs[i].method,
+               "sound": cert.inputs[i].sound}
               for i in range(len(x))]
     verdict = _verdict(glob, jac_lower, pair_rows, r_cert, r_adv, correct, eps, norm, violations, lipsdp_info,
                        local_info)

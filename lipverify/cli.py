@@ -267,82 +267,98 @@ def _clip_option(text, x):
     return None
 
 
+def _attack_box(lm, ds, clip, mean, std):
+    """The input domain of the attack: the exact VNN-LIB box (mapped to pixel space) or ``--clip``."""
+    if ds.lower is not None and ds.upper is not None:
+        import torch
+
+        lo, hi = ds.lower.to(torch.float32), ds.upper.to(torch.float32)
+        norm = getattr(lm.module, "normalize", None)
+        if norm is not None and (mean is not None or std is not None):
+            lo = (ds.lower * norm.std.double() + norm.mean.double()).float()
+            hi = (ds.upper * norm.std.double() + norm.mean.double()).float()
+        lo = torch.minimum(lo, ds.x.to(lo.dtype))
+        hi = torch.maximum(hi, ds.x.to(hi.dtype))
+        return (lo.to(lm.device), hi.to(lm.device)), True
+    return _clip_option(clip, ds.x), False
+
+
 @main.command()
 @model_options
 @data_options
-@click.option("--eps", default=None, help="Radius or list for robust accuracy under PGD, e.g. 0.3 or 8/255,16/255.")
+@click.option("--eps", default=None, help="Radius or list for the robust accuracy, e.g. 0.3 or 8/255,16/255.")
 @click.option("--norm", type=click.Choice(["2", "inf"]), default="2", show_default=True)
 @click.option("--clip", default=None, help="Input domain LO,HI (default 0,1 when the data lies in [0,1]; 'none').")
-@click.option("--steps", type=int, default=100, show_default=True, help="PGD steps per restart.")
-@click.option("--restarts", type=int, default=5, show_default=True)
+@click.option("--strength", type=click.Choice(["fast", "standard", "thorough"]), default="standard",
+              show_default=True, help="Attack effort (standard: sized like AutoAttack's standard version).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--out", "out_csv", default=None, help="Per-input CSV (index, label, pred, r_adv, broken at each eps).")
+@click.option("--out", "out_csv", default=None, help="Per-input CSV (index, label, pred, r_adv, found_by, broken at each eps).")
+@click.option("--save", "save_npz", default=None,
+              help="adv.npz with every adversarial point, label, prediction, radius (and VNN-LIB counterexample files).")
 @handle_errors
 def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device, debug, data_path, layout,
-           limit, batch_size, quiet, eps, norm, clip, steps, restarts, seed, as_json, out_csv):
-    """Empirical robustness: PGD robust accuracy per eps and a minimum-norm adversarial radius per input."""
-    import torch
-
-    from lipverify.attacks.minnorm import min_norm_radius
-    from lipverify.attacks.pgd import pgd_attack
+           limit, batch_size, quiet, eps, norm, clip, strength, seed, as_json, out_csv, save_npz):
+    """Empirical robustness: an adversarial radius per input and the robust accuracy per eps."""
     from lipverify.certify import parse_eps
-    from lipverify.io_utils import atomic_write_text, check_not_input
+    from lipverify.io_utils import check_not_input
 
-    if out_csv:
-        check_not_input(out_csv, model, data_path)
+    for out in (out_csv, save_npz):
+        if out:
+            check_not_input(out, model, data_path)
     lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
     ds = load_dataset(lm, data_path, layout, limit, mean, std)
     eps_list = sorted(set(parse_eps(eps)))
-    box = _clip_option(clip, ds.x)
-    g = torch.Generator(device=lm.device).manual_seed(seed)
-    x, y = ds.x.to(lm.device), ds.y.to(lm.device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        pred = lm(x).argmax(1)
-    broken = {}
-    radii = []
-    with progress_bar(len(x) * (len(eps_list) + 1), "attacking", quiet) as advance:
-        for e in eps_list:
-            flags = []
-            for s in range(0, len(x), batch_size):
-                r = pgd_attack(lm.module, x[s:s + batch_size], y[s:s + batch_size], e, norm=norm, steps=steps,
-                               restarts=restarts, clip=box, generator=g)
-                flags.append(r.success.cpu())
-                advance(len(r.success))
-            broken[e] = torch.cat(flags)
-        for s in range(0, len(x), batch_size):
-            r = min_norm_radius(lm.module, x[s:s + batch_size], y[s:s + batch_size], norm=norm, clip=box,
-                                generator=g)
-            radii.append(r.radius.cpu())
-            advance(len(r.radius))
-    r_adv = torch.cat(radii)
-    correct = (pred.cpu() == ds.y)
-    out = {"model": lm.name, "n": len(x), "norm": norm, "clip": box, "clean_accuracy": float(correct.double().mean()),
-           "robust_accuracy": {f"{e:.6g}": float((correct & ~broken[e]).double().mean()) for e in eps_list},
-           "median_adversarial_radius": float(r_adv[correct].median()) if correct.any() else 0.0,
-           "time_s": time.perf_counter() - t0,
-           "inputs": [{"index": i, "label": int(ds.y[i]), "pred": int(pred[i]), "r_adv": float(r_adv[i]),
-                       "broken": {f"{e:.6g}": bool(broken[e][i]) for e in eps_list}} for i in range(len(x))],
-           "notes": lm.notes + ds.notes}
-    if out_csv:
-        lines = ["index,label,pred,r_adv" + "".join(f",broken@{e:.6g}" for e in eps_list)]
-        for c in out["inputs"]:
-            lines.append(f"{c['index']},{c['label']},{c['pred']},{c['r_adv']:.9g}"
-                         + "".join(f",{int(v)}" for v in c["broken"].values()))
-        atomic_write_text(out_csv, "\n".join(lines) + "\n")
+    box, exact_box = _attack_box(lm, ds, clip, mean, std)
+    if exact_box and norm != "inf":
+        raise UserInputError("VNN-LIB specifications are l-inf boxes: use --norm inf", data_path)
+    n_stages = 1 + len(eps_list)
+    with progress_bar(len(ds) * n_stages, "attacking", quiet) as advance:
+        rep = lm.attack(ds.x, ds.y, eps=eps_list, norm=norm, clip=box, strength=strength, batch_size=batch_size,
+                        seed=seed, progress=advance, names=ds.names)
+    rep.notes = list(lm.notes) + list(ds.notes) + rep.notes
+    if exact_box:
+        rep.notes.append("attacked inside each VNN-LIB box (the exact input set of the specification)")
+    _write_attack_outputs(rep, lm, ds, out_csv, save_npz, exact_box)
+    out = rep.to_dict()
+    out["model"] = lm.name
+    if exact_box:
+        out["clip"] = "VNN-LIB box"
+        out["counterexamples_found"] = int((rep.radius < float("inf")).sum())
     if as_json:
         click.echo(json.dumps(out, default=str))
         return
-    from rich.console import Console
+    from lipverify.report_text import print_attack
 
-    con = Console()
-    con.print(f"[bold]lipverify attack[/bold]  model {lm.name}  norm l{norm}  inputs {len(x)}  clip {box}")
-    con.print(f"clean accuracy: {out['clean_accuracy']:.4f}")
-    for e, v in out["robust_accuracy"].items():
-        con.print(f"robust accuracy under PGD ({steps} steps x {restarts} restarts) at eps={e}: {v:.4f}")
-    con.print(f"median adversarial radius (correct inputs): {out['median_adversarial_radius']:.6g}")
-    con.print(f"time {out['time_s']:.1f} s")
+    print_attack(out, exact_box)
+
+
+def _write_attack_outputs(rep, lm, ds, out_csv, save_npz, exact_box):
+    import numpy as np
+
+    from lipverify.io_utils import atomic_write_bytes, atomic_write_text
+
+    if out_csv:
+        keys = [f"{e:.6g}" for e in rep.eps]
+        lines = ["index,label,pred,r_adv,found_by" + "".join(f",broken@{k}" for k in keys)]
+        for c in rep.inputs():
+            r = c["r_adv"] if isinstance(c["r_adv"], str) else f"{c['r_adv']:.9g}"
+            lines.append(f"{c['index']},{c['label']},{c['pred']},{r},{c['found_by']}"
+                         + "".join(f",{int(c['broken'][k])}" for k in keys))
+        atomic_write_text(out_csv, "\n".join(lines) + "\n")
+    if save_npz:
+        import io
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, x_adv=rep.x_adv.numpy(), x=ds.x.numpy(), label=rep.labels.numpy(),
+                            pred=rep.pred.numpy(), radius=rep.radius.numpy(), margin=rep.margin.numpy(),
+                            found_by=np.array(rep.found_by), norm=np.array(rep.norm), eps=np.array(rep.eps),
+                            names=np.array(ds.names))
+        atomic_write_bytes(save_npz, buf.getvalue())
+        if exact_box:
+            from lipverify.counterexamples import write_counterexamples
+
+            write_counterexamples(save_npz, lm, ds, rep)
 
 
 @main.command()
@@ -352,10 +368,12 @@ def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
 @click.option("--norm", type=click.Choice(["2", "inf"]), default="2", show_default=True)
 @click.option("--clip", default=None, help="Input domain LO,HI (default 0,1 when the data lies in [0,1]; 'none').")
 @click.option("--out", "out_dir", default="lipverify-audit", show_default=True, help="Output folder for the report.")
+@click.option("--strength", type=click.Choice(["fast", "standard", "thorough"]), default="standard",
+              show_default=True, help="Attack effort for the adversarial radii.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @handle_errors
 def audit(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device, debug, data_path, layout,
-          limit, batch_size, quiet, eps, norm, clip, out_dir, seed):
+          limit, batch_size, quiet, eps, norm, clip, out_dir, strength, seed):
     """Two-sided report: sound bounds and certificates next to lower bounds and attacks."""
     from pathlib import Path
 
@@ -378,7 +396,7 @@ def audit(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, 
     show = (lambda msg: err.print(f"[dim]audit: {msg}...[/dim]")) if (not quiet and err.is_terminal) else None
     if not eps_list:
         eps_list = [0.1, 0.3, 1.0] if norm == "2" else [1 / 255, 2 / 255, 8 / 255]
-    res = run_audit(lm, ds.x, ds.y, eps_list, norm=norm, clip=box, seed=seed, progress=show)
+    res = run_audit(lm, ds.x, ds.y, eps_list, norm=norm, clip=box, seed=seed, strength=strength, progress=show)
     res.notes = res.notes + ds.notes
     files = render(res)
     for name, data in files.items():

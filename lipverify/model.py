@@ -97,6 +97,17 @@ class LipModel:
 
         return certify(self, x, y, eps=eps, norm=norm, method=method, **kw)
 
+    def attack(self, x, y, eps=(), norm: str = "2", clip=None, strength: str = "standard", **kw):
+        """Adversarial radius per input and robust accuracy per eps (see
+        :func:`lipverify.attacks.evaluate.evaluate_robustness`); points judged by the float64 model."""
+        from lipverify.attacks.evaluate import evaluate_robustness
+
+        x = x.to(self.device)
+        if clip is not None and isinstance(clip[0], torch.Tensor):
+            clip = (clip[0].to(self.device), clip[1].to(self.device))
+        return evaluate_robustness(self.module, x, y.to(self.device), eps, norm=norm, clip=clip, strength=strength,
+                                   forward64=self.module_double(), **kw)
+
     # -- bounds -----------------------------------------------------------------------------------
     def node_constants(self, norm: str = "2", method: str = "sound"):
         key = ("consts", norm, method)

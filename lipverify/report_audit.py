@@ -66,7 +66,15 @@ def markdown(res, images: dict[str, str]) -> str:
         L.append(f"| {e} | {v['certified']:.3f} | {v['empirical']:.3f} |")
     L.append(f"\n![accuracy]({images['accuracy.png']})\n")
     L.append(f"![certified vs adversarial radius]({images['scatter.png']})\n")
-    L.append("## Layers\n")
+    L.append("## Per input\n")
+    L.append("| index | label | pred | certified radius | adversarial radius | found by | certificate |")
+    L.append("|---|---|---|---|---|---|---|")
+    for i in res.inputs[:200]:
+        L.append(f"| {i['index']} | {i['label']} | {i['pred']} | {_fmt(i['r_cert'])} | {_fmt(i['r_adv'])} | "
+                 f"{i.get('r_adv_found_by', '-')} | {i['cert_method']} |")
+    if len(res.inputs) > 200:
+        L.append(f"\n({len(res.inputs) - 200} more inputs in report.json)")
+    L.append("\n## Layers\n")
     L.append("| layer | op | constant | method | sound |")
     L.append("|---|---|---|---|---|")
     for r in res.bounds["layers"]:

@@ -76,3 +76,21 @@ def print_certify(res, model_name: str, console: Console | None = None) -> None:
     by = ", ".join(f"{k}: {v}" for k, v in res.counts.items()) or "none"
     c.print(f"certified by: {by}")
     c.print(f"time {res.time_s:.2f} s")
+
+
+def print_attack(out: dict, exact_box: bool = False, console: Console | None = None) -> None:
+    """The ``lipverify attack`` summary from its JSON object."""
+    c = console or Console()
+    c.print(f"[bold]lipverify attack[/bold]  model {out['model']}  norm l{out['norm']}  inputs {out['n']}  "
+            f"clip {out['clip']}  strength {out['strength']}")
+    for n in out["notes"]:
+        c.print(f"[dim]note: {n}[/dim]")
+    c.print(f"clean accuracy: {out['clean_accuracy']:.4f}")
+    for e, v in out["robust_accuracy"].items():
+        c.print(f"robust accuracy under attack at eps={e}: {v:.4f}")
+    if exact_box:
+        c.print(f"counterexamples found inside the VNN-LIB boxes: {out['counterexamples_found']} of {out['n']}")
+    c.print(f"median adversarial radius (correct inputs): {out['median_adversarial_radius']:.6g}")
+    c.print("found by: " + ", ".join(f"{k} {v}" for k, v in sorted(out["found_by"].items())))
+    c.print(f"[dim]attacks run: {'; '.join(out['tried'])}; every point checked in {out['precision']}[/dim]")
+    c.print(f"time {out['time_s']:.1f} s")

@@ -30,12 +30,16 @@ Two searches, both using only the forward pass (and autograd through it):
   the two classes with the nearest linearised boundary at ``x``), because descent on ``f_y - max f_i``
   can lock onto the runner-up class while another class is closer.  This is our own rendering of the
   published algorithm, not the authors' code.
-* ``"auto"``: FMN first, then a short PGD bisection *below* the FMN radius; the per-example minimum.
+* ``"fab"``: targeted fast adaptive boundary (:mod:`lipverify.attacks.fab`) on the nearest classes.
+* ``"auto"`` (default): the escalation of :func:`min_norm_radius` — FMN, FAB-T, PGD bisection below the
+  best radius (and a bracket search where nothing was found yet), then a search of the box itself; the
+  per-example minimum.
 
-Every method finishes with a line search along the segment from ``x`` to the best point (the smallest
-checked adversarial ``x + t (x_adv - x)``, t in (0, 1]), and a final verification: ``forward(x_adv)`` is
-re-run and ``radius = ||x_adv - x||_p`` is recomputed in float64 from the returned tensor.  Points that
-fail verification are dropped (radius ``inf``).
+Every candidate is refined along the segment from ``x`` (the smallest genuine ``x + t (x_adv - x)``,
+``t in (0, 1]``) and judged in float64 by :class:`lipverify.attacks.verify.Judge`: the returned point is
+inside the box and strictly misclassified by the float64 model, and the radius is its float64 norm.
+Float32 ties are pushed outward along the segment until they are genuine; what cannot be made genuine
+is dropped (radius ``inf``).
 
 References
 ----------
@@ -47,28 +51,34 @@ A. Madry et al. "Towards Deep Learning Models Resistant to Adversarial Attacks."
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from lipverify.attacks.pgd import (
+from lipverify.attacks.core import (
     Forward,
-    _apply_clip,
-    _bcast,
-    _check_clip,
-    _prepare,
-    _check_norm,
-    _flat_dual_norm,
-    _flat_norm,
-    _logits,
-    _margin,
-    _project_ball,
-    _ranked_targets,
+    apply_clip,
+    bcast,
+    check_clip,
+    prepare,
+    check_norm,
+    flat_dual_norm,
+    flat_norm,
+    logits_of,
+    margin_of,
+    project_ball,
+    ranked_targets,
     margin_loss,
-    pgd_attack,
 )
+from lipverify.attacks.core import rand_like_gen, randn_like_gen
+from lipverify.attacks.ddn import ddn_attack
+from lipverify.attacks.fab import fab_targeted
+from lipverify.attacks.pgd import pgd_attack
+from lipverify.attacks.strength import STRENGTHS, Strength, get_strength
+from lipverify.attacks.verify import Judge
 
-__all__ = ["MinNormResult", "min_norm_radius", "fmn_attack", "bisection_attack"]
+__all__ = ["MinNormResult", "bisection_attack", "box_search", "fmn_attack", "min_norm_radius",
+           "refine_along_segment"]
 
 
 @dataclass
@@ -85,14 +95,20 @@ class MinNormResult:
     method:
         ``"fmn"``, ``"bisection"`` or ``"auto"``.
     found_by:
-        Per-example list naming the search that produced the reported point (``"clean"``, ``"fmn"``,
-        ``"bisection"``, or ``"none"``).
+        Per-example list naming the attack that produced the reported point (``"clean"``, ``"fmn"``,
+        ``"fab-t"``, ``"ddn"``, ``"pgd-bisection"``, ``"box-search"``, or ``"none"``).
+    tried:
+        The attacks that ran, with their effort (what "none" means).
+    precision:
+        The arithmetic the points were judged in (``"float64"`` unless the forward cannot run in it).
     """
 
     radius: torch.Tensor
     x_adv: torch.Tensor
     method: str
     found_by: list
+    tried: list = field(default_factory=list)
+    precision: str = "float64"
 
 
 def _cosine(start: float, end: float, k: int, total: int) -> float:
@@ -100,7 +116,7 @@ def _cosine(start: float, end: float, k: int, total: int) -> float:
 
 
 def _delta_norm64(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
-    return _flat_norm(x_adv.to(torch.float64) - x.to(torch.float64), norm)
+    return flat_norm(x_adv.to(torch.float64) - x.to(torch.float64), norm)
 
 
 def _first_order_radius(forward: Forward, x, y, norm: str) -> torch.Tensor:
@@ -110,9 +126,9 @@ def _first_order_radius(forward: Forward, x, y, norm: str) -> torch.Tensor:
     """
     xt = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        marg = -margin_loss(_logits(forward, xt), y)
+        marg = -margin_loss(logits_of(forward, xt), y)
     (g,) = torch.autograd.grad(marg.sum(), xt)
-    gq = _flat_dual_norm(g, norm).to(torch.float64)
+    gq = flat_dual_norm(g, norm).to(torch.float64)
     r = marg.detach().to(torch.float64).clamp_min(0) / gq.clamp_min(1e-12)
     return r
 
@@ -132,6 +148,7 @@ def fmn_attack(
     gamma0: float = 0.05,
     gamma_final: float = 0.001,
     init_scale: float = 1.0,
+    absolute_step: float | None = None,
 ):
     """Fast-minimum-norm style search (see the module docstring).  Returns ``(radius, x_adv)``.
 
@@ -155,19 +172,24 @@ def fmn_attack(
         Radius growth/shrink factor, cosine-decayed.
     init_scale:
         Step length used while ``eps_k`` is undefined (only when the gradient vanishes).
+    absolute_step:
+        If given, the published algorithm's step instead: ``alpha_k g / ||g||_2`` with ``alpha_k``
+        cosine-decayed from ``absolute_step`` to 1/100 of it, for either norm (followed by the same
+        projection).  For l-inf this direction explores differently from the sign step, and the
+        minimum-norm search runs both.
     """
-    norm = _check_norm(norm)
+    norm = check_norm(norm)
     x = x.detach()
     B = x.shape[0]
     y = y.to(device=x.device, dtype=torch.long).reshape(-1)
-    clip = _check_clip(clip, x)
+    clip = check_clip(clip, x)
     if alpha_final is None:
         alpha_final = alpha0 / 100
     cap = math.inf if max_eps is None else float(max_eps)
 
     best_r = torch.full((B,), math.inf, dtype=torch.float64, device=x.device)
     best_x = x.clone()
-    m0 = _margin(forward, x, y)
+    m0 = margin_of(forward, x, y)
     clean_bad = m0 <= 0
     best_r[clean_bad] = 0.0
     todo = (~clean_bad).nonzero().reshape(-1)
@@ -176,11 +198,11 @@ def fmn_attack(
 
     # rows: (example, target) with target -1 meaning untargeted
     with torch.no_grad():
-        m_cls = _logits(forward, x[:1]).shape[1]
+        m_cls = logits_of(forward, x[:1]).shape[1]
     k = (m_cls - 1) if targets is None else max(0, min(int(targets), m_cls - 1))
     tgt_cols = [torch.full((todo.numel(),), -1, dtype=torch.long, device=x.device)]
     if k > 0:
-        ranked = _ranked_targets(forward, x[todo], y[todo], norm, max_candidates=max(k, 10))[:, :k]
+        ranked = ranked_targets(forward, x[todo], y[todo], norm, max_candidates=max(k, 10))[:, :k]
         tgt_cols += [ranked[:, j] for j in range(k)]
     R = len(tgt_cols)
     idx = todo.repeat_interleave(R)                       # example index of each row
@@ -196,7 +218,7 @@ def fmn_attack(
     for it in range(steps + 1):
         xt = (xa + delta).detach().requires_grad_(True)
         with torch.enable_grad():
-            lg = _logits(forward, xt)
+            lg = logits_of(forward, xt)
             unt = -margin_loss(lg, ya)                      # f_y - max_other
             fy = lg.gather(1, ya.reshape(-1, 1)).squeeze(1)
             tmarg = fy - lg.gather(1, tsafe).squeeze(1)     # f_y - f_t
@@ -215,7 +237,7 @@ def fmn_attack(
             m_obj = obj.detach().to(torch.float64)
             gamma = _cosine(gamma0, gamma_final, it, steps)
             alpha = _cosine(alpha0, alpha_final, it, steps)
-            gq = _flat_dual_norm(g, norm).to(torch.float64)
+            gq = flat_dual_norm(g, norm).to(torch.float64)
             found = torch.isfinite(row_best)
             # linearised distance to the boundary, with a small overshoot so that an exactly linear
             # boundary is crossed instead of approached from the robust side forever
@@ -228,18 +250,22 @@ def fmn_attack(
             )
             eps = eps.clamp_max(cap)
             base = torch.where(torch.isfinite(eps), eps, torch.full_like(eps, init_scale))
-            a = _bcast((alpha * base).to(x.dtype), delta)
-            if norm == "2":
-                gn = _flat_norm(g, "2").clamp_min(torch.finfo(g.dtype).tiny)
-                delta = delta - a * g / _bcast(gn, g)
+            a = bcast((alpha * base).to(x.dtype), delta)
+            if absolute_step is not None:
+                a_abs = _cosine(absolute_step, absolute_step / 100, it, steps)
+                gn = flat_norm(g, "2").clamp_min(torch.finfo(g.dtype).tiny)
+                delta = delta - a_abs * g / bcast(gn, g)
+            elif norm == "2":
+                gn = flat_norm(g, "2").clamp_min(torch.finfo(g.dtype).tiny)
+                delta = delta - a * g / bcast(gn, g)
             else:
                 delta = delta - a * g.sign()
             finite = torch.isfinite(eps)
             if finite.any():
                 e = torch.where(finite, eps, torch.zeros_like(eps))
-                proj = _project_ball(delta, e, norm)
-                delta = torch.where(_bcast(finite, delta), proj, delta)
-            delta = _apply_clip(xa + delta, clip) - xa
+                proj = project_ball(delta, e, norm)
+                delta = torch.where(bcast(finite, delta), proj, delta)
+            delta = apply_clip(xa + delta, clip) - xa
 
     rb = row_best.reshape(-1, R)
     j = rb.argmin(dim=1)
@@ -272,11 +298,11 @@ def bisection_attack(
     FMN); the search then only looks below it.  ``iters`` bisection steps follow the bracket search;
     an example stops when its bracket is within ``rtol`` relative width.
     """
-    norm = _check_norm(norm)
+    norm = check_norm(norm)
     x = x.detach()
     B = x.shape[0]
     y = y.to(device=x.device, dtype=torch.long).reshape(-1)
-    clip = _check_clip(clip, x)
+    clip = check_clip(clip, x)
     cap = math.inf if max_eps is None else float(max_eps)
     if clip is not None:
         span = clip[1] - clip[0]
@@ -288,7 +314,7 @@ def bisection_attack(
     if hi is not None:
         best_r = torch.as_tensor(hi, dtype=torch.float64, device=x.device).clone().reshape(-1)
         best_x = x_hi.detach().clone()
-    m0 = _margin(forward, x, y)
+    m0 = margin_of(forward, x, y)
     clean_bad = m0 <= 0
     best_r[clean_bad] = 0.0
     best_x[clean_bad] = x[clean_bad]
@@ -331,27 +357,114 @@ def bisection_attack(
     return best_r, best_x
 
 
-def _line_search(forward: Forward, x, y, x_adv, radius, norm: str, iters: int = 20):
-    """Shrink each adversarial point towards x along the segment; keep only checked points."""
-    sel = (torch.isfinite(radius) & (radius > 0)).nonzero().reshape(-1)
-    if sel.numel() == 0:
-        return radius, x_adv
-    radius, x_adv = radius.clone(), x_adv.clone()
-    xs, ys, d = x[sel], y[sel], x_adv[sel] - x[sel]
-    lo = torch.zeros(sel.numel(), dtype=torch.float64, device=x.device)
-    hi = torch.ones_like(lo)
-    for _ in range(iters):
-        t = (lo + hi) / 2
-        z = xs + _bcast(t.to(x.dtype), d) * d
-        adv = _margin(forward, z, ys) <= 0
-        r = _delta_norm64(z, xs, norm)
-        ok = adv & (r < radius[sel])
-        if ok.any():
-            radius[sel[ok]] = r[ok]
-            x_adv[sel[ok]] = z[ok]
-        hi = torch.where(adv, t, hi)
-        lo = torch.where(adv, lo, t)
-    return radius, x_adv
+def refine_along_segment(judge: Judge, x, y, z, norm: str, max_eps=None, iters: int = 24):
+    """Closest genuine point on each segment ``x -> z``, judged in float64.
+
+    Float32 ties are first pushed outward (:meth:`Judge.push_out`); then bisection over ``t in (0, 1]``
+    keeps the smallest ``t`` whose point ``x + t (z - x)`` (rounded, in the box) is genuine.  Returns
+    ``(radius, z, ok)``: ``radius`` the float64 norm of the returned point where ``ok``, else ``inf``
+    (and ``z = x`` there).
+    """
+    z, ok = judge.push_out(x, y, z, norm, max_eps)
+    radius = torch.where(ok, judge.dist(z, x, norm), torch.full((x.shape[0],), math.inf, dtype=torch.float64,
+                                                                 device=x.device))
+    sel = (ok & (radius > 0)).nonzero().reshape(-1)
+    if sel.numel():
+        xs, ys = x[sel], y[sel]
+        d64 = z[sel].to(torch.float64) - xs.to(torch.float64)
+        lo = torch.zeros(sel.numel(), dtype=torch.float64, device=x.device)
+        hi = torch.ones_like(lo)
+        for _ in range(iters):
+            t = (lo + hi) / 2
+            cand = judge.along(xs, d64, t)
+            good = judge.genuine(xs, ys, cand, norm)
+            r = judge.dist(cand, xs, norm)
+            take = good & (r < radius[sel])
+            if take.any():
+                radius[sel[take]] = r[take]
+                z[sel[take]] = cand[take]
+            hi = torch.where(good, t, hi)
+            lo = torch.where(good, lo, t)
+    z = torch.where(bcast(ok, z), z, x)
+    return radius, z, ok
+
+
+def box_search(judge: Judge, x, y, norm: str, clip, max_eps=None, samples: int = 128, generator=None):
+    """Last resort for inputs every gradient attack missed: look for misclassified points directly.
+
+    Candidates per input: the box corner farthest from ``x`` (each coordinate at the far end of the
+    box), and ``samples`` points drawn uniformly from the box (without a box: Gaussian directions at
+    radii doubling from 1e-3 up to ``max_eps`` or 1e6).  The closest genuine one is refined along its
+    segment.  Returns ``(radius, z)`` with ``inf`` / ``x`` where nothing was found.
+    """
+    B = x.shape[0]
+    best_r = torch.full((B,), math.inf, dtype=torch.float64, device=x.device)
+    best_z = x.clone()
+    if B == 0:
+        return best_r, best_z
+    cands = []
+    if clip is not None:
+        lo, hi = clip
+        lo_t = torch.as_tensor(lo, dtype=x.dtype, device=x.device).expand_as(x)
+        hi_t = torch.as_tensor(hi, dtype=x.dtype, device=x.device).expand_as(x)
+        cands.append(torch.where((x - lo_t) > (hi_t - x), lo_t, hi_t))
+        for _ in range(samples):
+            u = rand_like_gen(x.shape, x, generator)
+            cands.append(lo_t + u * (hi_t - lo_t))
+    else:
+        top = 1e6 if max_eps is None else float(max_eps)
+        r = 1e-3
+        while r <= top * 2:
+            per = max(1, samples // 16)
+            for _ in range(per):
+                g = randn_like_gen(x.shape, x, generator)
+                dirn = g / bcast(flat_norm(g, norm).clamp_min(1e-30), g)
+                cands.append(x + min(r, top) * dirn)
+            r *= 2
+    for z in cands:
+        good = judge.genuine(x, y, z, norm)
+        if max_eps is None:
+            r = judge.dist(z, x, norm)
+        else:
+            # a far point may still have a close boundary point on its segment: refine below
+            r = judge.dist(z, x, norm)
+        take = good & (r < best_r)
+        if take.any():
+            best_r[take] = r[take]
+            best_z[take] = z[take]
+    found = torch.isfinite(best_r)
+    if found.any():
+        idx = found.nonzero().reshape(-1)
+        r, z, ok = refine_along_segment(judge, x[idx], y[idx], best_z[idx], norm, max_eps=None)
+        if max_eps is not None:
+            ok &= r <= float(max_eps)
+        best_r[idx] = torch.where(ok, r, torch.full_like(r, math.inf))
+        best_z[idx] = torch.where(bcast(ok, z), z, x[idx])
+    return best_r, best_z
+
+
+def _fab_stage(forward, x, y, norm, clip, st: Strength, generator):
+    """FAB-T on the ``st.fab_targets`` nearest classes (linearised); per-example minimum."""
+    B = x.shape[0]
+    with torch.no_grad():
+        m_cls = logits_of(forward, x[:1]).shape[1]
+    k = min(st.fab_targets, m_cls - 1)
+    r_best = torch.full((B,), math.inf, dtype=torch.float64, device=x.device)
+    z_best = x.clone()
+    if k <= 0 or st.fab_steps <= 0 or B == 0:
+        return r_best, z_best
+    ranked = ranked_targets(forward, x, y, norm, max_candidates=max(k, 10))[:, :k]
+    idx = torch.arange(B, device=x.device).repeat_interleave(k)
+    tgt = ranked.reshape(-1)
+    r, z = fab_targeted(forward, x[idx], y[idx], tgt, norm=norm, clip=clip, steps=st.fab_steps,
+                        restarts=st.fab_restarts, generator=generator)
+    r = r.reshape(B, k)
+    j = r.argmin(dim=1)
+    rows = torch.arange(B, device=x.device) * k + j
+    ok = torch.isfinite(r.min(dim=1).values)
+    r_best[ok] = r.min(dim=1).values[ok]
+    z_best[ok] = z[rows[ok]]
+    return r_best, z_best
 
 
 def min_norm_radius(
@@ -363,19 +476,36 @@ def min_norm_radius(
     clip=None,
     max_eps=None,
     method: str = "auto",
+    strength="standard",
     steps: int | None = None,
     restarts: int = 2,
     bisection_iters: int | None = None,
     generator: torch.Generator | None = None,
+    forward64: Forward | None = None,
 ) -> MinNormResult:
     """Smallest adversarial perturbation found per example (an upper bound on the robust radius).
+
+    ``method="auto"`` escalates until something is found (``strength`` sets the effort, see
+    :mod:`lipverify.attacks.strength`):
+
+    1. FMN: one untargeted and ``fmn_targets`` targeted trajectories (:func:`fmn_attack`); for l-inf
+       also one with the published algorithm's l2-normalised steps;
+    2. FAB-T on the ``fab_targets`` classes with the nearest linearised boundary
+       (:func:`lipverify.attacks.fab.fab_targeted`), and for l2 DDN (:mod:`lipverify.attacks.ddn`);
+    3. PGD bisection below the best radius so far, and for inputs with none yet a bracket search that
+       doubles eps up to ``max_eps`` (or the box's diameter), restarts targeted at the nearest classes
+       (:func:`bisection_attack`);
+    4. for inputs still without a point: :func:`box_search` (far box corner and uniform box points).
+
+    Every candidate is then refined along its segment and judged in float64
+    (:func:`refine_along_segment`, :class:`lipverify.attacks.verify.Judge`).
 
     Parameters
     ----------
     forward:
         Callable ``(B, *input_shape) -> (B, m)`` logits; rows processed independently (eval mode).
     x, y:
-        Inputs (their device/dtype is used throughout) and integer labels.
+        Inputs (their device/dtype is used for the attacks) and integer labels.
     norm:
         ``"2"`` or ``"inf"``.
     clip:
@@ -383,70 +513,120 @@ def min_norm_radius(
     max_eps:
         Only adversarial points with ``||x_adv - x||_p <= max_eps`` count; others give ``inf``.
     method:
-        ``"fmn"``, ``"bisection"`` or ``"auto"`` (FMN, then a short PGD bisection below the FMN radius;
-        the per-example minimum).
-    steps:
-        FMN iterations (``"fmn"``, default 300), or PGD steps per bisection stage (``"bisection"``,
-        default 100).  ``"auto"`` uses ``steps`` (default 300) for FMN and ``max(steps // 6, 20)`` PGD steps.
-    restarts:
-        PGD restarts per bisection stage (default 2: untargeted from x, then targeted at the class with
-        the nearest linearised boundary; see :func:`pgd_attack`).
-    bisection_iters:
-        Bisection steps after the bracket search (default 12 for "bisection", 6 for "auto").
+        ``"auto"`` (the escalation above), or one attack alone: ``"fmn"``, ``"fab"``, ``"ddn"`` (l2),
+        ``"bisection"``.
+    strength:
+        ``"fast"``, ``"standard"`` (default), ``"thorough"`` or a :class:`Strength`.
+    steps, restarts, bisection_iters:
+        Overrides for the single-attack methods (FMN/FAB steps, PGD steps per bisection stage, PGD
+        restarts, bisection steps).
     generator:
-        ``torch.Generator`` for PGD's random restarts.
+        ``torch.Generator`` for the random restarts and box samples.
+    forward64:
+        The model in float64 (default: a float64 copy of ``forward`` when it is an ``nn.Module``).
 
     Returns
     -------
     MinNormResult
-        ``radius`` float64 ``(B,)``: the exact norm (recomputed in float64 from the returned tensor) of a
-        point whose adversariality was re-checked by a forward pass; 0 for clean misclassified inputs;
-        ``inf`` when nothing was found.
+        ``radius`` float64 ``(B,)``: the float64 norm of the returned point, which lies in the box and is
+        strictly misclassified by the float64 model; 0 for clean misclassified inputs (float64 margin
+        ``<= 0``); ``inf`` when nothing was found up to ``max_eps``.  ``found_by`` names the attack
+        behind each radius, ``tried`` lists what ran.
 
     Warnings
     --------
     These radii are *upper* bounds on the true robust radius: a smaller adversarial example may exist.
     They never prove robustness.  A certified radius larger than the radius returned here is a bug in
-    the certifier (or a forward pass that differs from the one certified).  With a float32 forward, the
-    adversarial check is a float32 computation (a point at a numerical tie counts as adversarial).
+    the certifier (or a forward pass that differs from the one certified).
     """
-    norm = _check_norm(norm)
-    if method not in ("auto", "fmn", "bisection"):
-        raise ValueError(f"method must be 'auto', 'fmn' or 'bisection', got {method!r}")
-    x, y, B, clip = _prepare(x, y, clip)
+    norm = check_norm(norm)
+    if method not in ("auto", "fmn", "fab", "ddn", "bisection"):
+        raise ValueError(f"method must be 'auto', 'fmn', 'fab', 'ddn' or 'bisection', got {method!r}")
+    if method == "ddn" and check_norm(norm) != "2":
+        raise ValueError("method 'ddn' is an l2 attack")
+    st = get_strength(strength)
+    x, y, B, clip = prepare(x, y, clip)
+    judge = Judge(forward, x, clip, forward64)
+    cap = None if max_eps is None else float(max_eps)
 
-    if method == "fmn":
-        r, xa = fmn_attack(forward, x, y, norm=norm, steps=300 if steps is None else steps, clip=clip,
-                           max_eps=max_eps)
-        src = ["fmn"] * B
-    elif method == "bisection":
-        r, xa = bisection_attack(forward, x, y, norm=norm, steps=100 if steps is None else steps,
-                                 restarts=restarts, iters=12 if bisection_iters is None else bisection_iters,
-                                 clip=clip, max_eps=max_eps, generator=generator)
-        src = ["bisection"] * B
-    else:
-        fsteps = 300 if steps is None else steps
-        r_f, x_f = fmn_attack(forward, x, y, norm=norm, steps=fsteps, clip=clip, max_eps=max_eps)
-        r_f, x_f = _line_search(forward, x, y, x_f, r_f, norm)
-        r, xa = bisection_attack(forward, x, y, norm=norm, steps=max(fsteps // 6, 20), restarts=restarts,
-                                 iters=6 if bisection_iters is None else bisection_iters, clip=clip,
-                                 max_eps=max_eps, hi=r_f, x_hi=x_f, generator=generator)
-        src = ["bisection" if float(a) < float(b) else "fmn" for a, b in zip(r.tolist(), r_f.tolist())]
+    m64 = judge.margin(x, y)
+    clean_bad = m64 <= 0
+    best_r = torch.full((B,), math.inf, dtype=torch.float64, device=x.device)
+    best_z = x.clone()
+    src = ["none"] * B
+    tried: list[str] = []
+    todo = (~clean_bad).nonzero().reshape(-1)
 
-    r, xa = _line_search(forward, x, y, xa, r, norm)
+    def offer(name: str, idx, z):
+        """Refine stage candidates for examples ``idx`` and keep per-example improvements."""
+        if idx.numel() == 0:
+            return
+        r, zr, ok = refine_along_segment(judge, x[idx], y[idx], z, norm, max_eps=cap)
+        take = ok & (r < best_r[idx])
+        if take.any():
+            ti = idx[take]
+            best_r[ti] = r[take]
+            best_z[ti] = zr[take]
+            for i in ti.tolist():
+                src[i] = name
 
-    # final verification: re-run forward, recompute the norm in float64 from the returned tensor
-    m = _margin(forward, x, y)
-    clean_bad = m <= 0
-    adv = _margin(forward, xa, y) <= 0
-    radius = _delta_norm64(xa, x, norm)
-    ok = adv & torch.isfinite(r)
-    if max_eps is not None:
-        ok &= radius <= float(max_eps)
-    radius = torch.where(ok, radius, torch.full_like(radius, math.inf))
-    xa = torch.where(_bcast(ok, xa), xa, x)
-    radius[clean_bad] = 0.0
-    xa[clean_bad] = x[clean_bad]
-    found_by = ["clean" if bool(c) else (s if bool(o) else "none")
-                for c, s, o in zip(clean_bad.tolist(), src, ok.tolist())]
-    return MinNormResult(radius=radius, x_adv=xa, method=method, found_by=found_by)
+    xs, ys = x[todo], y[todo]
+    if todo.numel():
+        if method in ("auto", "fmn"):
+            fsteps = st.fmn_steps if steps is None or method == "auto" else steps
+            r_f, z_f = fmn_attack(forward, xs, ys, norm=norm, steps=fsteps, clip=clip, max_eps=max_eps,
+                                  targets=st.fmn_targets)
+            tried.append(f"fmn ({fsteps} steps, {st.fmn_targets} targets)")
+            offer("fmn", todo, z_f)
+            if norm == "inf" and method == "auto":
+                r_f, z_f = fmn_attack(forward, xs, ys, norm=norm, steps=fsteps, clip=clip, max_eps=max_eps,
+                                      targets=0, absolute_step=1.0)
+                tried.append(f"fmn, l2-normalised steps ({fsteps} steps)")
+                offer("fmn", todo, z_f)
+        if method in ("auto", "fab"):
+            sf = st if steps is None or method == "auto" else Strength(**{**st.__dict__, "fab_steps": steps})
+            if method == "fab" and sf.fab_steps == 0:
+                sf = STRENGTHS["standard"]
+            if sf.fab_steps > 0 and sf.fab_targets > 0:
+                r_b, z_b = _fab_stage(forward, xs, ys, norm, clip, sf, generator)
+                tried.append(f"fab-t ({sf.fab_steps} steps, {sf.fab_targets} targets)")
+                offer("fab-t", todo, z_b)
+        if method in ("auto", "ddn") and norm == "2":
+            dsteps = st.ddn_steps if steps is None or method == "auto" else steps
+            if method == "ddn" and dsteps == 0:
+                dsteps = STRENGTHS["standard"].ddn_steps
+            if dsteps > 0:
+                r_d, z_d = ddn_attack(forward, xs, ys, clip=clip, steps=dsteps)
+                tried.append(f"ddn ({dsteps} steps)")
+                offer("ddn", todo, z_d)
+        if method in ("auto", "bisection"):
+            if method == "bisection":
+                bsteps = 100 if steps is None else steps
+                biters = 12 if bisection_iters is None else bisection_iters
+                brest = restarts
+            else:
+                bsteps, biters, brest = st.bisect_steps, st.bisect_iters, st.bisect_restarts
+            hi = best_r[todo].clone()
+            r_p, z_p = bisection_attack(forward, xs, ys, norm=norm, steps=bsteps, restarts=brest, iters=biters,
+                                        clip=clip, max_eps=max_eps, hi=hi, x_hi=best_z[todo].clone(),
+                                        generator=generator)
+            tried.append(f"pgd bisection ({bsteps} steps x {brest} restarts, {biters} bisection steps)")
+            improved = r_p < hi
+            offer("pgd-bisection", todo[improved], z_p[improved])
+        if method == "auto":
+            miss = todo[~torch.isfinite(best_r[todo])]
+            if miss.numel():
+                r_s, z_s = box_search(judge, x[miss], y[miss], norm, clip, max_eps=max_eps,
+                                      samples=st.box_samples, generator=generator)
+                tried.append(f"box search ({st.box_samples} samples)")
+                ok = torch.isfinite(r_s)
+                best_r[miss[ok]] = r_s[ok]
+                best_z[miss[ok]] = z_s[ok]
+                for i in miss[ok].tolist():
+                    src[i] = "box-search"
+
+    best_r[clean_bad] = 0.0
+    best_z[clean_bad] = x[clean_bad]
+    found_by = ["clean" if bool(c) else s for c, s in zip(clean_bad.tolist(), src)]
+    return MinNormResult(radius=best_r, x_adv=best_z, method=method, found_by=found_by, tried=tried,
+                         precision=judge.precision)

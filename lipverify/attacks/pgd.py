@@ -46,11 +46,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-Forward = Callable[[torch.Tensor], torch.Tensor]
+from lipverify.attacks.core import (
+    Forward,
+    apply_clip,
+    bcast,
+    check_norm,
+    flat_norm,
+    logits_of,
+    margin_loss,
+    margin_of,
+    per_example,
+    prepare,
+    project_ball,
+    random_in_ball,
+    ranked_targets,
+)
 
 __all__ = ["AttackResult", "margin_loss", "pgd_attack"]
 
@@ -74,185 +87,6 @@ class AttackResult:
     x_adv: torch.Tensor
     success: torch.Tensor
     margin: torch.Tensor
-
-
-# --------------------------------------------------------------------------------------------------
-# helpers shared with the min-norm attack (private)
-
-
-def _check_norm(norm) -> str:
-    s = str(norm).strip().lower()
-    if s in ("2", "2.0", "l2"):
-        return "2"
-    if s in ("inf", "linf", "l-inf", "infinity"):
-        return "inf"
-    raise ValueError(f"norm must be '2' or 'inf', got {norm!r}")
-
-
-def _flat_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-example ``||t_b||_p`` over all non-batch dimensions."""
-    f = t.flatten(1)
-    if norm == "2":
-        return f.norm(p=2, dim=1)
-    return f.abs().amax(dim=1) if f.shape[1] > 0 else f.new_zeros(f.shape[0])
-
-
-def _flat_dual_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-example dual norm ``||t_b||_q`` (q = 2 for p = 2, q = 1 for p = inf)."""
-    f = t.flatten(1)
-    return f.norm(p=2, dim=1) if norm == "2" else f.abs().sum(dim=1)
-
-
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-example vector ``(B,)`` to broadcast against ``like`` ``(B, ...)``."""
-    return v.reshape((-1,) + (1,) * (like.dim() - 1))
-
-
-def _project_ball(delta: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
-    """Project each ``delta_b`` onto ``{||d||_p <= eps_b}``."""
-    e = eps.to(delta.dtype)
-    if norm == "2":
-        n = _flat_norm(delta, "2")
-        factor = torch.where(n > e, e / n.clamp_min(torch.finfo(delta.dtype).tiny), torch.ones_like(n))
-        return delta * _bcast(factor, delta)
-    eb = _bcast(e, delta)
-    return torch.maximum(torch.minimum(delta, eb), -eb)
-
-
-def _check_clip(clip, x: torch.Tensor):
-    """``(lo, hi)`` as floats, or as tensors broadcastable to ``x`` (a per-coordinate box)."""
-    if clip is None:
-        return None
-    lo, hi = clip
-    if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
-        lo = torch.as_tensor(lo, dtype=x.dtype, device=x.device)
-        hi = torch.as_tensor(hi, dtype=x.dtype, device=x.device)
-        if bool((lo > hi).any()):
-            raise ValueError("clip box has lo > hi somewhere")
-        if x.numel() and (bool((x < lo - 1e-6).any()) or bool((x > hi + 1e-6).any())):
-            raise ValueError("inputs lie outside the clip box")
-        return lo, hi
-    lo, hi = float(lo), float(hi)
-    if not lo <= hi:
-        raise ValueError(f"clip must be (lo, hi) with lo <= hi, got {clip!r}")
-    if x.numel() and (float(x.min()) < lo - 1e-6 or float(x.max()) > hi + 1e-6):
-        raise ValueError(
-            f"inputs lie outside the clip box [{lo}, {hi}] (min {float(x.min())}, max {float(x.max())})"
-        )
-    return lo, hi
-
-
-def _prepare(x: torch.Tensor, y: torch.Tensor, clip):
-    """Detached inputs, labels as a flat long tensor on x's device, checked clip box."""
-    x = x.detach()
-    B = x.shape[0]
-    y = y.detach().to(device=x.device, dtype=torch.long).reshape(-1)
-    if y.numel() != B:
-        raise ValueError(f"y has {y.numel()} labels for {B} inputs")
-    return x, y, B, _check_clip(clip, x)
-
-
-def _apply_clip(z: torch.Tensor, clip) -> torch.Tensor:
-    if clip is None:
-        return z
-    if isinstance(clip[0], torch.Tensor):
-        return torch.maximum(torch.minimum(z, clip[1]), clip[0])
-    return z.clamp(clip[0], clip[1])
-
-
-def _per_example(v, n: int, like: torch.Tensor, name: str) -> torch.Tensor:
-    """A float or a ``(n,)`` tensor as a float64 tensor of shape ``(n,)`` on ``like``'s device."""
-    t = torch.as_tensor(v, dtype=torch.float64, device=like.device).detach()
-    if t.dim() == 0:
-        t = t.expand(n).clone()
-    t = t.reshape(-1)
-    if t.numel() != n:
-        raise ValueError(f"{name} must be a float or have one entry per example ({n}), got {t.numel()}")
-    if torch.isnan(t).any() or (t < 0).any():
-        raise ValueError(f"{name} must be non-negative")
-    return t
-
-
-def _randn(shape, like: torch.Tensor, generator) -> torch.Tensor:
-    dev = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=dev, dtype=like.dtype).to(like.device)
-
-
-def _rand(shape, like: torch.Tensor, generator) -> torch.Tensor:
-    dev = generator.device if generator is not None else like.device
-    return torch.rand(shape, generator=generator, device=dev, dtype=like.dtype).to(like.device)
-
-
-def _random_in_ball(like: torch.Tensor, eps: torch.Tensor, norm: str, generator) -> torch.Tensor:
-    """Random points uniform in the eps-ball of each example (eps: (B,))."""
-    e = _bcast(eps.to(like.dtype), like)
-    if norm == "inf":
-        return (2 * _rand(like.shape, like, generator) - 1) * e
-    d = like[0].numel()
-    g = _randn(like.shape, like, generator)
-    g = g / _bcast(_flat_norm(g, "2").clamp_min(1e-30), g)
-    r = _rand((like.shape[0],), like, generator) ** (1.0 / max(d, 1))
-    return g * _bcast(r, g) * e
-
-
-def _logits(forward: Forward, z: torch.Tensor) -> torch.Tensor:
-    out = forward(z)
-    if out.dim() != 2:
-        out = out.reshape(out.shape[0], -1)
-    return out
-
-
-def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Margin loss ``max_{i != y} f_i - f_y`` per example (``>= 0`` means broken; ties count as broken).
-
-    Parameters
-    ----------
-    logits: ``(B, m)`` with ``m >= 2``.
-    y: ``(B,)`` integer labels.
-
-    Returns
-    -------
-    ``(B,)`` tensor in the dtype of ``logits`` (differentiable).
-    """
-    if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"logits must have shape (B, m) with m >= 2, got {tuple(logits.shape)}")
-    y = y.to(device=logits.device, dtype=torch.long).reshape(-1, 1)
-    f_y = logits.gather(1, y).squeeze(1)
-    others = logits.scatter(1, y, float("-inf"))
-    return others.amax(dim=1) - f_y
-
-
-def _ranked_targets(forward: Forward, x: torch.Tensor, y: torch.Tensor, norm: str,
-                    max_candidates: int = 10) -> torch.Tensor:
-    """Classes ordered by the distance to their linearised boundary at x (nearest first).
-
-    For class ``i != y`` the distance is ``(f_y - f_i)^+ / ||grad(f_y - f_i)||_q`` (q the dual norm);
-    it is exact for an affine model.  Only the ``max_candidates`` classes with the highest logits are
-    ranked (all of them when ``m - 1 <= max_candidates``).  Returns ``(B, K)`` class indices, y excluded.
-    Costs one forward and ``K`` backward passes.
-    """
-    xt = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        lg = _logits(forward, xt)
-        B, m = lg.shape
-        K = min(m - 1, max_candidates)
-        others = lg.detach().scatter(1, y.reshape(-1, 1), float("-inf"))
-        cand = others.topk(K, dim=1).indices                      # (B, K)
-        fy = lg.gather(1, y.reshape(-1, 1)).squeeze(1)
-        dists = torch.empty((B, K), dtype=torch.float64, device=x.device)
-        for c in range(K):
-            d = fy - lg.gather(1, cand[:, c : c + 1]).squeeze(1)
-            (g,) = torch.autograd.grad(d.sum(), xt, retain_graph=c < K - 1)
-            gq = _flat_dual_norm(g, norm).to(torch.float64)
-            dists[:, c] = d.detach().to(torch.float64).clamp_min(0) / gq.clamp_min(1e-30)
-    order = dists.argsort(dim=1, stable=True)
-    return cand.gather(1, order)
-
-
-def _margin(forward: Forward, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``f_y - max_{i != y} f_i`` at z, float64, without gradients."""
-    with torch.no_grad():
-        return (-margin_loss(_logits(forward, z), y)).to(torch.float64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,20 +152,20 @@ def pgd_attack(
     nothing: PGD gives an *upper* bound on the true robust radius, never a proof of robustness; only a
     certificate can show that no adversarial example exists.
     """
-    norm = _check_norm(norm)
+    norm = check_norm(norm)
     if steps < 0 or restarts < 0:
         raise ValueError("steps and restarts must be non-negative")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
-    x, y, B, clip = _prepare(x, y, clip)
-    eps_t = _per_example(eps, B, x, "eps")
+    x, y, B, clip = prepare(x, y, clip)
+    eps_t = per_example(eps, B, x, "eps")
     if step_size is None:
         step_t = eps_t / 4
     else:
-        step_t = _per_example(step_size, B, x, "step_size")
+        step_t = per_example(step_size, B, x, "step_size")
 
     best_x = x.clone()
-    best_margin = _margin(forward, x, y)
+    best_margin = margin_of(forward, x, y)
 
     ranked = None
     for r in range(restarts if steps > 0 else 0):
@@ -342,17 +176,17 @@ def pgd_attack(
         ta = None
         if multi_targeted and r % 2 == 1:
             if ranked is None:
-                ranked = _ranked_targets(forward, x, y, norm)
+                ranked = ranked_targets(forward, x, y, norm)
             ta = ranked[idx, ((r - 1) // 2) % ranked.shape[1]]
         if r == 0:
             delta = torch.zeros_like(xa)
         else:
-            delta = _random_in_ball(xa, ea, norm, generator)
-            delta = _apply_clip(xa + delta, clip) - xa
+            delta = random_in_ball(xa, ea, norm, generator)
+            delta = apply_clip(xa + delta, clip) - xa
         for t in range(steps + 1):
             xt = (xa + delta).detach().requires_grad_(True)
             with torch.enable_grad():
-                lg = _logits(forward, xt)
+                lg = logits_of(forward, xt)
                 loss = margin_loss(lg, ya)
                 if ta is not None:
                     obj = lg.gather(1, ta.reshape(-1, 1)).squeeze(1) - lg.gather(1, ya.reshape(-1, 1)).squeeze(1)
@@ -378,16 +212,16 @@ def pgd_attack(
                 factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / max(steps, 1)))
             else:
                 factor = 1.0
-            a = _bcast(sa * factor, delta)
+            a = bcast(sa * factor, delta)
             with torch.no_grad():
                 if norm == "2":
-                    gn = _flat_norm(grad, "2").clamp_min(torch.finfo(grad.dtype).tiny)
-                    delta = delta + a * grad / _bcast(gn, grad)
+                    gn = flat_norm(grad, "2").clamp_min(torch.finfo(grad.dtype).tiny)
+                    delta = delta + a * grad / bcast(gn, grad)
                 else:
                     delta = delta + a * grad.sign()
-                delta = _project_ball(delta, ea, norm)
-                delta = _apply_clip(xa + delta, clip) - xa
+                delta = project_ball(delta, ea, norm)
+                delta = apply_clip(xa + delta, clip) - xa
 
     with torch.no_grad():
-        margin = _margin(forward, best_x, y)
+        margin = margin_of(forward, best_x, y)
     return AttackResult(x_adv=best_x, success=margin <= 0, margin=margin)

@@ -62,16 +62,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from lipverify.attacks.pgd import (
-    _apply_clip,
-    _bcast,
-    _check_norm,
-    _flat_dual_norm,
-    _flat_norm,
-    _logits,
-    _project_ball,
-    _rand,
-    _random_in_ball,
+from lipverify.attacks.core import (
+    apply_clip,
+    bcast,
+    check_norm,
+    flat_dual_norm,
+    flat_norm,
+    logits_of,
+    project_ball,
+    rand_like_gen,
+    random_in_ball,
 )
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -138,7 +138,7 @@ class _Problem:
 
     def __init__(self, forward, x_seed, norm, eps, clip, recompute_forward):
         self.forward = forward
-        self.norm = _check_norm(norm)
+        self.norm = check_norm(norm)
         self.x_seed = x_seed.detach()
         if self.x_seed.dim() < 2 or self.x_seed.shape[0] == 0:
             raise ValueError("x_seed must be a non-empty batch (S, *input_shape)")
@@ -154,8 +154,8 @@ class _Problem:
         if self.eps is not None:
             c = self.x_seed[seed_idx]
             e = torch.full((z.shape[0],), self.eps, dtype=torch.float64, device=z.device)
-            z = c + _project_ball(z - c, e, self.norm)
-        return _apply_clip(z, self.clip)
+            z = c + project_ball(z - c, e, self.norm)
+        return apply_clip(z, self.clip)
 
     def centres(self, restarts: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Start points: the seeds, perturbed seeds, and (global only) random points in the data box."""
@@ -168,17 +168,17 @@ class _Problem:
                 c = xs.clone()
             elif self.eps is not None:
                 e = torch.full((S,), self.eps, dtype=torch.float64, device=xs.device)
-                c = xs + _random_in_ball(xs, e, self.norm, generator)
+                c = xs + random_in_ball(xs, e, self.norm, generator)
             elif r % 2 == 1:
                 e = torch.full((S,), 0.1 * self.scale, dtype=torch.float64, device=xs.device)
                 e = e * (math.sqrt(self.dim) if self.norm == "2" else 1.0)
-                c = xs + _random_in_ball(xs, e, self.norm, generator)
+                c = xs + random_in_ball(xs, e, self.norm, generator)
             else:
                 lo = float(xs.min()) if self.clip is None else self.clip[0]
                 hi = float(xs.max()) if self.clip is None else self.clip[1]
                 if hi <= lo:
                     lo, hi = lo - 1.0, hi + 1.0
-                c = lo + (hi - lo) * _rand(xs.shape, xs, generator)
+                c = lo + (hi - lo) * rand_like_gen(xs.shape, xs, generator)
             out.append(self.project(c, idx))
             sid.append(idx)
         return torch.cat(out), torch.cat(sid)
@@ -186,19 +186,19 @@ class _Problem:
     def logits64(self, z: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             if self.recompute is not None:
-                return _logits(self.recompute, z.to(torch.float64)).to(torch.float64)
-            return _logits(self.forward, z).to(torch.float64)
+                return logits_of(self.recompute, z.to(torch.float64)).to(torch.float64)
+            return logits_of(self.forward, z).to(torch.float64)
 
     def margin_ratio64(self, a, b, j, i) -> torch.Tensor:
         la, lb = self.logits64(a), self.logits64(b)
         ma = la.gather(1, j.reshape(-1, 1)).squeeze(1) - la.gather(1, i.reshape(-1, 1)).squeeze(1)
         mb = lb.gather(1, j.reshape(-1, 1)).squeeze(1) - lb.gather(1, i.reshape(-1, 1)).squeeze(1)
-        dn = _flat_norm(a.to(torch.float64) - b.to(torch.float64), self.norm)
+        dn = flat_norm(a.to(torch.float64) - b.to(torch.float64), self.norm)
         return torch.where(dn > 0, (ma - mb).abs() / dn.clamp_min(1e-300), torch.zeros_like(dn))
 
     def logit_ratio64(self, a, b) -> torch.Tensor:
         la, lb = self.logits64(a), self.logits64(b)
-        dn = _flat_norm(a.to(torch.float64) - b.to(torch.float64), "2")
+        dn = flat_norm(a.to(torch.float64) - b.to(torch.float64), "2")
         num = (la - lb).norm(dim=1)
         return torch.where(dn > 0, num / dn.clamp_min(1e-300), torch.zeros_like(dn))
 
@@ -246,7 +246,7 @@ def _margin_of(logits, j, i):
 def _unit_direction(g: torch.Tensor, norm: str) -> torch.Tensor:
     """``d`` with ``||d||_p = 1`` and ``g . d = ||g||_q``."""
     if norm == "2":
-        return g / _bcast(_flat_norm(g, "2").clamp_min(torch.finfo(g.dtype).tiny), g)
+        return g / bcast(flat_norm(g, "2").clamp_min(torch.finfo(g.dtype).tiny), g)
     return g.sign()
 
 
@@ -320,7 +320,7 @@ def margin_lipschitz_lower_bound(
     prob = _Problem(forward, x_seed, norm, eps, clip, recompute_forward)
     pairs = [(int(j), int(i)) for j, i in pairs]
     with torch.no_grad():
-        m = _logits(forward, prob.x_seed[:1]).shape[1]
+        m = logits_of(forward, prob.x_seed[:1]).shape[1]
     for j, i in pairs:
         if j == i or not (0 <= j < m and 0 <= i < m):
             raise ValueError(f"invalid class pair ({j}, {i}) for {m} classes")
@@ -368,18 +368,18 @@ def _margin_chunk(prob: _Problem, c, sid, j, i, steps, grad_steps, lr, generator
     e0 = torch.full((R,), D, dtype=torch.float64, device=c.device)
 
     # ---- phase 1: Adam on pairs (a, b) ------------------------------------------------------------
-    a = prob.project(c + _random_in_ball(c, e0 / 2, norm, generator), sid)
-    b = prob.project(c + _random_in_ball(c, e0 / 2, norm, generator), sid)
+    a = prob.project(c + random_in_ball(c, e0 / 2, norm, generator), sid)
+    b = prob.project(c + random_in_ball(c, e0 / 2, norm, generator), sid)
     a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
     opt = _Adam([a, b], lr=lr)
     best_v = torch.zeros(R, dtype=torch.float64, device=c.device)
     best_a, best_b = a.detach().clone(), b.detach().clone()
     for _ in range(max(0, steps) + 1):
         with torch.enable_grad():
-            la = _logits(prob.forward, a)
-            lb = _logits(prob.forward, b)
+            la = logits_of(prob.forward, a)
+            lb = logits_of(prob.forward, b)
             num = (_margin_of(la, j, i) - _margin_of(lb, j, i)).abs()
-            den = _flat_norm(a - b, norm).clamp_min(torch.finfo(a.dtype).eps * prob.scale)
+            den = flat_norm(a - b, norm).clamp_min(torch.finfo(a.dtype).eps * prob.scale)
             ratio = num / den
         rv = ratio.detach().to(torch.float64)
         better = rv > best_v
@@ -403,7 +403,7 @@ def _margin_chunk(prob: _Problem, c, sid, j, i, steps, grad_steps, lr, generator
     # probes: start points, optimised pairs and their midpoints, random points around the start points
     probes = [c, best_a, best_b, (best_a + best_b) / 2]
     for rf in ((1.0,) if prob.eps is not None else (1.0, 10.0, 30.0)):
-        probes.append(c + _random_in_ball(c, e0 * rf, norm, generator))
+        probes.append(c + random_in_ball(c, e0 * rf, norm, generator))
     K = len(probes)
     pts = torch.cat(probes)
     psid = sid.repeat(K)
@@ -416,9 +416,9 @@ def _margin_chunk(prob: _Problem, c, sid, j, i, steps, grad_steps, lr, generator
     opt = _Adam([z], lr=lr) if gsteps > 0 else None
     for t in range(gsteps + 1):
         with torch.enable_grad():
-            mz = _margin_of(_logits(prob.forward, z), pj, pi)
+            mz = _margin_of(logits_of(prob.forward, z), pj, pi)
             (g,) = torch.autograd.grad(mz.sum(), z, create_graph=opt is not None and t < gsteps)
-            gq = _flat_dual_norm(g, norm)
+            gq = flat_dual_norm(g, norm)
         gv = gq.detach().to(torch.float64)
         better = gv > gbest
         if better.any():
@@ -463,7 +463,7 @@ def _jvp(forward: Forward, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """
     zz = z.detach().requires_grad_(True)
     with torch.enable_grad():
-        out = _logits(forward, zz)
+        out = logits_of(forward, zz)
         u = torch.zeros_like(out, requires_grad=True)
         (jtu,) = torch.autograd.grad(out, zz, u, create_graph=True)
         (jv,) = torch.autograd.grad(jtu, u, v)
@@ -473,7 +473,7 @@ def _jvp(forward: Forward, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _vjp(forward: Forward, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     zz = z.detach().requires_grad_(True)
     with torch.enable_grad():
-        out = _logits(forward, zz)
+        out = logits_of(forward, zz)
         (g,) = torch.autograd.grad(out, zz, u)
     return g.detach()
 
@@ -482,9 +482,9 @@ def _power(forward, z, v, iters):
     """``iters`` power-iteration steps on ``J^T J`` per row; returns (v, ||J v||_2)."""
     for _ in range(max(1, iters)):
         w = _vjp(forward, z, _jvp(forward, z, v))
-        wn = _flat_norm(w, "2")
+        wn = flat_norm(w, "2")
         ok = wn > 0
-        v = torch.where(_bcast(ok, v), w / _bcast(wn.clamp_min(torch.finfo(w.dtype).tiny), w), v)
+        v = torch.where(bcast(ok, v), w / bcast(wn.clamp_min(torch.finfo(w.dtype).tiny), w), v)
     sigma = _jvp(forward, z, v).flatten(1).norm(dim=1).to(torch.float64)
     return v, sigma
 
@@ -535,7 +535,7 @@ def jacobian_spectral_lower_bound(
     dev = z.device
     v = torch.randn(z.shape, generator=generator, device=generator.device if generator else dev,
                     dtype=z.dtype).to(dev)
-    v = v / _bcast(_flat_norm(v, "2"), v)
+    v = v / bcast(flat_norm(v, "2"), v)
     v, sigma = _power(forward, z, v, iters)
     best_s, best_z, best_v = sigma.clone(), z.clone(), v.clone()
     hbase = prob.eps if prob.eps is not None else prob.scale
@@ -544,7 +544,7 @@ def jacobian_spectral_lower_bound(
     for t in range(max(0, steps)):
         h = hbase * 0.1 * (1e-2 ** (t / max(steps - 1, 1)))
         with torch.enable_grad():
-            diff = _logits(forward, zz + h * v) - _logits(forward, zz - h * v)
+            diff = logits_of(forward, zz + h * v) - logits_of(forward, zz - h * v)
             obj = diff.flatten(1).pow(2).sum(dim=1) / (4 * h * h)
         opt.step(torch.autograd.grad(-obj.sum(), zz))
         with torch.no_grad():
