@@ -268,17 +268,19 @@ def _clip_option(text, x):
 
 
 def _attack_box(lm, ds, clip, mean, std):
-    """The input domain of the attack: the exact VNN-LIB box (mapped to pixel space) or ``--clip``."""
-    if ds.lower is not None and ds.upper is not None:
-        import torch
+    """The input domain of the attack: the exact VNN-LIB box (mapped to pixel space) or ``--clip``.
 
-        lo, hi = ds.lower.to(torch.float32), ds.upper.to(torch.float32)
+    A VNN-LIB box is rounded *inwards* to float32 numbers, so that every float32 point the attack
+    returns lies in the specification's float64 box as it is."""
+    if ds.lower is not None and ds.upper is not None:
+        from lipverify.counterexamples import float32_box
+
+        lo, hi = ds.lower, ds.upper
         norm = getattr(lm.module, "normalize", None)
         if norm is not None and (mean is not None or std is not None):
-            lo = (ds.lower * norm.std.double() + norm.mean.double()).float()
-            hi = (ds.upper * norm.std.double() + norm.mean.double()).float()
-        lo = torch.minimum(lo, ds.x.to(lo.dtype))
-        hi = torch.maximum(hi, ds.x.to(hi.dtype))
+            lo = ds.lower * norm.std.double().cpu() + norm.mean.double().cpu()
+            hi = ds.upper * norm.std.double().cpu() + norm.mean.double().cpu()
+        lo, hi = float32_box(lo, hi)
         return (lo.to(lm.device), hi.to(lm.device)), True
     return _clip_option(clip, ds.x), False
 

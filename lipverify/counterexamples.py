@@ -3,9 +3,10 @@
 Each file is the competition's witness format: ``((X_0 v) (X_1 v) ... (Y_0 v) ...)`` with ``X_i`` the
 row-major flattening of the model's own input tensor (model-input units, i.e. after any outside
 normalisation) and ``Y_j`` the model's outputs on it, so that anyone can re-check the claim with the
-specification and the ONNX file alone.  A file is written only after the point was checked here in
-float64: inside the specification's box and satisfying its output condition (some named target scores
-at least the label).
+specification and the ONNX file alone.  A file is written only after the point was checked here: its
+``X_i`` are float32 numbers (what a float32 runtime reads back exactly) inside the specification's
+float64 box, and the output condition (some named target scores at least the label) holds both in
+float64 and in float32.
 """
 
 from __future__ import annotations
@@ -17,7 +18,18 @@ import torch
 
 from lipverify.io_utils import atomic_write_text
 
-__all__ = ["counterexample_text", "write_counterexamples"]
+__all__ = ["counterexample_text", "float32_box", "write_counterexamples"]
+
+
+def float32_box(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest box of float32 numbers inside the float64 box ``[lo, hi]`` (each end rounded inwards;
+    an end where that would cross the other keeps the nearest float32 value)."""
+    lo64, hi64 = lo.to(torch.float64), hi.to(torch.float64)
+    lo32, hi32 = lo64.to(torch.float32), hi64.to(torch.float32)
+    lo32 = torch.where(lo32.to(torch.float64) < lo64, torch.nextafter(lo32, torch.full_like(lo32, math.inf)), lo32)
+    hi32 = torch.where(hi32.to(torch.float64) > hi64, torch.nextafter(hi32, torch.full_like(hi32, -math.inf)), hi32)
+    crossed = lo32 > hi32
+    return torch.where(crossed, hi64.to(torch.float32), lo32), torch.where(crossed, hi64.to(torch.float32), hi32)
 
 
 def counterexample_text(x_model: torch.Tensor, y_out: torch.Tensor) -> str:
@@ -27,6 +39,24 @@ def counterexample_text(x_model: torch.Tensor, y_out: torch.Tensor) -> str:
     lines = [f"(X_{i} {repr(float(v))})" for i, v in enumerate(xs)]
     lines += [f"(Y_{j} {repr(float(v))})" for j, v in enumerate(ys)]
     return "(" + "\n".join(lines) + ")\n"
+
+
+def _deepest(z_pix, x_pix, lm, norm, model64, lower, upper, label, targets):
+    """The boundary point found by the attack is a near-tie; a witness should be unambiguous.  Scan the
+    ray from the clean input through it, ``x + t (z - x)`` for ``t`` in [1, 64], each point rounded to
+    float32 inside the box, and keep the one whose condition holds by the widest float64 margin."""
+    dev = z_pix.device
+    lo32, hi32 = (b.to(dev) for b in float32_box(lower, upper))
+    x64, d64 = x_pix.to(torch.float64), z_pix.to(torch.float64) - x_pix.to(torch.float64)
+    ts = torch.cat([torch.ones(1, dtype=torch.float64), torch.logspace(-3, math.log10(63), 40, dtype=torch.float64) + 1])
+    cands = x64 + ts.reshape(-1, *([1] * (x64.dim() - 1))) * d64
+    if norm is not None:
+        cands = (cands - norm.mean) / norm.std
+    cands = torch.maximum(torch.minimum(cands.to(torch.float32), hi32), lo32)
+    with torch.no_grad():
+        out = model64(cands.to(torch.float64)).reshape(len(ts), -1)
+    viol = out[:, targets].amax(dim=1) - out[:, label]
+    return cands[int(viol.argmax()): int(viol.argmax()) + 1]
 
 
 def write_counterexamples(save_path, lm, ds, rep) -> list[str]:
@@ -39,21 +69,23 @@ def write_counterexamples(save_path, lm, ds, rep) -> list[str]:
     inner64 = lm.module_double()
     norm = getattr(inner64, "normalize", None)
     model64 = getattr(inner64, "model", inner64)
+    model32 = getattr(lm.module, "model", lm.module)
     written = []
     for i in range(rep.n):
         if not math.isfinite(float(rep.radius[i])) or float(rep.radius[i]) == 0 and bool(rep.correct[i]):
             continue
-        z = rep.x_adv[i:i + 1].to(torch.float64).to(lm.device)
-        if norm is not None:
-            z = (z - norm.mean) / norm.std
-        z = torch.maximum(torch.minimum(z, ds.upper[i:i + 1].to(z)), ds.lower[i:i + 1].to(z))
-        with torch.no_grad():
-            out = model64(z).reshape(-1).cpu()
         label = int(ds.y[i])
+        n_out = int(lm.n_classes)
         targets = ds.targets[i] if ds.targets is not None and ds.targets[i] else \
-            [j for j in range(out.numel()) if j != label]
-        if not any(float(out[t]) >= float(out[label]) for t in targets):
+            [j for j in range(n_out) if j != label]
+        z32 = _deepest(rep.x_adv[i:i + 1], ds.x[i:i + 1], lm, norm, model64, ds.lower[i:i + 1], ds.upper[i:i + 1],
+                       label, targets)
+        with torch.no_grad():
+            out = model64(z32.to(torch.float64)).reshape(-1).cpu()
+            out32 = model32(z32).reshape(-1).cpu().to(torch.float64)
+        if not all(any(float(o[t]) >= float(o[label]) for t in targets) for o in (out, out32)):
             continue
+        z = z32.to(torch.float64)
         name = Path(ds.names[i]).name
         stem = name[: -len(".vnnlib")] if name.endswith(".vnnlib") else name
         path = folder / (ds.names[i].replace("/", "__")[: -len(name)] + stem + ".counterexample")

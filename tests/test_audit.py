@@ -150,6 +150,35 @@ def test_attack_cli(tmp_path):
     assert len(open(tmp_path / "a.csv").read().strip().splitlines()) == 11
 
 
+def test_attack_save_writes_checkable_evidence(tmp_path):
+    """--save: every adversarial point with label, prediction and radius, re-checkable without lipverify."""
+    from lipverify.models.zoo import default_samples
+
+    x, y = default_samples()
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x[:6].numpy(), y=y[:6].numpy())
+    res = _run("attack", "--data", data, "--eps", "1.0", "--strength", "fast", "--save", tmp_path / "adv.npz",
+               "--json")
+    assert res.exit_code == 0, res.stderr
+    d = json.loads(res.stdout)
+    z = np.load(tmp_path / "adv.npz")
+    assert z["x_adv"].shape == (6, 1, 28, 28) and z["label"].tolist() == y[:6].tolist()
+    model64 = lipverify.load().module_double()
+    with torch.no_grad():
+        lg = model64(torch.from_numpy(z["x_adv"]).double()).reshape(6, -1)
+    for i in range(6):
+        r = float(z["radius"][i])
+        assert (r == float("inf")) == (d["inputs"][i]["r_adv"] == "inf")
+        if np.isfinite(r) and r > 0:
+            assert int(lg[i].argmax()) != int(z["label"][i])  # misclassified in float64
+            dist = float(np.linalg.norm((z["x_adv"][i].astype(np.float64) - z["x"][i].astype(np.float64)).ravel()))
+            assert dist == pytest.approx(r, rel=1e-12)
+            assert z["x_adv"][i].min() >= 0 and z["x_adv"][i].max() <= 1
+    # the data file is never overwritten
+    res = _run("attack", "--data", data, "--eps", "1.0", "--save", data)
+    assert res.exit_code == 2
+
+
 # ------------------------------------------------------------------------------------------------
 # real data
 
@@ -195,6 +224,40 @@ def test_linf_attack_breaks_sat_instances(realdata):
             missed.append(r["vnnlib_file"])
     # report the miss rate; the competition tools needed exact search for a few of these
     assert len(missed) <= max(1, len(rows) // 5), missed
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_attack_cli_writes_competition_counterexamples(realdata, tmp_path):
+    """On the `sat` competition instances the attack finds counterexamples inside the exact box; the files
+    are checked here with onnxruntime on the original ONNX model (not with lipverify)."""
+    import onnxruntime as ort
+
+    rows = [r for r in csv.DictReader(open(realdata / "ground_truth" / "instances.csv"))
+            if r["verdict"].startswith("sat")]
+    assert rows
+    for k, r in enumerate(rows):
+        spec = realdata / r["vnnlib_file"]
+        out = tmp_path / f"adv{k}.npz"
+        res = _run("attack", realdata / r["model_file"], "--data", spec, "--norm", "inf", "--strength", "fast",
+                   "--save", out, "--json", "--quiet")
+        assert res.exit_code == 0, res.stderr
+        d = json.loads(res.stdout)
+        assert d["counterexamples_found"] == 1, r["vnnlib_file"]
+        files = list((tmp_path / f"adv{k}_counterexamples").glob("*.counterexample"))
+        assert len(files) == 1
+        from lipverify.data import load_data
+
+        lm = lipverify.load(realdata / r["model_file"])
+        ds = load_data(spec, lm.input_shape, n_classes=lm.n_classes)
+        xc = _read_counterexample(files[0]).double()
+        assert bool((xc >= ds.lower.reshape(-1)).all() and (xc <= ds.upper.reshape(-1)).all())
+        sess = ort.InferenceSession(str(realdata / r["model_file"]), providers=["CPUExecutionProvider"])
+        inp = sess.get_inputs()[0]
+        shape = [1 if not isinstance(v, int) else v for v in inp.shape]
+        logits = sess.run(None, {inp.name: xc.float().numpy().reshape(shape)})[0].reshape(-1)
+        label = int(r["label"])
+        assert max(v for j, v in enumerate(logits) if j != label) >= logits[label]
 
 
 @pytest.mark.realdata

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from lipverify.attacks.core import (
     Forward,
+    grad_of,
     apply_clip,
     bcast,
     flat_norm,
@@ -55,11 +56,20 @@ __all__ = ["apgd_attack", "apgd_checkpoints", "dlr_targeted_loss"]
 
 
 def apgd_checkpoints(n_iter: int) -> list[int]:
-    """The iterations ``w_j`` at which APGD reconsiders its step size."""
-    p = [0.0, 0.22]
-    while p[-1] < 1:
-        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return sorted({int(math.ceil(q * n_iter)) for q in p if q <= 1})
+    """The iterations ``w_j`` at which APGD reconsiders its step size.
+
+    The schedule ``p_j`` of the paper in whole iterations: the first interval is ``0.22 N``, each next
+    one ``0.03 N`` shorter, never below ``0.06 N`` (each at least one iteration).
+    """
+    first = max(int(0.22 * n_iter), 1)
+    shrink = max(int(0.03 * n_iter), 1)
+    least = max(int(0.06 * n_iter), 1)
+    out, k, gap = [0], first, first
+    while k <= n_iter:
+        out.append(k)
+        gap = max(gap - shrink, least)
+        k += gap
+    return out
 
 
 def dlr_targeted_loss(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -134,7 +144,7 @@ def apgd_attack(
         with torch.enable_grad():
             lg = logits_of(forward, z)
             lv = _loss(loss, lg, y[idx], None if target is None else target[idx])
-            (g,) = torch.autograd.grad(lv.sum(), z)
+            g = grad_of(lv, z)
         marg = (-margin_loss(lg.detach(), y[idx])).to(torch.float64)
         return lv.detach().to(torch.float64), g.detach(), marg, _stop_threshold(lg)
 

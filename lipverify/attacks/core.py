@@ -14,9 +14,18 @@ import torch
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
-__all__ = ["Forward", "apply_clip", "bcast", "check_clip", "check_norm", "flat_dual_norm", "flat_norm",
+__all__ = ["Forward", "grad_of", "apply_clip", "bcast", "check_clip", "check_norm", "flat_dual_norm", "flat_norm",
            "logits_of", "margin_loss", "margin_of", "per_example", "prepare", "project_ball", "rand_like_gen",
            "randn_like_gen", "random_in_ball", "ranked_targets"]
+
+
+def grad_of(out: torch.Tensor, inp: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+    """``d out.sum() / d inp``; zeros when ``out`` does not depend differentiably on ``inp`` (a model with
+    a non-differentiable forward gives gradient attacks nothing to follow, not an error)."""
+    if not out.requires_grad:
+        return torch.zeros_like(inp)
+    (g,) = torch.autograd.grad(out.sum(), inp, retain_graph=retain_graph, allow_unused=True)
+    return torch.zeros_like(inp) if g is None else g
 
 
 def check_norm(norm) -> str:
@@ -181,7 +190,7 @@ def ranked_targets(forward: Forward, x: torch.Tensor, y: torch.Tensor, norm: str
         dists = torch.empty((B, K), dtype=torch.float64, device=x.device)
         for c in range(K):
             d = fy - lg.gather(1, cand[:, c : c + 1]).squeeze(1)
-            (g,) = torch.autograd.grad(d.sum(), xt, retain_graph=c < K - 1)
+            g = grad_of(d, xt, retain_graph=c < K - 1)
             gq = flat_dual_norm(g, norm).to(torch.float64)
             dists[:, c] = d.detach().to(torch.float64).clamp_min(0) / gq.clamp_min(1e-30)
     order = dists.argsort(dim=1, stable=True)

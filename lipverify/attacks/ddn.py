@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lipverify.attacks.core import Forward, apply_clip, bcast, flat_norm, logits_of, margin_loss
+from lipverify.attacks.core import Forward, apply_clip, grad_of, bcast, flat_norm, logits_of, margin_loss
 
 __all__ = ["ddn_attack"]
 
@@ -44,7 +44,7 @@ def ddn_attack(forward: Forward, x: torch.Tensor, y: torch.Tensor, *, clip=None,
         with torch.enable_grad():
             lg = logits_of(forward, z)
             loss = F.cross_entropy(lg, y, reduction="sum")
-            (g,) = torch.autograd.grad(loss, z)
+            g = grad_of(loss, z)
         with torch.no_grad():
             adv = margin_loss(lg.detach(), y) >= 0
             r = flat_norm(delta.to(torch.float64), "2")

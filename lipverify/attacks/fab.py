@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from lipverify.attacks.core import Forward, flat_norm, logits_of, margin_loss, random_in_ball
+from lipverify.attacks.core import Forward, flat_norm, grad_of, logits_of, margin_loss, random_in_ball
 
 __all__ = ["fab_targeted", "project_hyperplane_box"]
 
@@ -143,7 +143,7 @@ def fab_targeted(
             with torch.enable_grad():
                 lg = logits_of(forward, z_in)
                 diff = lg.gather(1, tt.reshape(-1, 1)).squeeze(1) - lg.gather(1, yy.reshape(-1, 1)).squeeze(1)
-                (gr,) = torch.autograd.grad(diff.sum(), z_in)
+                gr = grad_of(diff, z_in)
             return (-margin_loss(lg.detach(), yy)).to(torch.float64), diff.detach().to(torch.float64), gr
 
         marg, fd, g = lin(xk, t, y)

@@ -57,6 +57,7 @@ import torch
 
 from lipverify.attacks.core import (
     Forward,
+    grad_of,
     apply_clip,
     bcast,
     check_clip,
@@ -127,7 +128,7 @@ def _first_order_radius(forward: Forward, x, y, norm: str) -> torch.Tensor:
     xt = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         marg = -margin_loss(logits_of(forward, xt), y)
-    (g,) = torch.autograd.grad(marg.sum(), xt)
+    g = grad_of(marg, xt)
     gq = flat_dual_norm(g, norm).to(torch.float64)
     r = marg.detach().to(torch.float64).clamp_min(0) / gq.clamp_min(1e-12)
     return r
@@ -232,7 +233,7 @@ def fmn_attack(
             row_x[better] = xt.detach()[better]
         if it == steps:
             break
-        (g,) = torch.autograd.grad(obj.sum(), xt)
+        g = grad_of(obj, xt)
         with torch.no_grad():
             m_obj = obj.detach().to(torch.float64)
             gamma = _cosine(gamma0, gamma_final, it, steps)
@@ -305,8 +306,12 @@ def bisection_attack(
     clip = check_clip(clip, x)
     cap = math.inf if max_eps is None else float(max_eps)
     if clip is not None:
-        span = clip[1] - clip[0]
-        diam = span * math.sqrt(x[0].numel()) if norm == "2" else span
+        if isinstance(clip[0], torch.Tensor):
+            span = (clip[1] - clip[0]).to(torch.float64).expand_as(x).flatten(1)
+            diam = float(flat_norm(span, norm).max()) if span.numel() else 0.0
+        else:
+            span = clip[1] - clip[0]
+            diam = span * math.sqrt(x[0].numel()) if norm == "2" else span
         cap = min(cap, diam)
 
     best_r = torch.full((B,), math.inf, dtype=torch.float64, device=x.device)

@@ -51,6 +51,7 @@ import torch
 
 from lipverify.attacks.core import (
     Forward,
+    grad_of,
     apply_clip,
     bcast,
     check_norm,
@@ -203,7 +204,7 @@ def pgd_attack(
             keep = marg > 0
             if not keep.any():
                 break
-            (grad,) = torch.autograd.grad(obj.sum(), xt)
+            grad = grad_of(obj, xt)
             if not keep.all():
                 idx, xa, ya, ea, sa = idx[keep], xa[keep], ya[keep], ea[keep], sa[keep]
                 ta = None if ta is None else ta[keep]
