@@ -6,7 +6,8 @@ Hein, ICML 2020):
 1. APGD on the cross-entropy (``apgd_ce_restarts`` runs; :mod:`lipverify.attacks.apgd`);
 2. APGD on the targeted DLR loss, one run per target among the ``apgd_targets`` classes with the
    highest logits at ``x`` (``apgd-t``);
-3. FAB-T on the nearest classes, kept when its point lies inside the ball (``fab-t``);
+3. FAB-T on the ``ensemble_fab_targets`` nearest classes, kept when its point lies inside the ball
+   (``fab-t``);
 4. multi-targeted PGD on the margin loss (``pgd``), the attack of :func:`lipverify.attacks.pgd.pgd_attack`.
 
 An input counts as broken at ``eps`` only when the returned point ``z`` satisfies, evaluated in float64
@@ -161,7 +162,7 @@ def ensemble_attack(
         tried.append(f"apgd-t ({st.apgd_steps} steps, {k} targets x {st.apgd_target_restarts})")
 
     # 3. FAB-T: a minimum-norm point that falls inside the ball breaks the input
-    kf = min(st.fab_targets, m_cls - 1)
+    kf = min(st.ensemble_fab_targets, m_cls - 1)
     if kf > 0 and st.fab_steps > 0:
         idx = remaining()
         if idx.numel():

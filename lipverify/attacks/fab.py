@@ -26,8 +26,8 @@ Projection onto a hyperplane inside a box
 * l2 (KKT): ``d(lam) = clip(lam s g, l, u)``, ``lam >= 0``;
 * l-inf: ``d(tau) = clip(tau s sign(g), l, u)``, ``tau >= 0``;
 
-in both ``h(lam) = s g . d(lam)`` is continuous and non-decreasing, so the smallest ``lam`` with
-``h(lam) = |c|`` is found by bracketing and bisection.  When ``|c|`` exceeds ``sup h`` (the box does not
+in both ``h(lam) = s g . d(lam)`` is continuous, non-decreasing and piecewise linear, so the ``lam``
+with ``h(lam) = |c|`` is found exactly by sorting the kinks.  When ``|c|`` exceeds ``sup h`` (the box does not
 reach the hyperplane) the saturated point is returned, the closest the box gets.
 
 Warnings
@@ -38,6 +38,8 @@ re-checks them in float64.  A targeted run only looks for the boundary with its 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lipverify.attacks.core import Forward, flat_norm, grad_of, logits_of, margin_loss, random_in_ball
@@ -45,34 +47,46 @@ from lipverify.attacks.core import Forward, flat_norm, grad_of, logits_of, margi
 __all__ = ["fab_targeted", "project_hyperplane_box"]
 
 
-def project_hyperplane_box(g: torch.Tensor, c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, norm: str,
-                           iters: int = 40) -> torch.Tensor:
+def project_hyperplane_box(g: torch.Tensor, c: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, norm: str
+                           ) -> torch.Tensor:
     """Minimum-norm ``d`` (rows of ``(R, n)``) with ``g . d = c`` and ``lo <= d <= hi`` (see the module
-    docstring).  All tensors float64; ``lo <= 0 <= hi`` may hold infinities."""
+    docstring).  All tensors float64; ``lo <= 0 <= hi`` may hold infinities.
+
+    Exact, by sorting: with ``s = sign(c)`` and ``b_i`` the room coordinate ``i`` has in the direction
+    it moves (``hi_i`` where ``s g_i > 0``, else ``-lo_i``), ``h(lam) = sum_i a_i min(lam, beta_i)`` with
+    ``a_i = g_i^2, beta_i = b_i / |g_i|`` (l2) or ``a_i = |g_i|, beta_i = b_i`` (l-inf).  ``h`` is
+    piecewise linear with its kinks at the sorted ``beta``; the first kink where ``h >= |c|`` fixes
+    ``lam = (|c| - sum_{j<k} a_j beta_j) / sum_{j>=k} a_j``.
+    """
     s = torch.sign(c).unsqueeze(1)
-    dirn = s * (g if norm == "2" else torch.sign(g))
-    target = c.abs()
-
-    def d_of(lam):
-        return torch.maximum(torch.minimum(lam.unsqueeze(1) * dirn, hi), lo)
-
-    def h(lam):
-        return (s * g * d_of(lam)).sum(1)
-
-    gd = (g * dirn).sum(1).abs()                 # h(lam) = lam * gd without the box
-    lam_hi = target / gd.clamp_min(1e-300)
-    for _ in range(60):
-        short = h(lam_hi) < target
-        if not bool(short.any()):
-            break
-        lam_hi = torch.where(short, lam_hi * 4, lam_hi)
-    lam_lo = torch.zeros_like(lam_hi)
-    for _ in range(iters):
-        mid = 0.5 * (lam_lo + lam_hi)
-        ok = h(mid) >= target
-        lam_hi = torch.where(ok, mid, lam_hi)
-        lam_lo = torch.where(ok, lam_lo, mid)
-    d = d_of(lam_hi)
+    sg = s * g
+    room = torch.where(sg > 0, hi, -lo)                       # >= 0, possibly inf
+    ag = g.abs()
+    nz = ag > 0
+    if norm == "2":
+        a = g * g
+        beta = torch.where(nz, room / ag.clamp_min(1e-300), torch.full_like(room, math.inf))
+        dirn = sg
+    else:
+        a = ag
+        beta = torch.where(nz, room, torch.full_like(room, math.inf))
+        dirn = s * torch.sign(g)
+    target = c.abs().unsqueeze(1)
+    beta_s, order = beta.sort(dim=1)
+    a_s = a.gather(1, order)
+    ab = torch.where(a_s > 0, a_s * beta_s, torch.zeros_like(a_s))
+    ab = torch.where(torch.isfinite(ab), ab, torch.zeros_like(ab))
+    c_excl = torch.cumsum(ab, dim=1) - ab                     # sum_{j<k} a_j beta_j (finite kinks only)
+    a_rest = torch.flip(torch.cumsum(torch.flip(a_s, [1]), dim=1), [1])   # sum_{j>=k} a_j
+    h_k = c_excl + beta_s * a_rest
+    h_k = torch.where(torch.isinf(beta_s), torch.where(a_rest > 0, torch.full_like(h_k, math.inf), c_excl), h_k)
+    reach = h_k >= target
+    any_reach = reach.any(dim=1, keepdim=True)
+    k = reach.to(torch.int8).argmax(dim=1, keepdim=True)
+    lam = (target - c_excl.gather(1, k)) / a_rest.gather(1, k).clamp_min(1e-300)
+    lam = torch.where(any_reach, lam, torch.full_like(lam, math.inf))
+    step = torch.where(dirn != 0, lam * dirn, torch.zeros_like(dirn))
+    d = torch.maximum(torch.minimum(step, hi), lo)
     return torch.where((c == 0).unsqueeze(1), torch.zeros_like(d), d)
 
 
