@@ -4,7 +4,7 @@ For N correctly classified inputs it runs, in one process,
 
 * ``min_norm_radius(method="fmn")``,
 * ``min_norm_radius(method="bisection", steps=1000)`` (PGD with 1000 steps at every bisection stage),
-* ``min_norm_radius(method="auto")``,
+* ``min_norm_radius(method="auto")`` (the standard escalation: FMN, FAB-T, DDN, PGD bisection, box search),
 
 and prints each method's time and radii, plus the per-input ratio ``r_fmn / r_pgd1000`` (median, max,
 fraction <= 1.02).  All radii are norms of checked adversarial points, i.e. upper bounds on the true
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         ("bisection", dict(method="bisection", steps=args.pgd_steps, restarts=args.pgd_restarts,
                            bisection_iters=args.bisection_iters),
          f"PGD-{args.pgd_steps} bisection ({args.pgd_restarts} restart(s), {args.bisection_iters} iters)"),
-        ("auto", dict(method="auto"), "auto (FMN 300 + PGD-50 bisection below it)"),
+        ("auto", dict(method="auto"), "auto (standard escalation: FMN, FAB-T, DDN, PGD bisection)"),
     ]
     for name, kw, label in runs:
         if name in skip:

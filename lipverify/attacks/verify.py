@@ -96,17 +96,21 @@ class Judge:
         self.dtype = like.dtype
 
     # -- basic checks ------------------------------------------------------------------------------
-    def margin(self, z: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-        """``f_y(z) - max_{i != y} f_i(z)`` in float64 (``< 0``: strictly misclassified)."""
+    def _margins(self, z: torch.Tensor, y: torch.Tensor, strict: bool, chunk: int = 1024) -> torch.Tensor:
         out = []
         with torch.no_grad():
             for s in range(0, z.shape[0], chunk):
                 lg = self.forward64(z[s:s + chunk].to(torch.float64))
                 lg = lg.reshape(lg.shape[0], -1).to(torch.float64)
-                out.append(-margin_loss(lg, y[s:s + chunk]))
+                m = -margin_loss(lg, y[s:s + chunk])
+                out.append(m + TAU * lg.abs().amax(dim=1) if strict else m)
         if not out:
             return torch.zeros(0, dtype=torch.float64, device=z.device)
         return torch.cat(out)
+
+    def margin(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``f_y(z) - max_{i != y} f_i(z)`` in float64 (``<= 0``: misclassified, a tie included)."""
+        return self._margins(z, y, strict=False)
 
     def in_box(self, z: torch.Tensor) -> torch.Tensor:
         if self.clip is None:
@@ -123,18 +127,9 @@ class Judge:
         """``||z - x||_p`` in float64 (the difference of two float32 tensors is exact in float64)."""
         return flat_norm(z.to(torch.float64) - x.to(torch.float64), norm)
 
-    def strict_margin(self, z: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    def strict_margin(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The float64 margin plus ``tau = 1e-6 max |f|``: ``< 0`` means genuinely misclassified."""
-        out = []
-        with torch.no_grad():
-            for s in range(0, z.shape[0], chunk):
-                lg = self.forward64(z[s:s + chunk].to(torch.float64))
-                lg = lg.reshape(lg.shape[0], -1).to(torch.float64)
-                tau = TAU * lg.abs().amax(dim=1)
-                out.append(-margin_loss(lg, y[s:s + chunk]) + tau)
-        if not out:
-            return torch.zeros(0, dtype=torch.float64, device=z.device)
-        return torch.cat(out)
+        return self._margins(z, y, strict=True)
 
     def genuine(self, x, y, z, norm: str, eps=None) -> torch.Tensor:
         """Strictly misclassified in float64, in the box and (if ``eps``) in the ball."""
