@@ -73,11 +73,15 @@ def realdata_dir(arg: str | None) -> Path:
 
 def step_overhead(data: Path, batch: int, steps: int, threads: int) -> dict:
     import lipverify
-    from lipverify.loading import PixelSpaceModel
+    from lipverify.importers.normalize import PixelSpaceModel
     from lipverify.train import surgery
     from lipverify.train.local import LocalBound
     from lipverify.train.loop import TrainConfig, TrainStep
-    from lipverify.train.trainable import GloroBound, build_trainable_graph, select_trainable
+    from lipverify.train.trainable import (
+        GloroBound,
+        build_trainable_graph,
+        select_trainable,
+    )
 
     torch.set_num_threads(threads)
     lm = lipverify.load(str(data / "models" / "pytorch" / "kw_mnist.pth"),

@@ -24,7 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import lipverify  # noqa: E402
-from lipverify.bounds.lower import jacobian_spectral_lower_bound, margin_lipschitz_lower_bound  # noqa: E402
+from lipverify.attacks.lower import (  # noqa: E402
+    jacobian_spectral_lower_bound,
+    margin_lipschitz_lower_bound,
+)
 
 
 def main():

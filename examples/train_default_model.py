@@ -53,6 +53,7 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing the
     sys.path.insert(0, str(REPO_ROOT))
 
 from lipverify.models.zoo import DEFAULT_MODEL_FILE, DEFAULT_SAMPLES_FILE, c2f2  # noqa: E402
+
 N_SAMPLES = 32
 
 

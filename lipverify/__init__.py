@@ -7,6 +7,6 @@ Lipschitz graph built from an ONNX file or a PyTorch module.
 __version__ = "0.1.0"
 
 from lipverify.errors import LipverifyError, UnsupportedOpError, UserInputError  # noqa: E402
-from lipverify.loading import BUILTIN_DEFAULT, load  # noqa: E402
+from lipverify.importers.loader import BUILTIN_DEFAULT, load  # noqa: E402
 
 __all__ = ["load", "BUILTIN_DEFAULT", "LipverifyError", "UserInputError", "UnsupportedOpError"]

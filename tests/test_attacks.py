@@ -15,7 +15,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lipverify.attacks import AttackResult, MinNormResult, margin_loss, min_norm_radius, pgd_attack
+from lipverify.attacks import (
+    AttackResult,
+    MinNormResult,
+    margin_loss,
+    min_norm_radius,
+    pgd_attack,
+)
 
 
 def _affine(n=10, m=4, seed=0):

@@ -150,8 +150,8 @@ def test_fidelity_failure_exits_2(tmp_path, monkeypatch):
     """A converted module that disagrees with onnxruntime is refused (simulated disagreement)."""
     path = tmp_path / "m.onnx"
     export(small_net(), path)
-    import lipverify.loading as ld
-    from lipverify.fidelity import Fidelity
+    import lipverify.importers.loader as ld
+    from lipverify.importers.fidelity import Fidelity
 
     monkeypatch.setattr(ld, "onnx_fidelity", lambda *a, **k: Fidelity("onnxruntime", 0.5, 0.1, 8, 1e-4, False, 3))
     res = run("bounds", path)

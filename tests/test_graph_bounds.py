@@ -157,7 +157,7 @@ def test_normalisation_conv_batchnorm_chain_is_folded():
     lm = lipverify.load(net, input_shape=shape, mean=mean, std=std)
     rep = lm.bounds("2")
     assert len([r for r in rep.layers if r.kind == "linear"]) == 1  # one merged operator
-    full = nn.Sequential(lipverify.loading.Normalize(torch.tensor([0.4, 0.5, 0.6]).view(3, 1, 1),
+    full = nn.Sequential(lipverify.importers.normalize.Normalize(torch.tensor([0.4, 0.5, 0.6]).view(3, 1, 1),
                                                      torch.tensor([0.2, 0.3, 0.25]).view(3, 1, 1)), net)
     exact = exact_l2(full, shape)
     prod = (1 / 0.2) * global_bound(nn.Sequential(net[0]), shape).value * float(

@@ -21,10 +21,21 @@ import torch
 import torch.nn as nn
 
 import lipverify
-from lipverify.bounds.local import local_margin_constants, preactivation_bounds, varying_masks
-from lipverify.linear_ops import Chain, Conv, Dense, Residual, Scale, Select, identity_select
+from lipverify.bounds.local import (
+    local_margin_constants,
+    preactivation_bounds,
+    varying_masks,
+)
+from lipverify.graph.linear_ops import (
+    Chain,
+    Conv,
+    Dense,
+    Residual,
+    Scale,
+    Select,
+    identity_select,
+)
 from lipverify.models.layers import MinMax
-
 
 # ------------------------------------------------------------------------------------------------
 # networks

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lipverify.bounds.lower import (
+from lipverify.attacks.lower import (
     LowerBoundResult,
     jacobian_spectral_lower_bound,
     margin_lipschitz_lower_bound,

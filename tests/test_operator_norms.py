@@ -1,4 +1,4 @@
-"""Tests of lipverify.bounds.operator_norms against independent oracles.
+"""Tests of lipverify.graph.operator_norms against independent oracles.
 
 Oracles: numpy's matrix norms; the exact operator matrix obtained by applying PyTorch's own conv2d
 (with its own padding argument) to every basis input, without the code under test; the autograd
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lipverify.bounds.operator_norms import (
+from lipverify.graph.operator_norms import (
     SOUND_FACTOR,
     batched_power_iteration,
     conv1d_norm2_fft,

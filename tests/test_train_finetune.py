@@ -146,11 +146,11 @@ def test_sigterm_writes_checkpoint_and_resumes_exactly(samples, tmp_path):
 
 def test_onnx_input_and_outside_normalisation(samples, tmp_path):
     """ONNX in -> model.onnx out; the --mean/--std normalisation stays outside the exported model."""
-    from lipverify.loading import _export_to_onnx
+    from lipverify.importers.onnx import export_to_onnx
     from lipverify.models.zoo import default_model
 
     src = tmp_path / "in.onnx"
-    src.write_bytes(_export_to_onnx(default_model(), (1, 28, 28), None))
+    src.write_bytes(export_to_onnx(default_model(), (1, 28, 28), None))
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     out = tmp_path / "ft"
     norm = ["--mean", "0.1", "--std", "0.5"]

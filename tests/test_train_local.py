@@ -10,11 +10,15 @@ import pytest
 import torch
 
 import lipverify
-from lipverify.loading import PixelSpaceModel
+from lipverify.importers.normalize import PixelSpaceModel
 from lipverify.models.zoo import default_samples
 from lipverify.train import surgery
 from lipverify.train.local import LocalBound, live_sq_row_norms
-from lipverify.train.trainable import GloroBound, build_trainable_graph, select_trainable
+from lipverify.train.trainable import (
+    GloroBound,
+    build_trainable_graph,
+    select_trainable,
+)
 
 
 @pytest.fixture(scope="module")

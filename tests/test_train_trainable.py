@@ -10,12 +10,18 @@ import torch
 import torch.nn as nn
 
 import lipverify
-from lipverify.importer import build_graph
-from lipverify.linear_ops import Dense
-from lipverify.loading import PixelSpaceModel, _export_to_onnx
+from lipverify.graph.linear_ops import Dense
+from lipverify.importers.fx import build_graph
+from lipverify.importers.normalize import PixelSpaceModel
+from lipverify.importers.onnx import export_to_onnx
 from lipverify.models.layers import MinMax
 from lipverify.train import surgery
-from lipverify.train.trainable import GloroBound, build_trainable_graph, check_graph, select_trainable
+from lipverify.train.trainable import (
+    GloroBound,
+    build_trainable_graph,
+    check_graph,
+    select_trainable,
+)
 
 
 def _view(lm, **kw):
@@ -130,7 +136,7 @@ def test_normalizer_outside_is_folded():
 
 
 def _roundtrip(gm, shape, tmp_path):
-    data = _export_to_onnx(gm.eval(), shape, None)
+    data = export_to_onnx(gm.eval(), shape, None)
     p = tmp_path / "m.onnx"
     p.write_bytes(data)
     return lipverify.load(str(p))

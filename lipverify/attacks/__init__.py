@@ -6,9 +6,12 @@
   Auto-PGD (CE, targeted DLR), targeted FAB;
 * :mod:`~lipverify.attacks.minnorm` — minimum-norm radii (FMN, FAB-T, PGD bisection, box search);
 * :mod:`~lipverify.attacks.ensemble` — fixed-eps robust accuracy (AutoAttack-style ensemble);
-* :mod:`~lipverify.attacks.strength` — effort presets.
+* :mod:`~lipverify.attacks.strength` — effort presets; :mod:`~lipverify.attacks.evaluate` — a data set's
+  radii and robust accuracy;
+* :mod:`~lipverify.attacks.lower` — optimised Lipschitz lower bounds (witness pairs): empirical too.
 
-This package may import torch and itself; it never imports :mod:`lipverify.bounds`.
+This package may import torch, :mod:`lipverify.errors` and itself; it never imports :mod:`lipverify.bounds`,
+:mod:`lipverify.certify` or the graph: attacks use only the model's forward pass.
 """
 
 from lipverify.attacks.core import margin_loss

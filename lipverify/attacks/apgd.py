@@ -35,17 +35,15 @@ the ensemble (:mod:`lipverify.attacks.ensemble`) applies; a failure proves nothi
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from lipverify.attacks.core import (
     Forward,
-    grad_of,
     apply_clip,
     bcast,
     flat_norm,
+    grad_of,
     logits_of,
     margin_loss,
     project_ball,

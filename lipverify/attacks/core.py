@@ -7,7 +7,6 @@ is ``< 0`` (strictly, the rule the float64 check of :mod:`lipverify.attacks.veri
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch

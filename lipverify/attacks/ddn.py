@@ -25,7 +25,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lipverify.attacks.core import Forward, apply_clip, grad_of, bcast, flat_norm, logits_of, margin_loss
+from lipverify.attacks.core import (
+    Forward,
+    apply_clip,
+    bcast,
+    flat_norm,
+    grad_of,
+    logits_of,
+    margin_loss,
+)
 
 __all__ = ["ddn_attack"]
 

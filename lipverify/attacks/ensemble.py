@@ -29,7 +29,15 @@ from dataclasses import dataclass, field
 import torch
 
 from lipverify.attacks.apgd import apgd_attack
-from lipverify.attacks.core import Forward, bcast, check_norm, logits_of, per_example, prepare, ranked_targets
+from lipverify.attacks.core import (
+    Forward,
+    bcast,
+    check_norm,
+    logits_of,
+    per_example,
+    prepare,
+    ranked_targets,
+)
 from lipverify.attacks.fab import fab_targeted
 from lipverify.attacks.pgd import pgd_attack
 from lipverify.attacks.strength import get_strength

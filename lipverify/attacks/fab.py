@@ -42,7 +42,14 @@ import math
 
 import torch
 
-from lipverify.attacks.core import Forward, flat_norm, grad_of, logits_of, margin_loss, random_in_ball
+from lipverify.attacks.core import (
+    Forward,
+    flat_norm,
+    grad_of,
+    logits_of,
+    margin_loss,
+    random_in_ball,
+)
 
 __all__ = ["fab_targeted", "project_hyperplane_box"]
 

@@ -57,21 +57,22 @@ import torch
 
 from lipverify.attacks.core import (
     Forward,
-    grad_of,
     apply_clip,
     bcast,
     check_clip,
-    prepare,
     check_norm,
     flat_dual_norm,
     flat_norm,
+    grad_of,
     logits_of,
-    margin_of,
-    project_ball,
-    ranked_targets,
     margin_loss,
+    margin_of,
+    prepare,
+    project_ball,
+    rand_like_gen,
+    randn_like_gen,
+    ranked_targets,
 )
-from lipverify.attacks.core import rand_like_gen, randn_like_gen
 from lipverify.attacks.ddn import ddn_attack
 from lipverify.attacks.fab import fab_targeted
 from lipverify.attacks.pgd import pgd_attack

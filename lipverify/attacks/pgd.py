@@ -51,11 +51,11 @@ import torch
 
 from lipverify.attacks.core import (
     Forward,
-    grad_of,
     apply_clip,
     bcast,
     check_norm,
     flat_norm,
+    grad_of,
     logits_of,
     margin_loss,
     margin_of,

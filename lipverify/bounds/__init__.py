@@ -1,1 +1,10 @@
-"""Lipschitz mathematics: operator norms, global and margin bounds, local bounds, LipSDP, lower bounds."""
+"""Proven upper bounds over the Lipschitz graph: global and margin bounds, local (IBP-masked) bounds,
+LipSDP.
+
+* :mod:`~lipverify.bounds.global_bound` — propagation of layer constants, margin constants ``K_ij``;
+* :mod:`~lipverify.bounds.local` — local bounds on an eps-ball;
+* :mod:`~lipverify.bounds.lipsdp`, :mod:`~lipverify.bounds.lipsdp_graph` — LipSDP-Neuron/-Layer.
+
+May import :mod:`lipverify.graph`, :mod:`lipverify.results` and :mod:`lipverify.errors`; never
+:mod:`lipverify.attacks` (the empirical side, which checks these bounds) nor the CLI.
+"""

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lipverify.bounds.operator_norms import SOUND_FACTOR
 from lipverify.graph import LipschitzGraph, Node
-from lipverify.linear_ops import Bound
+from lipverify.graph.linear_ops import Bound
+from lipverify.graph.operator_norms import SOUND_FACTOR
 
 
 @dataclass

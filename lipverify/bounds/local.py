@@ -72,10 +72,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lipverify.bounds import operator_norms as on
 from lipverify.bounds.global_bound import margin_constants, propagate
-from lipverify.bounds.operator_norms import SOUND_FACTOR
 from lipverify.graph import LipschitzGraph, minmax
+from lipverify.graph import operator_norms as on
+from lipverify.graph.operator_norms import SOUND_FACTOR
 
 __all__ = [
     "LocalBoundResult",

@@ -1,7 +1,12 @@
 """Certified fine-tuning: differentiable bounds, losses, schedules, training loops.
 
-Entry point: ``lipverify finetune MODEL --data TRAIN --eps R --out DIR`` (:mod:`lipverify.train.command`;
-``torchrun --nproc_per_node N -m lipverify finetune ...`` for several GPUs / machines).
+Entry points: :func:`lipverify.train.finetune.finetune` (Python) and ``lipverify finetune MODEL --data
+TRAIN --eps R --out DIR`` (the command in :mod:`lipverify.cli.finetune`; ``torchrun --nproc_per_node N -m
+lipverify finetune ...`` for several GPUs / machines).
+
+May import :mod:`lipverify.graph`, :mod:`lipverify.bounds`, :mod:`lipverify.certify`,
+:mod:`lipverify.importers`, :mod:`lipverify.data`, :mod:`lipverify.report` and :mod:`lipverify.models`;
+never the CLI.
 
 Modules
 -------
@@ -20,6 +25,8 @@ Modules
     the training loop, atomic checkpoints with exact resume, DDP.
 :mod:`~lipverify.train.report`
     sound before/after evaluation of the exported model, the report, plots.
+:mod:`~lipverify.train.finetune`
+    the whole job: :func:`finetune`.
 
 Soundness: everything computed during training is an estimate.  The command exports the fine-tuned
 network to ONNX, re-imports it with :func:`lipverify.load` (onnxruntime fidelity check) and recomputes

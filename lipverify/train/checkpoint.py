@@ -1,7 +1,7 @@
 """Checkpoints of a fine-tuning run: written atomically, resumed exactly.
 
 A checkpoint is one ``torch.save`` dictionary written to a temporary file in the output folder and
-renamed over ``checkpoint.pt`` (:func:`lipverify.io_utils.atomic_write_bytes`), so a crash or a kill
+renamed over ``checkpoint.pt`` (:func:`lipverify.data.atomic.atomic_write_bytes`), so a crash or a kill
 leaves either the previous checkpoint or the new one, never half of one.  It holds everything the run
 depends on: the network's state dict (surgery parameters included), the power-iteration vectors, the
 optimiser, the learning-rate scheduler, the AMP scaler, the position (epoch and step inside it), the
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lipverify.data.atomic import atomic_write_bytes
 from lipverify.errors import UserInputError
-from lipverify.io_utils import atomic_write_bytes
 
 VERSION = 1
 NAME = "checkpoint.pt"

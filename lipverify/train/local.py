@@ -34,9 +34,9 @@ import torch.nn.functional as F
 
 from lipverify.bounds.global_bound import combine_lipschitz
 from lipverify.graph import minmax
-from lipverify.linear_ops import Chain, Conv, Dense, Scale, Select
+from lipverify.graph.linear_ops import Chain, Conv, Dense, Scale, Select
 from lipverify.train.losses import worst_case_ce
-from lipverify.train.trainable import GloroBound, _unit, operator_rows
+from lipverify.train.trainable import GloroBound, operator_rows, unit_vector
 
 
 def live_sq_row_norms(op) -> torch.Tensor | None:
@@ -254,7 +254,7 @@ class LocalBound(nn.Module):
                     w = op.apply(u * mi)
                     if mo is not None:
                         w = w * mo
-                    u = _unit(op.adjoint(w) * mi + 1e-30)
+                    u = unit_vector(op.adjoint(w) * mi + 1e-30)
             w = op.apply(u.detach() * mi)
             if mo is not None:
                 w = w * mo

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lipverify.certify import repr_eps
-from lipverify.plots import _plt, png_bytes
+from lipverify.report.plots import png_bytes, pyplot
 
 
 def sound_evaluation(lm, x, y, eps_list, norm: str = "2", batch_size: int = 256, method: str = "global",
@@ -47,9 +47,9 @@ def public(d: dict | None) -> dict | None:
 
 def export_onnx_bytes(module: torch.nn.Module, input_shape) -> bytes:
     """``torch.onnx.export(..., dynamo=False, opset_version=17)`` with a dynamic batch dimension."""
-    from lipverify.loading import _export_to_onnx
+    from lipverify.importers.onnx import export_to_onnx
 
-    return _export_to_onnx(module, tuple(input_shape), None)
+    return export_to_onnx(module, tuple(input_shape), None)
 
 
 def state_dict_bytes(module: torch.nn.Module) -> bytes:
@@ -88,7 +88,7 @@ def table(before: dict, after: dict, eps_keys: list[str], extra_rows=()) -> str:
 
 def curves_png(history: list[dict], eps: float) -> bytes:
     """Per-epoch curves: loss; accuracy and VRA estimates; global bound estimate; eps and lr."""
-    plt = _plt()
+    plt = pyplot()
     ep = [h["epoch"] for h in history]
     mk = "o" if len(ep) <= 30 else None
     fig, ax = plt.subplots(2, 2, figsize=(10, 7))
@@ -124,7 +124,7 @@ def curves_png(history: list[dict], eps: float) -> bytes:
 
 def before_after_png(before: dict, after: dict, norm: str, eps_marks=()) -> bytes:
     """Certified accuracy against eps, before and after (sound, from the re-imported model)."""
-    plt = _plt()
+    plt = pyplot()
     fig, a = plt.subplots(1, 1, figsize=(6, 4))
     tops = []
     for d in (before, after):

@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from lipverify.bounds.global_bound import combine_lipschitz
 from lipverify.graph import LipschitzGraph
-from lipverify.linear_ops import Chain, Conv, Dense, LinearOp, Residual, Scale
+from lipverify.graph.linear_ops import Chain, Conv, Dense, LinearOp, Residual, Scale
 
 _BIAS_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
                  nn.LayerNorm, nn.GroupNorm)
@@ -182,7 +182,7 @@ def _has_params(op: LinearOp) -> bool:
     return False
 
 
-def _unit(u: torch.Tensor) -> torch.Tensor:
+def unit_vector(u: torch.Tensor) -> torch.Tensor:
     n = u.reshape(u.shape[0], -1).norm(dim=1).clamp_min(1e-30)
     return u / n.view((-1,) + (1,) * (u.dim() - 1))
 
@@ -240,7 +240,7 @@ class GloroBound(nn.Module):
             if _has_params(n.op):
                 self.live.append(i)
                 u = torch.randn((1,) + n.op.in_shape, generator=g)
-                self.register_buffer(f"u{i}", _unit(u).to(dev))
+                self.register_buffer(f"u{i}", unit_vector(u).to(dev))
             else:
                 self.const[i] = float(n.op.norm("2").value)
         self.converge(tol=1e-5, max_iter=init_iters)
@@ -257,7 +257,7 @@ class GloroBound(nn.Module):
             op = self.graph.nodes[i].op
             u = self._u(i)
             for _ in range(k):
-                u = _unit(op.adjoint(op.apply(u.to(self._dtype(op)))).to(u.dtype))
+                u = unit_vector(op.adjoint(op.apply(u.to(self._dtype(op)))).to(u.dtype))
             self._u(i).copy_(u)
 
     @torch.no_grad()
@@ -274,7 +274,7 @@ class GloroBound(nn.Module):
                 if prev is not None and abs(s - prev) <= tol * s:
                     break
                 prev = s
-                u = _unit(op.adjoint(v).to(u.dtype))
+                u = unit_vector(op.adjoint(v).to(u.dtype))
             it = max(it, it_i + 1)
             self._u(i).copy_(u)
         return it
@@ -344,15 +344,15 @@ class GloroBound(nn.Module):
 def build_trainable_graph(gm: nn.Module, input_shape, normalizer=None, device="cpu") -> LipschitzGraph:
     """The simplified Lipschitz graph of ``gm`` (with ``normalizer`` folded in front), whose dense and
     convolution operators reference ``gm``'s live parameters."""
-    from lipverify.importer import build_graph
-    from lipverify.loading import _prepend_normalizer
-    from lipverify.simplify import simplify
+    from lipverify.graph.simplify import simplify
+    from lipverify.importers.fx import build_graph
+    from lipverify.importers.normalize import prepend_normalizer
 
     g = torch.Generator().manual_seed(0)
     example = torch.rand((2,) + tuple(input_shape), generator=g).to(device)
     graph = build_graph(gm, tuple(input_shape), "fine-tuned model", example=example, keep_params=True)
     if normalizer is not None:
-        graph = _prepend_normalizer(graph, normalizer, tuple(input_shape))
+        graph = prepend_normalizer(graph, normalizer, tuple(input_shape))
     return simplify(graph)
 
 

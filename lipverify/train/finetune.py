@@ -1,6 +1,6 @@
-"""``lipverify finetune``: certified fine-tuning of an imported classifier, end to end.
+"""Certified fine-tuning of an imported classifier, end to end (the work behind ``lipverify finetune``).
 
-One command takes someone else's ONNX or PyTorch classifier and returns, in ``--out DIR``:
+:func:`finetune` takes someone else's ONNX or PyTorch classifier and returns, in ``--out DIR``:
 
 * the fine-tuned model in the input's format (``model.onnx`` for ONNX input, ``model.pt`` state dict for a
   state-dict input) and the other one as well; both expect **the same input convention as the input
@@ -24,21 +24,16 @@ import sys
 import time
 from pathlib import Path
 
-import click
 import torch
 
+from lipverify.data import load_for_model
 from lipverify.errors import UserInputError
-from lipverify.train.losses import LOSSES
-from lipverify.train.schedules import EPS_SCHEDULES
+from lipverify.importers.loader import resolve_device
+from lipverify.importers.torchfile import Unregistered
+from lipverify.report.progress import progress_bar
 
 EXIT_SIGNAL = {2: 130, 15: 143}
 OUTPUT_FILES = ("model.onnx", "model.pt", "report.json", "curves.png", "certified_accuracy.png", "checkpoint.pt")
-
-
-def _cli():
-    from lipverify import cli
-
-    return cli
 
 
 def _parse_augment(text: str | None) -> tuple:
@@ -65,11 +60,9 @@ def _input_format(model: str | None, arch: str | None = None) -> str:
 
 def _training_module(lm):
     """The fx GraphModule inside the LipModel (a deep copy: the loaded model stays untouched)."""
-    from lipverify.loading import _Unregistered
-
     inner = lm.module.model
-    if isinstance(inner, _Unregistered):
-        inner = inner._inner
+    if isinstance(inner, Unregistered):
+        inner = inner.wrapped
         for p in inner.parameters():
             p.requires_grad_(True)
     gm = copy.deepcopy(inner)
@@ -78,22 +71,61 @@ def _training_module(lm):
     return gm
 
 
+FINETUNE_DEFAULTS = {
+    "model": None, "input_shape": None, "mean": None, "std": None, "arch": None, "trust_pickle": False,
+    "no_fidelity_check": False, "device": "cpu", "layout": "nchw", "limit": None, "eval_data": None,
+    "eval_limit": None, "loss": "gloro", "eval_eps": None, "eps_mult": 1.0, "eps_schedule": "log",
+    "eps_ramp_epochs": None, "trades_lambda": "1.0", "epochs": 10, "batch_size": 256, "lr": 1e-3,
+    "warmup_epochs": None, "min_lr_factor": 0.0, "weight_decay": 0.0, "power_iters": 2, "activation": "keep",
+    "lln": False, "augment": "", "amp": False, "sparsity_weight": 0.01, "seed": 0, "threads": None, "norm": "2",
+    "resume": False, "force": False, "stop_after_epochs": None, "quiet": False,
+}
+
+
+def finetune(data_path, eps, out_dir, *, echo=None, **options) -> dict:
+    """Certified fine-tuning (see the module docstring); the Python form of ``lipverify finetune``.
+
+    ``data_path``, ``eps`` (one radius, a float or text such as ``"36/255"``) and ``out_dir`` are
+    required; every other option of the command is a keyword with the command's default
+    (:data:`FINETUNE_DEFAULTS`), e.g. ``finetune("train.npz", 0.3, "out", model="m.onnx", loss="trades")``.
+    Returns the report written to ``out_dir/report.json`` (rank 0; other ranks return ``{}``).
+
+    Warnings
+    --------
+    Raises :class:`~lipverify.train.loop.Interrupted` after writing a checkpoint when stopped by a
+    signal (or by ``stop_after_epochs``); :class:`~lipverify.errors.UserInputError` for bad options.
+    """
+    unknown = sorted(set(options) - set(FINETUNE_DEFAULTS))
+    if unknown:
+        raise TypeError(f"finetune() got unknown options: {', '.join(unknown)}")
+    o = {**FINETUNE_DEFAULTS, **options, "data_path": str(data_path), "eps": str(eps), "out_dir": str(out_dir)}
+    return run_finetune(o, echo)
+
+
 def run_finetune(o: dict, echo=None) -> dict:
-    """The whole fine-tuning job (see the module docstring).  ``o``: the command's options.  Returns the
-    report (rank 0; other ranks return ``{}``).  Raises :class:`~lipverify.train.loop.Interrupted` after
-    writing a checkpoint when stopped by a signal."""
+    """The whole fine-tuning job.  ``o``: every option (see :func:`finetune`).  Returns the report (rank
+    0; other ranks return ``{}``).  Raises :class:`~lipverify.train.loop.Interrupted` after writing a
+    checkpoint when stopped by a signal."""
     import lipverify
     from lipverify.certify import parse_eps, repr_eps
-    from lipverify.io_utils import atomic_write_bytes, atomic_write_text, check_not_input
-    from lipverify.loading import PixelSpaceModel
+    from lipverify.data.atomic import (
+        atomic_write_bytes,
+        atomic_write_text,
+        check_not_input,
+    )
+    from lipverify.importers.normalize import PixelSpaceModel
     from lipverify.train import checkpoint as ckpt_mod
     from lipverify.train import distributed, report, surgery
     from lipverify.train.local import LocalBound
     from lipverify.train.loop import Interrupted, TrainConfig, Trainer, TrainStep
-    from lipverify.train.trainable import GloroBound, build_trainable_graph, check_graph, select_trainable
+    from lipverify.train.trainable import (
+        GloroBound,
+        build_trainable_graph,
+        check_graph,
+        select_trainable,
+    )
 
-    cli = _cli()
-    echo = echo or (lambda msg: click.echo(msg, err=True))
+    echo = echo or (lambda msg: print(msg, file=sys.stderr))
     t_job = time.perf_counter()
 
     out_dir = Path(o["out_dir"])
@@ -124,7 +156,7 @@ def run_finetune(o: dict, echo=None) -> dict:
         if o["threads"] < 1:
             raise UserInputError("--threads must be at least 1")
         torch.set_num_threads(int(o["threads"]))
-    device_name = cli.resolve_device(o["device"])
+    device_name = resolve_device(o["device"])
     ctx = distributed.setup(device_name)
     dev = ctx.device
     torch.manual_seed(o["seed"])
@@ -157,11 +189,14 @@ def run_finetune(o: dict, echo=None) -> dict:
 
     # -- model and data ---------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    lm = cli.load_model(o.get("model"), o.get("input_shape"), o.get("mean"), o.get("std"), o.get("arch"),
-                        o.get("trust_pickle"), o.get("no_fidelity_check"), str(dev))
-    ds = cli.load_dataset(lm, o["data_path"], o["layout"], o.get("limit"), o.get("mean"), o.get("std"))
+    lm = lipverify.load(o.get("model") or lipverify.BUILTIN_DEFAULT, input_shape=o.get("input_shape"),
+                        mean=o.get("mean"), std=o.get("std"), arch=o.get("arch"), trust_pickle=bool(o.get("trust_pickle")),
+                        fidelity_check=not o.get("no_fidelity_check"), device=str(dev))
+    outside = o.get("mean") is not None or o.get("std") is not None
+    ds = load_for_model(lm, o["data_path"], layout=o["layout"], limit=o.get("limit"), outside_normalisation=outside)
     if o.get("eval_data"):
-        eds = cli.load_dataset(lm, o["eval_data"], o["layout"], o.get("eval_limit"), o.get("mean"), o.get("std"))
+        eds = load_for_model(lm, o["eval_data"], layout=o["layout"], limit=o.get("eval_limit"),
+                             outside_normalisation=outside)
         eval_note = None
     else:
         eds = ds if not o.get("eval_limit") else ds.subset(slice(0, o["eval_limit"]))
@@ -191,7 +226,7 @@ def run_finetune(o: dict, echo=None) -> dict:
     before = saved.get("before") if saved else None
     if before is None and ctx.is_main:
         echo(f"evaluating the input model on {len(eval_y)} inputs (sound bound) ...")
-        with cli.progress_bar(len(eval_y), "certifying (before)", o["quiet"]) as adv:
+        with progress_bar(len(eval_y), "certifying (before)", o["quiet"]) as adv:
             before = report.sound_evaluation(lm, eds.x, eds.y, eval_eps, cfg.norm, progress=adv)
 
     # -- trainable network --------------------------------------------------------------------------------
@@ -259,7 +294,7 @@ def run_finetune(o: dict, echo=None) -> dict:
         while trainer.epoch < cfg.epochs:
             e = trainer.epoch
             total = trainer.steps_per_epoch
-            with cli.progress_bar(total, f"epoch {e + 1}/{cfg.epochs}", o["quiet"] or not ctx.is_main) as adv:
+            with progress_bar(total, f"epoch {e + 1}/{cfg.epochs}", o["quiet"] or not ctx.is_main) as adv:
                 if trainer.step:
                     adv(trainer.step)
                 rec = trainer.train_epoch(adv, save_checkpoint)
@@ -301,7 +336,7 @@ def run_finetune(o: dict, echo=None) -> dict:
     pt_check = _check_state_dict(o, gm_cpu, plan, lm_after, eval_x[:64])
     export_s = time.perf_counter() - t0
     echo(f"re-verifying the exported model with the sound bound on {len(eval_y)} inputs ...")
-    with cli.progress_bar(len(eval_y), "certifying (after)", o["quiet"]) as adv:
+    with progress_bar(len(eval_y), "certifying (after)", o["quiet"]) as adv:
         after = report.sound_evaluation(lm_after, eds.x, eds.y, eval_eps, cfg.norm, progress=adv)
     after_local = None
     if cfg.loss == "local":
@@ -351,7 +386,7 @@ def run_finetune(o: dict, echo=None) -> dict:
         "device": str(dev), "processes": ctx.world,
         "notes": notes + list(lm_after.notes),
     }
-    atomic_write_text(out_dir / "report.json", json.dumps(_finite(rep), indent=2, default=_json_default,
+    atomic_write_text(out_dir / "report.json", json.dumps(finite_json(rep), indent=2, default=json_default,
                                                           allow_nan=False))
     rep["_table"] = report.table(before, after, eps_keys, _extra_rows(after_local, eps_keys, mean_epoch,
                                                                      len(trainer.history)))
@@ -376,18 +411,18 @@ def _extra_rows(after_local, eps_keys, mean_epoch, n_epochs):
     return rows
 
 
-def _finite(v):
+def finite_json(v):
     """Non-finite floats become ``None`` (strict JSON)."""
     if isinstance(v, float):
         return v if math.isfinite(v) else None
     if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
+        return {k: finite_json(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
+        return [finite_json(x) for x in v]
     return v
 
 
-def _json_default(v):
+def json_default(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, torch.Tensor):
@@ -402,132 +437,21 @@ def _check_state_dict(o, gm_cpu, plan, lm_after, xs) -> dict:
     same surgery) and compare its logits with the re-imported ONNX model."""
     if _input_format(o.get("model"), o.get("arch")) != "state_dict":
         return {"checked": False, "why": "the input was not a state dict with --arch"}
-    from lipverify.loading import PixelSpaceModel, _import_arch, _normalizer
+    from lipverify.importers.normalize import PixelSpaceModel, make_normalizer
+    from lipverify.importers.torchfile import import_arch
     from lipverify.train.surgery import apply_plan
 
     try:
-        net = apply_plan(_import_arch(o["arch"]), plan)
+        net = apply_plan(import_arch(o["arch"]), plan)
         sd = {k: v for k, v in gm_cpu.state_dict().items()}
         net.load_state_dict(sd, strict=True)
     except UserInputError as exc:
         return {"checked": False, "why": str(exc)}
     except Exception as exc:
         return {"checked": False, "why": f"the state dict does not load into --arch: {str(exc).splitlines()[0][:200]}"}
-    net = PixelSpaceModel(net.eval(), _normalizer(o.get("mean"), o.get("std"), lm_after.input_shape))
+    net = PixelSpaceModel(net.eval(), make_normalizer(o.get("mean"), o.get("std"), lm_after.input_shape))
     with torch.no_grad():
         a = net(xs.cpu()).reshape(len(xs), -1).double()
         b = lm_after(xs).reshape(len(xs), -1).double().cpu()
     diff = float((a - b).abs().max())
     return {"checked": True, "loads_into_arch": o["arch"], "max_abs_logit_diff_vs_onnx": diff, "passed": diff < 1e-4}
-
-
-# ------------------------------------------------------------------------------------------------------
-# click command
-
-
-def _options(fn):
-    cli = _cli()
-    opts = [
-        click.option("--data", "data_path", required=True, help="Training data: .npz (x, y), image folder, or VNN-LIB."),
-        click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True),
-        click.option("--limit", type=int, default=None, help="Use only the first N training examples."),
-        click.option("--eval-data", default=None, help="Held-out data for the before/after report (default: --data)."),
-        click.option("--eval-limit", type=int, default=None, help="Use only the first N evaluation examples."),
-        click.option("--out", "out_dir", required=True, help="Output folder (model, report, plots, checkpoint)."),
-        click.option("--loss", type=click.Choice(list(LOSSES)), default="gloro", show_default=True,
-                     help="gloro: CE over [f, y_bot]; trades: GloRo-TRADES; emma: EMMA; local: local Lipschitz bounds."),
-        click.option("--eps", required=True, help="Certification radius (l2, in the model's input units; pixel "
-                                                  "space with --mean/--std), e.g. 0.3 or 36/255."),
-        click.option("--eval-eps", default=None, help="Radii for the report, comma-separated (default: --eps)."),
-        click.option("--eps-mult", type=float, default=1.0, show_default=True,
-                     help="Training eps = mult x eps (GloRo trains slightly above the test radius)."),
-        click.option("--eps-schedule", type=click.Choice(list(EPS_SCHEDULES)), default="log", show_default=True,
-                     help="Ramp of the training eps: linear / log (GloRo) / liresnet (0.1 eps -> 1.5 eps)."),
-        click.option("--eps-ramp-epochs", type=float, default=None, help="Length of the eps ramp (default: half the run)."),
-        click.option("--trades-lambda", default="1.0", show_default=True, help="TRADES weight: x or start,end,epochs."),
-        click.option("--epochs", type=int, default=10, show_default=True),
-        click.option("--batch-size", type=int, default=256, show_default=True, help="Global batch size."),
-        click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate."),
-        click.option("--warmup-epochs", type=float, default=None, help="Linear warm-up (default: 5% of the run, <= 2)."),
-        click.option("--min-lr-factor", type=float, default=0.0, show_default=True,
-                     help="Cosine decay ends at this fraction of --lr."),
-        click.option("--weight-decay", type=float, default=0.0, show_default=True),
-        click.option("--power-iters", type=int, default=2, show_default=True,
-                     help="Power iterations per step (warm-started vectors)."),
-        click.option("--activation", type=click.Choice(["keep", "minmax"]), default="keep", show_default=True,
-                     help="minmax: replace every ReLU by MinMax (GroupSort-2)."),
-        click.option("--lln", is_flag=True, help="Normalise the class rows of the last layer (LiResNet head)."),
-        click.option("--augment", default="", help="Data augmentation for images: crop (random shifts with zero "
-                     "padding H/8; crop:P pads P pixels) and/or flip (horizontal), e.g. crop:2,flip."),
-        click.option("--amp", is_flag=True, help="Mixed precision for the network forward pass (never for the bound)."),
-        click.option("--sparsity-weight", type=float, default=0.01, show_default=True,
-                     help="--loss local: weight of the sparsity loss."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--threads", type=int, default=None,
-                     help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)."),
-        click.option("--norm", type=click.Choice(["2"]), default="2", show_default=True),
-        click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is in --out."),
-        click.option("--force", is_flag=True, help="Start over in an --out folder that already has a checkpoint."),
-        click.option("--stop-after-epochs", type=int, default=None,
-                     help="Stop (with a checkpoint) after this many epochs of this invocation; --resume later."),
-        click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines."),
-        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return cli.model_options(fn)
-
-
-def _make_command():
-    cli = _cli()
-
-    @click.command("finetune")
-    @_options
-    @cli.handle_errors
-    def finetune(**o):
-        """Certified fine-tuning: make MODEL's certified radii larger, and re-verify every claim.
-
-        Trains with a differentiable GloRo bound (power iteration on the model's own Lipschitz graph),
-        exports the result in the input's format plus ONNX, re-imports the ONNX file and recomputes the
-        before/after table with the sound bound.  Distributed: torchrun --nproc_per_node N -m lipverify
-        finetune ...
-        """
-        from lipverify.train.loop import Interrupted
-
-        quiet = o["quiet"]
-        echo = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
-        try:
-            rep = run_finetune(o, echo)
-        except Interrupted as exc:
-            if exc.signum == 0:
-                click.echo(f"lipverify: stopped after --stop-after-epochs; checkpoint in {o['out_dir']} "
-                           "(continue with --resume)", err=True)
-                return
-            click.echo(f"lipverify: interrupted; checkpoint written to {o['out_dir']}/checkpoint.pt "
-                       "(continue with --resume)", err=True)
-            sys.exit(EXIT_SIGNAL.get(exc.signum, 130))
-        if not rep:
-            return
-        if o["as_json"]:
-            click.echo(json.dumps(_finite({k: v for k, v in rep.items() if not k.startswith("_")}),
-                                  default=_json_default, allow_nan=False))
-            return
-        click.echo(rep["_table"])
-        click.echo(f"\nnumbers in 'after' are re-verified with the sound bound on {o['out_dir']}/model.onnx; "
-                   f"outputs in {o['out_dir']}")
-
-    return finetune
-
-
-finetune = _make_command()
-
-
-def _register() -> None:
-    """Make sure the command is on ``lipverify.cli.main`` even when this module was imported first."""
-    cli = _cli()
-    main = getattr(cli, "main", None)
-    if main is not None and "finetune" not in main.commands:
-        main.add_command(finetune)
-
-
-_register()

@@ -4,7 +4,7 @@
 The walk runs the fx graph once on an example batch, which folds everything that does not depend
 on the input (constants, shape arithmetic) to values.  Each input-dependent node is then classified:
 
-* affine ops become :mod:`lipverify.linear_ops` objects (dense, conv, element-wise scale, and
+* affine ops become :mod:`lipverify.graph.linear_ops` objects (dense, conv, element-wise scale, and
   coordinate selections — reshape, transpose, slice, pad, ... — whose index map is *measured* by
   pushing exact integers through the op);
 * element-wise nonlinearities become activations with their slope range;
@@ -14,6 +14,9 @@ on the input (constants, shape arithmetic) to values.  Each input-dependent node
 Anything else is collected, and all unsupported nodes are reported together in one
 :class:`~lipverify.errors.UnsupportedOpError` — lipverify never assumes a constant for an op it does
 not know.
+
+Op tables live in :mod:`lipverify.importers.optable`; aten graphs are first normalised by
+:mod:`lipverify.importers.aten`.
 """
 
 from __future__ import annotations
@@ -27,13 +30,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lipverify.errors import UnsupportedOpError, UserInputError
-from lipverify.graph import Activation, LipschitzGraph, MaxPool, Node, make_activation, minmax
-from lipverify.linear_ops import Conv, Dense, LinearOp, Scale, probe_select
+from lipverify.graph import (
+    Activation,
+    LipschitzGraph,
+    MaxPool,
+    Node,
+    make_activation,
+    minmax,
+)
+from lipverify.graph.linear_ops import Conv, Dense, LinearOp, Scale, probe_select
+from lipverify.importers.optable import (
+    ACT_FUNCS,
+    ACT_METHODS,
+    ACT_MODULES,
+    SELECT_FUNCS,
+    SELECT_METHODS,
+    SELECT_MODULES,
+    SOFTMAX_OPS,
+    binary_kind,
+    is_neg,
+    op_name,
+)
 
 try:  # MinMax lives in the model zoo; the importer recognises it as a graph primitive
     from lipverify.models.layers import MinMax as _MinMax
 except Exception:  # pragma: no cover - zoo not importable
     _MinMax = None
+
 
 TRACE_BATCH = 2
 
@@ -53,140 +76,6 @@ def trace_module(module: nn.Module) -> fx.GraphModule:
         return module
     graph = _LeafTracer().trace(module)
     return fx.GraphModule(module, graph)
-
-
-def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if type(mod).__name__ == "OnnxFunction":
-            return getattr(mod.function, "__name__", "OnnxFunction")
-        if type(mod).__name__ == "OnnxBinaryMathOperation":
-            fn = getattr(mod.math_op_function, "__name__", "")
-            return {"add": "Add", "sub": "Sub", "mul": "Mul", "_onnx_div": "Div", "div": "Div"}.get(fn, "BinaryMath")
-        return type(mod).__name__
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target))
-    return str(node.target)
-
-
-# ------------------------------------------------------------------------------------------------
-# op tables
-
-_ACT_MODULES: dict[type, Callable[[nn.Module], tuple[str, dict]]] = {
-    nn.ReLU: lambda m: ("relu", {}),
-    nn.Tanh: lambda m: ("tanh", {}),
-    nn.Sigmoid: lambda m: ("sigmoid", {}),
-    nn.GELU: lambda m: ("gelu", {}) if m.approximate == "none" else ("gelu", {}),
-    nn.SiLU: lambda m: ("silu", {}),
-    nn.ELU: lambda m: ("elu", {"alpha": m.alpha}),
-    nn.LeakyReLU: lambda m: ("leaky_relu", {"negative_slope": m.negative_slope}),
-    nn.ReLU6: lambda m: ("relu6", {}),
-    nn.Hardtanh: lambda m: ("hardtanh", {"min_val": m.min_val, "max_val": m.max_val}),
-    nn.Softplus: lambda m: ("softplus", {"beta": m.beta}) if m.threshold >= 20 else ("softplus", {"beta": m.beta}),
-}
-
-_ACT_FUNCS = {
-    F.relu: "relu", torch.relu: "relu", torch.tanh: "tanh", torch.sigmoid: "sigmoid",
-    F.sigmoid: "sigmoid", F.tanh: "tanh", F.gelu: "gelu", F.silu: "silu", F.elu: "elu",
-    F.leaky_relu: "leaky_relu", F.hardtanh: "hardtanh", F.relu6: "relu6", F.softplus: "softplus",
-    torch.clamp: "clip", torch.clip: "clip",
-}
-_ACT_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "clamp": "clip", "clip": "clip"}
-
-_SELECT_MODULES = {
-    "Flatten", "Unflatten", "Identity", "Dropout", "Dropout1d", "Dropout2d", "AlphaDropout",
-    "ZeroPad1d", "ZeroPad2d", "ConstantPad1d", "ConstantPad2d", "ReflectionPad1d", "ReflectionPad2d",
-    "ReplicationPad1d", "ReplicationPad2d", "OnnxReshape", "OnnxTranspose", "OnnxSlice", "OnnxSliceV9",
-    "OnnxSqueezeStaticAxes", "OnnxSqueezeDynamicAxes", "OnnxUnsqueezeStaticAxes",
-    "OnnxUnsqueezeDynamicAxes", "OnnxPadStatic", "OnnxPadDynamic", "OnnxGather", "OnnxCast",
-    "OnnxCopyIdentity", "OnnxDropoutDynamic", "OnnxFlatten", "OnnxDepthToSpace", "OnnxExpand",
-    "OnnxTile",
-}
-_SELECT_FUNCS = {
-    torch.flatten, torch.reshape, operator.getitem, torch.squeeze, torch.unsqueeze, torch.permute,
-    torch.transpose, torch.t, F.pad, F.dropout, torch.narrow, torch.movedim, torch.swapaxes,
-    F.dropout2d, torch.clone,
-}
-_SELECT_METHODS = {
-    "view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
-    "narrow", "__getitem__", "float", "to", "type_as", "movedim", "swapaxes", "expand", "repeat",
-    "clone", "detach",
-}
-_SOFTMAX = {"Softmax", "LogSoftmax", "OnnxSoftmaxV1V11", "softmax", "log_softmax"}
-
-_ADD = {operator.add, torch.add, operator.iadd}
-_SUB = {operator.sub, torch.sub, torch.subtract, operator.isub}
-_MUL = {operator.mul, torch.mul, torch.multiply, operator.imul}
-_DIV = {operator.truediv, torch.div, torch.true_divide, torch.divide, operator.itruediv}
-
-
-def _aten_equivalents() -> dict:
-    """aten overloads (from ``torch.export`` programs) -> the torch function with the same signature."""
-    a = torch.ops.aten
-    pairs = {
-        "conv2d.default": F.conv2d, "conv1d.default": F.conv1d, "linear.default": F.linear,
-        "relu.default": torch.relu, "relu_.default": torch.relu, "tanh.default": torch.tanh,
-        "sigmoid.default": torch.sigmoid, "gelu.default": F.gelu, "silu.default": F.silu,
-        "leaky_relu.default": F.leaky_relu, "hardtanh.default": F.hardtanh, "clamp.default": torch.clamp,
-        "elu.default": F.elu, "abs.default": torch.abs,
-        "max_pool2d.default": F.max_pool2d, "avg_pool2d.default": F.avg_pool2d,
-        "adaptive_avg_pool2d.default": F.adaptive_avg_pool2d, "batch_norm.default": torch.batch_norm,
-        "add.Tensor": torch.add, "sub.Tensor": torch.sub, "mul.Tensor": torch.mul, "div.Tensor": torch.div,
-        "neg.default": torch.neg, "cat.default": torch.cat, "softmax.int": torch.softmax,
-        "log_softmax.int": torch.log_softmax, "_softmax.default": torch.softmax, "matmul.default": torch.matmul,
-        "flatten.using_ints": torch.flatten, "view.default": torch.reshape, "reshape.default": torch.reshape,
-        "permute.default": torch.permute, "transpose.int": torch.transpose, "squeeze.dim": torch.squeeze,
-        "unsqueeze.default": torch.unsqueeze, "dropout.default": F.dropout, "clone.default": torch.clone,
-        "contiguous.default": torch.clone, "_unsafe_view.default": torch.reshape,
-    }
-    out = {}
-    for name, fn in pairs.items():
-        op, _, overload = name.partition(".")
-        try:
-            out[getattr(getattr(a, op), overload)] = fn
-        except AttributeError:
-            continue
-    for name in ("slice.Tensor", "select.int", "constant_pad_nd.default", "pad.default", "expand.default",
-                 "alias.default", "detach.default"):
-        op, _, overload = name.partition(".")
-        try:
-            _SELECT_FUNCS.add(getattr(getattr(a, op), overload))
-        except AttributeError:
-            continue
-    return out
-
-
-def normalise_aten(gm: fx.GraphModule) -> None:
-    """Rewrite aten call targets to their torch equivalents so one op table serves every importer."""
-    table = _aten_equivalents()
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in table:
-            node.target = table[node.target]
-    gm.recompile()
-
-
-def _binary_kind(gm, node) -> str | None:
-    """'add', 'sub', 'mul', 'div' or None for a binary arithmetic node."""
-    if node.op == "call_function":
-        t = node.target
-        return ("add" if t in _ADD else "sub" if t in _SUB else "mul" if t in _MUL
-                else "div" if t in _DIV else None)
-    if node.op == "call_method" and node.target in ("add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"):
-        return node.target.rstrip("_")
-    if node.op == "call_module" and type(gm.get_submodule(node.target)).__name__ == "OnnxBinaryMathOperation":
-        return {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}.get(_op_name(gm, node))
-    return None
-
-
-def _is_neg(gm, node) -> bool:
-    if node.op == "call_function" and node.target in (operator.neg, torch.neg):
-        return True
-    if node.op == "call_method" and node.target == "neg":
-        return True
-    return node.op == "call_module" and _op_name(gm, node) == "OnnxNeg"
-
-
-# ------------------------------------------------------------------------------------------------
 
 
 class _Builder:
@@ -233,7 +122,7 @@ class _Builder:
         return fn
 
     def _is_shape_op(self, node: fx.Node) -> bool:
-        if node.op == "call_module" and _op_name(self.gm, node) == "OnnxShape":
+        if node.op == "call_module" and op_name(self.gm, node) == "OnnxShape":
             return True
         if node.op == "call_method" and node.target in ("size", "dim", "numel"):
             return True
@@ -252,7 +141,7 @@ class _Builder:
         self.index[fxn] = self.index[src]
 
     def _bad(self, fxn: fx.Node, why: str | None = None) -> None:
-        name = _op_name(self.gm, fxn)
+        name = op_name(self.gm, fxn)
         self.unsupported.append((name + (f" [{why}]" if why else ""), fxn.name))
         if isinstance(self.env.get(fxn), torch.Tensor) and fxn not in self.index:
             # placeholder so that nodes further down are still classified (all problems listed at once)
@@ -292,7 +181,7 @@ class _Builder:
                     self.dep[node] = True
                     continue
                 raise UserInputError(
-                    f"running node {node.name} ({_op_name(self.gm, node)}) on an input of shape "
+                    f"running node {node.name} ({op_name(self.gm, node)}) on an input of shape "
                     f"{tuple(example.shape[1:])} failed: {str(exc).splitlines()[0]}", self.path) from exc
             if self._is_shape_op(node) or not deps:
                 self.dep[node] = False
@@ -329,17 +218,17 @@ class _Builder:
         if isinstance(arg, dict) or not isinstance(arg, fx.Node):
             raise UserInputError("the model output is not a single tensor", self.path)
         while arg in self.softmax_of:
-            self.notes.append(f"stripped the trailing {_op_name(self.gm, arg)} ({arg.name}): "
+            self.notes.append(f"stripped the trailing {op_name(self.gm, arg)} ({arg.name}): "
                               "bounds and certificates are about the logits (same argmax)")
             arg = self.softmax_of[arg]
         if not self.dep.get(arg, False):
             raise UserInputError("the model output does not depend on its input", self.path)
         out_idx = self.index[arg]
         if out_idx is None:
-            raise UnsupportedOpError([(_op_name(self.gm, arg), arg.name)], self.path)
+            raise UnsupportedOpError([(op_name(self.gm, arg), arg.name)], self.path)
         for sm in self.softmax_of:
             if any(u.op != "output" for u in sm.users):
-                raise UnsupportedOpError([(_op_name(self.gm, sm) + " [not at the output]", sm.name)], self.path)
+                raise UnsupportedOpError([(op_name(self.gm, sm) + " [not at the output]", sm.name)], self.path)
         g = LipschitzGraph(self.nodes, out_idx, self.notes)
         g.logits_fx_node = arg.name  # the fx node whose value are the logits (after stripping)
         return g
@@ -347,18 +236,18 @@ class _Builder:
     # -- classification ---------------------------------------------------------------------------
     def _classify(self, node: fx.Node, deps: list[fx.Node]) -> None:
         gm = self.gm
-        name = _op_name(gm, node)
+        name = op_name(gm, node)
         mod = gm.get_submodule(node.target) if node.op == "call_module" else None
 
         # softmax: only legal at the output; resolved in _finish
-        if name in _SOFTMAX or (node.op == "call_function" and node.target in (torch.softmax, F.softmax,
+        if name in SOFTMAX_OPS or (node.op == "call_function" and node.target in (torch.softmax, F.softmax,
                                                                               F.log_softmax, torch.log_softmax)):
             self.softmax_of[node] = deps[0]
             self.index[node] = self.index[deps[0]]
             return
 
         # residual add / sub of two input-dependent tensors
-        bk = _binary_kind(gm, node)
+        bk = binary_kind(gm, node)
         dep_args = [a for a in node.args if isinstance(a, fx.Node) and self.dep.get(a, False)]
         if bk is not None and len(dep_args) == 2:
             if bk in ("add", "sub"):
@@ -379,13 +268,13 @@ class _Builder:
         x = self.env[src]
         in_shape = tuple(x.shape[1:])
 
-        if bk is not None or _is_neg(gm, node):
+        if bk is not None or is_neg(gm, node):
             self._elementwise_affine(node, src, bk)
             return
 
         # activations
-        if mod is not None and type(mod) in _ACT_MODULES:
-            act, kw = _ACT_MODULES[type(mod)](mod)
+        if mod is not None and type(mod) in ACT_MODULES:
+            act, kw = ACT_MODULES[type(mod)](mod)
             self._emit(node, "activation", [src], make_activation(act, **kw))
             return
         if mod is not None and type(mod).__name__ == "OnnxFunction" and mod.function in (torch.tanh, torch.abs):
@@ -397,9 +286,9 @@ class _Builder:
         if mod is not None and name == "OnnxClip":
             self._emit(node, "activation", [src], make_activation("clip", min=mod.min_val, max=mod.max_val))
             return
-        if (node.op == "call_function" and node.target in _ACT_FUNCS) or (
-                node.op == "call_method" and node.target in _ACT_METHODS):
-            act = _ACT_FUNCS.get(node.target) if node.op == "call_function" else _ACT_METHODS[node.target]
+        if (node.op == "call_function" and node.target in ACT_FUNCS) or (
+                node.op == "call_method" and node.target in ACT_METHODS):
+            act = ACT_FUNCS.get(node.target) if node.op == "call_function" else ACT_METHODS[node.target]
             kw = self._act_kwargs(node, act)
             if kw is None:
                 self._bad(node, "non-constant parameters")
@@ -459,8 +348,8 @@ class _Builder:
             return
 
         # coordinate selections
-        if name in _SELECT_MODULES or (node.op == "call_function" and node.target in _SELECT_FUNCS) or (
-                node.op == "call_method" and node.target in _SELECT_METHODS):
+        if name in SELECT_MODULES or (node.op == "call_function" and node.target in SELECT_FUNCS) or (
+                node.op == "call_method" and node.target in SELECT_METHODS):
             self._select(node, src, in_shape, name)
             return
         self._bad(node)

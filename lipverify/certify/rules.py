@@ -185,7 +185,7 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
 
     notes = []
     if method == "local":
-        from lipverify.certify_local import local_certify
+        from lipverify.certify.local import local_certify
 
         targets = eps_check if per_example else (max(eps_list) if eps_list else None)
         loc = local_certify(model, x, pred, diffs, mask, radius, targets, norm, cert_at, eps_list,

@@ -7,7 +7,7 @@ import io
 import numpy as np
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,7 +18,7 @@ def _plt():
 
 def certify_plot(radii: np.ndarray, correct: np.ndarray, norm: str, eps_marks=()) -> bytes:
     """Left: certified accuracy (correct and radius > eps) against eps.  Right: histogram of radii."""
-    plt = _plt()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     r = np.where(correct, radii, 0.0)
     top = max(float(np.max(r)) if len(r) else 1.0, max(eps_marks, default=0.0), 1e-6) * 1.1
@@ -38,7 +38,7 @@ def certify_plot(radii: np.ndarray, correct: np.ndarray, norm: str, eps_marks=()
 
 def png_bytes(fig) -> bytes:
     """Render a figure to PNG bytes and close it."""
-    plt = _plt()
+    plt = pyplot()
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
@@ -48,7 +48,7 @@ def png_bytes(fig) -> bytes:
 
 def radius_scatter(r_cert, r_adv, correct, norm: str) -> bytes:
     """Certified radius against adversarial radius per input; the diagonal is the soundness limit."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     fin = np.isfinite(r_adv)
     ax.scatter(r_adv[fin & correct], r_cert[fin & correct], s=12, label="correct")
@@ -63,7 +63,7 @@ def radius_scatter(r_cert, r_adv, correct, norm: str) -> bytes:
 
 
 def accuracy_curves(curves: dict, norm: str) -> bytes:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, style in (("clean", ":"), ("empirical", "-"), ("certified", "-")):
         ax.plot(curves["eps"], curves[key], style, label=key)
@@ -76,7 +76,7 @@ def accuracy_curves(curves: dict, norm: str) -> bytes:
 
 
 def layer_bars(names, values) -> bytes:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(names) + 2), 3.5))
     ax.bar(range(len(values)), values)
     ax.set_xticks(range(len(values)))

@@ -18,7 +18,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from lipverify.bounds.lower import jacobian_spectral_lower_bound, margin_lipschitz_lower_bound
+from lipverify.attacks.lower import (
+    jacobian_spectral_lower_bound,
+    margin_lipschitz_lower_bound,
+)
 
 
 @dataclass

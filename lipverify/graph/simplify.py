@@ -11,7 +11,7 @@ The norm of a merged operator is at most the product of its parts and is often f
 from __future__ import annotations
 
 from lipverify.graph import LipschitzGraph, Node
-from lipverify.linear_ops import Chain, Residual, identity_select
+from lipverify.graph.linear_ops import Chain, Residual, identity_select
 
 
 def _merged_name(a: str, b: str) -> str:

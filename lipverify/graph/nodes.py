@@ -3,7 +3,7 @@
 A model becomes a list of :class:`Node` in topological order.  Node kinds:
 
 ``input``       the model input (per-example shape ``out_shape``);
-``linear``      an affine op ``y = A x + b`` (:mod:`lipverify.linear_ops`), one input;
+``linear``      an affine op ``y = A x + b`` (:mod:`lipverify.graph.linear_ops`), one input;
 ``activation``  an element-wise nonlinearity with slope range ``[lo, hi]`` and Lipschitz constant;
 ``minmax``      GroupSort-2 over channel pairs (1-Lipschitz in l2 and l-inf);
 ``maxpool``     max pooling;
@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from lipverify.linear_ops import Shape
+from lipverify.graph.linear_ops import Shape
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Render an :class:`~lipverify.audit.AuditResult` as Markdown, self-contained HTML and JSON."""
+"""Render an :class:`~lipverify.report.audit.AuditResult` as Markdown, self-contained HTML and JSON."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 
-from lipverify import plots
+from lipverify.report import plots
 
 
 def figures(res) -> dict[str, bytes]:

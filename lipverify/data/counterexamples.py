@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lipverify.io_utils import atomic_write_text
+from lipverify.data.atomic import atomic_write_text
 
 __all__ = ["counterexample_text", "float32_box", "write_counterexamples"]
 

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from lipverify.bounds import operator_norms as on
+from lipverify.graph import operator_norms as on
 
 Shape = tuple[int, ...]
 

@@ -1,0 +1,38 @@
+"""``lipverify bounds``: per-layer constants, the global bound and the margin constants.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from lipverify.cli.common import handle_errors, load_model, model_options
+
+
+@click.command()
+@model_options
+@click.option("--norm", type=click.Choice(["2", "inf"]), default="2", show_default=True)
+@click.option("--method", type=click.Choice(["sound", "power", "lipsdp"]), default="sound", show_default=True,
+              help="sound: proven bounds; power: power-iteration estimates; lipsdp: LipSDP-Neuron (dense ReLU nets).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@handle_errors
+def bounds(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device, debug, norm, method,
+           as_json):
+    """Lipschitz bounds: per-layer constants, global bound, margin constants K_ij."""
+    t0 = time.perf_counter()
+    lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
+    if method == "lipsdp":
+        from lipverify.bounds.lipsdp_graph import lipsdp_report
+
+        report = lipsdp_report(lm, norm)
+    else:
+        report = lm.bounds(norm=norm, method=method)
+    report.time_s = time.perf_counter() - t0
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    from lipverify.report.text import print_bounds
+
+    print_bounds(report)

@@ -1,0 +1,107 @@
+"""``lipverify finetune``: the options and the output of certified fine-tuning; the work is
+:func:`lipverify.train.finetune.run_finetune`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from lipverify.cli.common import handle_errors, model_options
+from lipverify.train.finetune import (
+    EXIT_SIGNAL,
+    finite_json,
+    json_default,
+    run_finetune,
+)
+from lipverify.train.losses import LOSSES
+from lipverify.train.schedules import EPS_SCHEDULES
+
+
+def _options(fn):
+    opts = [
+        click.option("--data", "data_path", required=True, help="Training data: .npz (x, y), image folder, or VNN-LIB."),
+        click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True),
+        click.option("--limit", type=int, default=None, help="Use only the first N training examples."),
+        click.option("--eval-data", default=None, help="Held-out data for the before/after report (default: --data)."),
+        click.option("--eval-limit", type=int, default=None, help="Use only the first N evaluation examples."),
+        click.option("--out", "out_dir", required=True, help="Output folder (model, report, plots, checkpoint)."),
+        click.option("--loss", type=click.Choice(list(LOSSES)), default="gloro", show_default=True,
+                     help="gloro: CE over [f, y_bot]; trades: GloRo-TRADES; emma: EMMA; local: local Lipschitz bounds."),
+        click.option("--eps", required=True, help="Certification radius (l2, in the model's input units; pixel "
+                                                  "space with --mean/--std), e.g. 0.3 or 36/255."),
+        click.option("--eval-eps", default=None, help="Radii for the report, comma-separated (default: --eps)."),
+        click.option("--eps-mult", type=float, default=1.0, show_default=True,
+                     help="Training eps = mult x eps (GloRo trains slightly above the test radius)."),
+        click.option("--eps-schedule", type=click.Choice(list(EPS_SCHEDULES)), default="log", show_default=True,
+                     help="Ramp of the training eps: linear / log (GloRo) / liresnet (0.1 eps -> 1.5 eps)."),
+        click.option("--eps-ramp-epochs", type=float, default=None, help="Length of the eps ramp (default: half the run)."),
+        click.option("--trades-lambda", default="1.0", show_default=True, help="TRADES weight: x or start,end,epochs."),
+        click.option("--epochs", type=int, default=10, show_default=True),
+        click.option("--batch-size", type=int, default=256, show_default=True, help="Global batch size."),
+        click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate."),
+        click.option("--warmup-epochs", type=float, default=None, help="Linear warm-up (default: 5% of the run, <= 2)."),
+        click.option("--min-lr-factor", type=float, default=0.0, show_default=True,
+                     help="Cosine decay ends at this fraction of --lr."),
+        click.option("--weight-decay", type=float, default=0.0, show_default=True),
+        click.option("--power-iters", type=int, default=2, show_default=True,
+                     help="Power iterations per step (warm-started vectors)."),
+        click.option("--activation", type=click.Choice(["keep", "minmax"]), default="keep", show_default=True,
+                     help="minmax: replace every ReLU by MinMax (GroupSort-2)."),
+        click.option("--lln", is_flag=True, help="Normalise the class rows of the last layer (LiResNet head)."),
+        click.option("--augment", default="", help="Data augmentation for images: crop (random shifts with zero "
+                     "padding H/8; crop:P pads P pixels) and/or flip (horizontal), e.g. crop:2,flip."),
+        click.option("--amp", is_flag=True, help="Mixed precision for the network forward pass (never for the bound)."),
+        click.option("--sparsity-weight", type=float, default=0.01, show_default=True,
+                     help="--loss local: weight of the sparsity loss."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--threads", type=int, default=None,
+                     help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)."),
+        click.option("--norm", type=click.Choice(["2"]), default="2", show_default=True),
+        click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is in --out."),
+        click.option("--force", is_flag=True, help="Start over in an --out folder that already has a checkpoint."),
+        click.option("--stop-after-epochs", type=int, default=None,
+                     help="Stop (with a checkpoint) after this many epochs of this invocation; --resume later."),
+        click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return model_options(fn)
+
+
+@click.command("finetune")
+@_options
+@handle_errors
+def finetune(**o):
+    """Certified fine-tuning: make MODEL's certified radii larger, and re-verify every claim.
+
+    Trains with a differentiable GloRo bound (power iteration on the model's own Lipschitz graph),
+    exports the result in the input's format plus ONNX, re-imports the ONNX file and recomputes the
+    before/after table with the sound bound.  Distributed: torchrun --nproc_per_node N -m lipverify
+    finetune ...
+    """
+    from lipverify.train.loop import Interrupted
+
+    quiet = o["quiet"]
+    echo = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    try:
+        rep = run_finetune(o, echo)
+    except Interrupted as exc:
+        if exc.signum == 0:
+            click.echo(f"lipverify: stopped after --stop-after-epochs; checkpoint in {o['out_dir']} "
+                       "(continue with --resume)", err=True)
+            return
+        click.echo(f"lipverify: interrupted; checkpoint written to {o['out_dir']}/checkpoint.pt "
+                   "(continue with --resume)", err=True)
+        sys.exit(EXIT_SIGNAL.get(exc.signum, 130))
+    if not rep:
+        return
+    if o["as_json"]:
+        click.echo(json.dumps(finite_json({k: v for k, v in rep.items() if not k.startswith("_")}),
+                              default=json_default, allow_nan=False))
+        return
+    click.echo(rep["_table"])
+    click.echo(f"\nnumbers in 'after' are re-verified with the sound bound on {o['out_dir']}/model.onnx; "
+               f"outputs in {o['out_dir']}")

@@ -1,0 +1,132 @@
+"""Loading evaluation data: labelled examples, and optionally per-example l-inf boxes.
+
+``load_data(path, input_shape)`` reads one of three formats and returns a :class:`Dataset` whose ``x``
+has shape ``(N, *input_shape)``, where ``input_shape`` is the model's own per-example input shape
+(no batch dimension), e.g. ``(1, 28, 28)``, ``(784,)``, ``(784, 1)`` or ``(3, 32, 32)``.
+
+Formats
+-------
+``.npz`` archive
+    Two arrays: inputs under ``x`` and integer labels under ``y`` (the pairs ``X``/``Y`` and
+    ``images``/``labels`` are accepted too). Inputs are cast to float32 and kept in the file's units:
+    no scaling, no normalisation. Labels may be a 1-D integer array, an ``(N, 1)`` column, integral
+    floats, or one-hot rows. Pickled (object) arrays are never loaded.
+
+Folder of images
+    One sub-folder per class. Class ``k`` is the k-th sub-folder in sorted name order, or, when every
+    sub-folder name is an integer (``0``, ``1``, ... ``9``), that integer. Images (PNG, JPEG, BMP, GIF,
+    TIFF, WebP, PNM) are read with Pillow, converted to grayscale for a 1-channel model or RGB for a
+    3-channel one, and divided by 255 so values lie in [0, 1]. Images are never resized: a size that
+    does not match the model input is refused. Channels are placed as the model input shape says
+    (channel-first ``(C, H, W)`` unless the shape is channel-last ``(H, W, C)``; a flat input shape
+    receives the channel-first image flattened row-major).
+
+VNN-LIB robustness specifications
+    A single ``.vnnlib`` (or ``.vnnlib.gz``) file, or a folder of them (searched recursively, sorted by
+    relative path; one example per file). A file declares inputs ``X_i`` and outputs ``Y_j`` as
+    ``Real``, bounds each input from both sides with ``(assert (<= X_i v))`` / ``(assert (>= X_i v))``
+    (or with the constant first, ``(assert (<= v X_i))``), and states the output condition of a
+    *counterexample*. ``X_i`` indexes the row-major flattening of the model's input tensor. Two
+    output conditions are understood:
+
+    * untargeted: ``(assert (or (and (>= Y_1 Y_0)) (and (>= Y_2 Y_0)) ...))`` -- a counterexample is
+      any input in the box where one of the listed classes scores at least the label (here 0). The
+      mirrored ``(<= Y_0 Y_1)`` and disjuncts without the ``and`` wrapper mean the same.
+    * targeted: a single ``(assert (>= Y_t Y_l))`` or ``(assert (<= Y_l Y_t))`` -- label ``l``,
+      target ``t``.
+
+    The box is an l-inf ball around a clean input, clipped to the valid input range, so its midpoint
+    is not the clean input where it was clipped. The clean input is recovered per dimension: ``eps``
+    is the largest half-width; a dimension whose width is ``2*eps`` gives its midpoint; one whose
+    lower bound sits at the range minimum (the smallest lower bound) gives ``ub - eps``; any other
+    gives ``lb + eps``. For channel-first inputs ``(C, H, W)`` the rule is applied per channel, so
+    that boxes built with per-channel radii (normalisation with a per-channel std outside the
+    network) and per-channel valid ranges are recovered exactly; ``eps`` reported per example is
+    the largest radius over all channels, and ``lower``/``upper`` keep the exact box.
+
+Every problem the user can fix raises :class:`~lipverify.errors.UserInputError` naming the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lipverify.data.dataset import LAYOUTS, Dataset
+from lipverify.data.folders import load_image_folder
+from lipverify.data.npz import load_npz
+from lipverify.data.vnnlib import load_vnnlib, vnnlib_files
+from lipverify.errors import UserInputError
+
+
+def load_data(
+    path,
+    input_shape: tuple[int, ...],
+    *,
+    layout: str = "nchw",
+    n_classes: int | None = None,
+    limit: int | None = None,
+) -> Dataset:
+    """Load ``path`` (an ``.npz`` file, a ``.vnnlib`` file, or a folder of ``.vnnlib`` files or of
+    class sub-folders of images) for a model whose per-example input shape is ``input_shape``.
+
+    ``layout="nhwc"`` says the file stores channel-last images ``(N, H, W, C)`` for a model whose
+    input is ``(C, H, W)``; they are transposed (npz only: image files are always read channel-last
+    and VNN-LIB variables always follow the model's own layout). ``n_classes``, when given, bounds
+    the labels (and the classes a VNN-LIB spec names). ``limit`` keeps the first ``limit`` examples.
+    """
+    path = Path(path)
+    shape = tuple(int(d) for d in input_shape)
+    if not shape or any(d < 1 for d in shape):
+        raise ValueError(f"input_shape must be a non-empty tuple of positive sizes, got {input_shape!r}")
+    if not isinstance(layout, str) or layout.lower() not in LAYOUTS:
+        raise UserInputError(f"unknown layout {layout!r}: use 'nchw' or 'nhwc'", path=str(path))
+    layout = layout.lower()
+    if limit is not None and int(limit) < 1:
+        raise UserInputError(f"limit must be at least 1, got {limit}", path=str(path))
+    if n_classes is not None and int(n_classes) < 1:
+        raise UserInputError(f"the number of classes must be at least 1, got {n_classes}", path=str(path))
+    limit = None if limit is None else int(limit)
+    n_classes = None if n_classes is None else int(n_classes)
+
+    if not path.exists():
+        raise UserInputError("no such file or directory", path=str(path))
+    if path.is_dir():
+        specs = vnnlib_files(path)
+        if specs:
+            return load_vnnlib(path, specs, shape, layout, n_classes, limit)
+        return load_image_folder(path, shape, n_classes, limit)
+    name = path.name.lower()
+    if name.endswith(".npz"):
+        return load_npz(path, shape, layout, n_classes, limit)
+    if name.endswith(".vnnlib") or name.endswith(".vnnlib.gz"):
+        return load_vnnlib(path, [path], shape, layout, n_classes, limit)
+    if name.endswith(".npy"):
+        raise UserInputError(
+            "unsupported data format: a lone .npy array holds no labels; save inputs and labels "
+            "together with numpy.savez(file, x=..., y=...)",
+            path=str(path),
+        )
+    raise UserInputError(
+        "unsupported data format: expected a .npz file with arrays x and y, a .vnnlib file, or a "
+        "folder of .vnnlib files or of one image sub-folder per class",
+        path=str(path),
+    )
+
+
+def load_for_model(lm, data_path, *, layout: str = "nchw", limit: int | None = None,
+                   outside_normalisation: bool = False):
+    """Load data for the model ``lm``: its input shape and number of classes.
+
+    With a normalisation outside the model (``outside_normalisation``; ``lm.module.normalize``),
+    VNN-LIB boxes, which are in the model's input units, are mapped to pixel space: the clean input
+    becomes ``x * std + mean`` and ``eps`` becomes ``eps * max(std)`` — the l-inf ball of that radius
+    contains the mapped box, so certifying the ball certifies the box (``lower``/``upper`` keep the
+    exact box in model units).
+    """
+    ds = load_data(data_path, lm.input_shape, layout=layout, n_classes=lm.n_classes, limit=limit)
+    if ds.eps is not None and outside_normalisation:
+        norm = lm.module.normalize
+        ds.x = ds.x * norm.std.cpu() + norm.mean.cpu()
+        ds.eps = ds.eps * float(norm.std.max())
+        ds.notes.append("VNN-LIB boxes mapped to pixel space (x*std+mean; eps*max(std), a superset ball)")
+    return ds
