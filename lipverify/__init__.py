@@ -8,5 +8,6 @@ __version__ = "0.1.0"
 
 from lipverify.errors import LipverifyError, UnsupportedOpError, UserInputError  # noqa: E402
 from lipverify.importers.loader import BUILTIN_DEFAULT, load  # noqa: E402
+from lipverify.model import LipModel  # noqa: E402
 
-__all__ = ["load", "BUILTIN_DEFAULT", "LipverifyError", "UserInputError", "UnsupportedOpError"]
+__all__ = ["load", "LipModel", "BUILTIN_DEFAULT", "LipverifyError", "UserInputError", "UnsupportedOpError"]

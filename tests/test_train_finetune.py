@@ -83,6 +83,20 @@ def test_finetune_raises_vra_and_everything_is_reverified(samples, tmp_path):
         assert torch.allclose(net.eval()(x), lm(x), atol=1e-5)
 
 
+def test_python_api_is_the_command(samples, tmp_path):
+    """``lipverify.train.finetune.finetune`` is what the command runs: same options, same model."""
+    from lipverify.train.finetune import finetune
+
+    rep = finetune(samples, 1.0, tmp_path / "api", epochs=2, batch_size=8, lr=3e-3, quiet=True)
+    run(base(samples, tmp_path / "cli", "--epochs", "2"))
+    a = _sd(tmp_path / "api" / "model.pt")
+    b = _sd(tmp_path / "cli" / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert rep["after"]["vra"] == json.loads((tmp_path / "cli" / "report.json").read_text())["after"]["vra"]
+    with pytest.raises(TypeError):
+        finetune(samples, 1.0, tmp_path / "x", epoch=2)  # a misspelt option is an error, not ignored
+
+
 def test_resume_is_exact(samples, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     extra = ("--epochs", "3", "--augment", "crop", "--eps-schedule", "linear", "--eval-limit", "8")

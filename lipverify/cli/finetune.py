@@ -1,5 +1,5 @@
 """``lipverify finetune``: the options and the output of certified fine-tuning; the work is
-:func:`lipverify.train.finetune.run_finetune`."""
+:func:`lipverify.train.finetune.finetune`."""
 
 from __future__ import annotations
 
@@ -9,12 +9,8 @@ import sys
 import click
 
 from lipverify.cli.common import handle_errors, model_options
-from lipverify.train.finetune import (
-    EXIT_SIGNAL,
-    finite_json,
-    json_default,
-    run_finetune,
-)
+from lipverify.train.finetune import EXIT_SIGNAL, FINETUNE_DEFAULTS, finite_json, json_default
+from lipverify.train.finetune import finetune as finetune_job
 from lipverify.train.losses import LOSSES
 from lipverify.train.schedules import EPS_SCHEDULES
 
@@ -87,7 +83,8 @@ def finetune(**o):
     quiet = o["quiet"]
     echo = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     try:
-        rep = run_finetune(o, echo)
+        rep = finetune_job(o["data_path"], o["eps"], o["out_dir"], echo=echo,
+                           **{k: v for k, v in o.items() if k in FINETUNE_DEFAULTS})
     except Interrupted as exc:
         if exc.signum == 0:
             click.echo(f"lipverify: stopped after --stop-after-epochs; checkpoint in {o['out_dir']} "
