@@ -461,3 +461,18 @@ def test_batched_power_iteration_equals_separate_runs():
         exact = _np_norm2(Ab.numpy())
         assert float(res.sigma[b]) <= exact * (1 + REL)
         assert float(res.sigma[b]) == pytest.approx(exact, rel=1e-3)
+
+
+@pytest.mark.parametrize("stride,groups", [(1, 1), (2, 1), (1, 3), (2, 3)])
+def test_pointwise_conv_bound_equals_exact_operator_norm(stride, groups):
+    """1x1 convolutions take a one-SVD path; the operator matrix from impulse responses is the oracle."""
+    from lipverify.graph.operator_norms import conv_norm2_fft
+
+    g = torch.Generator().manual_seed(stride * 10 + groups)
+    w = torch.randn(6, 6 // groups, 1, 1, generator=g, dtype=torch.float64)
+    n_in = 6 * 5 * 5
+    eye = torch.eye(n_in, dtype=torch.float64).reshape(n_in, 6, 5, 5)
+    mat = torch.nn.functional.conv2d(eye, w, stride=stride, groups=groups).reshape(n_in, -1).T
+    exact = float(torch.linalg.matrix_norm(mat, ord=2))
+    got = conv_norm2_fft(w, (5, 5), stride=stride, groups=groups)
+    assert exact <= got <= exact * (1 + 1e-5)

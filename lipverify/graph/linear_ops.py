@@ -705,7 +705,9 @@ def _fold_pair(a: LinearOp, b: LinearOp) -> LinearOp | None:
         if cs is not None:
             w = a.weight.double() * cs.double().view(-1, 1, 1, 1)
             return Conv(w, a.in_shape, a.stride, a.padding, a.dilation, a.groups)
-    if isinstance(a, Dense) and isinstance(b, Dense):
+    if isinstance(a, Dense) and isinstance(b, Dense) and tuple(a.out_shape) == tuple(b.in_shape) \
+            and tuple(a.in_shape[:-1]) == tuple(b.in_shape[:-1]):
+        # both act on the same last axis (same leading blocks): B (I x W_a) = I x (W_b W_a)
         return Dense(b.weight.double() @ a.weight.double(), a.in_shape)
     if isinstance(a, Scale) and isinstance(b, Dense) and len(a.in_shape) == 1:
         return Dense(b.weight.double() * a.scale.double().expand(a.in_shape).view(1, -1), a.in_shape)

@@ -68,16 +68,23 @@ def make_activation(name: str, **kw) -> Activation:
     if name == "sigmoid":
         return Activation("sigmoid", torch.sigmoid, 0.0, 0.25)
     if name == "gelu":
-        # sup of GELU' is 1.1289 (at x ~ 0.7518), inf is about -0.1700 (at x ~ -0.7518)
-        return Activation("gelu", F.gelu, -0.1701, 1.1290)
+        # GELU' ranges over [-0.12891, 1.12891] (extremes at x = -+sqrt(2)); the table keeps a wider
+        # lower end.  ``scale`` s: the map s * GELU(x) (exporters write x * (1 + erf(x / sqrt 2)) = 2 GELU)
+        sc = float(kw.get("scale", 1.0))
+        if sc <= 0:
+            raise KeyError("gelu with a non-positive scale")
+        if sc == 1.0:
+            return Activation("gelu", F.gelu, -0.1701, 1.1290)
+        return Activation(f"{sc:g}*gelu", lambda x: sc * F.gelu(x), -0.1701 * sc, 1.1290 * sc)
     if name == "silu":
         # SiLU' ranges over about [-0.0998, 1.0998]
         return Activation("silu", F.silu, -0.0999, 1.0999)
     if name == "elu":
+        # slope alpha e^x in (0, alpha] below 0, 1 above
         a = float(kw.get("alpha", 1.0))
-        if a > 1.0 or a < 0:
-            raise KeyError("elu with alpha outside [0, 1]")
-        return Activation(f"elu({a:g})", lambda x: F.elu(x, a), 0.0, 1.0)
+        if a < 0:
+            raise KeyError("elu with a negative alpha")
+        return Activation(f"elu({a:g})", lambda x: F.elu(x, a), 0.0, max(1.0, a))
     if name == "softplus":
         beta = float(kw.get("beta", 1.0))
         return Activation("softplus", lambda x: F.softplus(x, beta), 0.0, 1.0)
@@ -86,6 +93,34 @@ def make_activation(name: str, **kw) -> Activation:
         return make_activation("clip", min=lo, max=hi)
     if name == "relu6":
         return make_activation("clip", min=0.0, max=6.0)
+    if name == "hardswish":
+        # x * relu6(x + 3) / 6: slope 0 below -3, (2x + 3)/6 on [-3, 3] (from -1/2 to 3/2), 1 above 3
+        return Activation("hardswish", F.hardswish, -0.5, 1.5)
+    if name == "hardsigmoid":
+        # clip(alpha x + beta, 0, 1): slope alpha on the ramp, 0 outside (torch: alpha 1/6, beta 1/2)
+        a, b = float(kw.get("alpha", 1.0 / 6.0)), float(kw.get("beta", 0.5))
+        if a < 0:
+            raise KeyError("hardsigmoid with a negative slope")
+        return Activation(f"hardsigmoid({a:g},{b:g})", lambda x: torch.clamp(a * x + b, 0.0, 1.0), 0.0, a)
+    if name == "selu":
+        # lambda x (x > 0), lambda alpha (e^x - 1) (x <= 0): slope in (0, lambda alpha] = (0, 1.7581]
+        return Activation("selu", F.selu, 0.0, 1.0507009873554805 * 1.6732632423543772 * (1 + 1e-9))
+    if name == "celu":
+        a = float(kw.get("alpha", 1.0))
+        if a <= 0:
+            raise KeyError("celu with alpha <= 0")
+        return Activation(f"celu({a:g})", lambda x: F.celu(x, a), 0.0, 1.0)
+    if name == "softsign":
+        # x / (1 + |x|): slope 1 / (1 + |x|)^2 in (0, 1]
+        return Activation("softsign", F.softsign, 0.0, 1.0)
+    if name == "mish":
+        # x tanh(softplus(x)): slope in [-0.11253, 1.08850] (dense grid and refinement), rounded outwards
+        return Activation("mish", F.mish, -0.1126, 1.0886)
+    if name == "prelu":
+        w = kw["weight"].detach()
+        lo, hi = min(float(w.min()), 1.0), max(float(w.max()), 1.0)
+        return Activation(f"prelu[{float(w.min()):.3g},{float(w.max()):.3g}]", lambda x: F.prelu(x, w.to(x)),
+                          lo, hi)
     raise KeyError(name)
 
 

@@ -410,6 +410,13 @@ def conv_norm2_fft(weight: torch.Tensor, input_size: IntOrSeq, stride: IntOrSeq 
       complex128 numbers (twice that transiently), e.g. 40 MB for 64 -> 64 channels on 32 x 32.
     """
     geo = conv_geometry(weight, input_size, stride, padding, dilation, groups)
+    if geo.k_h == 1 and geo.k_w == 1:
+        # a single tap: K_hat(u, v) is the same matrix [W_g, 0, ...] at every frequency (the other
+        # polyphase components are zero columns), so the bound is max_g ||W_g||_2, one SVD per group
+        w = _weight4(weight)[:, :, 0, 0]
+        G = geo.groups
+        mats = w.reshape(G, geo.c_out // G, w.shape[1]).to(torch.complex128)
+        return _max_sigma(mats) * SOUND_FACTOR
     return _max_sigma(_frequency_matrices(weight, geo)) * SOUND_FACTOR
 
 

@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from lipverify.importers.optable import SELECT_FUNCS
 
 
+def _batch_norm_no_training(x, weight, bias, mean, var, momentum, eps):
+    """aten's eval-mode batch norm returns (out, save_mean, save_var); only ``out`` is used."""
+    return (F.batch_norm(x, mean, var, weight, bias, False, momentum, eps), mean, var)
+
+
 def aten_equivalents() -> dict:
     """aten overloads (from ``torch.export`` programs) -> the torch function with the same signature."""
     a = torch.ops.aten
@@ -29,6 +34,17 @@ def aten_equivalents() -> dict:
         "permute.default": torch.permute, "transpose.int": torch.transpose, "squeeze.dim": torch.squeeze,
         "unsqueeze.default": torch.unsqueeze, "dropout.default": F.dropout, "clone.default": torch.clone,
         "contiguous.default": torch.clone, "_unsafe_view.default": torch.reshape,
+        # in-place and functional variants (BasicBlock's ``out += identity``, ``inplace=True`` activations)
+        "add_.Tensor": torch.add, "sub_.Tensor": torch.sub, "mul_.Tensor": torch.mul, "div_.Tensor": torch.div,
+        "hardtanh_.default": F.hardtanh, "silu_.default": F.silu,
+        "leaky_relu_.default": F.leaky_relu, "elu_.default": F.elu, "clamp_.default": torch.clamp,
+        "hardswish.default": F.hardswish, "hardswish_.default": F.hardswish,
+        "hardsigmoid.default": F.hardsigmoid, "hardsigmoid_.default": F.hardsigmoid,
+        "sigmoid_.default": torch.sigmoid, "tanh_.default": torch.tanh, "mish.default": F.mish,
+        "selu.default": F.selu, "celu.default": F.celu, "softplus.default": F.softplus,
+        "mean.dim": torch.mean, "sum.dim_IntList": torch.sum,
+        "_native_batch_norm_legit_no_training.default": _batch_norm_no_training,
+        "relu6.default": F.relu6, "prelu.default": F.prelu, "_prelu_kernel.default": F.prelu,
     }
     out = {}
     for name, fn in pairs.items():

@@ -38,11 +38,14 @@ from lipverify.graph import (
     make_activation,
     minmax,
 )
-from lipverify.graph.linear_ops import Conv, Dense, LinearOp, Scale, probe_select
+from lipverify.graph.linear_ops import Chain, Conv, Dense, LinearOp, Scale, probe_select
 from lipverify.importers.optable import (
     ACT_FUNCS,
     ACT_METHODS,
     ACT_MODULES,
+    MEAN_FUNCS,
+    ONNX_ACT_MODULES,
+    SUM_FUNCS,
     SELECT_FUNCS,
     SELECT_METHODS,
     SELECT_MODULES,
@@ -94,6 +97,7 @@ class _Builder:
         self.unsupported: list[tuple[str, str]] = []
         self.notes: list[str] = []
         self.softmax_of: dict[fx.Node, fx.Node] = {}
+        self.tuple_of: dict[fx.Node, fx.Node] = {}  # split-like nodes -> their input-dependent source
 
     # -- evaluation -------------------------------------------------------------------------------
     def _run(self, node: fx.Node, env: dict, override: dict | None = None):
@@ -126,6 +130,9 @@ class _Builder:
             return True
         if node.op == "call_method" and node.target in ("size", "dim", "numel"):
             return True
+        if node.op == "call_function" and getattr(node.target, "__name__", "") in (
+                "sym_size.int", "sym_numel.default", "sym_stride.int", "sym_size"):
+            return True  # torch.export's symbolic sizes: shape arithmetic, folded like x.size()
         if node.op == "call_function" and node.target in (getattr, len) and (
                 node.target is len or (len(node.args) > 1 and node.args[1] in ("shape", "ndim", "dtype", "device"))):
             return True
@@ -195,6 +202,16 @@ class _Builder:
             if self.env[node] is None and not node.users:
                 self.dep[node] = False  # e.g. the shape guard of a torch.export program
                 continue
+            if node.op == "call_function" and node.target is operator.getitem and node.args[0] in self.tuple_of:
+                self._tuple_item(node)
+                continue
+            if (isinstance(self.env[node], (tuple, list)) and len(deps) == 1 and self.env[node]
+                    and all(isinstance(t, torch.Tensor) for t in self.env[node])
+                    and all(u.op == "call_function" and u.target is operator.getitem for u in node.users)):
+                # split / chunk / unbind: each piece is read by a getitem, bounded as one selection
+                self.tuple_of[node] = deps[0]
+                self.index[node] = self.index[deps[0]]
+                continue
             if not isinstance(self.env[node], torch.Tensor):
                 self._bad(node, "non-tensor output")
                 self.index[node] = None
@@ -253,11 +270,14 @@ class _Builder:
             if bk in ("add", "sub"):
                 alpha = float(node.kwargs.get("alpha", 1.0))
                 self._emit(node, "add", dep_args, (1.0, alpha if bk == "add" else -alpha))
+            elif bk == "mul" and self._silu_pattern(node, dep_args):
+                return
             else:
                 self._bad(node, "product of two input-dependent tensors")
             return
+        is_concat = name in ("OnnxConcat", "cat") or (node.op == "call_function" and node.target is torch.cat)
         if len(deps) != 1:
-            if name in ("OnnxConcat", "cat") or (node.op == "call_function" and node.target is torch.cat):
+            if is_concat:
                 self._concat(node, deps)
                 return
             if self._minmax_pattern(node, deps):
@@ -272,10 +292,43 @@ class _Builder:
             self._elementwise_affine(node, src, bk)
             return
 
+        if is_concat:  # a concatenation of a single tensor is the identity
+            self._select(node, src, in_shape, "identity")
+            return
+        if self._reduction(node, src, in_shape, name, mod):
+            return
+
+        if (name == "OnnxErf" or (node.op == "call_function" and node.target is torch.erf)) and \
+                self._gelu_erf_pattern(node, src):
+            return
+
         # activations
         if mod is not None and type(mod) in ACT_MODULES:
             act, kw = ACT_MODULES[type(mod)](mod)
             self._emit(node, "activation", [src], make_activation(act, **kw))
+            return
+        if mod is not None and name in ONNX_ACT_MODULES:
+            act, kw = ONNX_ACT_MODULES[name](mod)
+            self._emit(node, "activation", [src], make_activation(act, **kw))
+            return
+        if node.op == "call_function" and node.target in (F.prelu, torch.prelu) and node.args[0] is src:
+            try:
+                w = self._const_arg(node, 1, "weight")
+            except _NotConst:
+                w = None
+            if isinstance(w, torch.Tensor) and w.numel() in (1, in_shape[0] if in_shape else 1):
+                self._emit(node, "activation", [src], make_activation("prelu", weight=w.detach().reshape(-1)))
+            else:
+                self._bad(node, "PReLU slopes not constant per channel")
+            return
+        if mod is not None and name == "OnnxPReLU" and node.args[0] is src:
+            slope = self._const_arg(node, 1, "slope")
+            c = in_shape[0] if in_shape else 1
+            if isinstance(slope, torch.Tensor) and (slope.numel() == 1 or slope.numel() == c):
+                w = slope.detach().reshape(-1)
+                self._emit(node, "activation", [src], make_activation("prelu", weight=w))
+                return
+            self._bad(node, "PReLU slopes not per channel")
             return
         if mod is not None and type(mod).__name__ == "OnnxFunction" and mod.function in (torch.tanh, torch.abs):
             self._emit(node, "activation", [src], make_activation("tanh" if mod.function is torch.tanh else "abs"))
@@ -355,6 +408,151 @@ class _Builder:
         self._bad(node)
 
     # -- helpers per op ---------------------------------------------------------------------------
+    def _gelu_erf_pattern(self, erf: fx.Node, d: fx.Node) -> bool:
+        """``x * (1 + erf(x / sqrt 2))`` — GELU as ONNX exporters write it (times 2; the 0.5 that usually
+        follows is an ordinary scale).  Structure: ``d = x / c`` (or ``x * c``), ``erf(d)``, ``+ 1``, then
+        the product with ``x``; checked numerically on the example and on a random input."""
+        gm = self.gm
+        if len(erf.users) != 1:
+            return False
+        add = next(iter(erf.users))
+        if binary_kind(gm, add) != "add" or len(add.users) != 1:
+            return False
+        mul = next(iter(add.users))
+        if binary_kind(gm, mul) != "mul":
+            return False
+        dep_d = [a for a in d.all_input_nodes if self.dep.get(a, False)]
+        if binary_kind(gm, d) not in ("div", "mul") or len(dep_d) != 1:
+            return False
+        x = dep_d[0]
+        if set(a for a in mul.args if isinstance(a, fx.Node)) != {x, add}:
+            return False
+        chain = [d, erf, add, mul]
+
+        def run(xv):
+            local = dict(self.env)
+            local[x] = xv
+            for n in chain:
+                for a in n.all_input_nodes:  # constants after the erf in the fx order
+                    if a not in local and a.op == "get_attr":
+                        obj = gm
+                        for part in a.target.split("."):
+                            obj = getattr(obj, part)
+                        local[a] = obj
+                local[n] = self._run(n, local)
+            return local[mul]
+
+        with torch.no_grad():
+            try:
+                xv = self.env[x]
+                t = torch.randn(xv.shape, generator=torch.Generator().manual_seed(11), dtype=xv.dtype).to(xv.device) * 3
+                ok = all(torch.allclose(run(v), 2 * F.gelu(v), rtol=1e-5, atol=1e-5 * (1 + float(v.abs().max())))
+                         for v in (xv, t))
+            except Exception:
+                return False
+        if not ok:
+            return False
+        self.index[mul] = len(self.nodes)
+        self.nodes.append(Node(mul.name, "activation", [self.index[x]], tuple(self.env[x].shape[1:]),
+                               make_activation("gelu", scale=2.0), [n.name for n in chain]))
+        self._absorbed.update({erf, add})
+        self._pre_emitted.add(mul)
+        self.index[erf] = self.index[mul]
+        return True
+
+    def _tuple_item(self, node: fx.Node) -> None:
+        """``split(x)[i]`` (and chunk, unbind, ONNX Split): a coordinate selection of ``x``."""
+        parent = node.args[0]
+        src = self.tuple_of[parent]
+        env = self.env
+
+        def fn(t):
+            return self._run(node, env, {parent: self._run(parent, env, {src: t})})
+
+        in_shape = tuple(self.env[src].shape[1:])
+        try:
+            sel = probe_select(fn, in_shape, TRACE_BATCH, label="split")
+        except Exception:
+            sel = None
+        if sel is None:
+            self._bad(node, "not a coordinate selection")
+            self.index.setdefault(node, None)
+            return
+        self._emit_checked(node, src, sel)
+
+    def _is_sigmoid_of(self, s: fx.Node, a: fx.Node) -> bool:
+        if not s.args or s.args[0] is not a:
+            return False
+        if s.op == "call_module":
+            m = self.gm.get_submodule(s.target)
+            return isinstance(m, nn.Sigmoid) or (type(m).__name__ == "OnnxFunction" and m.function is torch.sigmoid)
+        if s.op == "call_function":
+            return s.target in (torch.sigmoid, F.sigmoid)
+        return s.op == "call_method" and s.target == "sigmoid"
+
+    def _silu_pattern(self, node, dep_args) -> bool:
+        """``x * sigmoid(x)`` (how exporters write SiLU / swish) is the SiLU activation of ``x``."""
+        a, b = dep_args
+        for x, s in ((a, b), (b, a)):
+            if self._is_sigmoid_of(s, x):
+                self._emit(node, "activation", [x], make_activation("silu"))
+                return True
+        return False
+
+    def _reduction(self, node, src, in_shape, name, mod) -> bool:
+        """Mean or sum over per-example axes: a linear map, built as reshape -> dense on the last axis
+        (the all-``1/k`` or all-ones row, block diagonal: l2 norm ``1/sqrt(k)`` resp. ``sqrt(k)``) ->
+        reshape.  Returns False when the node is not such a reduction."""
+        kind = None
+        if mod is not None and name == "OnnxReduceStaticAxes":
+            kind = {"ReduceMean": "mean", "ReduceSum": "sum"}.get(mod.operation_type)
+            if kind is None:
+                return False
+        elif mod is not None and name in ("OnnxReduceSumStaticAxes", "OnnxReduceSumDynamicAxes"):
+            kind = "sum"
+        elif node.op == "call_function" and node.target in MEAN_FUNCS | SUM_FUNCS:
+            kind = "mean" if node.target in MEAN_FUNCS else "sum"
+        elif node.op == "call_method" and node.target in ("mean", "sum"):
+            kind = node.target
+        if kind is None:
+            return False
+        x, y = self.env[src], self.env[node]
+        n_in = x[0].numel()
+        n_out = y[0].numel() if y.dim() else 0
+        if y.dim() == 0 or y.shape[0] != x.shape[0] or n_out == 0 or n_in % n_out:
+            self._bad(node, "reduction over the batch axis")
+            return True
+        # which per-example axes are reduced: those whose size differs or that disappear
+        fn = self._closure(node, src)
+        nd = len(in_shape)
+        for axes in _axis_subsets(nd):
+            k = 1
+            for a in axes:
+                k *= in_shape[a]
+            if k != n_in // n_out:
+                continue
+            keep = [a for a in range(nd) if a not in axes]
+            perm = [0] + [a + 1 for a in keep] + [a + 1 for a in axes]
+            rest = tuple(in_shape[a] for a in keep)
+            to_last = probe_select(lambda t, perm=perm, rest=rest, k=k: t.permute(perm).reshape((t.shape[0],) + rest + (k,)),
+                                   in_shape, TRACE_BATCH, label="permute")
+            if to_last is None:
+                continue
+            w = torch.full((1, k), 1.0 / k if kind == "mean" else 1.0, dtype=torch.float64)
+            dense = Dense(w, rest + (k,))
+            back = probe_select(lambda t, shape=tuple(y.shape[1:]): t.reshape((t.shape[0],) + shape),
+                                rest + (1,), TRACE_BATCH, label="reshape")
+            if back is None:
+                continue
+            op = Chain([to_last, dense, back])
+            with torch.no_grad():
+                got = op.forward(x.double())
+            if got.shape == y.shape and torch.allclose(got, fn(x.double()).double(), rtol=1e-6, atol=1e-9):
+                self._emit_checked(node, src, op, label=kind)
+                return True
+        self._bad(node, f"reduce-{kind} over axes lipverify could not identify")
+        return True
+
     def _const_arg(self, node, pos, key, default=None):
         if len(node.args) > pos:
             a = node.args[pos]
@@ -716,6 +914,14 @@ def _pair(v):
     if isinstance(v, (tuple, list)):
         return tuple(int(a) for a in v) if len(v) > 1 else (int(v[0]), int(v[0]))
     return (int(v), int(v))
+
+
+def _axis_subsets(nd: int):
+    """Non-empty subsets of ``range(nd)``, the trailing ones (the usual spatial means) first."""
+    import itertools
+
+    subsets = [tuple(c) for r in range(1, nd + 1) for c in itertools.combinations(range(nd), r)]
+    return sorted(subsets, key=lambda c: (-min(c), len(c)))
 
 
 def _select_label(name: str) -> str:

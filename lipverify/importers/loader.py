@@ -104,7 +104,7 @@ def load(source: str | os.PathLike | nn.Module = BUILTIN_DEFAULT, *, input_shape
             elif all(d is not None for d in per_example) and tuple(per_example) != shape:
                 raise UserInputError(f"--input-shape {','.join(map(str, shape))} does not match the model's "
                                      f"input shape {','.join(map(str, per_example))}", path_str)
-            module = convert_onnx(model, path)
+            module = convert_onnx(model, path, notes)
             needs_onnx = False
             if fidelity_check:
                 batch_shape = (declared[0] if declared[0] is not None else None,) + tuple(shape)
@@ -120,6 +120,10 @@ def load(source: str | os.PathLike | nn.Module = BUILTIN_DEFAULT, *, input_shape
         else:
             module, more, needs_onnx = load_torch_file(path, arch, trust_pickle, shape)
             notes.extend(more)
+            hint = getattr(module, "example_shape", None)
+            if shape is None and hint:
+                shape = tuple(hint)
+                notes.append(f"input shape {','.join(map(str, shape))} read from the program's example input")
     if shape is None:
         raise UserInputError("pass --input-shape (e.g. 1,28,28) for a PyTorch model", path_str)
 

@@ -1,6 +1,20 @@
-"""ONNX files: reading and checking them, converting with onnx2torch (put in eval mode; every node
-onnx2torch cannot convert is listed at once), and exporting torch modules to ONNX (opset 17, dynamic
-batch) for the programs that are analysed through ONNX.
+"""ONNX files: reading and checking them, normalising what exporters write, converting with
+onnx2torch (put in eval mode; every node onnx2torch cannot convert is listed at once), and exporting
+torch modules to ONNX (opset 17, dynamic batch) for the programs that are analysed through ONNX.
+
+:func:`normalise_onnx` runs before conversion, with the onnx library's own tools only:
+
+* ``Identity`` nodes go: one whose input is an initializer becomes a copy of that initializer under
+  its output's name (the exporter stores identical tensors once and aliases them, which onnx2torch
+  cannot follow); any other is bypassed;
+* ``Constant`` nodes become initializers; initializers no node uses are dropped; initializers listed
+  as graph inputs (old IR versions) are no longer inputs;
+* opsets older than 11 are converted to 13 with ``onnx.version_converter``;
+* a ``Reshape`` of an input-dependent tensor whose constant shape fixes the batch dimension at 1 gets
+  ``0`` there ("copy the input's batch size"), so that the model runs on batches;
+* shape inference annotates the result.
+
+The fidelity check still compares the converted module against onnxruntime on the **original** file.
 """
 
 from __future__ import annotations
@@ -39,8 +53,23 @@ def read_onnx(path: Path):
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
-        raise UserInputError(f"invalid ONNX model: {str(exc).splitlines()[0]}", str(path)) from None
+        raise UserInputError(f"invalid ONNX model: {_name_checker_node(model, str(exc))}", str(path)) from None
     return model, data
+
+
+def _name_checker_node(model, msg: str) -> str:
+    """The checker's first line, with the node it is about named by index and op type when it quotes
+    one of the node's inputs."""
+    import re
+
+    first = msg.strip().splitlines()[0] if msg.strip() else "checker failed"
+    m = re.search(r"input '([^']*)'", msg)
+    if m:
+        for i, n in enumerate(model.graph.node):
+            if m.group(1) in n.input:
+                why = "it is produced by no earlier node, initializer or graph input"
+                return f"node {n.name or '#' + str(i)} ({n.op_type}): input {m.group(1)!r}: {why} ({first.rstrip(': ')})"
+    return first
 
 
 def onnx_input_shape(model, path) -> tuple[Any, ...]:
@@ -67,9 +96,132 @@ def onnx_unconvertible(model) -> list[tuple[str, str]]:
     return bad
 
 
-def convert_onnx(model, path):
+def _input_dependent(graph) -> set[str]:
+    """Names of the values that depend on a (non-initializer) graph input."""
+    inits = {i.name for i in graph.initializer}
+    dep = {i.name for i in graph.input if i.name not in inits}
+    for n in graph.node:
+        if any(i in dep for i in n.input if i):
+            dep.update(o for o in n.output if o)
+    return dep
+
+
+def normalise_onnx(model):
+    """A normalised copy of ``model`` and notes on what changed (see the module docstring)."""
+    import onnx
+    from onnx import numpy_helper
+
+    notes: list[str] = []
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    opset = {o.domain or "": o.version for o in m.opset_import}
+    if opset.get("", 13) < 11:
+        try:
+            m = onnx.version_converter.convert_version(m, 13)
+            notes.append(f"ONNX opset {opset['']} converted to 13")
+        except Exception as exc:  # keep the original opset; onnx2torch may still read it
+            notes.append(f"ONNX opset {opset['']} kept (conversion to 13 failed: {str(exc).splitlines()[0]})")
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    outputs = {o.name for o in g.output}
+    rename: dict[str, str] = {}
+    kept = []
+    copied = bypassed = consts = 0
+    for n in g.node:
+        for k, name in enumerate(n.input):
+            if name in rename:
+                n.input[k] = rename[name]
+        if n.op_type == "Constant" and len(n.output) == 1 and n.attribute and n.attribute[0].name == "value":
+            t = onnx.TensorProto()
+            t.CopyFrom(n.attribute[0].t)
+            t.name = n.output[0]
+            g.initializer.append(t)
+            inits[t.name] = t
+            consts += 1
+            continue
+        if n.op_type == "Identity" and len(n.input) == 1 and n.output[0] not in outputs:
+            src = n.input[0]
+            if src in inits:
+                t = numpy_helper.from_array(numpy_helper.to_array(inits[src]).copy(), n.output[0])
+                g.initializer.append(t)
+                inits[t.name] = t
+                copied += 1
+            else:
+                rename[n.output[0]] = src
+                bypassed += 1
+            continue
+        kept.append(n)
+    if copied or bypassed or consts:
+        del g.node[:]
+        g.node.extend(kept)
+        parts = [f"{copied} aliased initializer(s) copied" if copied else "",
+                 f"{bypassed} Identity node(s) bypassed" if bypassed else "",
+                 f"{consts} Constant node(s) made initializers" if consts else ""]
+        notes.append("ONNX normalised: " + ", ".join(p for p in parts if p))
+    used = {i for n in g.node for i in n.input} | outputs
+    unused = [i for i in g.initializer if i.name not in used]
+    if unused:
+        keep_inits = [i for i in g.initializer if i.name in used]
+        del g.initializer[:]
+        g.initializer.extend(keep_inits)
+    init_names = {i.name for i in g.initializer}
+    if any(i.name in init_names for i in g.input):
+        real = [i for i in g.input if i.name not in init_names]
+        del g.input[:]
+        g.input.extend(real)
+    # batch dimension fixed at 1 in Reshape constants
+    dep = _input_dependent(g)
+    fixed = 0
+    for n in g.node:
+        if n.op_type == "Reshape" and len(n.input) >= 2 and n.input[0] in dep and n.input[1] in inits:
+            shp = numpy_helper.to_array(inits[n.input[1]])
+            allow_zero = any(a.name == "allowzero" and a.i == 1 for a in n.attribute)
+            if shp.ndim == 1 and len(shp) >= 2 and int(shp[0]) == 1 and not allow_zero:
+                new = shp.copy()
+                new[0] = 0
+                name = n.input[1] + "__batch"
+                if name not in inits:
+                    t = numpy_helper.from_array(new, name)
+                    g.initializer.append(t)
+                    inits[name] = t
+                n.input[1] = name
+                fixed += 1
+    if fixed:
+        notes.append(f"{fixed} Reshape(s) fixed the batch size at 1: rewritten to keep the batch dimension")
+    try:
+        m = onnx.shape_inference.infer_shapes(m)
+    except Exception:  # shape inference is an annotation only
+        pass
+    return m, notes
+
+
+def _explain_conversion_error(model, exc: Exception) -> str:
+    """Name the node behind an onnx2torch failure (op type and reason), never a bare KeyError."""
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, KeyError) and exc.args:
+        missing = str(exc.args[0])
+        known = {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
+        known |= {o for n in model.graph.node for o in n.output}
+        for i, n in enumerate(model.graph.node):
+            if missing in n.input:
+                why = ("is produced by no node, initializer or graph input" if missing not in known
+                       else "could not be read as a value onnx2torch understands here")
+                return f"node {n.name or '#' + str(i)} ({n.op_type}): its input {missing!r} {why}"
+        return f"the value {missing!r} is missing"
+    for i, n in enumerate(model.graph.node):
+        if n.name and n.name in msg:
+            return f"node {n.name} ({n.op_type}): {msg}"
+    return f"{type(exc).__name__}: {msg}"
+
+
+def convert_onnx(model, path, notes: list | None = None):
+    """onnx2torch module (eval mode) of the normalised ``model``; notes on the normalisation go to
+    ``notes``."""
     import onnx2torch
 
+    model, more = normalise_onnx(model)
+    if notes is not None:
+        notes.extend(more)
     bad = onnx_unconvertible(model)
     if bad:
         raise UnsupportedOpError(bad, str(path))
@@ -78,7 +230,8 @@ def convert_onnx(model, path):
             warnings.simplefilter("ignore")
             gm = onnx2torch.convert(model)
     except Exception as exc:
-        raise UserInputError(f"could not convert the ONNX graph: {str(exc).splitlines()[0]}", str(path)) from None
+        raise UserInputError(f"could not convert the ONNX graph: {_explain_conversion_error(model, exc)}",
+                             str(path)) from None
     return gm.eval()
 
 

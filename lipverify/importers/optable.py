@@ -41,6 +41,19 @@ ACT_MODULES: dict[type, Callable[[nn.Module], tuple[str, dict]]] = {
     nn.ReLU6: lambda m: ("relu6", {}),
     nn.Hardtanh: lambda m: ("hardtanh", {"min_val": m.min_val, "max_val": m.max_val}),
     nn.Softplus: lambda m: ("softplus", {"beta": m.beta}) if m.threshold >= 20 else ("softplus", {"beta": m.beta}),
+    nn.Hardswish: lambda m: ("hardswish", {}),
+    nn.Hardsigmoid: lambda m: ("hardsigmoid", {}),
+    nn.SELU: lambda m: ("selu", {}),
+    nn.CELU: lambda m: ("celu", {"alpha": m.alpha}),
+    nn.Mish: lambda m: ("mish", {}),
+    nn.PReLU: lambda m: ("prelu", {"weight": m.weight}),
+    nn.Softsign: lambda m: ("softsign", {}),
+}
+
+#: onnx2torch modules that are activations: name -> (activation, keyword arguments read from the module)
+ONNX_ACT_MODULES: dict[str, Callable[[nn.Module], tuple[str, dict]]] = {
+    "OnnxHardSigmoid": lambda m: ("hardsigmoid", {"alpha": float(m.alpha), "beta": float(m.beta)}),
+    "OnnxHardSwish": lambda m: ("hardswish", {}),
 }
 
 
@@ -48,11 +61,18 @@ ACT_FUNCS = {
     F.relu: "relu", torch.relu: "relu", torch.tanh: "tanh", torch.sigmoid: "sigmoid",
     F.sigmoid: "sigmoid", F.tanh: "tanh", F.gelu: "gelu", F.silu: "silu", F.elu: "elu",
     F.leaky_relu: "leaky_relu", F.hardtanh: "hardtanh", F.relu6: "relu6", F.softplus: "softplus",
-    torch.clamp: "clip", torch.clip: "clip",
+    torch.clamp: "clip", torch.clip: "clip", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid",
+    F.selu: "selu", torch.selu: "selu", F.softsign: "softsign", F.celu: "celu", F.mish: "mish", F.relu_: "relu", torch.relu_: "relu",
+    F.hardtanh_: "hardtanh", F.leaky_relu_: "leaky_relu", torch.clamp_: "clip", F.elu_: "elu",
 }
 
 
-ACT_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "clamp": "clip", "clip": "clip"}
+ACT_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "clamp": "clip", "clip": "clip",
+               "relu_": "relu", "tanh_": "tanh", "sigmoid_": "sigmoid", "clamp_": "clip", "clip_": "clip"}
+
+#: torch functions / methods that reduce over axes linearly
+MEAN_FUNCS = {torch.mean}
+SUM_FUNCS = {torch.sum}
 
 
 SELECT_MODULES = {
@@ -83,7 +103,7 @@ SELECT_METHODS = {
 SOFTMAX_OPS = {"Softmax", "LogSoftmax", "OnnxSoftmaxV1V11", "softmax", "log_softmax"}
 
 
-ADD_OPS = {operator.add, torch.add, operator.iadd}
+ADD_OPS = {operator.add, torch.add, operator.iadd, torch.Tensor.add_}
 
 
 SUB_OPS = {operator.sub, torch.sub, torch.subtract, operator.isub}

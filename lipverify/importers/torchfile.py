@@ -30,6 +30,12 @@ class Unregistered(nn.Module):
     def forward(self, x):
         return self.wrapped(x)
 
+    def _apply(self, fn, recurse=True):
+        # dtype / device moves (``.double()``, ``.to(device)``) reach the wrapped program too, so that
+        # the float64 copy used by certificates and attacks really computes in float64
+        self.wrapped._apply(fn)
+        return super()._apply(fn, recurse)
+
 
 def import_arch(spec: str) -> nn.Module:
     """``FILE.py:callable`` or ``package.module:callable`` -> the module the callable builds."""
@@ -75,6 +81,19 @@ def extract_state_dict(obj, path):
     raise UserInputError("does not contain a state dict (a mapping of parameter names to tensors)", str(path))
 
 
+def _example_shape(ep) -> tuple[int, ...] | None:
+    """The per-example input shape recorded in a torch.export program (static dimensions only)."""
+    try:
+        user = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
+        if len(user) != 1:
+            return None
+        dims = user[0].meta["val"].shape[1:]
+        out = tuple(int(d) for d in dims)
+        return out if out and all(d > 0 for d in out) else None
+    except Exception:  # symbolic or missing metadata: the user passes --input-shape
+        return None
+
+
 def load_torch_file(path: Path, arch: str | None, trust_pickle: bool, input_shape):
     """Returns (module, notes, via_onnx_bytes or None)."""
     notes = []
@@ -83,7 +102,9 @@ def load_torch_file(path: Path, arch: str | None, trust_pickle: bool, input_shap
             ep = torch.export.load(str(path))
         except Exception as exc:
             raise UserInputError(f"not a torch.export program: {str(exc).splitlines()[0]}", str(path)) from None
-        return Unregistered(ep.module()), ["torch.export program"], "pt2"
+        wrapped = Unregistered(ep.module())
+        wrapped.example_shape = _example_shape(ep)
+        return wrapped, ["torch.export program"], "pt2"
     is_zip = zipfile.is_zipfile(path)
     if is_zip:
         try:
