@@ -266,3 +266,27 @@ def test_gelu_as_onnx_writes_it(tmp_path):
     w1, w2 = net[0].weight.detach().double(), net[2].weight.detach().double()
     expect = float(torch.linalg.matrix_norm(w1, 2) * torch.linalg.matrix_norm(w2, 2)) * 1.1290
     assert rep.global_bound.value == pytest.approx(expect, rel=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["module", "onnx"])
+@pytest.mark.parametrize("pool", [dict(kernel_size=2, stride=2, ceil_mode=True, count_include_pad=False),
+                                  dict(kernel_size=3, stride=2, padding=1, count_include_pad=False),
+                                  dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)])
+def test_average_pooling_with_varying_divisors(pool, fmt, tmp_path):
+    """timm's ResNet-D downsampling (ceil_mode, count_include_pad=False): exact operator norm as oracle."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.AvgPool2d(**pool), nn.Flatten()).eval()
+    shape = (2, 7, 7)
+    if fmt == "onnx":
+        path = tmp_path / "p.onnx"
+        _export(net, shape, path)
+        lm = lipverify.load(path)
+    else:
+        lm = lipverify.load(net, input_shape=shape)
+    n = 2 * 7 * 7
+    eye = torch.eye(n, dtype=torch.float64).reshape((n,) + shape)
+    mat = net.double()(eye).reshape(n, -1).T
+    exact = float(torch.linalg.matrix_norm(mat, ord=2))
+    got = lm.bounds("2").global_bound.value
+    assert exact <= got <= exact * 1.5, (exact, got)
+    assert lm.bounds("inf").global_bound.value >= float(mat.abs().sum(dim=1).max()) * (1 - 1e-9)

@@ -662,7 +662,7 @@ class _Builder:
         if mod is not None and isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d)):
             k, s, p = _pair(mod.kernel_size), _pair(mod.stride), _pair(mod.padding)
             if mod.ceil_mode or getattr(mod, "divisor_override", None) or (any(p) and not mod.count_include_pad):
-                self._bad(node, "avg-pool options (ceil_mode/divisor/count_include_pad)")
+                self._avgpool_varying(node, src, in_shape, k, s, p)
                 return
         elif node.op == "call_function" and node.target is F.avg_pool2d:
             k = _pair(self._const_arg(node, 1, "kernel_size"))
@@ -682,6 +682,35 @@ class _Builder:
             w = torch.full((c, 1, k[0], k[1]), 1.0 / (k[0] * k[1]), dtype=x.dtype)
             op = Conv(w, in_shape, s, (p[0], p[0], p[1], p[1]), (1, 1), c)
         self._emit_checked(node, src, op, label="avgpool")
+
+    def _avgpool_varying(self, node, src, in_shape, k, s, p):
+        """Average pooling whose divisor varies by position (``ceil_mode``, ``count_include_pad=False``,
+        ``divisor_override``): a sum over each window (a convolution with a kernel of ones, padded so
+        that the partial windows of ``ceil_mode`` exist) followed by a per-position scale
+        ``1 / divisor``, read off the op itself as ``op(1) / sum(1)``."""
+        x, y = self.env[src], self.env[node]
+        if x.dim() != 4:
+            self._bad(node, "avg-pool options on a 1-d input")
+            return
+        c, H, W = in_shape
+        Ho, Wo = y.shape[2], y.shape[3]
+        extra_h = max(0, (Ho - 1) * s[0] + k[0] - (H + 2 * p[0]))
+        extra_w = max(0, (Wo - 1) * s[1] + k[1] - (W + 2 * p[1]))
+        w = torch.ones((c, 1, k[0], k[1]), dtype=torch.float64)
+        conv = Conv(w, in_shape, s, (p[0], p[0] + extra_h, p[1], p[1] + extra_w), (1, 1), c)
+        if tuple(conv.out_shape) != tuple(y.shape[1:]):
+            self._bad(node, "avg-pool geometry")
+            return
+        fn = self._closure(node, src)
+        with torch.no_grad():
+            ones = torch.ones((1,) + tuple(in_shape), dtype=torch.float64)
+            summed = conv.apply(ones)[0]
+            avg = fn(ones.to(x.dtype)).double()[0]
+        if bool((summed <= 0).any()):
+            self._bad(node, "avg-pool window outside the input")
+            return
+        scale = Scale((avg / summed), tuple(conv.out_shape))
+        self._emit_checked(node, src, Chain([conv, scale]), label="avgpool")
 
     def _maxpool(self, node, mod, src, in_shape):
         one_d = len(in_shape) == 2
