@@ -290,3 +290,17 @@ def test_average_pooling_with_varying_divisors(pool, fmt, tmp_path):
     got = lm.bounds("2").global_bound.value
     assert exact <= got <= exact * 1.5, (exact, got)
     assert lm.bounds("inf").global_bound.value >= float(mat.abs().sum(dim=1).max()) * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("out", [(7, 7), (3, 5), (1, 1)])
+def test_adaptive_average_pooling_any_sizes(out):
+    """Windows of varying size (VGG's 2x2 -> 7x7): exact operator norm from impulse responses as oracle."""
+    net = nn.Sequential(nn.AdaptiveAvgPool2d(out), nn.Flatten()).eval()
+    shape = (2, 4, 6)
+    lm = lipverify.load(net, input_shape=shape)
+    n = 2 * 4 * 6
+    eye = torch.eye(n, dtype=torch.float64).reshape((n,) + shape)
+    mat = net.double()(eye).reshape(n, -1).T
+    exact = float(torch.linalg.matrix_norm(mat, ord=2))
+    got = lm.bounds("2").global_bound.value
+    assert exact <= got <= exact * 1.5, (exact, got)

@@ -11,6 +11,7 @@ import functools
 import os
 import sys
 import traceback
+import warnings
 
 import click
 
@@ -32,7 +33,10 @@ def handle_errors(fn):
     def wrapper(*args, **kwargs):
         debug = kwargs.get("debug") or os.environ.get("LIPVERIFY_DEBUG") == "1"
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                if not debug:  # library warnings (onnx2torch, torch) are noise to the user; --debug shows them
+                    warnings.simplefilter("ignore")
+                return fn(*args, **kwargs)
         except UserInputError as exc:
             if debug:
                 traceback.print_exc()

@@ -45,11 +45,12 @@ from lipverify.importers.optable import (
     ACT_MODULES,
     MEAN_FUNCS,
     ONNX_ACT_MODULES,
-    SUM_FUNCS,
+    SELECT_FUNC_NAMES,
     SELECT_FUNCS,
     SELECT_METHODS,
     SELECT_MODULES,
     SOFTMAX_OPS,
+    SUM_FUNCS,
     binary_kind,
     is_neg,
     op_name,
@@ -401,7 +402,8 @@ class _Builder:
             return
 
         # coordinate selections
-        if name in SELECT_MODULES or (node.op == "call_function" and node.target in SELECT_FUNCS) or (
+        if name in SELECT_MODULES or (node.op == "call_function" and (
+                node.target in SELECT_FUNCS or getattr(node.target, "__name__", "") in SELECT_FUNC_NAMES)) or (
                 node.op == "call_method" and node.target in SELECT_METHODS):
             self._select(node, src, in_shape, name)
             return
@@ -668,9 +670,9 @@ class _Builder:
             k = _pair(self._const_arg(node, 1, "kernel_size"))
             s = _pair(self._const_arg(node, 2, "stride", None) or k)
             p = _pair(self._const_arg(node, 3, "padding", 0))
-        else:  # adaptive / global average: must tile exactly
+        else:  # adaptive / global average: a depthwise conv when the windows tile exactly
             if any(i % o for i, o in zip(spatial_in, spatial_out)):
-                self._bad(node, "adaptive pooling with non-dividing sizes")
+                self._adaptive_avgpool_separable(node, src, in_shape, spatial_in, spatial_out)
                 return
             k = tuple(i // o for i, o in zip(spatial_in, spatial_out))
             s, p = k, (0,) * len(k)
@@ -682,6 +684,27 @@ class _Builder:
             w = torch.full((c, 1, k[0], k[1]), 1.0 / (k[0] * k[1]), dtype=x.dtype)
             op = Conv(w, in_shape, s, (p[0], p[0], p[1], p[1]), (1, 1), c)
         self._emit_checked(node, src, op, label="avgpool")
+
+    def _adaptive_avgpool_separable(self, node, src, in_shape, spatial_in, spatial_out):
+        """Adaptive average pooling with windows of varying size (e.g. VGG's 2x2 -> 7x7): separable,
+        ``A_h (x) A_w`` per channel, built as a dense map on the last axis, a transpose, a dense map on
+        the other axis and a transpose back; ``A_w``/``A_h`` are the 1-d adaptive poolings' matrices."""
+        if len(spatial_in) != 2:
+            self._bad(node, "adaptive pooling with non-dividing sizes (1-d)")
+            return
+        c = in_shape[0]
+        (hi, wi), (ho, wo) = spatial_in, spatial_out
+
+        def mat(n_in, n_out):
+            eye = torch.eye(n_in, dtype=torch.float64).unsqueeze(1)
+            return F.adaptive_avg_pool1d(eye, n_out)[:, 0, :].T.contiguous()  # (n_out, n_in)
+
+        a_w, a_h = mat(wi, wo), mat(hi, ho)
+        d_w = Dense(a_w, (c, hi, wi))
+        swap1 = probe_select(lambda t: t.transpose(2, 3), (c, hi, wo), TRACE_BATCH, label="transpose")
+        d_h = Dense(a_h, (c, wo, hi))
+        swap2 = probe_select(lambda t: t.transpose(2, 3), (c, wo, ho), TRACE_BATCH, label="transpose")
+        self._emit_checked(node, src, Chain([d_w, swap1, d_h, swap2]), label="adaptive avgpool")
 
     def _avgpool_varying(self, node, src, in_shape, k, s, p):
         """Average pooling whose divisor varies by position (``ceil_mode``, ``count_include_pad=False``,

@@ -31,6 +31,7 @@ from lipverify.importers.normalize import (
 from lipverify.importers.onnx import (
     check_file,
     convert_onnx,
+    explain_run_failure,
     export_to_onnx,
     onnx_input_shape,
     read_onnx,
@@ -108,8 +109,15 @@ def load(source: str | os.PathLike | nn.Module = BUILTIN_DEFAULT, *, input_shape
             needs_onnx = False
             if fidelity_check:
                 batch_shape = (declared[0] if declared[0] is not None else None,) + tuple(shape)
-                fidelity = onnx_fidelity(onnx_bytes, module, batch_shape, shape, fidelity_inputs,
-                                         tolerance=fidelity_tolerance)
+                try:
+                    fidelity = onnx_fidelity(onnx_bytes, module, batch_shape, shape, fidelity_inputs,
+                                             tolerance=fidelity_tolerance)
+                except UserInputError:
+                    raise
+                except Exception:
+                    x1 = torch.rand((2,) + tuple(shape))
+                    raise UserInputError("the module onnx2torch converted the file to does not run: "
+                                         f"{explain_run_failure(module, x1)}", path_str) from None
                 if not fidelity.passed:
                     raise FidelityError(
                         f"the converted model differs from onnxruntime by {fidelity.max_abs_diff:.3g} "

@@ -214,6 +214,33 @@ def _explain_conversion_error(model, exc: Exception) -> str:
     return f"{type(exc).__name__}: {msg}"
 
 
+def explain_run_failure(gm, x: torch.Tensor) -> str:
+    """Run the converted module node by node and name the node that fails (op type and reason)."""
+    import torch.fx as fx
+
+    from lipverify.importers.optable import op_name
+
+    class _Failed(Exception):
+        pass
+
+    class _Stepper(fx.Interpreter):
+        def run_node(self, n):
+            try:
+                return super().run_node(n)
+            except Exception as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise _Failed(f"node {n.name} ({op_name(gm, n)}): {first}") from None
+
+    try:
+        with torch.no_grad():
+            _Stepper(gm).run(x)
+    except _Failed as exc:
+        return str(exc).splitlines()[0]  # fx appends "While executing ..." lines
+    except Exception as exc:  # not an fx module
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return "it fails on batched inputs"
+
+
 def convert_onnx(model, path, notes: list | None = None):
     """onnx2torch module (eval mode) of the normalised ``model``; notes on the normalisation go to
     ``notes``."""

@@ -93,6 +93,9 @@ SELECT_FUNCS = {
 }
 
 
+#: functions known by name (they live in other packages): the identity in eval mode, checked by probing
+SELECT_FUNC_NAMES = {"stochastic_depth", "drop_path"}
+
 SELECT_METHODS = {
     "view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
     "narrow", "__getitem__", "float", "to", "type_as", "movedim", "swapaxes", "expand", "repeat",
