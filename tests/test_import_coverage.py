@@ -32,6 +32,15 @@ def _export(net, shape, path, dynamic=True):
                           dynamic_axes={"x": {0: "b"}} if dynamic else None)
 
 
+def _load(net, shape, fmt, tmp_path):
+    """The model as a module, or through its standard ONNX export."""
+    if fmt == "module":
+        return lipverify.load(net, input_shape=shape)
+    path = tmp_path / "m.onnx"
+    _export(net, shape, path)
+    return lipverify.load(path)
+
+
 def _exact_l2(lm):
     """The exact l2 Lipschitz constant of an affine-then-ReLU-free model: SVD of its Jacobian."""
     x = torch.rand((1,) + lm.input_shape, dtype=torch.float64)
@@ -277,12 +286,7 @@ def test_average_pooling_with_varying_divisors(pool, fmt, tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.AvgPool2d(**pool), nn.Flatten()).eval()
     shape = (2, 7, 7)
-    if fmt == "onnx":
-        path = tmp_path / "p.onnx"
-        _export(net, shape, path)
-        lm = lipverify.load(path)
-    else:
-        lm = lipverify.load(net, input_shape=shape)
+    lm = _load(net, shape, fmt, tmp_path)
     n = 2 * 7 * 7
     eye = torch.eye(n, dtype=torch.float64).reshape((n,) + shape)
     mat = net.double()(eye).reshape(n, -1).T
@@ -304,3 +308,15 @@ def test_adaptive_average_pooling_any_sizes(out):
     exact = float(torch.linalg.matrix_norm(mat, ord=2))
     got = lm.bounds("2").global_bound.value
     assert exact <= got <= exact * 1.5, (exact, got)
+
+
+@pytest.mark.parametrize("fmt", ["module", "onnx"])
+def test_nearest_resize_is_a_selection(fmt, tmp_path):
+    """Nearest up-sampling by 2 repeats every pixel 4 times: l2 norm exactly 2 (the multiplicity's root)."""
+    net = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Flatten()).eval()
+    shape = (2, 3, 3)
+    lm = _load(net, shape, fmt, tmp_path)
+    assert lm.bounds("2").global_bound.value == pytest.approx(2.0, rel=1e-5)
+    bil = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear"), nn.Flatten()).eval()
+    with pytest.raises(lipverify.UserInputError, match="nearest"):
+        lipverify.load(bil, input_shape=shape)

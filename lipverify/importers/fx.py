@@ -769,7 +769,10 @@ class _Builder:
         except Exception:
             sel = None
         if sel is None:
-            self._bad(node, "not a coordinate selection")
+            why = "not a coordinate selection"
+            if "resize" in name.lower() or "upsampl" in name.lower() or "interpolate" in name.lower():
+                why = "only nearest-neighbour resizing is bounded (a selection)"
+            self._bad(node, why)
             return
         self._emit_checked(node, src, sel)
 

@@ -82,7 +82,7 @@ SELECT_MODULES = {
     "OnnxSqueezeStaticAxes", "OnnxSqueezeDynamicAxes", "OnnxUnsqueezeStaticAxes",
     "OnnxUnsqueezeDynamicAxes", "OnnxPadStatic", "OnnxPadDynamic", "OnnxGather", "OnnxCast",
     "OnnxCopyIdentity", "OnnxDropoutDynamic", "OnnxFlatten", "OnnxDepthToSpace", "OnnxExpand",
-    "OnnxTile",
+    "OnnxTile", "OnnxResize", "Upsample", "UpsamplingNearest2d",
 }
 
 
@@ -94,7 +94,7 @@ SELECT_FUNCS = {
 
 
 #: functions known by name (they live in other packages): the identity in eval mode, checked by probing
-SELECT_FUNC_NAMES = {"stochastic_depth", "drop_path"}
+SELECT_FUNC_NAMES = {"stochastic_depth", "drop_path", "interpolate", "upsample_nearest2d"}
 
 SELECT_METHODS = {
     "view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
