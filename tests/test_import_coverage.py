@@ -320,3 +320,21 @@ def test_nearest_resize_is_a_selection(fmt, tmp_path):
     bil = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear"), nn.Flatten()).eval()
     with pytest.raises(lipverify.UserInputError, match="nearest"):
         lipverify.load(bil, input_shape=shape)
+
+
+@pytest.mark.parametrize("fmt", ["module", "onnx"])
+@pytest.mark.parametrize("kw", [dict(stride=2, padding=1, output_padding=1), dict(stride=1, padding=0),
+                                dict(stride=2, padding=0, groups=2)])
+def test_transposed_convolution_bound_against_exact_norm(kw, fmt, tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, **kw), nn.Flatten()).eval()
+    shape = (4, 5, 5)
+    lm = _load(net, shape, fmt, tmp_path)
+    n = 4 * 5 * 5
+    eye = torch.eye(n, dtype=torch.float64).reshape((n,) + shape)
+    mat = (net.double()(eye) - net.double()(torch.zeros((1,) + shape, dtype=torch.float64))).reshape(n, -1).T
+    exact2 = float(torch.linalg.matrix_norm(mat, ord=2))
+    exact_inf = float(mat.abs().sum(dim=1).max())
+    got2, got_inf = lm.bounds("2").global_bound.value, lm.bounds("inf").global_bound.value
+    assert exact2 <= got2 <= exact2 * 1.6, (exact2, got2)
+    assert exact_inf * (1 - 1e-9) <= got_inf

@@ -355,6 +355,51 @@ class Conv(LinearOp):
         return [Bound(on.conv_norm_inf(self.weight, groups=self.groups), "kernel abs-sum bound", True)]
 
 
+class ConvTranspose(LinearOp):
+    """2-d transposed convolution ``y = conv_transpose2d(x, W)``: the adjoint of ``conv2d(., W)`` on the
+    output's grid (same stride, padding, dilation, groups), so both have the same l2 norm.
+
+    l2: the FFT bound of that convolution (input size = this op's output size). l-inf: an output
+    pixel of channel ``o`` reads at most every tap of ``W[:, o]`` once per input channel, so its row
+    abs-sum is at most ``max_o sum_{c, a, b} |W[c, o, a, b]|`` (per group).
+    """
+
+    kind = "convtranspose"
+
+    def __init__(self, weight, in_shape, stride, padding, output_padding, dilation, groups, bias=None):
+        self.weight = weight.detach()
+        self.stride, self.padding = tuple(stride), tuple(padding)
+        self.output_padding, self.dilation, self.groups = tuple(output_padding), tuple(dilation), int(groups)
+        c, h, w = in_shape
+        k_h, k_w = weight.shape[2], weight.shape[3]
+        ho = (h - 1) * self.stride[0] - 2 * self.padding[0] + self.dilation[0] * (k_h - 1) + self.output_padding[0] + 1
+        wo = (w - 1) * self.stride[1] - 2 * self.padding[1] + self.dilation[1] * (k_w - 1) + self.output_padding[1] + 1
+        out_shape = (weight.shape[1] * self.groups, ho, wo)
+        if bias is not None:
+            bias = bias.reshape(-1, 1, 1).expand(out_shape)
+        super().__init__(in_shape, out_shape, bias)
+
+    def apply(self, x):
+        return F.conv_transpose2d(x, self.weight.to(x.dtype), None, self.stride, self.padding, self.output_padding,
+                                  self.groups, self.dilation)
+
+    def describe(self):
+        return (f"conv-transpose {self.in_shape[0]}->{self.out_shape[0]} k{self.weight.shape[2]}x"
+                f"{self.weight.shape[3]} s{self.stride[0]}")
+
+    def _norm_candidates(self, p):
+        if p == "2":
+            v = on.conv_norm2_fft(self.weight, self.out_shape[1:], stride=self.stride,
+                                  padding=(self.padding[0], self.padding[0], self.padding[1], self.padding[1]),
+                                  dilation=self.dilation, groups=self.groups)
+            return [Bound(v, "FFT bound of the adjoint convolution", True)]
+        w = self.weight.double().abs()
+        G = self.groups
+        ci_g = w.shape[0] // G
+        per_out = torch.cat([w[g * ci_g:(g + 1) * ci_g].sum(dim=(0, 2, 3)) for g in range(G)])
+        return [Bound(float(per_out.max()) * on.SOUND_FACTOR, "tap abs-sum bound", True)]
+
+
 class Scale(LinearOp):
     """Element-wise scale ``y = a * x`` with ``a`` broadcast to the input shape (BatchNorm in eval,
     normalisation by constants, multiplication by constants)."""

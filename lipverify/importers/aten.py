@@ -44,6 +44,7 @@ def aten_equivalents() -> dict:
         "selu.default": F.selu, "celu.default": F.celu, "softplus.default": F.softplus,
         "mean.dim": torch.mean, "sum.dim_IntList": torch.sum,
         "_native_batch_norm_legit_no_training.default": _batch_norm_no_training,
+        "conv_transpose2d.input": F.conv_transpose2d,
         "relu6.default": F.relu6, "dropout_.default": F.dropout, "prelu.default": F.prelu, "_prelu_kernel.default": F.prelu,
     }
     out = {}

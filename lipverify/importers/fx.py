@@ -38,7 +38,7 @@ from lipverify.graph import (
     make_activation,
     minmax,
 )
-from lipverify.graph.linear_ops import Chain, Conv, Dense, LinearOp, Scale, probe_select
+from lipverify.graph.linear_ops import Chain, Conv, ConvTranspose, Dense, LinearOp, Scale, probe_select
 from lipverify.importers.optable import (
     ACT_FUNCS,
     ACT_METHODS,
@@ -381,6 +381,10 @@ class _Builder:
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not isinstance(mod, nn.ConvTranspose2d):
             self._conv_module(node, mod, src, in_shape)
             return
+        if isinstance(mod, nn.ConvTranspose2d) or (node.op == "call_function" and node.target in (
+                F.conv_transpose2d, torch.conv_transpose2d)):
+            self._conv_transpose(node, mod, src, in_shape)
+            return
         if node.op == "call_function" and node.target in (F.conv2d, F.conv1d, torch.conv2d, torch.conv1d):
             self._conv_function(node, src, in_shape)
             return
@@ -616,6 +620,34 @@ class _Builder:
     def _channel_affine(self, node, src, in_shape):
         """BatchNorm in eval: an element-wise affine map measured from the op itself."""
         self._elementwise_affine(node, src, "mul")
+
+    def _conv_transpose(self, node, mod, src, in_shape):
+        if len(in_shape) != 3:
+            self._bad(node, "transposed convolution on a non-image input")
+            return
+        try:
+            if mod is not None:
+                if mod.padding_mode != "zeros":
+                    self._bad(node, f"padding_mode {mod.padding_mode}")
+                    return
+                w, b = mod.weight, mod.bias
+                st, pad, opad, dil, groups = mod.stride, mod.padding, mod.output_padding, mod.dilation, mod.groups
+            else:
+                w, b = self._const_arg(node, 1, "weight"), self._const_arg(node, 2, "bias")
+                st = _pair(self._const_arg(node, 3, "stride", 1))
+                pad = _pair(self._const_arg(node, 4, "padding", 0))
+                opad = _pair(self._const_arg(node, 5, "output_padding", 0))
+                groups = int(self._const_arg(node, 6, "groups", 1))
+                dil = _pair(self._const_arg(node, 7, "dilation", 1))
+        except _NotConst:
+            self._bad(node, "input-dependent weights")
+            return
+        if not isinstance(w, torch.Tensor) or isinstance(pad, str):
+            self._bad(node, "transposed convolution parameters")
+            return
+        op = ConvTranspose(w, in_shape, _pair(st), _pair(pad), _pair(opad), _pair(dil), groups,
+                           bias=None if b is None else b.detach())
+        self._emit_checked(node, src, op)
 
     def _conv_module(self, node, mod, src, in_shape):
         if mod.padding_mode != "zeros":
