@@ -338,3 +338,16 @@ def test_transposed_convolution_bound_against_exact_norm(kw, fmt, tmp_path):
     got2, got_inf = lm.bounds("2").global_bound.value, lm.bounds("inf").global_bound.value
     assert exact2 <= got2 <= exact2 * 1.6, (exact2, got2)
     assert exact_inf * (1 - 1e-9) <= got_inf
+
+
+@pytest.mark.parametrize("fmt", ["module", "onnx"])
+@pytest.mark.parametrize("pad", [nn.ReflectionPad2d(1), nn.ReplicationPad2d(1), nn.ZeroPad2d((1, 2, 0, 1))])
+def test_padding_modes_are_selections(pad, fmt, tmp_path):
+    """Reflect / edge / constant padding copy input pixels: the exact norm is sqrt(max copies)."""
+    net = nn.Sequential(pad, nn.Flatten()).eval()
+    shape = (2, 4, 4)
+    lm = _load(net, shape, fmt, tmp_path)
+    n = 2 * 4 * 4
+    eye = torch.eye(n, dtype=torch.float64).reshape((n,) + shape)
+    exact = float(torch.linalg.matrix_norm(net.double()(eye).reshape(n, -1).T, ord=2))
+    assert lm.bounds("2").global_bound.value == pytest.approx(exact, rel=1e-5)
