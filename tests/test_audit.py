@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 import re
 import shutil
 import subprocess
@@ -258,6 +259,30 @@ def test_attack_cli_writes_competition_counterexamples(realdata, tmp_path):
         logits = sess.run(None, {inp.name: xc.float().numpy().reshape(shape)})[0].reshape(-1)
         label = int(r["label"])
         assert max(v for j, v in enumerate(logits) if j != label) >= logits[label]
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_attack_on_a_folder_of_specs_matches_the_ground_truth(realdata, tmp_path):
+    """Many specifications at once (one box per input, kept aligned with the rows every attack keeps):
+    counterexamples are found exactly for the `sat` instances, and never for an `unsat` one."""
+    folder = realdata / "vnnlib" / "vnncomp2021" / "verivital"
+    truth = {r["vnnlib_file"].rsplit("/", 1)[1]: r["verdict"] for r in
+             csv.DictReader(open(realdata / "ground_truth" / "instances.csv")) if "/verivital/" in r["vnnlib_file"]}
+    res = _run("attack", realdata / "models" / "onnx" / "Convnet_maxpool.onnx", "--data", folder, "--norm", "inf",
+               "--strength", "fast", "--json", "--quiet", "--save", tmp_path / "adv.npz")
+    assert res.exit_code == 0, res.stderr
+    d = json.loads(res.stdout)
+    broken = {Path(r["name"]).name for r in d["inputs"] if r["r_adv"] != "inf"}
+    names = [Path(r["name"]).name for r in d["inputs"]]
+    assert len(names) == len(list(folder.glob("*.vnnlib"))) > 1
+    for n in names:
+        if truth[n].startswith("unsat"):
+            assert n not in broken, n  # an attack can never break a proven-robust instance
+    sat = {n for n in names if truth[n].startswith("sat")}
+    assert sat and broken == sat
+    files = {p.name for p in (tmp_path / "adv_counterexamples").glob("*.counterexample")}
+    assert files == {n.replace(".vnnlib", ".counterexample") for n in sat}
 
 
 @pytest.mark.realdata

@@ -13,9 +13,9 @@ import torch
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
-__all__ = ["Forward", "grad_of", "apply_clip", "bcast", "check_clip", "check_norm", "flat_dual_norm", "flat_norm",
-           "logits_of", "margin_loss", "margin_of", "per_example", "prepare", "project_ball", "rand_like_gen",
-           "randn_like_gen", "random_in_ball", "ranked_targets"]
+__all__ = ["Forward", "apply_clip", "bcast", "check_clip", "check_norm", "clip_rows", "flat_dual_norm",
+           "flat_norm", "grad_of", "logits_of", "margin_loss", "margin_of", "per_example", "prepare",
+           "project_ball", "rand_like_gen", "randn_like_gen", "random_in_ball", "ranked_targets"]
 
 
 def grad_of(out: torch.Tensor, inp: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
@@ -87,6 +87,22 @@ def check_clip(clip, x: torch.Tensor):
             f"inputs lie outside the clip box [{lo}, {hi}] (min {float(x.min())}, max {float(x.max())})"
         )
     return lo, hi
+
+
+def clip_rows(clip, idx: torch.Tensor, ndim: int):
+    """The box for the rows ``idx`` of a batch with ``ndim`` dimensions.
+
+    A box of floats, or of tensors that broadcast over the batch (leading size 1, or fewer
+    dimensions), is the same for every row; a per-example box (tensors ``(B, *input_shape)``, e.g. one
+    VNN-LIB specification per input) is indexed like the batch, so that it stays aligned with the
+    rows an attack keeps, drops or repeats.
+    """
+    if clip is None or not isinstance(clip[0], torch.Tensor):
+        return clip
+    lo, hi = clip
+    if lo.dim() == ndim and lo.shape[0] > 1:
+        return lo[idx], hi[idx]
+    return clip
 
 
 def prepare(x: torch.Tensor, y: torch.Tensor, clip):

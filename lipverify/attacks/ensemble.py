@@ -33,6 +33,7 @@ from lipverify.attacks.core import (
     Forward,
     bcast,
     check_norm,
+    clip_rows,
     logits_of,
     per_example,
     prepare,
@@ -121,8 +122,9 @@ def ensemble_attack(
     def offer(name, idx, z):
         if idx.numel() == 0:
             return
-        z = judge.snap_into_ball(x[idx], z, eps_t[idx], norm)
-        ok = judge.genuine(x[idx], y[idx], z, norm, eps=eps_t[idx])
+        sub = judge.rows(idx)
+        z = sub.snap_into_ball(x[idx], z, eps_t[idx], norm)
+        ok = sub.genuine(x[idx], y[idx], z, norm, eps=eps_t[idx])
         if ok.any():
             bi = idx[ok]
             broken[bi] = True
@@ -143,7 +145,8 @@ def ensemble_attack(
             break
         if progress:
             progress("apgd-ce")
-        z, _ = apgd_attack(forward, x[idx], y[idx], eps_t[idx], norm=norm, clip=clip, loss="ce",
+        z, _ = apgd_attack(forward, x[idx], y[idx], eps_t[idx], norm=norm, clip=clip_rows(clip, idx, x.dim()),
+                           loss="ce",
                            steps=st.apgd_steps, generator=generator, random_start=r > 0)
         offer("apgd-ce", idx, z)
     tried.append(f"apgd-ce ({st.apgd_steps} steps x {st.apgd_ce_restarts})")
@@ -164,7 +167,8 @@ def ensemble_attack(
                         break
                     if progress:
                         progress("apgd-t")
-                    z, _ = apgd_attack(forward, x[sub], y[sub], eps_t[sub], norm=norm, clip=clip, loss="dlr-t",
+                    z, _ = apgd_attack(forward, x[sub], y[sub], eps_t[sub], norm=norm,
+                                       clip=clip_rows(clip, sub, x.dim()), loss="dlr-t",
                                        target=tgt, steps=st.apgd_steps, generator=generator, random_start=r > 0)
                     offer("apgd-t", sub, z)
         tried.append(f"apgd-t ({st.apgd_steps} steps, {k} targets x {st.apgd_target_restarts})")
@@ -182,7 +186,8 @@ def ensemble_attack(
                 sub = idx[keep]
                 if sub.numel() == 0:
                     break
-                r, z = fab_targeted(forward, x[sub], y[sub], ranked[keep, j], norm=norm, clip=clip,
+                r, z = fab_targeted(forward, x[sub], y[sub], ranked[keep, j], norm=norm,
+                                    clip=clip_rows(clip, sub, x.dim()),
                                     steps=st.fab_steps, restarts=1, generator=generator)
                 inside = torch.isfinite(r) & (r <= eps_t[sub] * (1 + 1e-6))
                 offer("fab-t", sub[inside], z[inside])
@@ -194,7 +199,8 @@ def ensemble_attack(
         if progress:
             progress("pgd")
         res = pgd_attack(forward, x[idx], y[idx], eps_t[idx], norm=norm, steps=st.apgd_steps,
-                         restarts=max(2, st.bisect_restarts), clip=clip, generator=generator)
+                         restarts=max(2, st.bisect_restarts), clip=clip_rows(clip, idx, x.dim()),
+                         generator=generator)
         offer("pgd", idx, res.x_adv)
     tried.append(f"pgd ({st.apgd_steps} steps x {max(2, st.bisect_restarts)} restarts)")
 

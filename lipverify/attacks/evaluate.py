@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lipverify.attacks.core import Forward, check_norm
+from lipverify.attacks.core import Forward, check_norm, clip_rows
 from lipverify.attacks.ensemble import ensemble_attack
 from lipverify.attacks.minnorm import min_norm_radius
 from lipverify.attacks.strength import get_strength
@@ -152,15 +152,11 @@ def evaluate_robustness(
     eps = sorted({float(e) for e in eps})
     N = x.shape[0]
     y = y.to(device=x.device, dtype=torch.long).reshape(-1)
-    per_input_box = clip is not None and isinstance(clip[0], torch.Tensor) and clip[0].dim() == x.dim() \
-        and clip[0].shape[0] == N and N > 1
     if forward64 is None:
         forward64 = Judge(forward, x[:1], None).forward64
 
     def box(s, e):
-        if per_input_box:
-            return clip[0][s:e], clip[1][s:e]
-        return clip
+        return clip_rows(clip, torch.arange(s, e, device=x.device), x.dim())
 
     g = torch.Generator(device=x.device if x.device.type != "mps" else "cpu").manual_seed(seed)
     radius = torch.full((N,), math.inf, dtype=torch.float64, device=x.device)
@@ -188,11 +184,9 @@ def evaluate_robustness(
             e_ = min(s + batch_size, N)
             need = (radius[s:e_] > e).nonzero().reshape(-1)
             if need.numel():
-                bx = box(s, e_)
-                if per_input_box:
-                    bx = (bx[0][need], bx[1][need])
                 idx = need + s
-                res = ensemble_attack(forward, x[idx], y[idx], e, norm=norm, clip=bx, strength=st, generator=g,
+                res = ensemble_attack(forward, x[idx], y[idx], e, norm=norm, clip=clip_rows(clip, idx, x.dim()),
+                                      strength=st, generator=g,
                                       forward64=forward64)
                 ens_tried = res.tried or ens_tried
                 hit = res.broken.nonzero().reshape(-1)

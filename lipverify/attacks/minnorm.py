@@ -57,6 +57,7 @@ import torch
 
 from lipverify.attacks.core import (
     Forward,
+    clip_rows,
     apply_clip,
     bcast,
     check_clip,
@@ -210,6 +211,7 @@ def fmn_attack(
     idx = todo.repeat_interleave(R)                       # example index of each row
     tgt = torch.stack(tgt_cols, dim=1).reshape(-1)        # target of each row (-1: untargeted)
     xa, ya = x[idx], y[idx]
+    clip = clip_rows(clip, idx, x.dim())
     delta = torch.zeros_like(xa)
     eps = torch.full((idx.numel(),), math.inf, dtype=torch.float64, device=x.device)
     row_best = torch.full((idx.numel(),), math.inf, dtype=torch.float64, device=x.device)
@@ -328,7 +330,7 @@ def bisection_attack(
 
     def run(sel: torch.Tensor, e: torch.Tensor):
         res = pgd_attack(forward, x[sel], y[sel], e, norm=norm, steps=steps, restarts=restarts,
-                         clip=clip, generator=generator)
+                         clip=clip_rows(clip, sel, x.dim()), generator=generator)
         r = _delta_norm64(res.x_adv, x[sel], norm)
         ok = res.success & (r < best_r[sel]) & (r <= cap)
         best_r[sel[ok]] = r[ok]
@@ -376,14 +378,14 @@ def refine_along_segment(judge: Judge, x, y, z, norm: str, max_eps=None, iters: 
                                                                  device=x.device))
     sel = (ok & (radius > 0)).nonzero().reshape(-1)
     if sel.numel():
-        xs, ys = x[sel], y[sel]
+        xs, ys, sub = x[sel], y[sel], judge.rows(sel)
         d64 = z[sel].to(torch.float64) - xs.to(torch.float64)
         lo = torch.zeros(sel.numel(), dtype=torch.float64, device=x.device)
         hi = torch.ones_like(lo)
         for _ in range(iters):
             t = (lo + hi) / 2
-            cand = judge.along(xs, d64, t)
-            good = judge.genuine(xs, ys, cand, norm)
+            cand = sub.along(xs, d64, t)
+            good = sub.genuine(xs, ys, cand, norm)
             r = judge.dist(cand, xs, norm)
             take = good & (r < radius[sel])
             if take.any():
@@ -441,7 +443,7 @@ def box_search(judge: Judge, x, y, norm: str, clip, max_eps=None, samples: int =
     found = torch.isfinite(best_r)
     if found.any():
         idx = found.nonzero().reshape(-1)
-        r, z, ok = refine_along_segment(judge, x[idx], y[idx], best_z[idx], norm, max_eps=None)
+        r, z, ok = refine_along_segment(judge.rows(idx), x[idx], y[idx], best_z[idx], norm, max_eps=None)
         if max_eps is not None:
             ok &= r <= float(max_eps)
         best_r[idx] = torch.where(ok, r, torch.full_like(r, math.inf))
@@ -462,7 +464,8 @@ def _fab_stage(forward, x, y, norm, clip, st: Strength, generator):
     ranked = ranked_targets(forward, x, y, norm, max_candidates=max(k, 10))[:, :k]
     idx = torch.arange(B, device=x.device).repeat_interleave(k)
     tgt = ranked.reshape(-1)
-    r, z = fab_targeted(forward, x[idx], y[idx], tgt, norm=norm, clip=clip, steps=st.fab_steps,
+    r, z = fab_targeted(forward, x[idx], y[idx], tgt, norm=norm, clip=clip_rows(clip, idx, x.dim()),
+                        steps=st.fab_steps,
                         restarts=st.fab_restarts, generator=generator)
     r = r.reshape(B, k)
     j = r.argmin(dim=1)
@@ -567,7 +570,7 @@ def min_norm_radius(
         """Refine stage candidates for examples ``idx`` and keep per-example improvements."""
         if idx.numel() == 0:
             return
-        r, zr, ok = refine_along_segment(judge, x[idx], y[idx], z, norm, max_eps=cap)
+        r, zr, ok = refine_along_segment(judge.rows(idx), x[idx], y[idx], z, norm, max_eps=cap)
         take = ok & (r < best_r[idx])
         if take.any():
             ti = idx[take]
@@ -576,16 +579,16 @@ def min_norm_radius(
             for i in ti.tolist():
                 src[i] = name
 
-    xs, ys = x[todo], y[todo]
+    xs, ys, cs = x[todo], y[todo], clip_rows(clip, todo, x.dim())
     if todo.numel():
         if method in ("auto", "fmn"):
             fsteps = st.fmn_steps if steps is None or method == "auto" else steps
-            r_f, z_f = fmn_attack(forward, xs, ys, norm=norm, steps=fsteps, clip=clip, max_eps=max_eps,
+            r_f, z_f = fmn_attack(forward, xs, ys, norm=norm, steps=fsteps, clip=cs, max_eps=max_eps,
                                   targets=st.fmn_targets)
             tried.append(f"fmn ({fsteps} steps, {st.fmn_targets} targets)")
             offer("fmn", todo, z_f)
             if norm == "inf" and method == "auto":
-                r_f, z_f = fmn_attack(forward, xs, ys, norm=norm, steps=fsteps, clip=clip, max_eps=max_eps,
+                r_f, z_f = fmn_attack(forward, xs, ys, norm=norm, steps=fsteps, clip=cs, max_eps=max_eps,
                                       targets=0, absolute_step=1.0)
                 tried.append(f"fmn, l2-normalised steps ({fsteps} steps)")
                 offer("fmn", todo, z_f)
@@ -594,7 +597,7 @@ def min_norm_radius(
             if method == "fab" and sf.fab_steps == 0:
                 sf = STRENGTHS["standard"]
             if sf.fab_steps > 0 and sf.fab_targets > 0:
-                r_b, z_b = _fab_stage(forward, xs, ys, norm, clip, sf, generator)
+                r_b, z_b = _fab_stage(forward, xs, ys, norm, cs, sf, generator)
                 tried.append(f"fab-t ({sf.fab_steps} steps, {sf.fab_targets} targets)")
                 offer("fab-t", todo, z_b)
         if method in ("auto", "ddn") and norm == "2":
@@ -602,7 +605,7 @@ def min_norm_radius(
             if method == "ddn" and dsteps == 0:
                 dsteps = STRENGTHS["standard"].ddn_steps
             if dsteps > 0:
-                r_d, z_d = ddn_attack(forward, xs, ys, clip=clip, steps=dsteps)
+                r_d, z_d = ddn_attack(forward, xs, ys, clip=cs, steps=dsteps)
                 tried.append(f"ddn ({dsteps} steps)")
                 offer("ddn", todo, z_d)
         if method in ("auto", "bisection"):
@@ -614,7 +617,7 @@ def min_norm_radius(
                 bsteps, biters, brest = st.bisect_steps, st.bisect_iters, st.bisect_restarts
             hi = best_r[todo].clone()
             r_p, z_p = bisection_attack(forward, xs, ys, norm=norm, steps=bsteps, restarts=brest, iters=biters,
-                                        clip=clip, max_eps=max_eps, hi=hi, x_hi=best_z[todo].clone(),
+                                        clip=cs, max_eps=max_eps, hi=hi, x_hi=best_z[todo].clone(),
                                         generator=generator)
             tried.append(f"pgd bisection ({bsteps} steps x {brest} restarts, {biters} bisection steps)")
             improved = r_p < hi
@@ -622,7 +625,8 @@ def min_norm_radius(
         if method == "auto":
             miss = todo[~torch.isfinite(best_r[todo])]
             if miss.numel():
-                r_s, z_s = box_search(judge, x[miss], y[miss], norm, clip, max_eps=max_eps,
+                r_s, z_s = box_search(judge.rows(miss), x[miss], y[miss], norm, clip_rows(clip, miss, x.dim()),
+                                      max_eps=max_eps,
                                       samples=st.box_samples, generator=generator)
                 tried.append(f"box search ({st.box_samples} samples)")
                 ok = torch.isfinite(r_s)

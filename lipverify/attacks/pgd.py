@@ -52,6 +52,7 @@ import torch
 from lipverify.attacks.core import (
     Forward,
     apply_clip,
+    clip_rows,
     bcast,
     check_norm,
     flat_norm,
@@ -174,6 +175,7 @@ def pgd_attack(
         if idx.numel() == 0:
             break
         xa, ya, ea, sa = x[idx], y[idx], eps_t[idx], step_t[idx].to(x.dtype)
+        ca = clip_rows(clip, idx, x.dim())
         ta = None
         if multi_targeted and r % 2 == 1:
             if ranked is None:
@@ -183,7 +185,7 @@ def pgd_attack(
             delta = torch.zeros_like(xa)
         else:
             delta = random_in_ball(xa, ea, norm, generator)
-            delta = apply_clip(xa + delta, clip) - xa
+            delta = apply_clip(xa + delta, ca) - xa
         for t in range(steps + 1):
             xt = (xa + delta).detach().requires_grad_(True)
             with torch.enable_grad():
@@ -207,6 +209,7 @@ def pgd_attack(
             grad = grad_of(obj, xt)
             if not keep.all():
                 idx, xa, ya, ea, sa = idx[keep], xa[keep], ya[keep], ea[keep], sa[keep]
+                ca = clip_rows(ca, keep.nonzero().reshape(-1), x.dim())
                 ta = None if ta is None else ta[keep]
                 delta, grad = delta[keep], grad[keep]
             if schedule == "cosine":
@@ -221,7 +224,7 @@ def pgd_attack(
                 else:
                     delta = delta + a * grad.sign()
                 delta = project_ball(delta, ea, norm)
-                delta = apply_clip(xa + delta, clip) - xa
+                delta = apply_clip(xa + delta, ca) - xa
 
     with torch.no_grad():
         margin = margin_of(forward, best_x, y)

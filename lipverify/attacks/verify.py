@@ -38,7 +38,7 @@ import math
 import torch
 import torch.nn as nn
 
-from lipverify.attacks.core import Forward, bcast, flat_norm, margin_loss
+from lipverify.attacks.core import Forward, bcast, clip_rows, flat_norm, margin_loss
 
 __all__ = ["Judge", "TAU", "float64_forward"]
 
@@ -94,6 +94,13 @@ class Judge:
             self.forward64, self.precision = forward64, "float64"
         self.clip = clip
         self.dtype = like.dtype
+        self.ndim = like.dim()
+
+    def rows(self, idx: torch.Tensor) -> "Judge":
+        """The same judge for the rows ``idx`` of the batch (a per-example box is indexed with them)."""
+        sub = copy.copy(self)
+        sub.clip = clip_rows(self.clip, idx, self.ndim)
+        return sub
 
     # -- basic checks ------------------------------------------------------------------------------
     def _margins(self, z: torch.Tensor, y: torch.Tensor, strict: bool, chunk: int = 1024) -> torch.Tensor:
@@ -184,8 +191,9 @@ class Judge:
             if todo.numel() == 0:
                 break
             t = torch.full((todo.numel(),), 1.0 + f, dtype=torch.float64, device=z.device)
-            cand = self.along(x[todo], d64, t)
-            good = self.genuine(x[todo], y[todo], cand, norm) & nz
+            sub = self.rows(todo)
+            cand = sub.along(x[todo], d64, t)
+            good = sub.genuine(x[todo], y[todo], cand, norm) & nz
             if max_eps is not None:
                 good &= self.dist(cand, x[todo], norm) <= max_eps
             if good.any():
@@ -217,6 +225,6 @@ class Judge:
                 d64 = zi.to(torch.float64) - xi.to(torch.float64)
                 r = flat_norm(d64, "2")
                 scale = (eps[idx] / r.clamp_min(1e-300)).clamp_max(1.0) * (1 - 2.0 ** (-20 + 2 * k))
-                zi = self.along(xi, d64, scale)
+                zi = self.rows(idx).along(xi, d64, scale)
             z[idx] = zi
         return z

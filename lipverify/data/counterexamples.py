@@ -18,7 +18,7 @@ import torch
 
 from lipverify.data.atomic import atomic_write_text
 
-__all__ = ["counterexample_text", "float32_box", "write_counterexamples"]
+__all__ = ["counterexample_text", "find_counterexamples", "float32_box", "write_counterexamples"]
 
 
 def float32_box(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +41,7 @@ def counterexample_text(x_model: torch.Tensor, y_out: torch.Tensor) -> str:
     return "(" + "\n".join(lines) + ")\n"
 
 
-def _deepest(z_pix, x_pix, lm, norm, model64, lower, upper, label, targets):
+def _deepest(z_pix, x_pix, norm, model64, lower, upper, label, targets):
     """The boundary point found by the attack is a near-tie; a witness should be unambiguous.  Scan the
     ray from the clean input through it, ``x + t (z - x)`` for ``t`` in [1, 64], each point rounded to
     float32 inside the box, and keep the one whose condition holds by the widest float64 margin."""
@@ -59,36 +59,45 @@ def _deepest(z_pix, x_pix, lm, norm, model64, lower, upper, label, targets):
     return cands[int(viol.argmax()): int(viol.argmax()) + 1]
 
 
-def write_counterexamples(save_path, lm, ds, rep) -> list[str]:
-    """Write ``<save stem>_counterexamples/<spec>.counterexample`` for every instance broken in ``rep``.
+def find_counterexamples(lm, ds, rep) -> dict:
+    """The checked witnesses among the points of ``rep``: ``{row: (x in model units, float64 outputs)}``.
 
-    Returns the paths written.  ``lm.module`` maps pixels to logits (an outside normalisation in front);
-    its inner model is what the specification constrains.
+    A row counts only when its point, moved along its ray (:func:`_deepest`) and rounded to float32
+    inside the specification's box, satisfies the output condition in float64 and in float32: the
+    radius alone says "misclassified", which for a targeted specification is not yet a counterexample.
+    ``lm.module`` maps pixels to logits (an outside normalisation in front); its inner model is what
+    the specification constrains.
     """
-    folder = Path(save_path).with_name(Path(save_path).stem + "_counterexamples")
     inner64 = lm.module_double()
     norm = getattr(inner64, "normalize", None)
     model64 = getattr(inner64, "model", inner64)
     model32 = getattr(lm.module, "model", lm.module)
-    written = []
+    found = {}
     for i in range(rep.n):
-        if not math.isfinite(float(rep.radius[i])) or float(rep.radius[i]) == 0 and bool(rep.correct[i]):
+        if not math.isfinite(float(rep.radius[i])):
             continue
         label = int(ds.y[i])
-        n_out = int(lm.n_classes)
         targets = ds.targets[i] if ds.targets is not None and ds.targets[i] else \
-            [j for j in range(n_out) if j != label]
-        z32 = _deepest(rep.x_adv[i:i + 1], ds.x[i:i + 1], lm, norm, model64, ds.lower[i:i + 1], ds.upper[i:i + 1],
-                       label, targets)
+            [j for j in range(int(lm.n_classes)) if j != label]
+        z32 = _deepest(rep.x_adv[i:i + 1].to(lm.device), ds.x[i:i + 1].to(lm.device), norm, model64,
+                       ds.lower[i:i + 1], ds.upper[i:i + 1], label, targets)
         with torch.no_grad():
             out = model64(z32.to(torch.float64)).reshape(-1).cpu()
             out32 = model32(z32).reshape(-1).cpu().to(torch.float64)
-        if not all(any(float(o[t]) >= float(o[label]) for t in targets) for o in (out, out32)):
-            continue
-        z = z32.to(torch.float64)
+        if all(any(float(o[t]) >= float(o[label]) for t in targets) for o in (out, out32)):
+            found[i] = (z32.to(torch.float64).cpu(), out)
+    return found
+
+
+def write_counterexamples(save_path, ds, found: dict) -> list[str]:
+    """Write ``<save stem>_counterexamples/<spec>.counterexample`` for every witness of
+    :func:`find_counterexamples`.  Returns the paths written."""
+    folder = Path(save_path).with_name(Path(save_path).stem + "_counterexamples")
+    written = []
+    for i, (z, out) in sorted(found.items()):
         name = Path(ds.names[i]).name
         stem = name[: -len(".vnnlib")] if name.endswith(".vnnlib") else name
         path = folder / (ds.names[i].replace("/", "__")[: -len(name)] + stem + ".counterexample")
-        atomic_write_text(path, counterexample_text(z.cpu(), out))
+        atomic_write_text(path, counterexample_text(z, out))
         written.append(str(path))
     return written

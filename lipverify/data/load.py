@@ -6,43 +6,12 @@ has shape ``(N, *input_shape)``, where ``input_shape`` is the model's own per-ex
 
 Formats
 -------
-``.npz`` archive
-    Two arrays: inputs under ``x`` and integer labels under ``y`` (the pairs ``X``/``Y`` and
-    ``images``/``labels`` are accepted too). Inputs are cast to float32 and kept in the file's units:
-    no scaling, no normalisation. Labels may be a 1-D integer array, an ``(N, 1)`` column, integral
-    floats, or one-hot rows. Pickled (object) arrays are never loaded.
+Each module's docstring has the details.
 
-Folder of images
-    One sub-folder per class. Class ``k`` is the k-th sub-folder in sorted name order, or, when every
-    sub-folder name is an integer (``0``, ``1``, ... ``9``), that integer. Images (PNG, JPEG, BMP, GIF,
-    TIFF, WebP, PNM) are read with Pillow, converted to grayscale for a 1-channel model or RGB for a
-    3-channel one, and divided by 255 so values lie in [0, 1]. Images are never resized: a size that
-    does not match the model input is refused. Channels are placed as the model input shape says
-    (channel-first ``(C, H, W)`` unless the shape is channel-last ``(H, W, C)``; a flat input shape
-    receives the channel-first image flattened row-major).
-
-VNN-LIB robustness specifications
-    A single ``.vnnlib`` (or ``.vnnlib.gz``) file, or a folder of them (searched recursively, sorted by
-    relative path; one example per file). A file declares inputs ``X_i`` and outputs ``Y_j`` as
-    ``Real``, bounds each input from both sides with ``(assert (<= X_i v))`` / ``(assert (>= X_i v))``
-    (or with the constant first, ``(assert (<= v X_i))``), and states the output condition of a
-    *counterexample*. ``X_i`` indexes the row-major flattening of the model's input tensor. Two
-    output conditions are understood:
-
-    * untargeted: ``(assert (or (and (>= Y_1 Y_0)) (and (>= Y_2 Y_0)) ...))`` -- a counterexample is
-      any input in the box where one of the listed classes scores at least the label (here 0). The
-      mirrored ``(<= Y_0 Y_1)`` and disjuncts without the ``and`` wrapper mean the same.
-    * targeted: a single ``(assert (>= Y_t Y_l))`` or ``(assert (<= Y_l Y_t))`` -- label ``l``,
-      target ``t``.
-
-    The box is an l-inf ball around a clean input, clipped to the valid input range, so its midpoint
-    is not the clean input where it was clipped. The clean input is recovered per dimension: ``eps``
-    is the largest half-width; a dimension whose width is ``2*eps`` gives its midpoint; one whose
-    lower bound sits at the range minimum (the smallest lower bound) gives ``ub - eps``; any other
-    gives ``lb + eps``. For channel-first inputs ``(C, H, W)`` the rule is applied per channel, so
-    that boxes built with per-channel radii (normalisation with a per-channel std outside the
-    network) and per-channel valid ranges are recovered exactly; ``eps`` reported per example is
-    the largest radius over all channels, and ``lower``/``upper`` keep the exact box.
+* ``.npz`` archive with inputs and labels: :mod:`lipverify.data.npz`;
+* a folder with one sub-folder of images per class: :mod:`lipverify.data.folders`;
+* a VNN-LIB specification file, or a folder of them (an l-inf box and an output condition per file):
+  :mod:`lipverify.data.vnnlib`.
 
 Every problem the user can fix raises :class:`~lipverify.errors.UserInputError` naming the file.
 """
