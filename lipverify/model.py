@@ -12,7 +12,7 @@ import time
 import torch
 import torch.nn as nn
 
-from lipverify.bounds.global_bound import margin_constants, propagate
+from lipverify.bounds.global_bound import margin_constants, propagate, property_constants, tail_matrix
 from lipverify.errors import LipverifyError
 from lipverify.graph import LipschitzGraph
 from lipverify.results import BoundsReport, LayerRow, MarginSummary, ValueWithMethod
@@ -97,6 +97,12 @@ class LipModel:
 
         return certify(self, x, y, eps=eps, norm=norm, method=method, **kw)
 
+    def certify_properties(self, x, properties, lower, upper, norm: str = "inf", method: str = "global", **kw):
+        """Prove output properties on boxes (see :func:`lipverify.certify.properties.certify_properties`)."""
+        from lipverify.certify.properties import certify_properties
+
+        return certify_properties(self, x, properties, lower, upper, norm=norm, method=method, **kw)
+
     def attack(self, x, y, eps=(), norm: str = "2", clip=None, strength: str = "standard", **kw):
         """Adversarial radius per input and robust accuracy per eps (see
         :func:`lipverify.attacks.evaluate.evaluate_robustness`); points judged by the float64 model."""
@@ -121,8 +127,22 @@ class LipModel:
         key = ("margin", norm, method)
         if key not in self._cache:
             with no_tf32(), torch.no_grad():
-                self._cache[key] = margin_constants(self.graph, self.node_constants(norm, method), norm)
+                self._cache[key] = margin_constants(self.graph, self.node_constants(norm, method), norm,
+                                                    tail=self.tail_matrix())
         return self._cache[key]
+
+    def tail_matrix(self):
+        """The affine tail ``(T, h)`` of the graph (see :func:`lipverify.bounds.global_bound.tail_matrix`)."""
+        if "tail" not in self._cache:
+            with no_tf32(), torch.no_grad():
+                self._cache["tail"] = tail_matrix(self.graph)
+        return self._cache["tail"]
+
+    def property_constants(self, C, norm: str = "2", method: str = "sound"):
+        """``K[k]`` bounding the Lipschitz constant of ``C_k . f`` for each row of ``C`` (float64)."""
+        with no_tf32(), torch.no_grad():
+            return property_constants(self.graph, self.node_constants(norm, method), norm,
+                                      torch.as_tensor(C, dtype=torch.float64), tail=self.tail_matrix())
 
     def bounds(self, norm: str = "2", method: str = "sound") -> BoundsReport:
         """Per-layer constants, the global bound and the margin constants.

@@ -151,10 +151,16 @@ def test_competition_sat_instances_never_certified(realdata):
                 res = lm.certify(ds.x, ds.y, eps=ds.eps, norm="inf", method=method,
                                  local_options={"bisection_steps": 0})
                 c = res.inputs[0]
+                # the path `lipverify certify --data spec.vnnlib` takes: the spec's own property on its box
+                p = lm.certify_properties(ds.x, ds.properties, *ds.box(), norm="inf", method=method,
+                                          local_options={"bisection_steps": 0}).inputs[0]
                 if sat:
                     n_sat += 1
                     assert not c.certified, (r["vnnlib_file"], method)
                     assert c.radius < float(ds.eps[0]) or c.pred != c.label
+                    assert not p.certified, (r["vnnlib_file"], method)
+                if c.certified:  # certifying against all classes implies the spec's own targets
+                    assert p.certified
     assert n_sat > 0
 
 

@@ -419,13 +419,15 @@ def _malformed_specs():
     return {
         "missing_bound": (only_upper, "lower bound for X_5"),
         "missing_output": (_spec(lb, ub, ""), "output"),
-        "output_vs_constant": (_spec(lb, ub, "(assert (<= Y_0 0.5))"), "unsupported"),
-        "conjunctive_disjunct": (
-            _spec(lb, ub, "(assert (or (and (>= Y_1 Y_0) (>= Y_1 Y_2))))"),
-            "unsupported output condition",
+        "product_of_outputs": (_spec(lb, ub, "(assert (>= (* Y_0 Y_1) 0.5))"), "not linear"),
+        "input_in_output_condition": (_spec(lb, ub, "(assert (>= Y_1 X_0))"), "input variable"),
+        "input_region_disjunction": (
+            _spec(lb, ub, "(assert (or (and (<= X_0 0.1) (>= Y_1 Y_0)) (and (>= Y_2 Y_0))))"),
+            "several input regions",
         ),
-        "mixed_labels": (_spec(lb, ub, "(assert (or (and (>= Y_1 Y_0)) (and (>= Y_2 Y_3))))"), "label"),
-        "two_outputs": (_spec(lb, ub, "(assert (>= Y_1 Y_0))\n(assert (>= Y_2 Y_0))"), "several"),
+        "self_comparison": (_spec(lb, ub, "(assert (>= Y_1 Y_1))"), "does not depend on any output"),
+        "undeclared_y_linear": (_spec(lb, ub, "(assert (>= (- Y_12 Y_0) 0))"), "undeclared output Y_12"),
+        "unknown_function": (_spec(lb, ub, "(assert (>= (max Y_1 Y_2) Y_0))"), "unsupported expression"),
         "unbalanced": (good + "\n(assert (<= X_1 0.3)", "unbalanced"),
         "garbage_text": (good.replace("(declare-const Y_9 Real)", "(declare-const Y_9 Real) hello world"), "syntax"),
         "bad_number": (good.replace("(assert (<= X_2 ", "(assert (<= X_2 zz", 1), "syntax"),

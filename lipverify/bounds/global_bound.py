@@ -123,20 +123,33 @@ class MarginConstants:
     sound: bool
 
 
-def margin_constants(graph: LipschitzGraph, consts: list[NodeConstant], p: str) -> MarginConstants:
+def tail_matrix(graph: LipschitzGraph) -> tuple[torch.Tensor, int] | None:
+    """``(T, h)`` when the logits are an affine map ``T h + b`` of node ``h`` (float64 rows ``T_i``);
+    None when the output node is not linear."""
+    out = graph.nodes[graph.output]
+    if out.kind != "linear":
+        return None
+    m = int(math.prod(out.out_shape))
+    op = out.op.to_double_copy()
+    with torch.no_grad():
+        eye = torch.eye(m, dtype=torch.float64, device=op._device())
+        T = op.adjoint(eye.reshape((m,) + op.out_shape)).reshape(m, -1)
+    return T, out.inputs[0]
+
+
+def margin_constants(graph: LipschitzGraph, consts: list[NodeConstant], p: str,
+                     tail: tuple[torch.Tensor, int] | None = None) -> MarginConstants:
     out = graph.nodes[graph.output]
     m = int(math.prod(out.out_shape))
-    if out.kind == "linear":
-        h = out.inputs[0]
+    tail = tail if tail is not None else tail_matrix(graph)
+    if tail is not None:
+        T, h = tail
         lh = consts[h].cumulative
-        op = out.op.to_double_copy()
         with torch.no_grad():
-            eye = torch.eye(m, dtype=torch.float64, device=op._device())
-            T = op.adjoint(eye.reshape((m,) + op.out_shape)).reshape(m, -1)
             D = torch.cdist(T, T, p=2.0 if p == "2" else 1.0)
         K = D * lh.value * SOUND_FACTOR
         norm_name = "l2" if p == "2" else "l1"
-        method = f"{norm_name} norms of row differences of the affine tail x L(h) [{lh.method}]"
+        method = f"{norm_name} norms of row differences of the affine tail x L(h) ({lh.method})"
         sound = lh.sound
     else:
         lf = consts[graph.output].cumulative
@@ -146,3 +159,37 @@ def margin_constants(graph: LipschitzGraph, consts: list[NodeConstant], p: str) 
         sound = lf.sound
     K.fill_diagonal_(0.0)
     return MarginConstants(K, method, sound)
+
+
+@dataclass
+class PropertyConstants:
+    """``K[k]`` bounds the Lipschitz constant of ``x -> C_k . f(x)`` for each row ``C_k``."""
+
+    K: torch.Tensor  # float64 (rows,)
+    method: str
+    sound: bool
+
+
+def property_constants(graph: LipschitzGraph, consts: list[NodeConstant], p: str, C: torch.Tensor,
+                       tail: tuple[torch.Tensor, int] | None = None) -> PropertyConstants:
+    """Lipschitz constants of linear functions ``c . f`` of the logits (VNN-LIB output properties).
+
+    With an affine tail ``f = T h + b``: ``K_c = ||c^T T||_2 L_2(h)`` (l2) or ``||c^T T||_1 L_inf(h)``
+    (l-inf, the dual norm), which for ``c = e_i - e_j`` is the GloRo constant ``K_ij``.  Without one:
+    ``||c||_2 L_2(f)`` or ``||c||_1 L_inf(f)`` (Hoelder).  Rows are computed in float64 and carry the
+    same rounding factor as the margin constants.
+    """
+    C = C.to(torch.float64)
+    tail = tail if tail is not None else tail_matrix(graph)
+    q = 2.0 if p == "2" else 1.0
+    if tail is not None:
+        T, h = tail
+        lh = consts[h].cumulative
+        with torch.no_grad():
+            rows = C.to(T.device) @ T
+            K = torch.linalg.vector_norm(rows, ord=q, dim=1).cpu() * lh.value * SOUND_FACTOR
+        return PropertyConstants(K, f"{'l2' if q == 2 else 'l1'} norms of c^T T (affine tail) x L(h) ({lh.method})",
+                                 lh.sound)
+    lf = consts[graph.output].cumulative
+    K = torch.linalg.vector_norm(C, ord=q, dim=1) * lf.value * SOUND_FACTOR
+    return PropertyConstants(K, f"{'l2' if q == 2 else 'l1'} norm of c x global bound (no affine tail)", lf.sound)

@@ -19,22 +19,39 @@ from lipverify.errors import UserInputError
 from lipverify.report.progress import progress_bar
 
 
-def _attack_box(lm, ds, clip, mean, std):
-    """The input domain of the attack: the exact VNN-LIB box (mapped to pixel space) or ``--clip``.
+def _attack_box(lm, ds, clip):
+    """The input domain of the attack: the exact VNN-LIB box (in the units of the data) or ``--clip``.
 
     A VNN-LIB box is rounded *inwards* to float32 numbers, so that every float32 point the attack
     returns lies in the specification's float64 box as it is."""
-    if ds.lower is not None and ds.upper is not None:
+    box = ds.box()
+    if box is not None:
         from lipverify.data.counterexamples import float32_box
 
-        lo, hi = ds.lower, ds.upper
-        norm = getattr(lm.module, "normalize", None)
-        if norm is not None and (mean is not None or std is not None):
-            lo = ds.lower * norm.std.double().cpu() + norm.mean.double().cpu()
-            hi = ds.upper * norm.std.double().cpu() + norm.mean.double().cpu()
-        lo, hi = float32_box(lo, hi)
+        lo, hi = float32_box(*box)
         return (lo.to(lm.device), hi.to(lm.device)), True
     return clip_option(clip, ds.x), False
+
+
+def _property_search(lm, ds, box, strength, seed, rows=None):
+    """Counterexample search for each specification's own output property (rows: which examples)."""
+    import torch
+
+    from lipverify.attacks.property import property_attack
+    from lipverify.data.counterexamples import spec_property
+
+    rows = list(range(len(ds))) if rows is None else list(rows)
+    if not rows:
+        return {}, {}
+    steps, restarts = {"fast": (30, 1), "standard": (100, 2), "thorough": (300, 6)}[strength]
+    idx = torch.tensor(rows)
+    props = [spec_property(lm, ds, i) for i in rows]
+    res = property_attack(lm.module, ds.x[idx].to(lm.device), box[0][idx.to(box[0].device)],
+                          box[1][idx.to(box[1].device)], props, steps=steps, restarts=restarts, seed=seed,
+                          forward64=lm.module_double())
+    points = {i: res.z[k] for k, i in enumerate(rows) if bool(res.found[k])}
+    slack = {i: float(res.slack[k]) for k, i in enumerate(rows)}
+    return points, slack
 
 
 @click.command()
@@ -63,7 +80,10 @@ def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
     lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
     ds = load_dataset(lm, data_path, layout, limit, mean, std)
     eps_list = sorted(set(parse_eps(eps)))
-    box, exact_box = _attack_box(lm, ds, clip, mean, std)
+    box, exact_box = _attack_box(lm, ds, clip)
+    if exact_box and not ds.labelled:
+        _attack_properties(lm, ds, box, strength, seed, as_json, save_npz, quiet)
+        return
     if exact_box and norm != "inf":
         raise UserInputError("VNN-LIB specifications are l-inf boxes: use --norm inf", data_path)
     n_stages = 1 + len(eps_list)
@@ -77,7 +97,13 @@ def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
     if exact_box:
         from lipverify.data.counterexamples import find_counterexamples
 
+        from lipverify.data.counterexamples import check_witnesses
+
         found = find_counterexamples(lm, ds, rep)
+        # a misclassification is not always a counterexample of the spec's own condition (targeted
+        # specs): search the rest for their property directly
+        points, _ = _property_search(lm, ds, box, strength, seed, [i for i in range(len(ds)) if i not in found])
+        found.update(check_witnesses(lm, ds, points))
     _write_attack_outputs(rep, ds, out_csv, save_npz, found)
     out = rep.to_dict()
     out["model"] = lm.name
@@ -91,6 +117,37 @@ def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
     from lipverify.report.text import print_attack
 
     print_attack(out, exact_box)
+
+
+def _attack_properties(lm, ds, box, strength, seed, as_json, save_npz, quiet):
+    """``attack`` on specifications without a single label: a counterexample search per property."""
+    import time
+
+    from lipverify.data.counterexamples import check_witnesses, spec_property, write_counterexamples
+
+    t0 = time.perf_counter()
+    with progress_bar(len(ds), "searching counterexamples", quiet) as advance:
+        points, slack = _property_search(lm, ds, box, strength, seed)
+        advance(len(ds))
+    found = check_witnesses(lm, ds, points)
+    out = {"model": lm.name, "n": len(ds), "clip": "VNN-LIB box", "strength": strength,
+           "notes": list(lm.notes) + list(ds.notes) + ["searched inside each VNN-LIB box for its own output property"],
+           "counterexamples_found": len(found), "time_s": time.perf_counter() - t0,
+           "inputs": [{"index": i, "name": ds.names[i], "property": _short(spec_property(lm, ds, i)),
+                       "counterexample": i in found, "slack": slack[i]} for i in range(len(ds))]}
+    if save_npz:
+        write_counterexamples(save_npz, ds, found)
+        out["counterexample_files"] = len(found)
+    if as_json:
+        click.echo(json.dumps(out, default=str))
+        return
+    from lipverify.report.text import print_property_attack
+
+    print_property_attack(out)
+
+
+def _short(prop) -> str:
+    return prop.kind if prop.label is None else f"{prop.kind}, label {prop.label}"
 
 
 def _write_attack_outputs(rep, ds, out_csv, save_npz, found):

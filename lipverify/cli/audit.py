@@ -41,7 +41,8 @@ def audit(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, 
     for name in ("report.md", "report.html", "report.json"):
         check_not_input(out / name, model, data_path)
     lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
-    ds = load_dataset(lm, data_path, layout, limit if limit is not None else 200, mean, std)
+    ds = load_dataset(lm, data_path, layout, limit if limit is not None else 200, mean, std,
+                      need_labels=True)
     eps_list = sorted(set(parse_eps(eps)))
     box = clip_option(clip, ds.x)
     from rich.console import Console

@@ -43,9 +43,17 @@ def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check
     eps_arg = eps_list if eps_list or ds.eps is None else ds.eps
     if ds.eps is not None and not eps_list and norm != "inf":
         raise UserInputError("VNN-LIB specifications are l-inf boxes: use --norm inf (or give --eps)", data_path)
+    if eps_list and not ds.labelled:
+        raise UserInputError("these VNN-LIB specs state general output properties (no single label): they are "
+                             "certified on their own boxes, drop --eps", data_path)
     with progress_bar(len(ds), "certifying", quiet) as advance:
-        res = lm.certify(ds.x, ds.y, eps=eps_arg, norm=norm, method=method, batch_size=batch_size,
-                         progress=advance, names=ds.names)
+        if ds.properties is not None and not eps_list:
+            lo, hi = ds.box()
+            res = lm.certify_properties(ds.x, ds.properties, lo, hi, norm=norm, method=method,
+                                        batch_size=batch_size, progress=advance, names=ds.names)
+        else:
+            res = lm.certify(ds.x, ds.y, eps=eps_arg, norm=norm, method=method, batch_size=batch_size,
+                             progress=advance, names=ds.names)
     res.notes = list(lm.notes) + list(ds.notes) + res.notes
     _write_certify_outputs(res, out_csv, plot_png)
     if as_json:

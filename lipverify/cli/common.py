@@ -80,10 +80,10 @@ def model_options(fn):
     return fn
 
 
-def load_dataset(lm, data_path, layout, limit, mean, std):
+def load_dataset(lm, data_path, layout, limit, mean, std, need_labels=False):
     """The command's ``--data`` for ``lm`` (see :func:`lipverify.data.load_for_model`)."""
     return load_for_model(lm, data_path, layout=layout, limit=limit, outside_normalisation=mean is not None or
-                          std is not None)
+                          std is not None, need_labels=need_labels)
 
 
 def load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device, fidelity_inputs=None):

@@ -5,7 +5,7 @@ row-major flattening of the model's own input tensor (model-input units, i.e. af
 normalisation) and ``Y_j`` the model's outputs on it, so that anyone can re-check the claim with the
 specification and the ONNX file alone.  A file is written only after the point was checked here: its
 ``X_i`` are float32 numbers (what a float32 runtime reads back exactly) inside the specification's
-float64 box, and the output condition (some named target scores at least the label) holds both in
+float64 box, and the specification's own output condition (any VNN-LIB form) holds both in
 float64 and in float32.
 """
 
@@ -18,7 +18,8 @@ import torch
 
 from lipverify.data.atomic import atomic_write_text
 
-__all__ = ["counterexample_text", "find_counterexamples", "float32_box", "write_counterexamples"]
+__all__ = ["check_witnesses", "counterexample_text", "find_counterexamples", "float32_box", "spec_property",
+           "write_counterexamples"]
 
 
 def float32_box(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,8 +42,8 @@ def counterexample_text(x_model: torch.Tensor, y_out: torch.Tensor) -> str:
     return "(" + "\n".join(lines) + ")\n"
 
 
-def _deepest(z_pix, x_pix, norm, model64, lower, upper, label, targets):
-    """The boundary point found by the attack is a near-tie; a witness should be unambiguous.  Scan the
+def _deepest(z_pix, x_pix, norm, model64, lower, upper, prop):
+    """The point found by an attack is often a near-tie; a witness should be unambiguous.  Scan the
     ray from the clean input through it, ``x + t (z - x)`` for ``t`` in [1, 64], each point rounded to
     float32 inside the box, and keep the one whose condition holds by the widest float64 margin."""
     dev = z_pix.device
@@ -55,38 +56,53 @@ def _deepest(z_pix, x_pix, norm, model64, lower, upper, label, targets):
     cands = torch.maximum(torch.minimum(cands.to(torch.float32), hi32), lo32)
     with torch.no_grad():
         out = model64(cands.to(torch.float64)).reshape(len(ts), -1)
-    viol = out[:, targets].amax(dim=1) - out[:, label]
-    return cands[int(viol.argmax()): int(viol.argmax()) + 1]
+    k = int(prop.slack(out.cpu()).argmin())
+    return cands[k: k + 1]
 
 
-def find_counterexamples(lm, ds, rep) -> dict:
-    """The checked witnesses among the points of ``rep``: ``{row: (x in model units, float64 outputs)}``.
+def spec_property(lm, ds, i):
+    """The output property of example ``i`` (the robustness of its label when the data has none)."""
+    from lipverify.data.properties import OutputProperty
+
+    if ds.properties is not None and ds.properties[i] is not None:
+        return ds.properties[i]
+    label = int(ds.y[i])
+    targets = ds.targets[i] if ds.targets is not None and ds.targets[i] else \
+        [j for j in range(int(lm.n_classes)) if j != label]
+    return OutputProperty.robustness(label, targets, int(lm.n_classes))
+
+
+def check_witnesses(lm, ds, points: dict) -> dict:
+    """The checked witnesses among candidate points ``{row: z}`` (units of ``ds.x``):
+    ``{row: (x in model units, float64 outputs)}``.
 
     A row counts only when its point, moved along its ray (:func:`_deepest`) and rounded to float32
-    inside the specification's box, satisfies the output condition in float64 and in float32: the
-    radius alone says "misclassified", which for a targeted specification is not yet a counterexample.
-    ``lm.module`` maps pixels to logits (an outside normalisation in front); its inner model is what
-    the specification constrains.
+    inside the specification's box, satisfies the specification's own output condition in float64
+    and in float32.  ``lm.module`` maps the units of ``ds.x`` to logits (an outside normalisation in
+    front); its inner model is what the specification constrains.
     """
     inner64 = lm.module_double()
     norm = getattr(inner64, "normalize", None)
     model64 = getattr(inner64, "model", inner64)
     model32 = getattr(lm.module, "model", lm.module)
     found = {}
-    for i in range(rep.n):
-        if not math.isfinite(float(rep.radius[i])):
-            continue
-        label = int(ds.y[i])
-        targets = ds.targets[i] if ds.targets is not None and ds.targets[i] else \
-            [j for j in range(int(lm.n_classes)) if j != label]
-        z32 = _deepest(rep.x_adv[i:i + 1].to(lm.device), ds.x[i:i + 1].to(lm.device), norm, model64,
-                       ds.lower[i:i + 1], ds.upper[i:i + 1], label, targets)
+    for i, z in points.items():
+        prop = spec_property(lm, ds, i)
+        z32 = _deepest(z.reshape(1, *ds.x.shape[1:]).to(lm.device), ds.x[i:i + 1].to(lm.device), norm, model64,
+                       ds.lower[i:i + 1], ds.upper[i:i + 1], prop)
         with torch.no_grad():
-            out = model64(z32.to(torch.float64)).reshape(-1).cpu()
-            out32 = model32(z32).reshape(-1).cpu().to(torch.float64)
-        if all(any(float(o[t]) >= float(o[label]) for t in targets) for o in (out, out32)):
-            found[i] = (z32.to(torch.float64).cpu(), out)
+            out = model64(z32.to(torch.float64)).reshape(1, -1).cpu()
+            out32 = model32(z32).reshape(1, -1).cpu().to(torch.float64)
+        if bool(prop.is_counterexample(out)[0]) and bool(prop.is_counterexample(out32)[0]):
+            found[i] = (z32.to(torch.float64).cpu(), out[0])
     return found
+
+
+def find_counterexamples(lm, ds, rep) -> dict:
+    """The checked witnesses (:func:`check_witnesses`) among the adversarial points of ``rep`` (a
+    :class:`lipverify.attacks.evaluate.RobustnessReport`): the radius alone says "misclassified",
+    which for a targeted specification is not yet a counterexample."""
+    return check_witnesses(lm, ds, {i: rep.x_adv[i] for i in range(rep.n) if math.isfinite(float(rep.radius[i]))})
 
 
 def write_counterexamples(save_path, ds, found: dict) -> list[str]:

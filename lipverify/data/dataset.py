@@ -23,7 +23,10 @@ class Dataset:
     ``x``: float32 ``(N, *input_shape)``. ``y``: int64 ``(N,)``. ``eps``: float64 ``(N,)`` l-inf radius
     of each example's VNN-LIB box (``None`` for other formats). ``targets``: for VNN-LIB, the classes
     named by each spec's output condition (a counterexample is an input in the box where any of them
-    scores at least the label); ``None`` for other formats. ``names``: one identifier per example.
+    scores at least the label); ``None`` for other formats (and for specs without a label). ``properties``: for VNN-LIB, each
+    spec's output condition as an :class:`lipverify.data.properties.OutputProperty` (every form: a
+    label's robustness, targeted conjunctions, disjunctions of conjunctions of linear constraints);
+    ``y`` is -1 where a spec has no single label. ``names``: one identifier per example.
     ``notes``: things the user should be told (reshapes, transposes, conventions). ``source``: the
     path that was loaded. ``lower``/``upper``: float64 ``(N, *input_shape)`` exact VNN-LIB box, else
     ``None``.
@@ -38,6 +41,24 @@ class Dataset:
     source: str
     lower: torch.Tensor | None = None
     upper: torch.Tensor | None = None
+    properties: list | None = None
+    box_map: tuple | None = None  # (mean, std): lower/upper (model units) -> units of x, when they differ
+
+    def box(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The exact VNN-LIB box in the units of ``x`` (float64), or None without one."""
+        if self.lower is None or self.upper is None:
+            return None
+        lo, hi = self.lower.double(), self.upper.double()
+        if self.box_map is not None:
+            mean, std = (t.double().cpu() for t in self.box_map)
+            lo, hi = lo * std + mean, hi * std + mean
+        return lo, hi
+
+    @property
+    def labelled(self) -> bool:
+        """False when some example has no label (a VNN-LIB spec with a general output property; its
+        ``y`` is -1 and ``properties`` holds the condition)."""
+        return not bool((self.y < 0).any())
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -57,6 +78,8 @@ class Dataset:
             source=self.source,
             lower=None if self.lower is None else self.lower[index],
             upper=None if self.upper is None else self.upper[index],
+            properties=None if self.properties is None else [self.properties[i] for i in pos],
+            box_map=self.box_map,
         )
 
 

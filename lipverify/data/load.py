@@ -83,19 +83,28 @@ def load_data(
 
 
 def load_for_model(lm, data_path, *, layout: str = "nchw", limit: int | None = None,
-                   outside_normalisation: bool = False):
+                   outside_normalisation: bool = False, need_labels: bool = False):
     """Load data for the model ``lm``: its input shape and number of classes.
 
     With a normalisation outside the model (``outside_normalisation``; ``lm.module.normalize``),
     VNN-LIB boxes, which are in the model's input units, are mapped to pixel space: the clean input
     becomes ``x * std + mean`` and ``eps`` becomes ``eps * max(std)`` — the l-inf ball of that radius
     contains the mapped box, so certifying the ball certifies the box (``lower``/``upper`` keep the
-    exact box in model units).
+    exact box in model units, ``ds.box()`` gives it in pixel units).  ``need_labels``: refuse VNN-LIB
+    specs whose output property has no single label.
     """
     ds = load_data(data_path, lm.input_shape, layout=layout, n_classes=lm.n_classes, limit=limit)
+    if need_labels and not ds.labelled:
+        first = ds.names[int((ds.y < 0).nonzero()[0])]
+        raise UserInputError(
+            f"{first} states a general output property (no single label); this command needs labelled "
+            "examples (use certify or attack for such specs)",
+            path=str(data_path),
+        )
     if ds.eps is not None and outside_normalisation:
         norm = lm.module.normalize
         ds.x = ds.x * norm.std.cpu() + norm.mean.cpu()
         ds.eps = ds.eps * float(norm.std.max())
+        ds.box_map = (norm.mean.cpu(), norm.std.cpu())
         ds.notes.append("VNN-LIB boxes mapped to pixel space (x*std+mean; eps*max(std), a superset ball)")
     return ds

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from lipverify.data.dataset import Dataset, check_labels, fmt_shape, oneline
+from lipverify.data.properties import OutputProperty
 from lipverify.errors import UserInputError
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
@@ -68,6 +69,9 @@ _CMP = {"<=", ">=", "<", ">"}
 
 
 _IGNORED_FORMS = {"check-sat", "exit", "set-logic", "set-info", "set-option"}
+
+
+_MAX_DISJUNCTS = 10_000
 
 
 def vnnlib_files(folder: Path) -> list[Path]:
@@ -140,7 +144,7 @@ def _atom_kind(a):
 
 
 class _Spec:
-    __slots__ = ("n_x", "n_y", "lb", "ub", "label", "targets")
+    __slots__ = ("n_x", "n_y", "lb", "ub", "label", "targets", "prop")
 
 
 def parse_vnnlib(path: Path, text: str) -> _Spec:
@@ -167,8 +171,12 @@ def parse_vnnlib(path: Path, text: str) -> _Spec:
     rest = _BOUND_VAR_FIRST_RE.sub(" ", rest)
     rest = _BOUND_CONST_FIRST_RE.sub(" ", rest)
 
-    outputs: list[list[tuple[int, int]]] = []  # one entry per output assert: disjuncts of (big, small)
-    output_forms = 0
+    if not xs:
+        raise UserInputError("declares no input variables (declare-const X_i Real)", path=str(path))
+    if not ys:
+        raise UserInputError("declares no output variables (declare-const Y_j Real)", path=str(path))
+    n_y_decl = max(ys) + 1
+    outputs: list[list[list[tuple[np.ndarray, float]]]] = []  # one DNF per output assert
     for form in _sexprs(rest, path):
         if not isinstance(form, list):
             raise UserInputError(f"syntax error: unexpected text {_show(form)!r}", path=str(path))
@@ -184,16 +192,10 @@ def parse_vnnlib(path: Path, text: str) -> _Spec:
             )
         if head != "assert" or len(form) != 2:
             raise UserInputError(f"syntax error: unexpected form {_show(form)!r}", path=str(path))
-        body = form[1]
-        disjuncts = _interpret_assert(body, path, bound_idx, bound_val, bound_upper)
-        if disjuncts is not None:
-            outputs.append(disjuncts)
-            output_forms += 1
+        dnf = _interpret_assert(form[1], path, n_y_decl, bound_idx, bound_val, bound_upper)
+        if dnf is not None:
+            outputs.append(dnf)
 
-    if not xs:
-        raise UserInputError("declares no input variables (declare-const X_i Real)", path=str(path))
-    if not ys:
-        raise UserInputError("declares no output variables (declare-const Y_j Real)", path=str(path))
     n_x = max(xs) + 1
     n_y = max(ys) + 1
     if len(xs) != n_x:
@@ -224,99 +226,180 @@ def parse_vnnlib(path: Path, text: str) -> _Spec:
             f"empty box: X_{i} has lower bound {lb[i]!r} above upper bound {ub[i]!r}", path=str(path)
         )
 
-    if output_forms == 0:
+    if not outputs:
         raise UserInputError("no output condition (assert over Y_j)", path=str(path))
-    if output_forms > 1:
-        raise UserInputError(
-            "several output assertions (a conjunction) are not supported: expect one "
-            "'(assert (or (and (>= Y_t Y_label)) ...))' or one '(assert (>= Y_t Y_label))'",
-            path=str(path),
-        )
-    disjuncts = outputs[0]
-    smalls = {s for _, s in disjuncts}
-    if len(smalls) != 1:
-        raise UserInputError(
-            "unsupported output condition: the disjuncts compare against different outputs "
-            f"({', '.join(f'Y_{s}' for s in sorted(smalls))}), so there is no single label",
-            path=str(path),
-        )
-    label = smalls.pop()
-    targets = sorted({b for b, _ in disjuncts})
-    for j in [label, *targets]:
-        if j >= n_y:
-            raise UserInputError(f"output condition uses undeclared output Y_{j}", path=str(path))
-    if label in targets:
-        raise UserInputError(f"output condition compares Y_{label} with itself", path=str(path))
+    dnf = outputs[0]
+    for more in outputs[1:]:  # several asserts are a conjunction: distribute over the disjuncts
+        if len(dnf) * len(more) > _MAX_DISJUNCTS:
+            raise UserInputError(
+                f"the output condition expands to more than {_MAX_DISJUNCTS} disjuncts", path=str(path)
+            )
+        dnf = [a + b for a in dnf for b in more]
+    prop = OutputProperty.from_dnf(dnf)
+    label = prop.label
+    targets = prop.targets
 
     spec = _Spec()
     spec.n_x, spec.n_y, spec.lb, spec.ub, spec.label, spec.targets = n_x, n_y, lb, ub, label, targets
+    spec.prop = prop
     return spec
 
 
-def _interpret_assert(body, path: Path, bound_idx, bound_val, bound_upper):
-    """Input bounds in unusual forms are appended to the bound lists (returns None); an output
-    condition returns its disjuncts as (big, small) pairs meaning 'Y_big >= Y_small'."""
-    conj = body[1:] if isinstance(body, list) and body and body[0] == "and" else [body]
-    if isinstance(body, list) and body and body[0] == "or":
-        pairs = []
-        for d in body[1:]:
-            inner = d[1:] if isinstance(d, list) and d and d[0] == "and" else [d]
-            comps = [_comparison(c, path) for c in inner]
-            if len(comps) != 1 or comps[0][0] != "Y":
+def _interpret_assert(body, path: Path, n_y: int, bound_idx, bound_val, bound_upper):
+    """Input bounds (top-level comparisons of ``X_i`` with a number, also inside a top-level ``and``)
+    are appended to the bound lists; the rest of the assertion is returned as a DNF of output
+    constraints ``(c, d)`` meaning ``c . Y >= d`` (None when the assertion has no output part)."""
+    items = body[1:] if isinstance(body, list) and body and body[0] == "and" else [body]
+    dnf: list[list[tuple[np.ndarray, float]]] | None = None
+    for item in items:
+        bound = _input_bound(item)
+        if bound is not None:
+            bound_idx.append(bound[0])
+            bound_val.append(bound[1])
+            bound_upper.append(bound[2])
+            continue
+        part = _dnf(item, path, n_y)
+        if dnf is None:
+            dnf = part
+        else:
+            if len(dnf) * len(part) > _MAX_DISJUNCTS:
                 raise UserInputError(
-                    f"unsupported output condition {_show(d)!r}: each disjunct must be one "
-                    "comparison 'Y_t >= Y_label'",
-                    path=str(path),
+                    f"the output condition expands to more than {_MAX_DISJUNCTS} disjuncts", path=str(path)
                 )
-            pairs.append(comps[0][1])
-        if not pairs:
-            raise UserInputError("unsupported output condition: empty (or)", path=str(path))
-        return pairs
-    comps = [_comparison(c, path) for c in conj]
-    if not comps:
-        raise UserInputError(f"unsupported assertion {_show(body)!r}", path=str(path))
-    kinds = {k for k, _ in comps}
-    if kinds == {"X"}:
-        for _, (i, v, is_upper) in comps:
-            bound_idx.append(i)
-            bound_val.append(v)
-            bound_upper.append(is_upper)
-        return None
-    if kinds == {"Y"} and len(comps) == 1:
-        return [comps[0][1]]
-    raise UserInputError(
-        f"unsupported assertion {_show(body)!r}: expected input bounds or one output comparison",
-        path=str(path),
-    )
+            dnf = [a + b for a in dnf for b in part]
+    return dnf
 
 
-def _comparison(expr, path: Path):
-    """('X', (i, value, is_upper)) for an input bound, ('Y', (big, small)) for 'Y_big >= Y_small'."""
+def _input_bound(expr):
+    """(i, value, is_upper) for ``(<= X_i v)`` / ``(>= v X_i)`` and the like; None otherwise."""
     if not (isinstance(expr, list) and len(expr) == 3 and expr[0] in _CMP):
-        raise UserInputError(f"unsupported expression {_show(expr)!r}", path=str(path))
+        return None
     op, a, b = expr
-    if isinstance(a, list) or isinstance(b, list):
-        raise UserInputError(
-            f"unsupported expression {_show(expr)!r}: only comparisons of two variables or a variable "
-            "and a number are understood",
-            path=str(path),
-        )
     ka, kb = _atom_kind(a), _atom_kind(b)
     if ka is None or kb is None:
-        raise UserInputError(f"syntax error in {_show(expr)!r}", path=str(path))
+        return None
     ge = op in (">=", ">")
     if ka[0] == "X" and kb[0] == "c":
-        return "X", (ka[1], kb[1], not ge)
+        return ka[1], kb[1], not ge
     if ka[0] == "c" and kb[0] == "X":
-        return "X", (kb[1], ka[1], ge)
-    if ka[0] == "Y" and kb[0] == "Y":
-        if ka[1] == kb[1]:
-            raise UserInputError(f"output condition {_show(expr)!r} compares Y_{ka[1]} with itself", path=str(path))
-        return "Y", ((ka[1], kb[1]) if ge else (kb[1], ka[1]))
+        return kb[1], ka[1], ge
+    return None
+
+
+def _dnf(expr, path: Path, n_y: int) -> list[list[tuple[np.ndarray, float]]]:
+    """Disjunctive normal form of an output condition built from ``or``, ``and`` and linear comparisons."""
+    if not (isinstance(expr, list) and expr):
+        raise UserInputError(f"unsupported assertion {_show(expr)!r}", path=str(path))
+    head = expr[0]
+    if head == "or":
+        if len(expr) == 1:
+            raise UserInputError("unsupported output condition: empty (or)", path=str(path))
+        out = []
+        for d in expr[1:]:
+            out.extend(_dnf(d, path, n_y))
+            if len(out) > _MAX_DISJUNCTS:
+                raise UserInputError(
+                    f"the output condition has more than {_MAX_DISJUNCTS} disjuncts", path=str(path)
+                )
+        return out
+    if head == "and":
+        out: list[list[tuple[np.ndarray, float]]] = [[]]
+        for c in expr[1:]:
+            if _input_bound(c) is not None:
+                raise UserInputError(
+                    f"unsupported condition {_show(expr)!r}: input bounds inside an output disjunction "
+                    "(several input regions in one file) are not supported; write one file per region",
+                    path=str(path),
+                )
+            part = _dnf(c, path, n_y)
+            if len(out) * len(part) > _MAX_DISJUNCTS:
+                raise UserInputError(
+                    f"the output condition expands to more than {_MAX_DISJUNCTS} disjuncts", path=str(path)
+                )
+            out = [a + b for a in out for b in part]
+        return out
+    if head in _CMP:
+        if len(expr) != 3:
+            raise UserInputError(f"syntax error in {_show(expr)!r}", path=str(path))
+        if _input_bound(expr) is not None:
+            raise UserInputError(
+                f"unsupported condition {_show(expr)!r}: input bounds inside an output disjunction are "
+                "not supported",
+                path=str(path),
+            )
+        if any(_atom_kind(a) is None for a in _atoms(expr[1:])):
+            raise UserInputError(f"syntax error in {_show(expr)!r}", path=str(path))
+        la, ca = _linear(expr[1], path, n_y, expr)
+        lb_, cb = _linear(expr[2], path, n_y, expr)
+        # a >= b  <=>  (a - b) >= 0 ; a <= b  <=>  (b - a) >= 0
+        c, const = (la - lb_, ca - cb) if head in (">=", ">") else (lb_ - la, cb - ca)
+        if not np.any(c):
+            raise UserInputError(
+                f"output condition {_show(expr)!r} does not depend on any output (it compares Y_j with itself "
+                "or numbers with numbers)",
+                path=str(path),
+            )
+        return [[(c, -float(const))]]
     raise UserInputError(
-        f"unsupported comparison {_show(expr)!r}: expected X_i against a number or Y_a against Y_b",
+        f"unsupported assertion {_show(expr)!r}: expected input bounds, or output conditions made of "
+        "(or ...), (and ...) and linear comparisons of Y_j",
         path=str(path),
     )
+
+
+def _atoms(expr):
+    """The operand atoms of a term (the function symbol at the head of a list is skipped)."""
+    for e in expr:
+        if isinstance(e, list):
+            yield from _atoms(e[1:])
+        else:
+            yield e
+
+
+def _linear(expr, path: Path, n_y: int, whole) -> tuple[np.ndarray, float]:
+    """``(coefficients over Y, constant)`` of a linear term: ``Y_j``, numbers, ``+``, ``-``, ``*`` by a number."""
+    if isinstance(expr, str):
+        k = _atom_kind(expr)
+        if k is None:
+            raise UserInputError(f"syntax error in {_show(whole)!r}", path=str(path))
+        c = np.zeros(n_y)
+        if k[0] == "c":
+            return c, float(k[1])
+        if k[0] == "X":
+            raise UserInputError(
+                f"unsupported comparison {_show(whole)!r}: output conditions may use only Y_j "
+                "(an input variable appears)",
+                path=str(path),
+            )
+        if k[1] >= n_y:
+            raise UserInputError(f"output condition uses undeclared output Y_{k[1]}", path=str(path))
+        c[k[1]] = 1.0
+        return c, 0.0
+    if not expr or expr[0] not in ("+", "-", "*"):
+        raise UserInputError(
+            f"unsupported expression {_show(whole)!r}: terms may be Y_j, numbers, +, - and * by a number",
+            path=str(path),
+        )
+    op, args = expr[0], [_linear(a, path, n_y, whole) for a in expr[1:]]
+    if not args:
+        raise UserInputError(f"syntax error in {_show(whole)!r}", path=str(path))
+    if op == "+":
+        return sum(a[0] for a in args), float(sum(a[1] for a in args))
+    if op == "-":
+        if len(args) == 1:
+            return -args[0][0], -args[0][1]
+        return args[0][0] - sum(a[0] for a in args[1:]), args[0][1] - float(sum(a[1] for a in args[1:]))
+    coef, const = np.zeros(n_y), 1.0
+    varying = [a for a in args if np.any(a[0])]
+    if len(varying) > 1:
+        raise UserInputError(f"unsupported expression {_show(whole)!r}: a product of outputs is not linear",
+                             path=str(path))
+    for a in args:
+        if not np.any(a[0]):
+            const *= a[1]
+    if varying:
+        return varying[0][0] * const, varying[0][1] * const
+    return coef, const
 
 
 def recover_clean_input(lb: np.ndarray, ub: np.ndarray, shape: tuple[int, ...]):
@@ -356,7 +439,7 @@ def load_vnnlib(source: Path, files: list[Path], shape, layout, n_classes, limit
     notes: list[str] = []
     if layout != "nchw":
         notes.append("layout ignored for VNN-LIB: X_i always follows the model's own input layout")
-    xs, lbs, ubs, eps_list, labels, targets, names = [], [], [], [], [], [], []
+    xs, lbs, ubs, eps_list, labels, targets, names, props = [], [], [], [], [], [], [], []
     per_channel: dict[tuple, int] = {}
     for f in files:
         spec = parse_vnnlib(f, read_text(f))
@@ -378,8 +461,9 @@ def load_vnnlib(source: Path, files: list[Path], shape, layout, n_classes, limit
         lbs.append(spec.lb)
         ubs.append(spec.ub)
         eps_list.append(eps)
-        labels.append(spec.label)
+        labels.append(-1 if spec.label is None else spec.label)
         targets.append(spec.targets)
+        props.append(spec.prop)
         names.append(f.name if f == source else f.relative_to(source).as_posix())
     for key, k in per_channel.items():
         notes.append(
@@ -390,7 +474,14 @@ def load_vnnlib(source: Path, files: list[Path], shape, layout, n_classes, limit
         raise UserInputError("the data set is empty (0 examples)", path=str(source))
     y = np.asarray(labels, dtype=np.int64)
     if n_classes is not None:
-        check_labels(y, names, n_classes, source)
+        labelled = y >= 0
+        check_labels(y[labelled], [nm for nm, k in zip(names, labelled) if k], n_classes, source)
+    unlabelled = int((y < 0).sum())
+    if unlabelled:
+        notes.append(
+            f"{unlabelled} spec(s) state a general output property (no single label): certify and attack "
+            "report whether the property holds, not a robustness radius"
+        )
     n = len(xs)
     return Dataset(
         x=torch.from_numpy(np.stack(xs).astype(np.float32).reshape((n, *shape))),
@@ -402,4 +493,5 @@ def load_vnnlib(source: Path, files: list[Path], shape, layout, n_classes, limit
         source=str(source),
         lower=torch.from_numpy(np.stack(lbs).reshape((n, *shape))),
         upper=torch.from_numpy(np.stack(ubs).reshape((n, *shape))),
+        properties=props,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lipverify.results import BoundsReport
@@ -29,7 +30,7 @@ def print_bounds(report: BoundsReport, console: Console | None = None) -> None:
     if report.fidelity is not None:
         c.print(report.fidelity.line())
     for n in report.notes:
-        c.print(f"[dim]note: {n}[/dim]")
+        c.print(f"[dim]note: {escape(str(n))}[/dim]")
     t = Table(show_lines=False)
     for col in ("layer", "op", "in", "out", "constant", "method", "sound"):
         t.add_column(col, overflow="fold")
@@ -59,7 +60,7 @@ def print_certify(res, model_name: str, console: Console | None = None) -> None:
     c.print(f"[bold]lipverify certify[/bold]  model {model_name}  norm l{res.norm}  method {res.method}  "
             f"inputs {res.n}")
     for n in res.notes:
-        c.print(f"[dim]note: {n}[/dim]")
+        c.print(f"[dim]note: {escape(str(n))}[/dim]")
     c.print(f"clean accuracy: {res.clean_accuracy:.4f}")
     t = Table(title="verified-robust accuracy (correct and soundly certified)")
     t.add_column("eps")
@@ -84,7 +85,7 @@ def print_attack(out: dict, exact_box: bool = False, console: Console | None = N
     c.print(f"[bold]lipverify attack[/bold]  model {out['model']}  norm l{out['norm']}  inputs {out['n']}  "
             f"clip {out['clip']}  strength {out['strength']}")
     for n in out["notes"]:
-        c.print(f"[dim]note: {n}[/dim]")
+        c.print(f"[dim]note: {escape(str(n))}[/dim]")
     c.print(f"clean accuracy: {out['clean_accuracy']:.4f}")
     for e, v in out["robust_accuracy"].items():
         c.print(f"robust accuracy under attack at eps={e}: {v:.4f}")
@@ -93,4 +94,21 @@ def print_attack(out: dict, exact_box: bool = False, console: Console | None = N
     c.print(f"median adversarial radius (correct inputs): {out['median_adversarial_radius']:.6g}")
     c.print("found by: " + ", ".join(f"{k} {v}" for k, v in sorted(out["found_by"].items())))
     c.print(f"[dim]attacks run: {'; '.join(out['tried'])}; every point checked in {out['precision']}[/dim]")
+    c.print(f"time {out['time_s']:.1f} s")
+
+
+def print_property_attack(out: dict, console: Console | None = None) -> None:
+    """The ``lipverify attack`` summary for specifications with general output properties."""
+    c = console or Console()
+    c.print(f"[bold]lipverify attack[/bold]  model {out['model']}  specifications {out['n']}  clip {out['clip']}")
+    for n in out["notes"]:
+        c.print(f"[dim]note: {escape(str(n))}[/dim]")
+    t = Table(title="counterexample search per specification")
+    for col in ("spec", "property", "counterexample", "slack (float64)"):
+        t.add_column(col)
+    for row in out["inputs"]:
+        t.add_row(escape(row["name"]), escape(row["property"]), "found" if row["counterexample"] else "none found",
+                  f"{row['slack']:.6g}")
+    c.print(t)
+    c.print(f"counterexamples found inside the VNN-LIB boxes: {out['counterexamples_found']} of {out['n']}")
     c.print(f"time {out['time_s']:.1f} s")

@@ -193,10 +193,11 @@ def run_finetune(o: dict, echo=None) -> dict:
                         mean=o.get("mean"), std=o.get("std"), arch=o.get("arch"), trust_pickle=bool(o.get("trust_pickle")),
                         fidelity_check=not o.get("no_fidelity_check"), device=str(dev))
     outside = o.get("mean") is not None or o.get("std") is not None
-    ds = load_for_model(lm, o["data_path"], layout=o["layout"], limit=o.get("limit"), outside_normalisation=outside)
+    ds = load_for_model(lm, o["data_path"], layout=o["layout"], limit=o.get("limit"), outside_normalisation=outside,
+                        need_labels=True)
     if o.get("eval_data"):
         eds = load_for_model(lm, o["eval_data"], layout=o["layout"], limit=o.get("eval_limit"),
-                             outside_normalisation=outside)
+                             outside_normalisation=outside, need_labels=True)
         eval_note = None
     else:
         eds = ds if not o.get("eval_limit") else ds.subset(slice(0, o["eval_limit"]))
