@@ -46,6 +46,22 @@ class LipModel:
         self.notes = list(notes or [])
         self.device = torch.device("cpu")
         self._cache: dict = {}
+        #: input box ``(lo, hi)`` the domain-dependent constants hold on (products, normalisations);
+        #: None: [0, 1] (the data range of images) for graphs that need one.
+        self.domain = None
+
+    def set_domain(self, lo, hi) -> "LipModel":
+        """Declare the input domain ``[lo, hi]`` (floats or tensors of the input shape)."""
+        self.domain = (lo, hi)
+        self._cache.clear()
+        return self
+
+    def effective_domain(self):
+        """The domain the bounds use: ``self.domain``, or ``(0, 1)`` when the graph needs one; None when
+        no constant of this graph depends on the domain."""
+        if not self.graph.domain_nodes():
+            return None
+        return self.domain if self.domain is not None else (0.0, 1.0)
 
     # -- basics -----------------------------------------------------------------------------------
     def to(self, device) -> "LipModel":
@@ -119,7 +135,7 @@ class LipModel:
         key = ("consts", norm, method)
         if key not in self._cache:
             with no_tf32(), torch.no_grad():
-                self._cache[key] = propagate(self.graph, norm, method)
+                self._cache[key] = propagate(self.graph, norm, method, domain=self.effective_domain())
         return self._cache[key]
 
     def margin_constants(self, norm: str = "2", method: str = "sound"):
@@ -171,10 +187,26 @@ class LipModel:
         out = consts[self.graph.output].cumulative
         gmethod = ("product of layer constants along the graph (sums over residual branches)"
                    if method == "sound" else "product of power-iteration estimates (not a bound)")
+        dom = self.effective_domain()
+        notes = list(self.notes)
+        if dom is not None:
+            from lipverify.bounds.global_bound import describe_domain
+
+            gmethod += f"; holds on the input domain {describe_domain(dom)}"
+            notes.append(f"products/normalisations bounded with interval bounds on the input domain "
+                         f"{describe_domain(dom)}" + (" (the default; set --clip)" if self.domain is None else "")
+                         + ": the bound and certificates hold for inputs inside it only")
         return BoundsReport(
             model=self.name, norm=norm, method=method, input_shape=self.input_shape,
             n_classes=self.n_classes, layers=rows,
             global_bound=ValueWithMethod(out.value, gmethod, out.sound),
             margin=MarginSummary(mc.K.tolist(), mc.method, mc.sound),
-            fidelity=self.fidelity, notes=list(self.notes), time_s=time.perf_counter() - t0,
+            fidelity=self.fidelity, notes=notes, time_s=time.perf_counter() - t0,
+            domain=None if dom is None else [_plain(v) for v in dom],
         )
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        return v.tolist() if v.numel() > 1 else float(v)
+    return float(v)

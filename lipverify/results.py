@@ -76,6 +76,7 @@ class BoundsReport:
     fidelity: Any = None
     notes: list[str] = field(default_factory=list)
     time_s: float = 0.0
+    domain: list | None = None  # [lo, hi] the bounds hold on (None: every input)
 
     def to_dict(self) -> dict:
         return {
@@ -90,4 +91,5 @@ class BoundsReport:
             "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
             "notes": list(self.notes),
             "time_s": self.time_s,
+            "domain": self.domain,
         }

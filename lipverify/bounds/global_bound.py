@@ -31,7 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lipverify.errors import UserInputError
 from lipverify.graph import LipschitzGraph, Node
+from lipverify.graph.domain import interval_bounds, min_variance, product_factors
 from lipverify.graph.linear_ops import Bound
 from lipverify.graph.operator_norms import SOUND_FACTOR
 
@@ -71,28 +73,73 @@ def node_constant(node: Node, p: str, method: str = "sound", power_tol: float = 
 
 
 def propagate(graph: LipschitzGraph, p: str, method: str = "sound", power_tol: float = 1e-5,
-              constants: list[Bound | None] | None = None) -> list[NodeConstant]:
-    """Per-node constants and cumulative bounds ``L(v)`` in topological order."""
+              constants: list[Bound | None] | None = None, domain=None) -> list[NodeConstant]:
+    """Per-node constants and cumulative bounds ``L(v)`` in topological order.
+
+    ``domain``: ``(lo, hi)`` input box.  Products of two input-dependent tensors need it (their
+    constant exists only on a bounded domain) and normalisations use it to tighten their global
+    constant; every bound that used it says "holds on the input domain [lo, hi]".  Without a domain a
+    graph with a product raises :class:`~lipverify.errors.UserInputError` naming the nodes.
+    """
     if p not in ("2", "inf"):
         raise ValueError("norm must be '2' or 'inf'")
+    special = graph.domain_nodes()
+    muls = [i for i in special if graph.nodes[i].kind == "mul"]
+    if muls and domain is None:
+        names = ", ".join(graph.nodes[i].name for i in muls[:5]) + (" ..." if len(muls) > 5 else "")
+        raise UserInputError(f"products of input-dependent tensors ({names}) have no global Lipschitz constant; "
+                             "bound them on an input domain (--clip LO,HI)")
+    ibp = interval_bounds(graph, *domain) if special and domain is not None else None
+    label = f"holds on the input domain {describe_domain(domain)}" if ibp is not None else None
+    on_domain = [False] * len(graph.nodes)
     res: list[NodeConstant] = []
     for i, n in enumerate(graph.nodes):
         in_shape = graph.nodes[n.inputs[0]].out_shape if n.inputs else n.out_shape
         if n.kind == "input":
             c, cum = None, Bound(1.0, "identity", True)
         else:
-            c = constants[i] if constants is not None else node_constant(n, p, method, power_tol)
+            on_domain[i] = any(on_domain[j] for j in n.inputs)
+            if n.kind == "normalization":
+                c = _normalize_constant(n, p, ibp, label)
+                on_domain[i] |= ibp is not None
+            else:
+                c = constants[i] if constants is not None else node_constant(n, p, method, power_tol)
             ins = [res[j].cumulative for j in n.inputs]
             vals = [b.value for b in ins]
             if n.kind == "concat" and p == "inf":
                 val = max(vals)
+            elif n.kind == "mul":
+                f_a, f_b = product_factors(graph, i, ibp, p)
+                val = f_b * vals[1] + f_a * vals[0]
+                on_domain[i] = True
             elif c is not None:  # single-input node: L(u) * its own constant (l2 or l-inf)
                 val = vals[0] * c.value
             else:
                 val = combine_lipschitz(n, vals)
-            cum = Bound(val, "propagated", all(b.sound for b in ins) and (c is None or c.sound))
+            how = "propagated" + (f" ({label})" if on_domain[i] else "")
+            cum = Bound(val, how, all(b.sound for b in ins) and (c is None or c.sound))
         res.append(NodeConstant(i, n.name, n.describe(), n.kind, tuple(in_shape), tuple(n.out_shape), c, cum))
     return res
+
+
+def describe_domain(domain) -> str:
+    lo, hi = domain
+    def one(v):
+        if isinstance(v, torch.Tensor):
+            return f"{float(v.min()):g}" if v.numel() and bool((v == v.reshape(-1)[0]).all()) else "per-entry"
+        return f"{float(v):g}"
+    return f"[{one(lo)}, {one(hi)}]"
+
+
+def _normalize_constant(n: Node, p: str, ibp, label) -> Bound:
+    op = n.op
+    if ibp is None:
+        return Bound(op.lipschitz(p), f"max|gamma| / sqrt(eps){' x (2 + sqrt n)' if p == 'inf' else ''} "
+                                      "(any input)", True)
+    lb, ub = ibp[n.inputs[0]]
+    B = lb.shape[0]
+    vmin = float(min_variance(lb.reshape(B, op.groups, op.size), ub.reshape(B, op.groups, op.size)).min())
+    return Bound(op.lipschitz(p, vmin), f"max|gamma| / sqrt(var_min + eps), var_min = {vmin:.3g} ({label})", True)
 
 
 def combine_lipschitz(node: Node, ins: list, linear_constant=None):

@@ -76,6 +76,7 @@ from lipverify.bounds.global_bound import margin_constants, propagate
 from lipverify.graph import LipschitzGraph, minmax
 from lipverify.graph import operator_norms as on
 from lipverify.graph.operator_norms import SOUND_FACTOR
+from lipverify.graph.domain import REL_SLACK, activation_interval, linear_interval
 
 __all__ = [
     "LocalBoundResult",
@@ -87,7 +88,7 @@ __all__ = [
 ]
 
 #: relative outward-rounding slack of interval bounds (float64 error is ~1e-16 per operation).
-_REL_SLACK = 1e-8
+_REL_SLACK = REL_SLACK
 #: full operator matrices up to this many entries are materialised once per layer (exact path).
 _FULL_MATRIX_MAX_ENTRIES = 4_000_000
 #: basis vectors pushed at once when a masked matrix is built column by column.
@@ -230,37 +231,6 @@ def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # 1. interval bounds and varying sets
 
 
-def _activation_bounds(act, lb, ub):
-    fn = act.fn
-    if act.lo >= 0:  # non-decreasing
-        lo, hi = fn(lb), fn(ub)
-    elif act.hi <= 0:  # non-increasing
-        lo, hi = fn(ub), fn(lb)
-    elif act.name == "abs":
-        lo = torch.where(lb >= 0, lb, torch.where(ub <= 0, -ub, torch.zeros_like(lb)))
-        hi = torch.maximum(lb.abs(), ub.abs())
-    else:  # non-monotone: |phi(z) - phi(c)| <= Lip |z - c|
-        c, r = (lb + ub) / 2, (ub - lb) / 2
-        mid = fn(c)
-        lo, hi = mid - act.lipschitz * r, mid + act.lipschitz * r
-    # outward rounding of the function evaluation
-    return lo - 1e-12 * lo.abs(), hi + 1e-12 * hi.abs()
-
-
-def _linear_interval(op, lb, ub):
-    """IBP through ``y = A z + b`` with outward rounding."""
-    c = (lb + ub) / 2
-    r = (ub - lb) / 2
-    r = r + 1e-15 * (lb.abs() + ub.abs())  # c ± r covers [lb, ub] despite rounding
-    yc = op.forward(c)
-    yr = op.abs_apply(r)
-    slack = op.abs_apply(c.abs()) + yr
-    if op.bias is not None:
-        slack = slack + op.bias.to(yc.dtype).abs()
-    yr = yr + _REL_SLACK * slack
-    return yc - yr, yc + yr
-
-
 def _propagate_intervals(ctx: _Context, x: torch.Tensor, eps: torch.Tensor, point=None):
     """Intervals and varying sets of every node over ``B_p(x_b, eps_b)``.
 
@@ -284,11 +254,11 @@ def _propagate_intervals(ctx: _Context, x: torch.Tensor, eps: torch.Tensor, poin
             ins = n.inputs
             if k == "linear":
                 op = ctx.ops[i]
-                lb, ub = _linear_interval(op, lbs[ins[0]], ubs[ins[0]])
+                lb, ub = linear_interval(op, lbs[ins[0]], ubs[ins[0]])
                 vm = op.abs_apply(var[ins[0]].to(torch.float64)) > 0
             elif k == "activation":
                 act = n.op
-                lb, ub = _activation_bounds(act, lbs[ins[0]], ubs[ins[0]])
+                lb, ub = activation_interval(act, lbs[ins[0]], ubs[ins[0]])
                 zl, zu = lbs[ins[0]], ubs[ins[0]]
                 vm = var[ins[0]].clone()
                 if act.const_below is not None:
@@ -625,6 +595,13 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
     examples).  On networks not trained for local bounds, the gain over the global bound is usually
     small.
     """
+    special = graph.domain_nodes()
+    if special:
+        from lipverify.errors import UserInputError
+
+        kinds = sorted({graph.nodes[i].describe().split(" (")[0] for i in special})
+        raise UserInputError(f"local bounds do not cover {', '.join(kinds)} nodes yet (bounded on the input "
+                             "domain by the global analysis): use --method global")
     cache = {} if warm_start is None else warm_start
     with torch.no_grad():
         ctx, x, e = _prepare_inputs(graph, x, eps, norm, cache)

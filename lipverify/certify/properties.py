@@ -117,6 +117,15 @@ def certify_properties(model, x: torch.Tensor, properties: Sequence, lower: torc
     certified &= torch.tensor(sound)
 
     notes = [f"output properties certified on each box with {pc.method}"]
+    dom = model.effective_domain()
+    if dom is not None:
+        from lipverify.bounds.global_bound import describe_domain
+        from lipverify.certify.rules import inside_domain
+
+        inside = inside_domain(lower, dom, x) & inside_domain(upper, dom, x)
+        certified &= inside
+        notes.append(f"the model's constants hold on the input domain {describe_domain(dom)}: "
+                     f"{int((~inside).sum())} box(es) reaching outside it are not certified")
     if method == "local":
         certified, radius, methods, sound, note = _local(model, x, out, properties, r, certified, radius, methods,
                                                          sound, norm, local_options)

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from lipverify.bounds.global_bound import describe_domain
 from lipverify.errors import UserInputError
 
 
@@ -135,6 +136,14 @@ def certified_at(diffs: torch.Tensor, mask: torch.Tensor, Kj: torch.Tensor, eps:
     return ok.all(1)
 
 
+def inside_domain(t: torch.Tensor, dom, like: torch.Tensor) -> torch.Tensor:
+    """Per example: every entry of ``t`` lies in the box ``dom = (lo, hi)`` (float64 comparison)."""
+    lo, hi = (torch.as_tensor(v, dtype=torch.float64) for v in dom)
+    t64 = t.detach().to(torch.float64).cpu()
+    ok = (t64 >= lo) & (t64 <= hi)
+    return ok.reshape(len(like), -1).all(1)
+
+
 def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float] | torch.Tensor = (),
             norm: str = "2", method: str = "global", batch_size: int = 256, progress: Callable | None = None,
             names: Sequence[str] | None = None, local_options: dict | None = None) -> CertifyResult:
@@ -184,6 +193,15 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
         cert_at[e] = certified_at(diffs, mask, Kj, torch.full((n,), e, dtype=torch.float64)) & torch.tensor(sound)
 
     notes = []
+    dom = model.effective_domain()
+    if dom is not None:
+        inside = inside_domain(x, dom, x)
+        for k in cert_at:
+            cert_at[k] &= inside
+        radius = torch.where(inside, radius, torch.zeros_like(radius))
+        notes.append(f"certificates hold for perturbations inside the input domain {describe_domain(dom)} "
+                     "(products/normalisations are bounded there); "
+                     f"{int((~inside).sum())} input(s) outside it are not certified")
     if method == "local":
         from lipverify.certify.local import local_certify
 

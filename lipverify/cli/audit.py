@@ -45,6 +45,8 @@ def audit(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, 
                       need_labels=True)
     eps_list = sorted(set(parse_eps(eps)))
     box = clip_option(clip, ds.x)
+    if box is not None:
+        lm.set_domain(*box)
     from rich.console import Console
 
     err = Console(stderr=True)

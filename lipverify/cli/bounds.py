@@ -8,7 +8,7 @@ import time
 
 import click
 
-from lipverify.cli.common import handle_errors, load_model, model_options
+from lipverify.cli.common import domain_option, handle_errors, load_model, model_options
 
 
 @click.command()
@@ -16,13 +16,15 @@ from lipverify.cli.common import handle_errors, load_model, model_options
 @click.option("--norm", type=click.Choice(["2", "inf"]), default="2", show_default=True)
 @click.option("--method", type=click.Choice(["sound", "power", "lipsdp"]), default="sound", show_default=True,
               help="sound: proven bounds; power: power-iteration estimates; lipsdp: LipSDP-Neuron (dense ReLU nets).")
+@click.option("--clip", default=None, help="Input domain LO,HI for products/normalisations (default 0,1).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @handle_errors
 def bounds(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device, debug, norm, method,
-           as_json):
+           clip, as_json):
     """Lipschitz bounds: per-layer constants, global bound, margin constants K_ij."""
     t0 = time.perf_counter()
     lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
+    domain_option(lm, clip)
     if method == "lipsdp":
         from lipverify.bounds.lipsdp_graph import lipsdp_report
 

@@ -12,6 +12,7 @@ from lipverify.cli.common import (
     handle_errors,
     load_dataset,
     load_model,
+    domain_option,
     model_options,
 )
 from lipverify.errors import UserInputError
@@ -24,12 +25,13 @@ from lipverify.report.progress import progress_bar
 @click.option("--eps", default=None, help="Radius or list: 0.3 | 36/255,72/255 (default: VNN-LIB eps, else none).")
 @click.option("--norm", type=click.Choice(["2", "inf"]), default="2", show_default=True)
 @click.option("--method", type=click.Choice(["global", "local"]), default="global", show_default=True)
+@click.option("--clip", default=None, help="Input domain LO,HI for products/normalisations (default 0,1).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--out", "out_csv", default=None, help="Per-input CSV file.")
 @click.option("--plot", "plot_png", default=None, help="PNG: certified accuracy vs eps and radius histogram.")
 @handle_errors
 def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device, debug, data_path, layout,
-            limit, batch_size, quiet, eps, norm, method, as_json, out_csv, plot_png):
+            limit, batch_size, quiet, eps, norm, method, clip, as_json, out_csv, plot_png):
     """Certified radius per input (global GloRo rule, or IBP-masked local bounds)."""
     from lipverify.certify import parse_eps
     from lipverify.data.atomic import check_not_input
@@ -38,6 +40,7 @@ def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check
         if out:
             check_not_input(out, model, data_path)
     lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
+    domain_option(lm, clip)
     ds = load_dataset(lm, data_path, layout, limit, mean, std)
     eps_list = parse_eps(eps)
     eps_arg = eps_list if eps_list or ds.eps is None else ds.eps

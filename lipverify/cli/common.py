@@ -109,6 +109,21 @@ def data_options(fn):
     return fn
 
 
+def domain_option(lm, text) -> None:
+    """``--clip LO,HI`` for commands without data to read it from: the input domain the bounds of
+    products and normalisations hold on (default [0, 1])."""
+    if text is None:
+        return
+    vals = [v.strip() for v in text.split(",")]
+    try:
+        lo, hi = (float(v) for v in vals) if len(vals) == 2 else (None, None)
+    except ValueError:
+        lo = hi = None
+    if lo is None or not lo < hi:
+        raise UserInputError(f"--clip must be LO,HI with LO < HI, got {text!r}")
+    lm.set_domain(lo, hi)
+
+
 def clip_option(text, x):
     """``--clip lo,hi``; default (0, 1) when every input lies in [0, 1], else no box."""
     if text is not None:

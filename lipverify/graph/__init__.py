@@ -7,7 +7,9 @@
   operator norm (the per-operator strategy) and to keep its power-iteration vector;
 * :mod:`~lipverify.graph.operator_norms` — the numerical kernels those operators use (exact SVD, FFT
   bound for convolutions, Gram iteration, power iteration);
-* :mod:`~lipverify.graph.simplify` — merging affine chains.
+* :mod:`~lipverify.graph.simplify` — merging affine chains;
+* :mod:`~lipverify.graph.domain` — interval bounds of every node over an input box, and the
+  domain-dependent constants of products and normalisations.
 
 May import :mod:`lipverify.errors` and itself only: no importer, analysis, attack, report or CLI.
 """
@@ -17,9 +19,10 @@ from lipverify.graph.nodes import (
     LipschitzGraph,
     MaxPool,
     Node,
+    Normalization,
     apply_node,
     make_activation,
     minmax,
 )
 
-__all__ = ["Activation", "LipschitzGraph", "MaxPool", "Node", "apply_node", "make_activation", "minmax"]
+__all__ = ["Activation", "LipschitzGraph", "MaxPool", "Node", "Normalization", "apply_node", "make_activation", "minmax"]

@@ -8,7 +8,11 @@ A model becomes a list of :class:`Node` in topological order.  Node kinds:
 ``minmax``      GroupSort-2 over channel pairs (1-Lipschitz in l2 and l-inf);
 ``maxpool``     max pooling;
 ``add``         ``sum_k c_k x_k`` of several tensors (residual connections);
-``concat``      concatenation along a per-example axis.
+``concat``      concatenation along a per-example axis;
+``mul``         the element-wise product of two input-dependent tensors (broadcasting: squeeze-excitation
+                gates, gated units) -- Lipschitz only on a bounded input domain;
+``normalization`` a normalisation by a data-dependent scale (LayerNorm, GroupNorm, InstanceNorm;
+                :class:`Normalization`).
 
 The graph is executable (:meth:`LipschitzGraph.forward`); the importer checks that it computes the
 same function as the model it came from, so every analysis runs on the function the user gave us.
@@ -167,6 +171,47 @@ def minmax(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([hi, lo], dim=2).reshape(x.shape)
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """``y = gamma * (x_g - mean(x_g)) / sqrt(var(x_g) + eps) + beta`` over the groups of
+    ``x.reshape(B, groups, size)`` (biased variance), ``gamma``/``beta`` broadcast against the
+    per-example shape (None: 1 and 0).  LayerNorm over the last k axes, GroupNorm(G) and InstanceNorm
+    on channel-first tensors all have this form.
+
+    Its Jacobian on a group is ``(1/sigma) diag(gamma) (I - 11^T/n - z z^T/n)`` with ``z`` the
+    normalised group and ``sigma = sqrt(var + eps)``; the bracket is an orthogonal projection, so the
+    l2 constant is ``max|gamma| / sqrt(var_min + eps)`` and the l-inf constant at most
+    ``max|gamma| (2 + sqrt(n)) / sqrt(var_min + eps)``, with ``var_min = 0`` everywhere and the exact
+    minimum of the variance over a box on a domain (:mod:`lipverify.graph.domain`).
+    """
+
+    name: str
+    groups: int
+    size: int
+    eps: float
+    gamma: torch.Tensor | None = None
+    beta: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        g = x.reshape(x.shape[0], self.groups, self.size)
+        mu = g.mean(dim=2, keepdim=True)
+        var = ((g - mu) ** 2).mean(dim=2, keepdim=True)
+        y = ((g - mu) / torch.sqrt(var + self.eps)).reshape(x.shape)
+        if self.gamma is not None:
+            y = y * self.gamma.to(y)
+        if self.beta is not None:
+            y = y + self.beta.to(y)
+        return y
+
+    @property
+    def gamma_max(self) -> float:
+        return 1.0 if self.gamma is None else float(self.gamma.abs().max())
+
+    def lipschitz(self, p: str, var_min: float = 0.0) -> float:
+        base = self.gamma_max / math.sqrt(var_min + self.eps)
+        return base if p == "2" else base * (2.0 + math.sqrt(self.size))
+
+
 @dataclass
 class Node:
     name: str
@@ -187,6 +232,8 @@ class Node:
             return "add(" + ", ".join(f"{c:+g}" for c in self.op) + ")"
         if self.kind == "concat":
             return f"concat(axis {self.op})"
+        if self.kind == "normalization":
+            return f"{self.op.name} ({self.op.groups} groups of {self.op.size})"
         return self.kind
 
 
@@ -228,6 +275,11 @@ class LipschitzGraph:
                 n.op.to(dtype, device)
         return self
 
+    def domain_nodes(self) -> list[int]:
+        """Nodes whose Lipschitz constant depends on the input domain (products of input-dependent
+        tensors; normalisations, which have a global constant that the domain tightens)."""
+        return [i for i, n in enumerate(self.nodes) if n.kind in ("mul", "normalization")]
+
 
 def apply_node(n: Node, xs: list[torch.Tensor]) -> torch.Tensor:
     k = n.kind
@@ -246,4 +298,8 @@ def apply_node(n: Node, xs: list[torch.Tensor]) -> torch.Tensor:
         return y
     if k == "concat":
         return torch.cat(xs, dim=n.op + 1)
+    if k == "mul":
+        return xs[0] * xs[1]
+    if k == "normalization":
+        return n.op(xs[0])
     raise ValueError(f"unknown node kind {k}")

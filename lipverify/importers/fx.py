@@ -35,6 +35,7 @@ from lipverify.graph import (
     LipschitzGraph,
     MaxPool,
     Node,
+    Normalization,
     make_activation,
     minmax,
 )
@@ -273,8 +274,11 @@ class _Builder:
                 self._emit(node, "add", dep_args, (1.0, alpha if bk == "add" else -alpha))
             elif bk == "mul" and self._silu_pattern(node, dep_args):
                 return
+            elif bk == "mul" and self._product(node, dep_args):
+                return
             else:
-                self._bad(node, "product of two input-dependent tensors")
+                self._bad(node, "product of two input-dependent tensors" if bk == "mul" else
+                          "division by an input-dependent tensor")
             return
         is_concat = name in ("OnnxConcat", "cat") or (node.op == "call_function" and node.target is torch.cat)
         if len(deps) != 1:
@@ -301,6 +305,8 @@ class _Builder:
 
         if (name == "OnnxErf" or (node.op == "call_function" and node.target is torch.erf)) and \
                 self._gelu_erf_pattern(node, src):
+            return
+        if self._normalization(node, src, in_shape, mod):
             return
 
         # activations
@@ -557,6 +563,84 @@ class _Builder:
                 self._emit_checked(node, src, op, label=kind)
                 return True
         self._bad(node, f"reduce-{kind} over axes lipverify could not identify")
+        return True
+
+    def _product(self, node, deps) -> bool:
+        """``a * b`` of two input-dependent tensors (squeeze-excitation gates, gated units): a ``mul``
+        node, bounded on the input domain.  Both factors must broadcast to the output without a change
+        of rank."""
+        out = tuple(self.env[node].shape[1:])
+        shapes = [tuple(self.env[d].shape[1:]) for d in deps]
+        if any(len(sh) != len(out) or any(a not in (1, b) for a, b in zip(sh, out)) for sh in shapes):
+            return False
+        if any(self.index.get(d) is None for d in deps):
+            return False
+        self._emit(node, "mul", deps, None)
+        return True
+
+    def _normalization(self, node, src, in_shape, mod) -> bool:
+        """LayerNorm / GroupNorm / InstanceNorm (modules, functional calls, onnx2torch's instance norm)
+        as a ``normalize`` node; False when the node is none of them."""
+        def param(t, shape):
+            return None if t is None else t.detach().to(torch.float64).reshape(shape).clone()
+
+        if not in_shape:
+            return False
+        C, spatial = in_shape[0], in_shape[1:]
+        per_channel = (C,) + (1,) * len(spatial)
+        norm = None
+        try:
+            if isinstance(mod, nn.LayerNorm):
+                k = len(mod.normalized_shape)
+                size = int(torch.Size(in_shape[-k:]).numel())
+                norm = Normalization("layer_norm", int(torch.Size(in_shape).numel()) // size, size, float(mod.eps),
+                                     param(mod.weight, tuple(mod.normalized_shape)),
+                                     param(mod.bias, tuple(mod.normalized_shape)))
+            elif isinstance(mod, nn.GroupNorm):
+                G = int(mod.num_groups)
+                norm = Normalization(f"group_norm({G})", G, int(torch.Size(in_shape).numel()) // G, float(mod.eps),
+                                     param(mod.weight, per_channel), param(mod.bias, per_channel))
+            elif isinstance(mod, nn.modules.instancenorm._InstanceNorm) and not mod.track_running_stats:
+                norm = Normalization("instance_norm", C, int(torch.Size(spatial).numel()), float(mod.eps),
+                                     param(mod.weight, per_channel), param(mod.bias, per_channel))
+            elif mod is not None and type(mod).__name__ == "OnnxInstanceNorm":
+                w, b = self._const_arg(node, 1, "weight"), self._const_arg(node, 2, "bias")
+                norm = Normalization("instance_norm", C, int(torch.Size(spatial).numel()), float(mod.epsilon),
+                                     param(w, per_channel), param(b, per_channel))
+            elif node.op == "call_function" and _aten_name(node) == "instance_norm" and \
+                    bool(self._const_arg(node, 5, "use_input_stats", True)):
+                norm = Normalization("instance_norm", C, int(torch.Size(spatial).numel()),
+                                     float(self._const_arg(node, 7, "eps", 1e-5)),
+                                     param(self._const_arg(node, 1, "weight"), per_channel),
+                                     param(self._const_arg(node, 2, "bias"), per_channel))
+            elif node.op == "call_function" and (node.target in (F.layer_norm, torch.layer_norm)
+                                                 or _aten_name(node) == "layer_norm"):
+                shape = tuple(self._const_arg(node, 1, "normalized_shape"))
+                size = int(torch.Size(shape).numel())
+                norm = Normalization("layer_norm", int(torch.Size(in_shape).numel()) // size, size,
+                                     float(self._const_arg(node, 4, "eps", 1e-5)),
+                                     param(self._const_arg(node, 2, "weight"), shape),
+                                     param(self._const_arg(node, 3, "bias"), shape))
+            elif node.op == "call_function" and (node.target in (F.group_norm, torch.group_norm)
+                                                 or _aten_name(node) == "group_norm"):
+                G = int(self._const_arg(node, 1, "num_groups"))
+                norm = Normalization(f"group_norm({G})", G, int(torch.Size(in_shape).numel()) // G,
+                                     float(self._const_arg(node, 4, "eps", 1e-5)),
+                                     param(self._const_arg(node, 2, "weight"), per_channel),
+                                     param(self._const_arg(node, 3, "bias"), per_channel))
+        except _NotConst:
+            self._bad(node, "normalisation with input-dependent scale or shift")
+            return True
+        if norm is None or node.args[0] is not src:
+            return False
+        with torch.no_grad():
+            got = norm(self.env[src].to(torch.float64))
+        want = self.env[node]
+        if got.shape != want.shape or not torch.allclose(got.to(want.dtype), want, rtol=1e-4,
+                                                         atol=1e-4 * (1 + float(want.abs().max()))):
+            self._bad(node, "could not reproduce the normalisation")
+            return True
+        self._emit(node, "normalization", [src], norm)
         return True
 
     def _const_arg(self, node, pos, key, default=None):
@@ -981,6 +1065,15 @@ class _Builder:
         if label and hasattr(op, "label"):
             op.label = label
         self._emit(node, "linear", [src], op)
+
+
+def _aten_name(node) -> str | None:
+    """``layer_norm`` for ``aten.layer_norm.default`` and the like; None for other targets."""
+    t = node.target
+    name = getattr(t, "__name__", "") or ""
+    if isinstance(t, torch._ops.OpOverload):
+        return t.overloadpacket.__name__
+    return None if "." not in name else name.split(".")[0]
 
 
 class _NotConst(Exception):

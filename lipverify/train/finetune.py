@@ -192,6 +192,12 @@ def run_finetune(o: dict, echo=None) -> dict:
     lm = lipverify.load(o.get("model") or lipverify.BUILTIN_DEFAULT, input_shape=o.get("input_shape"),
                         mean=o.get("mean"), std=o.get("std"), arch=o.get("arch"), trust_pickle=bool(o.get("trust_pickle")),
                         fidelity_check=not o.get("no_fidelity_check"), device=str(dev))
+    special = lm.graph.domain_nodes()
+    if special:
+        names = ", ".join(lm.graph.nodes[i].describe() + " at " + lm.graph.nodes[i].name for i in special[:3])
+        raise UserInputError(f"fine-tuning needs a graph with global constants; {names}"
+                             f"{' ...' if len(special) > 3 else ''} are bounded on an input domain only",
+                             str(o.get("model") or ""))
     outside = o.get("mean") is not None or o.get("std") is not None
     ds = load_for_model(lm, o["data_path"], layout=o["layout"], limit=o.get("limit"), outside_normalisation=outside,
                         need_labels=True)

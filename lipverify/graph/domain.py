@@ -1,0 +1,182 @@
+"""Interval bounds of every node over an input box, and the constants that hold only on such a domain.
+
+Interval propagation (IBP) with outward rounding: an affine node maps the centre exactly and the
+radius through ``|A|``; monotone activations map the end points, others use ``phi(c) +- Lip r``;
+pooling, GroupSort, sums and concatenations act on the end points; a product takes the extremes of
+the four end-point products; a normalisation's output lies in ``beta +- |gamma| min(sqrt(n - 1),
+max|x - mean| / sigma_min)``.
+
+Domain constants (issue: products and normalisations have no useful global constant):
+
+* product ``a * b`` (broadcasting): ``a b - a' b' = a (b - b') + (a - a') b'``, so with
+  ``S_a >= |a|`` and ``S_b >= |b|`` on the domain, ``||d(ab)||_2 <= F_b ||db||_2 + F_a ||da||_2`` where
+  ``F_b = max_j sqrt(sum_{i -> j} S_a(i)^2)`` sums over the output positions ``i`` that read entry
+  ``j`` of ``b`` (``sqrt(HW) max S_a`` at most for a per-channel gate) and symmetrically for ``F_a``;
+  in l-inf ``F_b = max S_a``, ``F_a = max S_b``.  ``L(ab) <= F_b L(b) + F_a L(a)``.
+* normalisation: ``var_min`` per group is the exact minimum of the (biased) variance over the input
+  box, ``min_c (1/n) sum_i dist(c, [l_i, u_i])^2`` (the variance is ``min_c`` of the mean squared
+  distance to ``c``), a convex one-dimensional problem solved by bisection on its derivative and
+  turned into a proven lower bound with the convexity gap ``|phi'(c)| * bracket``.
+
+Warnings
+--------
+Everything here holds for inputs inside the box only.  The product constants grow with the size of
+the intervals, so on wide domains they can be loose by orders of magnitude; local bounds, which use the
+intervals of a small ball, are much tighter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lipverify.graph.nodes import LipschitzGraph, minmax
+
+__all__ = ["REL_SLACK", "activation_interval", "interval_bounds", "linear_interval", "min_variance",
+           "product_factors"]
+
+#: relative outward-rounding slack of interval bounds (float64 error is ~1e-16 per operation).
+REL_SLACK = 1e-8
+
+
+def activation_interval(act, lb, ub):
+    """Bounds of ``act(z)`` for ``z`` in ``[lb, ub]`` (outward rounded)."""
+    fn = act.fn
+    if act.lo >= 0:  # non-decreasing
+        lo, hi = fn(lb), fn(ub)
+    elif act.hi <= 0:  # non-increasing
+        lo, hi = fn(ub), fn(lb)
+    elif act.name == "abs":
+        lo = torch.where(lb >= 0, lb, torch.where(ub <= 0, -ub, torch.zeros_like(lb)))
+        hi = torch.maximum(lb.abs(), ub.abs())
+    else:  # non-monotone: |phi(z) - phi(c)| <= Lip |z - c|
+        c, r = (lb + ub) / 2, (ub - lb) / 2
+        mid = fn(c)
+        lo, hi = mid - act.lipschitz * r, mid + act.lipschitz * r
+    return lo - 1e-12 * lo.abs(), hi + 1e-12 * hi.abs()
+
+
+def linear_interval(op, lb, ub):
+    """IBP through ``y = A z + b`` with outward rounding."""
+    c = (lb + ub) / 2
+    r = (ub - lb) / 2
+    r = r + 1e-15 * (lb.abs() + ub.abs())  # c +- r covers [lb, ub] despite rounding
+    yc = op.forward(c)
+    yr = op.abs_apply(r)
+    slack = op.abs_apply(c.abs()) + yr
+    if op.bias is not None:
+        slack = slack + op.bias.to(yc.dtype).abs()
+    yr = yr + REL_SLACK * slack
+    return yc - yr, yc + yr
+
+
+def min_variance(lb: torch.Tensor, ub: torch.Tensor, iters: int = 100) -> torch.Tensor:
+    """Proven lower bound of ``min_{x in [lb, ub]} var(x)`` along the last axis (biased variance)."""
+    lb, ub = lb.to(torch.float64), ub.to(torch.float64)
+    n = lb.shape[-1]
+
+    def phi(c):
+        below = (lb - c[..., None]).clamp_min(0.0)
+        above = (c[..., None] - ub).clamp_min(0.0)
+        return (below ** 2 + above ** 2).sum(-1), 2.0 * (above.sum(-1) - below.sum(-1))
+
+    a, b = lb.amin(-1), ub.amax(-1)
+    for _ in range(iters):
+        m = (a + b) / 2
+        _, d = phi(m)
+        a, b = torch.where(d < 0, m, a), torch.where(d < 0, b, m)
+    c = (a + b) / 2
+    val, der = phi(c)
+    low = (val - der.abs() * (b - a)).clamp_min(0.0)  # convexity: phi(c') >= phi(c) + phi'(c)(c' - c)
+    return low / n * (1.0 - 1e-9)
+
+
+def _mul_interval(la, ua, lb, ub):
+    prods = torch.stack([la * lb, la * ub, ua * lb, ua * ub])
+    lo, hi = prods.amin(0), prods.amax(0)
+    w = REL_SLACK * (lo.abs() + hi.abs())
+    return lo - w, hi + w
+
+
+def _norm_interval(norm, lb, ub):
+    B = lb.shape[0]
+    gl, gu = lb.reshape(B, norm.groups, norm.size), ub.reshape(B, norm.groups, norm.size)
+    sig = torch.sqrt(min_variance(gl, gu) + norm.eps)[..., None]
+    ml, mu = gl.mean(-1, keepdim=True), gu.mean(-1, keepdim=True)
+    dev = torch.maximum((gl - mu).abs(), (gu - ml).abs())
+    z = torch.minimum(dev / sig, torch.full_like(dev, math.sqrt(max(norm.size - 1, 0))))
+    z = (z * (1 + REL_SLACK)).reshape(lb.shape)
+    g = torch.ones_like(z) if norm.gamma is None else norm.gamma.to(z).abs().expand_as(z)
+    b = torch.zeros_like(z) if norm.beta is None else norm.beta.to(z).expand_as(z)
+    return b - g * z, b + g * z
+
+
+def interval_bounds(graph: LipschitzGraph, lo, hi) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(lb, ub)`` (float64, batch 1) of every node up to the output for inputs in ``[lo, hi]``
+    (floats or tensors broadcasting against the input shape)."""
+    shape = (1,) + tuple(graph.input_shape)
+    first = next((n for n in graph.nodes if n.kind == "linear"), None)
+    dev = first.op._device() if first is not None else torch.device("cpu")
+    lo = torch.as_tensor(lo, dtype=torch.float64, device=dev).expand(shape).clone()
+    hi = torch.as_tensor(hi, dtype=torch.float64, device=dev).expand(shape).clone()
+    out: list = [None] * len(graph.nodes)
+    for i, n in enumerate(graph.nodes):
+        if i > graph.output:
+            break
+        k = n.kind
+        ins = [out[j] for j in n.inputs]
+        if k == "input":
+            out[i] = (lo, hi)
+        elif k == "linear":
+            out[i] = linear_interval(n.op.to_double_copy(), *ins[0])
+        elif k == "activation":
+            out[i] = activation_interval(n.op, *ins[0])
+        elif k == "maxpool":
+            out[i] = (n.op(ins[0][0]), n.op(ins[0][1]))
+        elif k == "minmax":
+            out[i] = (minmax(ins[0][0]), minmax(ins[0][1]))
+        elif k == "add":
+            lb = ub = None
+            for co, (l_, u_) in zip(n.op, ins):
+                a, b = (co * l_, co * u_) if co >= 0 else (co * u_, co * l_)
+                lb = a if lb is None else lb + a
+                ub = b if ub is None else ub + b
+            w = REL_SLACK * (lb.abs() + ub.abs())
+            out[i] = (lb - w, ub + w)
+        elif k == "concat":
+            ax = n.op + 1
+            out[i] = (torch.cat([t[0] for t in ins], dim=ax), torch.cat([t[1] for t in ins], dim=ax))
+        elif k == "mul":
+            out[i] = _mul_interval(ins[0][0], ins[0][1], ins[1][0], ins[1][1])
+        elif k == "normalization":
+            out[i] = _norm_interval(n.op, *ins[0])
+        else:
+            raise ValueError(f"node kind {k} has no interval rule")
+    return out
+
+
+def _gather_factor(sup_other: torch.Tensor, mine_shape: tuple, out_shape: tuple, p: str) -> float:
+    """``F`` for the term ``other * d(mine)``: ``sup_other`` (1, *out_shape) bounds ``|other|`` at every
+    output position; ``mine`` is broadcast from ``mine_shape`` to ``out_shape``."""
+    if p != "2":
+        return float(sup_other.max())
+    mine = (1,) * (len(out_shape) - len(mine_shape)) + tuple(mine_shape)
+    dims = [d + 1 for d, (a, b) in enumerate(zip(mine, out_shape)) if a == 1 and b != 1]
+    sq = sup_other.to(torch.float64) ** 2
+    if dims:
+        sq = sq.sum(dim=dims, keepdim=True)
+    return float(torch.sqrt(sq.max())) * (1 + 1e-12)
+
+
+def product_factors(graph: LipschitzGraph, i: int, bounds, p: str) -> tuple[float, float]:
+    """``(F_a, F_b)`` of product node ``i`` (see the module docstring): ``L <= F_b L(b) + F_a L(a)``."""
+    n = graph.nodes[i]
+    ja, jb = n.inputs
+    out_shape = tuple(n.out_shape)
+    (la, ua), (lb, ub) = bounds[ja], bounds[jb]
+    sa = torch.maximum(la.abs(), ua.abs()).expand((1,) + out_shape)
+    sb = torch.maximum(lb.abs(), ub.abs()).expand((1,) + out_shape)
+    f_b = _gather_factor(sa, tuple(graph.nodes[jb].out_shape), out_shape, p)
+    f_a = _gather_factor(sb, tuple(graph.nodes[ja].out_shape), out_shape, p)
+    return f_a, f_b

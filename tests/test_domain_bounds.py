@@ -1,0 +1,187 @@
+"""Products of input-dependent tensors and data-dependent normalisations, bounded on the input domain:
+interval bounds and the exact minimum variance against brute force, every bound against sampled
+Jacobian norms and difference quotients inside the domain, in all three import formats."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import lipverify
+from lipverify.bounds.global_bound import propagate
+from lipverify.errors import UserInputError
+from lipverify.graph.domain import interval_bounds, min_variance
+
+
+def test_min_variance_exact_on_two_intervals_and_below_every_sample():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        l = rng.uniform(-1, 1, size=2)
+        u = l + rng.uniform(0, 1, size=2)
+        gap = max(0.0, max(l) - min(u))
+        # var of two numbers is (x1 - x2)^2 / 4: the closest points of the intervals
+        got = float(min_variance(torch.tensor(l)[None], torch.tensor(u)[None]))
+        assert got == pytest.approx(gap ** 2 / 4, rel=1e-7, abs=1e-12)
+        assert got <= gap ** 2 / 4
+    for n in (3, 5):
+        for _ in range(20):
+            l = rng.uniform(-1, 1, size=n)
+            u = l + rng.uniform(0, 0.5, size=n)
+            got = float(min_variance(torch.tensor(l)[None], torch.tensor(u)[None]))
+            grid = np.stack(np.meshgrid(*[np.linspace(a, b, 9) for a, b in zip(l, u)]), -1).reshape(-1, n)
+            sampled = grid.var(axis=1).min()
+            assert got <= sampled + 1e-12
+            # and tight: projected-gradient descent on the box reaches it
+            x = (l + u) / 2
+            for _ in range(3000):
+                x = np.clip(x - 0.1 * (x - x.mean()), l, u)
+            assert x.var() >= got - 1e-12 and x.var() <= got + 1e-6
+
+
+class GatedNet(nn.Module):
+    """Conv -> squeeze-excitation gate -> GroupNorm -> InstanceNorm -> channels-last LayerNorm -> dense."""
+
+    def __init__(self, c=6, hw=5, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(c, 3, 1), nn.Conv2d(3, c, 1)
+        self.gn = nn.GroupNorm(2, c)
+        self.inorm = nn.InstanceNorm2d(c, affine=True)
+        self.ln = nn.LayerNorm(c)
+        with torch.no_grad():
+            for m in (self.gn, self.inorm, self.ln):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+        self.out = nn.Linear(c * hw * hw, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        y = self.gn(y * g)
+        y = self.inorm(y)
+        y = self.ln(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.out(y.flatten(1))
+
+
+def _jac_norm(f, x, p):
+    J = torch.autograd.functional.jacobian(lambda z: f(z.reshape(x.shape)).reshape(-1), x.reshape(-1))
+    return float(torch.linalg.matrix_norm(J, 2)) if p == "2" else float(J.abs().sum(1).max())
+
+
+def _load(net, fmt, tmp_path, shape):
+    if fmt == "module":
+        return lipverify.load(net.eval(), input_shape=shape)
+    x = torch.rand(2, *shape)
+    if fmt == "onnx":
+        path = tmp_path / "m.onnx"
+        torch.onnx.export(net.eval(), x, str(path), dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "b"}})
+        return lipverify.load(path)
+    path = tmp_path / "m.pt2"
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.export.save(torch.export.export(net.eval(), (x,), dynamic_shapes=({0: batch},)), str(path))
+    return lipverify.load(path)
+
+
+@pytest.mark.parametrize("fmt", ["module", "onnx", "pt2"])
+def test_gated_normalised_net_bounded_on_the_domain_in_every_format(tmp_path, fmt):
+    shape = (3, 5, 5)
+    net = GatedNet()
+    lm = _load(net, fmt, tmp_path, shape)
+    kinds = [n.kind for n in lm.graph.nodes]
+    assert "mul" in kinds and kinds.count("normalization") == 3, kinds
+    f64 = lm.module_double()
+    for lo, hi in ((0.0, 1.0), (0.4, 0.6)):
+        lm.set_domain(lo, hi)
+        for p in ("2", "inf"):
+            rep = lm.bounds(p)
+            assert rep.domain == [lo, hi] and "holds on the input domain" in rep.global_bound.method
+            L = rep.global_bound.value
+            gen = torch.Generator().manual_seed(1)
+            for _ in range(6):
+                x = lo + (hi - lo) * torch.rand((1, *shape), generator=gen, dtype=torch.float64)
+                assert _jac_norm(f64, x, p) <= L
+                y = (x + 1e-3 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).clamp(lo, hi)
+                d = (f64(x) - f64(y)).reshape(-1)
+                dx = (x - y).reshape(-1)
+                q = float(d.norm() / dx.norm()) if p == "2" else float(d.abs().max() / dx.abs().max())
+                assert q <= L
+    # a smaller domain gives a smaller (or equal) bound
+    lm.set_domain(0.0, 1.0)
+    wide = lm.bounds("2").global_bound.value
+    lm.set_domain(0.45, 0.55)
+    assert lm.bounds("2").global_bound.value <= wide
+
+
+def test_intervals_enclose_every_node_on_sampled_inputs():
+    net = GatedNet(seed=3)
+    lm = lipverify.load(net.eval(), input_shape=(3, 5, 5))
+    g = lm.graph
+    g64 = [n.op.to_double_copy() if n.kind == "linear" else None for n in g.nodes]
+    ibp = interval_bounds(g, 0.2, 0.7)
+    xs = 0.2 + 0.5 * torch.rand(64, 3, 5, 5, dtype=torch.float64)
+    corners = torch.tensor(list(itertools.product([0.2, 0.7], repeat=3)), dtype=torch.float64)
+    xs = torch.cat([xs, corners[:, :, None, None].expand(8, 3, 5, 5)])
+    vals: list = [None] * len(g.nodes)
+    from lipverify.graph import apply_node
+
+    for i, n in enumerate(g.nodes):
+        if n.kind == "input":
+            vals[i] = xs
+        elif n.kind == "linear":
+            vals[i] = g64[i].forward(vals[n.inputs[0]])
+        else:
+            vals[i] = apply_node(n, [vals[j] for j in n.inputs])
+        lb, ub = ibp[i]
+        assert bool((vals[i] >= lb - 1e-12).all() and (vals[i] <= ub + 1e-12).all()), (i, n.kind)
+
+
+def test_layernorm_constant_is_attained_near_constant_inputs():
+    """The global constant max|gamma|/sqrt(eps) is the Jacobian norm's limit at inputs of zero variance."""
+    ln = nn.LayerNorm(8, eps=1e-3)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 2.0)
+    net = nn.Sequential(ln, nn.Identity())
+    lm = lipverify.load(net.eval(), input_shape=(8,))
+    consts = propagate(lm.graph, "2")  # no domain: the constant that holds everywhere
+    L = consts[lm.graph.output].cumulative.value
+    assert L == pytest.approx(float(ln.weight.abs().max()) / np.sqrt(1e-3), rel=1e-9)
+    x = torch.full((1, 8), 0.3, dtype=torch.float64) + 1e-7 * torch.randn(1, 8, dtype=torch.float64)
+    J = _jac_norm(lm.module_double(), x, "2")
+    assert 0.5 * L <= J <= L
+
+
+def test_products_need_a_domain_and_refusals_are_clean(tmp_path):
+    net = GatedNet()
+    lm = lipverify.load(net.eval(), input_shape=(3, 5, 5))
+    with pytest.raises(UserInputError, match="no global Lipschitz constant"):
+        propagate(lm.graph, "2")
+    x = torch.rand(6, 3, 5, 5)
+    x[0, 0, 0, 0] = 1.5  # outside the default domain [0, 1]
+    res = lm.certify(x, lm.module(x).argmax(1), eps=[1e-9])
+    assert res.inputs[0].certified is False and res.inputs[0].radius == 0.0
+    assert any("input domain [0, 1]" in n for n in res.notes)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(net.eval(), x[:1], str(path), dynamo=False, opset_version=17, input_names=["x"],
+                      dynamic_axes={"x": {0: "b"}})
+    data = tmp_path / "d.npz"
+    np.savez(data, x=torch.rand(4, 3, 5, 5).numpy(), y=np.zeros(4, dtype=np.int64))
+    cmd = [sys.executable, "-m", "lipverify"]
+    r = subprocess.run(cmd + ["certify", str(path), "--data", str(data), "--method", "local", "--eps", "0.01",
+                              "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 2 and "local bounds do not cover" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(cmd + ["bounds", str(path), "--clip", "0,0.5", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    assert json.loads(r.stdout)["domain"] == [0.0, 0.5]
+    r = subprocess.run(cmd + ["finetune", str(path), "--data", str(data), "--eps", "0.1", "--out",
+                              str(tmp_path / "ft"), "--epochs", "1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "input domain" in r.stderr and "Traceback" not in r.stderr
