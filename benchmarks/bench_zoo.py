@@ -9,7 +9,8 @@ and a state dict with ``--arch``.  Each model runs in its own process, which rep
   (sound l2 bounds and margin constants), peak resident memory of the process;
 * the sound global bound, the largest Jacobian spectral norm at 2 sampled inputs (autograd and exact
   SVD, a proven lower bound of the Lipschitz constant) and their ratio;
-* the outcome: ``bounded``, or ``refused`` with the op types lipverify cannot bound (exit 2 in the CLI),
+* the outcome: ``bounded`` (a global constant), ``bounded on [0,1]`` (products or normalisations
+  bounded on the input domain), or ``refused`` with the op types lipverify cannot bound (exit 2 in the CLI),
   ``ERROR`` (an internal error: a bug), or ``no-export`` when the exporter itself fails on the
   architecture at this input size (before lipverify runs).
 
@@ -98,7 +99,7 @@ try:
         rep = lm.bounds("2")
         out["bound_s"] = time.perf_counter() - t0
         out["bound"] = rep.global_bound.value
-        out["outcome"] = "bounded"
+        out["outcome"] = "bounded" if rep.domain is None else "bounded on [0,1]"
         m64 = lm.module_double()
         best = 0.0
         g = torch.Generator().manual_seed(0)
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
         except ImportError:
             print("note: timm is not installed (pip install '.[bench]'): its models are skipped")
     rows = []
-    print(f"{'model':34s} {'fmt':10s} {'outcome':8s} {'import s':>8s} {'bound s':>8s} {'peak MB':>8s} "
+    print(f"{'model':34s} {'fmt':10s} {'outcome':16s} {'import s':>8s} {'bound s':>8s} {'peak MB':>8s} "
           f"{'bound':>10s} {'lower':>10s} {'ratio':>8s}  detail")
     for src, name in jobs:
         for fmt in args.formats.split(","):
@@ -159,21 +160,22 @@ def main(argv=None) -> int:
             r["wall_s"] = time.perf_counter() - t0
             rows.append(r)
             ratio = r["bound"] / r["lower"] if r.get("lower") else float("nan")
-            detail = r.get("detail", "") if r["outcome"] != "bounded" else ("" if r.get("sound_ok") else "BOUND < LOWER")
+            detail = r.get("detail", "") if not r["outcome"].startswith("bounded") else ("" if r.get("sound_ok") else "BOUND < LOWER")
             if r["outcome"] == "refused" and "cannot bound" in detail:
                 import re
 
                 ops = sorted(set(re.findall(r"(?:soundly: |\), )([^(]+?) \(node", detail)))
                 detail = "cannot bound: " + "; ".join(ops)
-            print(f"{r['name']:34s} {fmt:10s} {r['outcome']:8s} {r.get('import_s', float('nan')):8.1f} "
+            print(f"{r['name']:34s} {fmt:10s} {r['outcome']:16s} {r.get('import_s', float('nan')):8.1f} "
                   f"{r.get('bound_s', float('nan')):8.1f} {r.get('peak_mb', float('nan')):8.0f} "
                   f"{r.get('bound', float('nan')):10.3g} {r.get('lower', float('nan')):10.3g} {ratio:8.3g}  "
                   f"{detail[:200]}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     print(f"{sum(r['outcome'] == 'no-export' for r in rows)} could not be exported at this size")
-    bad = [r for r in rows if r["outcome"] in ("ERROR", "TIMEOUT") or (r["outcome"] == "bounded" and not r["sound_ok"])]
+    bad = [r for r in rows if r["outcome"] in ("ERROR", "TIMEOUT") or (r["outcome"].startswith("bounded") and not r["sound_ok"])]
     print(f"\n{len(rows)} runs: {sum(r['outcome'] == 'bounded' for r in rows)} bounded, "
+          f"{sum(r['outcome'] == 'bounded on [0,1]' for r in rows)} bounded on the domain, "
           f"{sum(r['outcome'] == 'refused' for r in rows)} refused, {len(bad)} errors/timeouts/unsound")
     return 0
 

@@ -9,6 +9,8 @@ model input to the output of node ``v``::
     L(maxpool)         = Lip(pool) * L(u)
     L(add sum c_k u_k) = sum |c_k| L(u_k)
     L(concat)          = sqrt(sum L(u_k)^2)    (l2)  or  max L(u_k)  (l-inf)
+    L(a * b)           = F_b L(b) + F_a L(a)   (on an input domain: F from interval bounds of the factors)
+    L(normalisation)   = max|gamma| / sqrt(var_min + eps) * L(u)   (var_min = 0, or its minimum on the domain)
 
 Margin constants (SPEC section 3, Leino et al. 2021 "Globally-Robust Neural Networks").  When the
 logits are an affine map ``f = T h + b`` of the last nonlinear node ``h``::
@@ -19,6 +21,7 @@ logits are an affine map ``f = T h + b`` of the last nonlinear node ``h``::
 where ``T`` is the materialised matrix of the whole linear tail.  Without an affine tail only
 ``K_ij <= sqrt(2) L_2(f)`` (l2) or ``2 L_inf(f)`` (l-inf) hold.
 
+The last two rules are in :mod:`lipverify.graph.domain`; a bound that used the domain says so.
 Every number carries its method and whether it is sound.  ``method="sound"`` uses proven upper
 bounds computed in float64; ``method="power"`` replaces linear-operator norms by power-iteration
 estimates (approach the norm from below: not sound).

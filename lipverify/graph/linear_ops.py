@@ -735,7 +735,12 @@ def fold_chain(ops: Sequence[LinearOp]) -> list[LinearOp]:
 
 def _fold_pair(a: LinearOp, b: LinearOp) -> LinearOp | None:
     if isinstance(a, Scale) and isinstance(b, Scale):
-        return Scale(a.scale.double() * b.scale.double(), a.in_shape)
+        prod = a.scale.double() * b.scale.double()
+        while prod.dim() > len(a.in_shape) and prod.shape[0] == 1:
+            prod = prod[0]
+        if tuple(torch.broadcast_shapes(prod.shape, tuple(a.in_shape))) != tuple(a.in_shape):
+            return None  # scales stored with other layouts: leave the pair unfolded
+        return Scale(prod, a.in_shape)
     if isinstance(a, Scale) and isinstance(b, Conv) and not b.one_d:
         cs = a.channel_scale()
         if cs is not None:

@@ -76,6 +76,25 @@ class DistContext:
                 pass
 
 
+_CREATED = False  # whether setup() created the process group (finish() tears down only that one)
+
+
+def finish(ok: bool) -> None:
+    """Tear the process group down at the end of a job (a group left for interpreter exit can abort the
+    process in gloo's destructor).  After a success the ranks meet at a barrier first; after an error
+    they do not (another rank may never get there)."""
+    global _CREATED
+    if not (_CREATED and dist.is_available() and dist.is_initialized()):
+        return
+    _CREATED = False
+    try:
+        if ok:
+            dist.barrier()
+        dist.destroy_process_group()
+    except Exception:  # pragma: no cover - best effort at exit
+        pass
+
+
 def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
@@ -100,6 +119,8 @@ def setup(device: str) -> DistContext:
     else:
         dev = torch.device(device)
         backend = "gloo"
+    global _CREATED
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=60))
+        _CREATED = True
     return DistContext(rank=rank, world=world, local_rank=local, device=dev, initialised=True)

@@ -99,7 +99,15 @@ def finetune(data_path, eps, out_dir, *, echo=None, **options) -> dict:
     if unknown:
         raise TypeError(f"finetune() got unknown options: {', '.join(unknown)}")
     o = {**FINETUNE_DEFAULTS, **options, "data_path": str(data_path), "eps": str(eps), "out_dir": str(out_dir)}
-    return run_finetune(o, echo)
+    ok = False
+    try:
+        rep = run_finetune(o, echo)
+        ok = True
+        return rep
+    finally:
+        from lipverify.train.distributed import finish
+
+        finish(ok)
 
 
 def run_finetune(o: dict, echo=None) -> dict:
