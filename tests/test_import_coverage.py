@@ -73,6 +73,7 @@ def _exact_l2(lm):
     ("softsign", {}, F.softsign),
     ("silu", {}, F.silu),
     ("gelu", {}, F.gelu),
+    ("gelu", {"approximate": "tanh"}, lambda x: F.gelu(x, approximate="tanh")),
     ("elu", {"alpha": 2.5}, lambda x: F.elu(x, 2.5)),
     ("prelu", {"weight": torch.tensor([0.25, -0.5, 1.5])}, None),
 ])
@@ -289,6 +290,70 @@ def test_gelu_as_onnx_writes_it(tmp_path):
     assert rep.global_bound.value == pytest.approx(expect, rel=1e-4)
 
 
+class _Bilinear(nn.Module):
+    def __init__(self, align):
+        super().__init__()
+        self.align = align
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 10 * 14, 4)
+
+    def forward(self, x):
+        h = F.interpolate(self.conv(x), size=(10, 14), mode="bilinear", align_corners=self.align)
+        return self.fc(torch.flatten(h, 1))
+
+
+@pytest.mark.parametrize("fmt", ["module", "onnx", "pt2"])
+@pytest.mark.parametrize("align", [False, True])
+def test_bilinear_resize_is_a_separable_linear_map(fmt, align, tmp_path):
+    """Bilinear upsampling is linear: the network conv -> resize -> dense is linear, so its exact l2
+    constant is the norm of its (constant) Jacobian, which the bound must match."""
+    torch.manual_seed(0)
+    net = _Bilinear(align).eval()
+    if fmt == "onnx":
+        path = tmp_path / "r.onnx"
+        _export(net, (2, 5, 6), path)
+        assert any(n.op_type == "Resize" for n in onnx.load(str(path)).graph.node)
+        lm = lipverify.load(path)
+    elif fmt == "pt2":
+        ep = torch.export.export(net, (torch.rand(2, 2, 5, 6),),
+                                 dynamic_shapes=({0: torch.export.Dim("b", min=1, max=64)},))
+        path = tmp_path / "r.pt2"
+        torch.export.save(ep, str(path))
+        lm = lipverify.load(path)
+    else:
+        lm = lipverify.load(net, input_shape=(2, 5, 6))
+    exact = _exact_l2(lm)
+    bound = lm.bounds("2").global_bound.value
+    assert exact <= bound <= exact * (1 + 1e-4), (bound, exact)
+
+
+@pytest.mark.parametrize("fmt", ["module", "onnx", "pt2"])
+def test_tanh_gelu_in_every_format(fmt, tmp_path):
+    """GELU(approximate='tanh'): a module / aten op, and in ONNX the polynomial x + 0.044715 x^3 inside a
+    Tanh, + 1, times x (recognised as 2 GELU, never as products): the exact layer norms times 1.1291."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.GELU(approximate="tanh"), nn.Linear(8, 3)).eval()
+    if fmt == "onnx":
+        path = tmp_path / "g.onnx"
+        _export(net, (6,), path)
+        assert any(n.op_type == "Tanh" for n in onnx.load(str(path)).graph.node)
+        lm = lipverify.load(path)
+    elif fmt == "pt2":
+        ep = torch.export.export(net, (torch.rand(2, 6),), dynamic_shapes=({0: torch.export.Dim("b", min=1, max=64)},))
+        path = tmp_path / "g.pt2"
+        torch.export.save(ep, str(path))
+        lm = lipverify.load(path)
+    else:
+        lm = lipverify.load(net, input_shape=(6,))
+    rep = lm.bounds("2")
+    assert rep.domain is None and not lm.graph.domain_nodes()
+    acts = [r for r in rep.layers if r.kind == "activation"]
+    assert len(acts) == 1 and "gelu(tanh)" in acts[0].op
+    w1, w2 = net[0].weight.detach().double(), net[2].weight.detach().double()
+    expect = float(torch.linalg.matrix_norm(w1, 2) * torch.linalg.matrix_norm(w2, 2)) * 1.1291
+    assert rep.global_bound.value == pytest.approx(expect, rel=1e-4)
+
+
 @pytest.mark.parametrize("fmt", ["module", "onnx"])
 @pytest.mark.parametrize("pool", [dict(kernel_size=2, stride=2, ceil_mode=True, count_include_pad=False),
                                   dict(kernel_size=3, stride=2, padding=1, count_include_pad=False),
@@ -325,9 +390,12 @@ def test_nearest_resize_is_a_selection(fmt, tmp_path):
     shape = (2, 3, 3)
     lm = _load(net, shape, fmt, tmp_path)
     assert lm.bounds("2").global_bound.value == pytest.approx(2.0, rel=1e-5)
-    bil = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear"), nn.Flatten()).eval()
-    with pytest.raises(lipverify.UserInputError, match="nearest"):
-        lipverify.load(bil, input_shape=shape)
+    # bilinear and bicubic are linear too (separable interpolation, not selections): the exact norm
+    for mode in ("bilinear", "bicubic"):
+        lin = nn.Sequential(nn.Upsample(scale_factor=2, mode=mode), nn.Flatten()).eval()
+        lm = _load(lin, shape, fmt, tmp_path)
+        exact = _exact_l2(lm)
+        assert exact <= lm.bounds("2").global_bound.value <= exact * (1 + 1e-4)
 
 
 @pytest.mark.parametrize("fmt", ["module", "onnx"])

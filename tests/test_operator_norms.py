@@ -476,3 +476,24 @@ def test_pointwise_conv_bound_equals_exact_operator_norm(stride, groups):
     exact = float(torch.linalg.matrix_norm(mat, ord=2))
     got = conv_norm2_fft(w, (5, 5), stride=stride, groups=groups)
     assert exact <= got <= exact * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("shape", [(256, 300), (600, 256), (257, 257)])
+def test_gram_path_of_the_dense_norm_is_sound_and_tight(shape):
+    """Large dense layers use lambda_max of the Gram matrix with an explicit rounding term: never below
+    the SVD's value (an independent algorithm), at most the 1e-6 safety factor above it — also for
+    rank-one-dominated and rank-deficient matrices."""
+    from lipverify.graph.operator_norms import GRAM_MIN_SIDE, SOUND_FACTOR, dense_norm2, dense_norm2_gram
+
+    assert min(shape) >= GRAM_MIN_SIDE
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(shape, generator=g, dtype=torch.float64)
+    u = torch.randn(shape[0], 1, generator=g, dtype=torch.float64)
+    v = torch.randn(1, shape[1], generator=g, dtype=torch.float64)
+    low_rank = torch.randn(shape[0], 3, generator=g, dtype=torch.float64) @ torch.randn(3, shape[1], generator=g,
+                                                                                       dtype=torch.float64)
+    for W in (base, 1e3 * u @ v + 1e-3 * base, low_rank, base.float()):
+        exact = float(torch.linalg.svdvals(W.double())[0])
+        got = dense_norm2_gram(W)
+        assert exact <= got <= exact * SOUND_FACTOR * (1 + 1e-7)
+        assert dense_norm2(W) == got

@@ -74,12 +74,18 @@ def make_activation(name: str, **kw) -> Activation:
     if name == "gelu":
         # GELU' ranges over [-0.12891, 1.12891] (extremes at x = -+sqrt(2)); the table keeps a wider
         # lower end.  ``scale`` s: the map s * GELU(x) (exporters write x * (1 + erf(x / sqrt 2)) = 2 GELU)
+        # The tanh approximation's slope ranges over [-0.128993, 1.128993] (dense grid): 1.1291 above.
         sc = float(kw.get("scale", 1.0))
+        ap = str(kw.get("approximate", "none"))
         if sc <= 0:
             raise KeyError("gelu with a non-positive scale")
+        if ap not in ("none", "tanh"):
+            raise KeyError(f"gelu with approximate={ap!r}")
+        hi = 1.1290 if ap == "none" else 1.1291
+        base = "gelu" if ap == "none" else "gelu(tanh)"
         if sc == 1.0:
-            return Activation("gelu", F.gelu, -0.1701, 1.1290)
-        return Activation(f"{sc:g}*gelu", lambda x: sc * F.gelu(x), -0.1701 * sc, 1.1290 * sc)
+            return Activation(base, lambda x: F.gelu(x, approximate=ap), -0.1701, hi)
+        return Activation(f"{sc:g}*{base}", lambda x: sc * F.gelu(x, approximate=ap), -0.1701 * sc, hi * sc)
     if name == "silu":
         # SiLU' ranges over about [-0.0998, 1.0998]
         return Activation("silu", F.silu, -0.0999, 1.0999)

@@ -50,7 +50,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "GRAM_MIN_SIDE",
     "SOUND_FACTOR",
+    "dense_norm2_gram",
     "ConvGeometry",
     "PowerIterationResult",
     "BatchedPowerIterationResult",
@@ -115,7 +117,36 @@ def dense_norm2(W: torch.Tensor) -> float:
     W = _as_matrix(W)
     if W.numel() == 0:
         return 0.0
+    if min(W.shape) >= GRAM_MIN_SIDE:
+        return dense_norm2_gram(W)
     return float(torch.linalg.svdvals(W)[0]) * SOUND_FACTOR
+
+
+#: from this smaller side on, :func:`dense_norm2` uses the Gram matrix (a few times faster than an SVD).
+GRAM_MIN_SIDE = 256
+
+
+def dense_norm2_gram(W: torch.Tensor) -> float:
+    """Sound ``sigma_max(W)`` from the eigenvalues of the smaller Gram matrix ``G = W W^T`` (or ``W^T W``).
+
+    ``sigma_max(W)^2 = lambda_max(G)``.  Forming ``G`` in float64 errs by ``|dG| <= gamma_n |W| |W|^T``
+    entrywise (``gamma_n = n u / (1 - n u)``, ``u = 2^-53``, ``n`` the inner dimension), so
+    ``||dG||_2 <= gamma_n ||W||_F^2``; the symmetric eigensolver is backward stable with error below
+    ``c m u ||G||_2 <= c m u ||W||_F^2`` (``c = 10`` here, generous).  The bound returned is
+    ``sqrt(lambda_max(fl(G)) + (gamma_n + 10 m u) ||W||_F^2) * SOUND_FACTOR``.  Cost: ``m^2 n`` for
+    ``G`` plus ``O(m^3)`` for the eigenvalues (``m`` the smaller side), against ``O(m n min(m, n))``
+    with a larger constant for an SVD.
+    """
+    W = _as_matrix(W).to(torch.float64)
+    if W.shape[0] > W.shape[1]:
+        W = W.T
+    m, n = W.shape
+    G = W @ W.T
+    lam = float(torch.linalg.eigvalsh(G)[-1])
+    u = 2.0 ** -53
+    gamma = n * u / (1 - n * u)
+    fro2 = float((W * W).sum()) * (1 + 2 * gamma)
+    return math.sqrt(max(lam, 0.0) + (gamma + 10 * m * u) * fro2) * SOUND_FACTOR
 
 
 def dense_norm_inf(W: torch.Tensor) -> float:

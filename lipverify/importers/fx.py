@@ -308,6 +308,10 @@ class _Builder:
             return
         if self._normalization(node, src, in_shape, mod):
             return
+        if name == "tanh" or (mod is not None and type(mod) is nn.Tanh) or \
+                (node.op == "call_function" and node.target in (torch.tanh, F.tanh)):
+            if self._gelu_tanh_pattern(node, src):
+                return
 
         # activations
         if mod is not None and type(mod) in ACT_MODULES:
@@ -413,7 +417,7 @@ class _Builder:
 
         # coordinate selections
         if name in SELECT_MODULES or (node.op == "call_function" and (
-                node.target in SELECT_FUNCS or getattr(node.target, "__name__", "") in SELECT_FUNC_NAMES)) or (
+                node.target in SELECT_FUNCS or str(getattr(node.target, "__name__", "")).split(".")[0] in SELECT_FUNC_NAMES)) or (
                 node.op == "call_method" and node.target in SELECT_METHODS):
             self._select(node, src, in_shape, name)
             return
@@ -470,6 +474,70 @@ class _Builder:
         self._absorbed.update({erf, add})
         self._pre_emitted.add(mul)
         self.index[erf] = self.index[mul]
+        return True
+
+    def _gelu_tanh_pattern(self, tanh: fx.Node, inner: fx.Node) -> bool:
+        """``x * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` — the tanh form of GELU as exporters write it
+        (2 GELU; the 0.5 that follows is an ordinary scale).  Structure: ``tanh``, ``+ 1``, the product
+        with ``x``, where the tanh's argument depends on ``x`` alone; checked numerically on the
+        example and on a random input.  The nodes of the polynomial become dead and are pruned."""
+        gm = self.gm
+        if len(tanh.users) != 1:
+            return False
+        add = next(iter(tanh.users))
+        if binary_kind(gm, add) != "add" or len(add.users) != 1:
+            return False
+        mul = next(iter(add.users))
+        if binary_kind(gm, mul) != "mul":
+            return False
+        others = [a for a in mul.args if isinstance(a, fx.Node) and a is not add and self.dep.get(a, False)]
+        if len(others) != 1:
+            return False
+        x = others[0]
+        # the tanh's argument: a function of x only
+        chain, todo, seen = [], [inner], set()
+        while todo:
+            n = todo.pop()
+            if n is x or n in seen:
+                continue
+            seen.add(n)
+            deps = [a for a in n.all_input_nodes if self.dep.get(a, False)]
+            if not deps or n.op == "placeholder" or len(seen) > 16:
+                return False
+            chain.append(n)
+            todo.extend(deps)
+        order = {n: k for k, n in enumerate(gm.graph.nodes)}
+        chain = sorted(chain, key=order.get) + [tanh, add, mul]
+
+        def run(xv):
+            local = dict(self.env)
+            local[x] = xv
+            for n in chain:
+                for a in n.all_input_nodes:
+                    if a not in local and a.op == "get_attr":
+                        obj = gm
+                        for part in a.target.split("."):
+                            obj = getattr(obj, part)
+                        local[a] = obj
+                local[n] = self._run(n, local)
+            return local[mul]
+
+        with torch.no_grad():
+            try:
+                xv = self.env[x]
+                t = torch.randn(xv.shape, generator=torch.Generator().manual_seed(12), dtype=xv.dtype).to(xv.device) * 3
+                ok = all(torch.allclose(run(v), 2 * F.gelu(v, approximate="tanh"), rtol=1e-5,
+                                        atol=1e-5 * (1 + float(v.abs().max()))) for v in (xv, t))
+            except Exception:
+                return False
+        if not ok:
+            return False
+        self.index[mul] = len(self.nodes)
+        self.nodes.append(Node(mul.name, "activation", [self.index[x]], tuple(self.env[x].shape[1:]),
+                               make_activation("gelu", scale=2.0, approximate="tanh"), [n.name for n in chain]))
+        self._absorbed.update({tanh, add})
+        self._pre_emitted.add(mul)
+        self.index[tanh] = self.index[mul]
         return True
 
     def _tuple_item(self, node: fx.Node) -> None:
@@ -667,8 +735,9 @@ class _Builder:
                         "max_val": _num(self._const_arg(node, 2, "max_val", 1.0))}
             if act == "softplus":
                 return {"beta": _num(self._const_arg(node, 1, "beta", 1.0))}
-            if act == "gelu" and node.kwargs.get("approximate", "none") not in ("none", "tanh"):
-                return None
+            if act == "gelu":
+                ap = node.kwargs.get("approximate", "none")
+                return {"approximate": ap} if ap in ("none", "tanh") else None
             return {}
         except _NotConst:
             return None
@@ -887,10 +956,65 @@ class _Builder:
         if sel is None:
             why = "not a coordinate selection"
             if "resize" in name.lower() or "upsampl" in name.lower() or "interpolate" in name.lower():
-                why = "only nearest-neighbour resizing is bounded (a selection)"
+                if self._separable_resize(node, src, in_shape, fn):
+                    return
+                why = "a resize that is neither a selection nor separable linear interpolation"
             self._bad(node, why)
             return
         self._emit_checked(node, src, sel)
+
+    def _batched(self, fn, t: torch.Tensor) -> torch.Tensor:
+        """``fn`` over the rows of ``t`` in chunks of the example's batch size (zero padded), float64."""
+        B = self.env[next(iter(k for k in self.env if isinstance(self.env[k], torch.Tensor)
+                               and self.dep.get(k, False)))].shape[0]
+        outs = []
+        for s in range(0, len(t), B):
+            chunk = t[s:s + B]
+            if len(chunk) < B:
+                chunk = torch.cat([chunk, chunk.new_zeros((B - len(chunk),) + tuple(chunk.shape[1:]))])
+            outs.append(fn(chunk)[: min(B, len(t) - s)].to(torch.float64))
+        return torch.cat(outs)
+
+    def _separable_resize(self, node, src, in_shape, fn) -> bool:
+        """Bilinear (linear, any ``align_corners``) resizing of a ``(C, H, W)`` tensor: ``R_h (x) R_w`` per
+        channel, read off the op by pushing rows (columns) of ones through it, whose image is the
+        column of ``R_h`` (``R_w``) when the other factor's rows sum to one; the chain
+        dense -> transpose -> dense -> transpose is then checked against the op on the example and on a
+        random input.  Its l2 norm is bounded by ``||R_h|| ||R_w||`` (exact for a Kronecker product)."""
+        y = self.env[node]
+        if len(in_shape) != 3 or y.dim() != 4:
+            return False
+        c, hi, wi = in_shape
+        ho, wo = y.shape[2], y.shape[3]
+        dev = self.env[src].device
+        with torch.no_grad():
+            try:
+                dt = self.env[src].dtype
+                rows = torch.zeros((hi, c, hi, wi), dtype=dt, device=dev)
+                rows[torch.arange(hi), :, torch.arange(hi), :] = 1.0
+                cols = torch.zeros((wi, c, hi, wi), dtype=dt, device=dev)
+                cols[torch.arange(wi), :, :, torch.arange(wi)] = 1.0
+                # in batches of the example's size: exported sizes often carry the example's batch size
+                out_r, out_c = self._batched(fn, rows), self._batched(fn, cols)
+            except Exception:
+                return False
+        if tuple(out_r.shape[1:]) != (c, ho, wo) or tuple(out_c.shape[1:]) != (c, ho, wo):
+            return False
+        r_h = out_r[:, 0, :, 0].T.contiguous().cpu()  # (ho, hi)
+        r_w = out_c[:, 0, 0, :].T.contiguous().cpu()  # (wo, wi)
+        d_w = Dense(r_w, (c, hi, wi))
+        swap1 = probe_select(lambda t: t.transpose(2, 3), (c, hi, wo), TRACE_BATCH, label="transpose")
+        d_h = Dense(r_h, (c, wo, hi))
+        swap2 = probe_select(lambda t: t.transpose(2, 3), (c, wo, ho), TRACE_BATCH, label="transpose")
+        op = Chain([d_w, swap1, d_h, swap2])
+        with torch.no_grad():
+            t = torch.rand((3, c, hi, wi), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+            want = self._batched(fn, t.to(dev, self.env[src].dtype)).cpu()
+            got = op.to_double_copy().forward(t)
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * (1 + float(want.abs().max()))):
+            return False
+        self._emit_checked(node, src, op, label="bilinear resize")
+        return True
 
     def _concat(self, node, deps):
         if len(node.all_input_nodes) != len(deps) and not all(self.dep.get(a) for a in node.all_input_nodes):

@@ -34,7 +34,7 @@ ACT_MODULES: dict[type, Callable[[nn.Module], tuple[str, dict]]] = {
     nn.ReLU: lambda m: ("relu", {}),
     nn.Tanh: lambda m: ("tanh", {}),
     nn.Sigmoid: lambda m: ("sigmoid", {}),
-    nn.GELU: lambda m: ("gelu", {}) if m.approximate == "none" else ("gelu", {}),
+    nn.GELU: lambda m: ("gelu", {"approximate": m.approximate}),
     nn.SiLU: lambda m: ("silu", {}),
     nn.ELU: lambda m: ("elu", {"alpha": m.alpha}),
     nn.LeakyReLU: lambda m: ("leaky_relu", {"negative_slope": m.negative_slope}),
@@ -94,7 +94,8 @@ SELECT_FUNCS = {
 
 
 #: functions known by name (they live in other packages): the identity in eval mode, checked by probing
-SELECT_FUNC_NAMES = {"stochastic_depth", "drop_path", "interpolate", "upsample_nearest2d"}
+SELECT_FUNC_NAMES = {"stochastic_depth", "drop_path", "interpolate", "upsample_nearest2d", "upsample_nearest1d",
+                     "upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d", "_upsample_nearest_exact2d"}
 
 SELECT_METHODS = {
     "view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous",
