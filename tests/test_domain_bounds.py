@@ -5,6 +5,7 @@ Jacobian norms and difference quotients inside the domain, in all three import f
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
 import sys
 
@@ -175,13 +176,48 @@ def test_products_need_a_domain_and_refusals_are_clean(tmp_path):
     np.savez(data, x=torch.rand(4, 3, 5, 5).numpy(), y=np.zeros(4, dtype=np.int64))
     cmd = [sys.executable, "-m", "lipverify"]
     r = subprocess.run(cmd + ["certify", str(path), "--data", str(data), "--method", "local", "--eps", "0.01",
-                              "--quiet"], capture_output=True, text=True)
-    assert r.returncode == 2 and "local bounds do not cover" in r.stderr and "Traceback" not in r.stderr
+                              "--quiet", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert any("input domain [0, 1]" in n for n in json.loads(r.stdout)["notes"])
     r = subprocess.run(cmd + ["bounds", str(path), "--clip", "0,0.5", "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    import json
-
     assert json.loads(r.stdout)["domain"] == [0.0, 0.5]
     r = subprocess.run(cmd + ["finetune", str(path), "--data", str(data), "--eps", "0.1", "--out",
                               str(tmp_path / "ft"), "--epochs", "1"], capture_output=True, text=True)
     assert r.returncode == 2 and "input domain" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("p", ["2", "inf"])
+def test_local_bounds_on_the_ball_inside_the_domain(p):
+    """Local bounds of a gated, normalised net: below the global (domain) bound, above every difference
+    quotient between points of the ball that lie in the domain, and local certificates never exceed
+    the attack's radius."""
+    from lipverify.attacks import min_norm_radius
+    from lipverify.bounds.local import local_margin_constants
+
+    net = GatedNet(seed=5)
+    lm = lipverify.load(net.eval(), input_shape=(3, 5, 5))
+    f64 = lm.module_double()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand((5, 3, 5, 5), generator=gen, dtype=torch.float64)
+    x[0, 0, 0, 0] = 0.0  # on the edge of the domain: only the inside half of its ball counts
+    eps = 0.02
+    res = local_margin_constants(lm.graph, x, eps, p, domain=lm.effective_domain(), clamp_to_global=False)
+    glob = lm.bounds(p).global_bound.value
+    assert bool((res.lipschitz <= glob * (1 + 1e-9)).all())
+    for b in range(len(x)):
+        for _ in range(20):
+            d = torch.rand(x[b].shape, generator=gen, dtype=torch.float64) * 2 - 1
+            d = d * eps / (d.abs().max() if p == "inf" else d.norm())
+            y, z = (x[b] + d).clamp(0, 1), (x[b] - 0.5 * d).clamp(0, 1)
+            num = (f64(y[None]) - f64(z[None])).reshape(-1)
+            den = (y - z).reshape(-1)
+            q = float(num.norm() / den.norm()) if p == "2" else float(num.abs().max() / den.abs().max())
+            assert q <= float(res.lipschitz[b]) * (1 + 1e-9)
+    if p == "2":
+        xs = torch.rand((6, 3, 5, 5), generator=gen).float()
+        y = lm.module(xs).argmax(1)
+        cert = lm.certify(xs, y, method="local")
+        adv = min_norm_radius(lm.module, xs, y, norm="2", clip=(0.0, 1.0))
+        for c, r in zip(cert.inputs, adv.radius.tolist()):
+            assert c.radius <= r + 1e-9

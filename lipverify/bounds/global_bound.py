@@ -36,7 +36,7 @@ import torch
 
 from lipverify.errors import UserInputError
 from lipverify.graph import LipschitzGraph, Node
-from lipverify.graph.domain import interval_bounds, min_variance, product_factors
+from lipverify.graph.domain import interval_bounds, normalization_constants, product_factors
 from lipverify.graph.linear_ops import Bound
 from lipverify.graph.operator_norms import SOUND_FACTOR
 
@@ -140,9 +140,9 @@ def _normalize_constant(n: Node, p: str, ibp, label) -> Bound:
         return Bound(op.lipschitz(p), f"max|gamma| / sqrt(eps){' x (2 + sqrt n)' if p == 'inf' else ''} "
                                       "(any input)", True)
     lb, ub = ibp[n.inputs[0]]
-    B = lb.shape[0]
-    vmin = float(min_variance(lb.reshape(B, op.groups, op.size), ub.reshape(B, op.groups, op.size)).min())
-    return Bound(op.lipschitz(p, vmin), f"max|gamma| / sqrt(var_min + eps), var_min = {vmin:.3g} ({label})", True)
+    value = float(normalization_constants(op, lb, ub, p).max())
+    return Bound(value, f"max|gamma| / sqrt(var_min + eps), var_min the minimum on the node's input box ({label})",
+                 True)
 
 
 def combine_lipschitz(node: Node, ins: list, linear_constant=None):

@@ -76,7 +76,15 @@ from lipverify.bounds.global_bound import margin_constants, propagate
 from lipverify.graph import LipschitzGraph, minmax
 from lipverify.graph import operator_norms as on
 from lipverify.graph.operator_norms import SOUND_FACTOR
-from lipverify.graph.domain import REL_SLACK, activation_interval, linear_interval
+from lipverify.graph.domain import (
+    REL_SLACK,
+    activation_interval,
+    linear_interval,
+    mul_interval,
+    normalization_constants,
+    normalization_interval,
+    product_factors_batched,
+)
 
 __all__ = [
     "LocalBoundResult",
@@ -122,21 +130,22 @@ class LocalBoundResult:
 class _Context:
     """Float64 copies of the linear ops, global constants and row norms of one graph and norm."""
 
-    def __init__(self, graph: LipschitzGraph, p: str, cache: dict):
+    def __init__(self, graph: LipschitzGraph, p: str, cache: dict, domain=None):
         self.graph = graph
         self.p = p
         self.cache = cache
+        self.domain = domain
         ops = cache.get("ops64")
         if ops is None:
             ops = {i: copy.deepcopy(n.op).to(torch.float64)
                    for i, n in enumerate(graph.nodes) if n.kind == "linear"}
             cache["ops64"] = ops
         self.ops: dict = ops
-        key = ("consts", p)
+        key = ("consts", p, _domain_key(domain))
         if key not in cache:
-            cache[key] = propagate(graph, p)
+            cache[key] = propagate(graph, p, domain=domain)
         self.consts = cache[key]
-        key = ("K", p)
+        key = ("K", p, _domain_key(domain))
         if key not in cache:
             cache[key] = margin_constants(graph, self.consts, p).K
         self.K_global: torch.Tensor = cache[key]
@@ -202,6 +211,13 @@ class _Context:
         return self.cache[key]
 
 
+def _domain_key(domain):
+    if domain is None:
+        return None
+    return tuple(float(v) if not isinstance(v, torch.Tensor) else (tuple(v.shape), float(v.sum()), float(v.min()))
+                 for v in domain)
+
+
 def _norm_arg(norm) -> str:
     p = str(norm)
     if p in ("infinity", "linf", "l_inf"):
@@ -249,6 +265,10 @@ def _propagate_intervals(ctx: _Context, x: torch.Tensor, eps: torch.Tensor, poin
         if k == "input":
             e = _bc(eps, x)
             lb, ub = x - e, x + e
+            if ctx.domain is not None:  # the analysis covers the ball inside the domain
+                dlo, dhi = (torch.as_tensor(v, dtype=torch.float64, device=x.device) for v in ctx.domain)
+                lb, ub = torch.maximum(lb, dlo), torch.minimum(ub, dhi)
+                ub = torch.maximum(ub, lb)
             vm = _bc(eps > 0, x).expand(x.shape).clone()  # nothing varies on a ball of radius 0
         else:
             ins = n.inputs
@@ -293,6 +313,16 @@ def _propagate_intervals(ctx: _Context, x: torch.Tensor, eps: torch.Tensor, poin
                 lb = torch.cat([lbs[j] for j in ins], dim=ax)
                 ub = torch.cat([ubs[j] for j in ins], dim=ax)
                 vm = torch.cat([var[j] for j in ins], dim=ax)
+            elif k == "mul":
+                (la, ua), (lb_, ub_) = (lbs[ins[0]], ubs[ins[0]]), (lbs[ins[1]], ubs[ins[1]])
+                lb, ub = mul_interval(la, ua, lb_, ub_)
+                vm = (var[ins[0]] | var[ins[1]]).expand(lb.shape).clone()
+            elif k == "normalization":
+                lb, ub = normalization_interval(n.op, lbs[ins[0]], ubs[ins[0]])
+                v = var[ins[0]]
+                B_ = v.shape[0]
+                vm = v.reshape(B_, n.op.groups, n.op.size).any(2, keepdim=True).expand(
+                    B_, n.op.groups, n.op.size).reshape(v.shape).clone()
             else:
                 raise ValueError(f"unknown node kind {k}")
             if point is not None:
@@ -318,9 +348,9 @@ def _analyse(ctx: _Context, x: torch.Tensor, eps: torch.Tensor):
     return _propagate_intervals(ctx, x, eps, point=(point[0], point[1]))
 
 
-def _prepare_inputs(graph, x, eps, norm, cache):
+def _prepare_inputs(graph, x, eps, norm, cache, domain=None):
     p = _norm_arg(norm)
-    ctx = _Context(graph, p, cache)
+    ctx = _Context(graph, p, cache, domain)
     x = torch.as_tensor(x).to(device=ctx.device, dtype=torch.float64)
     shape = tuple(graph.input_shape)
     if tuple(x.shape[1:]) != shape:
@@ -512,7 +542,7 @@ def combine_local(graph: LipschitzGraph, norms: dict[int, torch.Tensor], masks: 
     return _combine(ctx, norms, masks)
 
 
-def _combine(ctx: _Context, norms, masks):
+def _combine(ctx: _Context, norms, masks, bounds=None):
     g, p = ctx.graph, ctx.p
     B = next(iter(masks.values())).shape[0]
     L: list = [None] * len(g.nodes)
@@ -529,6 +559,13 @@ def _combine(ctx: _Context, norms, masks):
         elif k == "concat":
             st = torch.stack([L[j] for j in n.inputs])
             L[i] = st.pow(2).sum(0).sqrt() if p == "2" else st.amax(0)
+        elif k == "mul":
+            # product rule with the factors' intervals on each example's ball
+            f_a, f_b = product_factors_batched(g, i, bounds, p)
+            L[i] = f_b.to(ctx.device) * L[n.inputs[1]] + f_a.to(ctx.device) * L[n.inputs[0]]
+        elif k == "normalization":
+            lb, ub = bounds[n.inputs[0]]
+            L[i] = normalization_constants(n.op, lb, ub, p).to(ctx.device) * L[n.inputs[0]]
         else:
             L[i] = float(ctx.consts[i].constant.value) * L[n.inputs[0]]
     out = g.nodes[g.output]
@@ -550,7 +587,8 @@ def _combine(ctx: _Context, norms, masks):
 
 def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *,
                            tol: float = 1e-3, max_iter: int = 2000, exact_max_entries: int = 250_000,
-                           warm_start: dict | None = None, clamp_to_global: bool = True) -> LocalBoundResult:
+                           warm_start: dict | None = None, clamp_to_global: bool = True,
+                           domain=None) -> LocalBoundResult:
     """Local margin constants ``K_ij(x_b, eps_b)`` and local Lipschitz bounds on ``B_p(x_b, eps_b)``.
 
     Huang et al. 2021 ("Training certifiably robust neural networks with efficient local Lipschitz
@@ -580,6 +618,10 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
         A dict owned by the caller and reused across calls **on the same graph**: it caches the float64
         ops, global constants, row norms, small operator matrices and, under the linear node's index,
         the unmasked top right singular vector that warm-starts every power iteration.
+    domain:
+        ``(lo, hi)`` input box of graphs with products or normalisations (``LipModel.effective_domain()``):
+        the analysis then covers the part of each ball inside the domain, with the factors' intervals
+        on it (much tighter than on the whole domain).  Ignored for other graphs.
     clamp_to_global:
         Return ``min(local, global)`` elementwise (default).  Both bounds hold on the ball, so the
         minimum does too; ``False`` returns the local values alone (for checks).
@@ -595,18 +637,17 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
     examples).  On networks not trained for local bounds, the gain over the global bound is usually
     small.
     """
-    special = graph.domain_nodes()
-    if special:
+    if graph.domain_nodes() and domain is None:
         from lipverify.errors import UserInputError
 
-        kinds = sorted({graph.nodes[i].describe().split(" (")[0] for i in special})
-        raise UserInputError(f"local bounds do not cover {', '.join(kinds)} nodes yet (bounded on the input "
-                             "domain by the global analysis): use --method global")
+        raise UserInputError("local bounds of products/normalisations need the input domain (domain=(lo, hi))")
+    if not graph.domain_nodes():
+        domain = None
     cache = {} if warm_start is None else warm_start
     with torch.no_grad():
-        ctx, x, e = _prepare_inputs(graph, x, eps, norm, cache)
+        ctx, x, e = _prepare_inputs(graph, x, eps, norm, cache, domain)
         B = x.shape[0]
-        _, _, var = _analyse(ctx, x, e)
+        lbs, ubs, var = _analyse(ctx, x, e)
         masks = {i: v for i, v in enumerate(var) if v is not None}
         opm = operator_masks(graph, masks)
         norms: dict[int, torch.Tensor] = {}
@@ -620,7 +661,7 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
             norms[i] = v
             sound &= s
             iters = torch.maximum(iters, it)
-        K, lip = _combine(ctx, norms, masks)
+        K, lip = _combine(ctx, norms, masks, list(zip(lbs, ubs)))
         sf = torch.where(sound, torch.full_like(lip, SOUND_FACTOR), torch.ones_like(lip))
         K = K * sf[:, None, None]
         lip = lip * sf

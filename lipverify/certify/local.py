@@ -24,7 +24,7 @@ from lipverify.bounds.local import local_margin_constants
 
 def _local_ok(model, xs, pred, diffs, mask, eps, norm, warm, opts):
     """(certified, sound) for each row of ``xs`` at per-example ``eps`` (float64 tensor)."""
-    res = local_margin_constants(model.graph, xs, eps, norm, warm_start=warm, **opts)
+    res = local_margin_constants(model.graph, xs, eps, norm, warm_start=warm, domain=model.effective_domain(), **opts)
     K = res.K.cpu()
     Kj = K[torch.arange(len(pred)), pred]  # K_ji
     ok = ((diffs > eps[:, None] * Kj) | ~mask).all(1)

@@ -33,8 +33,8 @@ import torch
 
 from lipverify.graph.nodes import LipschitzGraph, minmax
 
-__all__ = ["REL_SLACK", "activation_interval", "interval_bounds", "linear_interval", "min_variance",
-           "product_factors"]
+__all__ = ["REL_SLACK", "activation_interval", "interval_bounds", "linear_interval", "min_variance", "mul_interval",
+           "normalization_constants", "normalization_interval", "product_factors", "product_factors_batched"]
 
 #: relative outward-rounding slack of interval bounds (float64 error is ~1e-16 per operation).
 REL_SLACK = 1e-8
@@ -156,27 +156,54 @@ def interval_bounds(graph: LipschitzGraph, lo, hi) -> list[tuple[torch.Tensor, t
     return out
 
 
-def _gather_factor(sup_other: torch.Tensor, mine_shape: tuple, out_shape: tuple, p: str) -> float:
-    """``F`` for the term ``other * d(mine)``: ``sup_other`` (1, *out_shape) bounds ``|other|`` at every
-    output position; ``mine`` is broadcast from ``mine_shape`` to ``out_shape``."""
+def _gather_factor(sup_other: torch.Tensor, mine_shape: tuple, out_shape: tuple, p: str) -> torch.Tensor:
+    """``F`` per example for the term ``other * d(mine)``: ``sup_other`` (B, *out_shape) bounds ``|other|``
+    at every output position; ``mine`` is broadcast from ``mine_shape`` to ``out_shape``."""
+    B = sup_other.shape[0]
     if p != "2":
-        return float(sup_other.max())
+        return sup_other.reshape(B, -1).amax(1)
     mine = (1,) * (len(out_shape) - len(mine_shape)) + tuple(mine_shape)
     dims = [d + 1 for d, (a, b) in enumerate(zip(mine, out_shape)) if a == 1 and b != 1]
     sq = sup_other.to(torch.float64) ** 2
     if dims:
         sq = sq.sum(dim=dims, keepdim=True)
-    return float(torch.sqrt(sq.max())) * (1 + 1e-12)
+    return torch.sqrt(sq.reshape(B, -1).amax(1)) * (1 + 1e-12)
 
 
-def product_factors(graph: LipschitzGraph, i: int, bounds, p: str) -> tuple[float, float]:
-    """``(F_a, F_b)`` of product node ``i`` (see the module docstring): ``L <= F_b L(b) + F_a L(a)``."""
+def product_factors_batched(graph: LipschitzGraph, i: int, bounds, p: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F_a, F_b)`` per example (``(B,)`` tensors) of product node ``i`` from per-example intervals
+    ``bounds[j] = (lb, ub)`` of ``(B, *shape)``: ``L <= F_b L(b) + F_a L(a)``."""
     n = graph.nodes[i]
     ja, jb = n.inputs
     out_shape = tuple(n.out_shape)
     (la, ua), (lb, ub) = bounds[ja], bounds[jb]
-    sa = torch.maximum(la.abs(), ua.abs()).expand((1,) + out_shape)
-    sb = torch.maximum(lb.abs(), ub.abs()).expand((1,) + out_shape)
+    B = la.shape[0]
+    sa = torch.maximum(la.abs(), ua.abs()).expand((B,) + out_shape)
+    sb = torch.maximum(lb.abs(), ub.abs()).expand((B,) + out_shape)
     f_b = _gather_factor(sa, tuple(graph.nodes[jb].out_shape), out_shape, p)
     f_a = _gather_factor(sb, tuple(graph.nodes[ja].out_shape), out_shape, p)
     return f_a, f_b
+
+
+def product_factors(graph: LipschitzGraph, i: int, bounds, p: str) -> tuple[float, float]:
+    """``(F_a, F_b)`` of product node ``i`` (see the module docstring): ``L <= F_b L(b) + F_a L(a)``."""
+    f_a, f_b = product_factors_batched(graph, i, bounds, p)
+    return float(f_a.max()), float(f_b.max())
+
+
+def normalization_constants(norm, lb: torch.Tensor, ub: torch.Tensor, p: str) -> torch.Tensor:
+    """Per example (``(B,)``): the constant of normalisation ``norm`` when its input lies in ``[lb, ub]``."""
+    B = lb.shape[0]
+    vmin = min_variance(lb.reshape(B, norm.groups, norm.size), ub.reshape(B, norm.groups, norm.size)).amin(1)
+    base = norm.gamma_max / torch.sqrt(vmin + norm.eps)
+    return base if p == "2" else base * (2.0 + math.sqrt(norm.size))
+
+
+def mul_interval(la, ua, lb, ub):
+    """Bounds of ``a * b`` (broadcasting) for ``a`` in ``[la, ua]`` and ``b`` in ``[lb, ub]``."""
+    return _mul_interval(la, ua, lb, ub)
+
+
+def normalization_interval(norm, lb, ub):
+    """Bounds of the normalisation's output for inputs in ``[lb, ub]``."""
+    return _norm_interval(norm, lb, ub)
