@@ -259,7 +259,23 @@ def convert_onnx(model, path, notes: list | None = None):
     except Exception as exc:
         raise UserInputError(f"could not convert the ONNX graph: {_explain_conversion_error(model, exc)}",
                              str(path)) from None
+    _repair_layer_norms(gm, notes)
     return gm.eval()
+
+
+def _repair_layer_norms(gm: nn.Module, notes) -> None:
+    """onnx2torch reads a LayerNormalization's normalised shape from the shape inference of its input;
+    where that is unknown (after reshapes with computed sizes) it writes 0s, and the module cannot run.
+    The scale has exactly the normalised shape (the operator broadcasts it over the trailing axes), so
+    it is taken from there."""
+    fixed = 0
+    for m in gm.modules():
+        if isinstance(m, nn.LayerNorm) and any(int(d) == 0 for d in m.normalized_shape) and m.weight is not None:
+            m.normalized_shape = tuple(int(d) for d in m.weight.shape)
+            fixed += 1
+    if fixed and notes is not None:
+        notes.append(f"{fixed} LayerNormalization node(s) without an inferred input shape: normalised shape read "
+                     "from the scale")
 
 
 def export_to_onnx(module: nn.Module, input_shape, path) -> bytes:
