@@ -8,6 +8,7 @@ import itertools
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,3 +222,83 @@ def test_local_bounds_on_the_ball_inside_the_domain(p):
         adv = min_norm_radius(lm.module, xs, y, norm="2", clip=(0.0, 1.0))
         for c, r in zip(cert.inputs, adv.radius.tolist()):
             assert c.radius <= r + 1e-9
+
+
+class TinyViT(nn.Module):
+    """Patch embedding, class token, positional embedding, one pre-norm encoder block, class-token head."""
+
+    def __init__(self, seed=0, e=12, heads=3):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Conv2d(3, e, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, e) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, 5, e) * 0.1)
+        self.ln1, self.ln2 = nn.LayerNorm(e), nn.LayerNorm(e)
+        self.attn = nn.MultiheadAttention(e, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(e, 2 * e), nn.GELU(), nn.Linear(2 * e, e))
+        self.head = nn.Linear(e, 4)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
+        h = self.ln1(t)
+        t = t + self.attn(h, h, h, need_weights=False)[0]
+        t = t + self.mlp(self.ln2(t))
+        return self.head(t[:, 0])
+
+
+@pytest.mark.parametrize("p", ["2", "inf"])
+def test_self_attention_bounded_on_the_domain(p, tmp_path):
+    """nn.MultiheadAttention (module and state-dict imports): global bound on the domain and local
+    bounds on balls inside it, both above every sampled Jacobian norm / difference quotient there."""
+    from lipverify.bounds.local import local_margin_constants
+
+    net = TinyViT().eval()
+    lm = lipverify.load(net, input_shape=(3, 8, 8))
+    assert "attention" in [n.kind for n in lm.graph.nodes]
+    f64 = lm.module_double()
+    gen = torch.Generator().manual_seed(4)
+    for lo, hi in ((0.0, 1.0), (0.3, 0.5)):
+        lm.set_domain(lo, hi)
+        L = lm.bounds(p).global_bound.value
+        for _ in range(5):
+            x = lo + (hi - lo) * torch.rand((1, 3, 8, 8), generator=gen, dtype=torch.float64)
+            assert _jac_norm(f64, x, p) <= L
+    lm.set_domain(0.0, 1.0)
+    x = torch.rand((3, 3, 8, 8), generator=gen, dtype=torch.float64)
+    eps = 0.01
+    res = local_margin_constants(lm.graph, x, eps, p, domain=lm.effective_domain(), clamp_to_global=False)
+    assert bool((res.lipschitz <= lm.bounds(p).global_bound.value * (1 + 1e-9)).all())
+    for b in range(len(x)):
+        for _ in range(10):
+            d = torch.rand(x[b].shape, generator=gen, dtype=torch.float64) * 2 - 1
+            d = d * eps / (d.abs().max() if p == "inf" else d.norm())
+            y, z = (x[b] + d).clamp(0, 1), (x[b] - d).clamp(0, 1)
+            num = (f64(y[None]) - f64(z[None])).reshape(-1)
+            den = (y - z).reshape(-1)
+            q = float(num.norm() / den.norm()) if p == "2" else float(num.abs().max() / den.abs().max())
+            assert q <= float(res.lipschitz[b]) * (1 + 1e-9)
+    # the same network from a state dict and --arch
+    sd = tmp_path / "vit.pth"
+    torch.save(net.state_dict(), sd)
+    arch = tmp_path / "arch.py"
+    arch.write_text("import sys\nsys.path.insert(0, %r)\nfrom test_domain_bounds import TinyViT\n\n"
+                    "def build():\n    return TinyViT()\n" % str(Path(__file__).parent))
+    lm2 = lipverify.load(sd, arch=f"{arch}:build", input_shape=(3, 8, 8))
+    assert lm2.bounds(p).global_bound.value == pytest.approx(lm.bounds(p).global_bound.value, rel=1e-9)
+
+
+def test_attention_intervals_enclose_sampled_values():
+    from lipverify.graph.domain import attention_interval
+
+    net = TinyViT(seed=2).eval()
+    att = next(n.op for n in lipverify.load(net, input_shape=(3, 8, 8)).graph.nodes if n.kind == "attention")
+    gen = torch.Generator().manual_seed(0)
+    c = torch.randn((1, 5, 12), generator=gen, dtype=torch.float64)
+    lb, ub = c - 0.3, c + 0.3
+    lo, hi = attention_interval(att, lb, ub)
+    xs = lb + (ub - lb) * torch.rand((200, 5, 12), generator=gen, dtype=torch.float64)
+    ys = att(xs)
+    assert bool((ys >= lo - 1e-12).all() and (ys <= hi + 1e-12).all())
+    ref = net.attn.double()(xs, xs, xs, need_weights=False)[0]
+    assert torch.allclose(ys, ref, atol=1e-12)

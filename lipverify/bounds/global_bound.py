@@ -36,7 +36,7 @@ import torch
 
 from lipverify.errors import UserInputError
 from lipverify.graph import LipschitzGraph, Node
-from lipverify.graph.domain import interval_bounds, normalization_constants, product_factors
+from lipverify.graph.domain import attention_constant, interval_bounds, normalization_constants, product_factors
 from lipverify.graph.linear_ops import Bound
 from lipverify.graph.operator_norms import SOUND_FACTOR
 
@@ -87,7 +87,7 @@ def propagate(graph: LipschitzGraph, p: str, method: str = "sound", power_tol: f
     if p not in ("2", "inf"):
         raise ValueError("norm must be '2' or 'inf'")
     special = graph.domain_nodes()
-    muls = [i for i in special if graph.nodes[i].kind == "mul"]
+    muls = [i for i in special if graph.nodes[i].kind in ("mul", "attention")]
     if muls and domain is None:
         names = ", ".join(graph.nodes[i].name for i in muls[:5]) + (" ..." if len(muls) > 5 else "")
         raise UserInputError(f"products of input-dependent tensors ({names}) have no global Lipschitz constant; "
@@ -105,6 +105,13 @@ def propagate(graph: LipschitzGraph, p: str, method: str = "sound", power_tol: f
             if n.kind == "normalization":
                 c = _normalize_constant(n, p, ibp, label)
                 on_domain[i] |= ibp is not None
+            elif n.kind == "attention":
+                if ibp is None:
+                    raise UserInputError(f"self-attention ({n.name}) has no global Lipschitz constant; bound it on "
+                                         "an input domain (--clip LO,HI)")
+                c = Bound(float(attention_constant(n.op, *ibp[n.inputs[0]], p).max()),
+                          f"product rule over the attention's products with interval bounds ({label})", True)
+                on_domain[i] = True
             else:
                 c = constants[i] if constants is not None else node_constant(n, p, method, power_tol)
             ins = [res[j].cumulative for j in n.inputs]

@@ -79,6 +79,8 @@ from lipverify.graph.operator_norms import SOUND_FACTOR
 from lipverify.graph.domain import (
     REL_SLACK,
     activation_interval,
+    attention_constant,
+    attention_interval,
     linear_interval,
     mul_interval,
     normalization_constants,
@@ -323,6 +325,10 @@ def _propagate_intervals(ctx: _Context, x: torch.Tensor, eps: torch.Tensor, poin
                 B_ = v.shape[0]
                 vm = v.reshape(B_, n.op.groups, n.op.size).any(2, keepdim=True).expand(
                     B_, n.op.groups, n.op.size).reshape(v.shape).clone()
+            elif k == "attention":
+                lb, ub = attention_interval(n.op, lbs[ins[0]], ubs[ins[0]])
+                v = var[ins[0]]
+                vm = v.reshape(v.shape[0], -1).any(1).reshape((-1,) + (1,) * (lb.dim() - 1)).expand(lb.shape).clone()
             else:
                 raise ValueError(f"unknown node kind {k}")
             if point is not None:
@@ -566,6 +572,9 @@ def _combine(ctx: _Context, norms, masks, bounds=None):
         elif k == "normalization":
             lb, ub = bounds[n.inputs[0]]
             L[i] = normalization_constants(n.op, lb, ub, p).to(ctx.device) * L[n.inputs[0]]
+        elif k == "attention":
+            lb, ub = bounds[n.inputs[0]]
+            L[i] = attention_constant(n.op, lb, ub, p).to(ctx.device) * L[n.inputs[0]]
         else:
             L[i] = float(ctx.consts[i].constant.value) * L[n.inputs[0]]
     out = g.nodes[g.output]

@@ -16,6 +16,7 @@ May import :mod:`lipverify.errors` and itself only: no importer, analysis, attac
 
 from lipverify.graph.nodes import (
     Activation,
+    Attention,
     LipschitzGraph,
     MaxPool,
     Node,
@@ -25,4 +26,4 @@ from lipverify.graph.nodes import (
     minmax,
 )
 
-__all__ = ["Activation", "LipschitzGraph", "MaxPool", "Node", "Normalization", "apply_node", "make_activation", "minmax"]
+__all__ = ["Activation", "Attention", "LipschitzGraph", "MaxPool", "Node", "Normalization", "apply_node", "make_activation", "minmax"]

@@ -33,7 +33,7 @@ import torch
 
 from lipverify.graph.nodes import LipschitzGraph, minmax
 
-__all__ = ["REL_SLACK", "activation_interval", "interval_bounds", "linear_interval", "min_variance", "mul_interval",
+__all__ = ["REL_SLACK", "activation_interval", "attention_constant", "attention_interval", "interval_bounds", "linear_interval", "min_variance", "mul_interval",
            "normalization_constants", "normalization_interval", "product_factors", "product_factors_batched"]
 
 #: relative outward-rounding slack of interval bounds (float64 error is ~1e-16 per operation).
@@ -151,6 +151,8 @@ def interval_bounds(graph: LipschitzGraph, lo, hi) -> list[tuple[torch.Tensor, t
             out[i] = _mul_interval(ins[0][0], ins[0][1], ins[1][0], ins[1][1])
         elif k == "normalization":
             out[i] = _norm_interval(n.op, *ins[0])
+        elif k == "attention":
+            out[i] = attention_interval(n.op, *ins[0])
         else:
             raise ValueError(f"node kind {k} has no interval rule")
     return out
@@ -207,3 +209,112 @@ def mul_interval(la, ua, lb, ub):
 def normalization_interval(norm, lb, ub):
     """Bounds of the normalisation's output for inputs in ``[lb, ub]``."""
     return _norm_interval(norm, lb, ub)
+
+
+# ------------------------------------------------------------------------------------------------
+# multi-head self-attention (Kim et al. 2021: dot-product attention has no global Lipschitz constant;
+# on a bounded domain the product rule applies to each of its products)
+
+
+def _interval_affine(lb, ub, w, b):
+    """``x W^T + b`` for ``x`` in ``[lb, ub]`` (last axis), outward rounded."""
+    c, r = (lb + ub) / 2, (ub - lb) / 2
+    w = w.to(c)
+    yc = c @ w.T
+    if b is not None:
+        yc = yc + b.to(c)
+    yr = r @ w.abs().T
+    slack = REL_SLACK * (c.abs() @ w.abs().T + yr + (0 if b is None else b.to(c).abs()))
+    return yc - yr - slack, yc + yr + slack
+
+
+def _interval_matmul(al, au, bl, bu):
+    """``A @ B`` for ``A`` in ``[al, au]``, ``B`` in ``[bl, bu]`` (batched), outward rounded."""
+    ac, ar = (al + au) / 2, (au - al) / 2
+    bc, br = (bl + bu) / 2, (bu - bl) / 2
+    cc = ac @ bc
+    cr = ac.abs() @ br + ar @ bc.abs() + ar @ br
+    slack = REL_SLACK * (ac.abs() @ bc.abs() + cr)
+    return cc - cr - slack, cc + cr + slack
+
+
+def _softmax_interval(sl, su):
+    """Row-wise softmax of ``S`` in ``[sl, su]`` (last axis): ``p_i >= exp(sl_i) / sum_j exp(su_j)`` and
+    ``p_i <= min(1, exp(su_i) / sum_j exp(sl_j))`` (each denominator only grows or shrinks)."""
+    lo = torch.exp(sl - torch.logsumexp(su, dim=-1, keepdim=True)) * (1 - 1e-12)
+    hi = torch.minimum(torch.exp(su - torch.logsumexp(sl, dim=-1, keepdim=True)) * (1 + 1e-12),
+                       torch.ones_like(su))
+    return lo.clamp_min(0.0), hi
+
+
+def _heads(t, att):
+    N, T, E = t.shape
+    return t.reshape(N, T, att.heads, E // att.heads).transpose(1, 2)
+
+
+def _attention_parts(att, lb, ub):
+    """Intervals of ``A``, ``B``, ``V`` (``(N, h, T, d)``) and of the attention weights ``P``."""
+    E = lb.shape[-1]
+    d = E // att.heads
+    A = [_heads(t, att) for t in _interval_affine(lb, ub, att.wq, att.bq)]
+    Bk = [_heads(t, att) for t in _interval_affine(lb, ub, att.wk, att.bk)]
+    V = [_heads(t, att) for t in _interval_affine(lb, ub, att.wv, att.bv)]
+    sl, su = _interval_matmul(A[0], A[1], Bk[0].transpose(-1, -2), Bk[1].transpose(-1, -2))
+    P = _softmax_interval(sl / math.sqrt(d), su / math.sqrt(d))
+    return A, Bk, V, P
+
+
+def attention_interval(att, lb, ub):
+    """Bounds of the attention's output for token inputs in ``[lb, ub]`` (``(N, T, E)``)."""
+    N, T, E = lb.shape
+    _, _, V, P = _attention_parts(att, lb, ub)
+    ol, ou = _interval_matmul(P[0], P[1], V[0], V[1])
+    ol, ou = (t.transpose(1, 2).reshape(N, T, E) for t in (ol, ou))
+    return _interval_affine(ol, ou, att.wo, att.bo)
+
+
+def _head_norms(w, heads, p):
+    """Per head, the l2 (or l-inf) operator norm of ``x -> x W_h^T`` (rows of head ``h``)."""
+    from lipverify.graph.operator_norms import SOUND_FACTOR
+
+    E = w.shape[0]
+    d = E // heads
+    out = []
+    for h in range(heads):
+        wh = w[h * d:(h + 1) * d].to(torch.float64)
+        out.append(float(torch.linalg.svdvals(wh)[0]) * SOUND_FACTOR if p == "2" else float(wh.abs().sum(1).max()))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def attention_constant(att, lb, ub, p: str) -> torch.Tensor:
+    """Per example (``(N,)``): a Lipschitz constant of the attention for token inputs in ``[lb, ub]``.
+
+    With ``S = A B^T / sqrt(d)``, ``P = softmax(S)`` row-wise (whose Jacobian ``diag(p) - p p^T`` has
+    norm at most 1/2 in l2 and l-inf, by Gershgorin) and ``O = P V``, the product rule gives per head
+    (l2, Frobenius norms over the tokens)::
+
+        c_h = 1/2 (||W_q,h|| ||B_h|| + ||A_h|| ||W_k,h||) / sqrt(d) * ||V_h|| + ||P_h|| ||W_v,h||
+
+    with ``||A_h||_2 <= ||sup|A_h| ||_F`` from the intervals and ``||P_h||_2 <= sqrt(max_j sum_i sup
+    P_ij)`` (rows sum to 1); the output is ``||W_o|| sqrt(sum_h c_h^2)``.  In l-inf the same with row
+    sums: ``c_h = 1/2 (n_q max_i sum_k sup|B_ik| + max_i sum_k sup|A_ik| n_k) / sqrt(d) * max_k
+    sum_j sup|V_jk| + n_v`` (``n`` the max row abs-sums), and the output ``n_o max_h c_h``.
+    """
+    from lipverify.graph.operator_norms import SOUND_FACTOR
+
+    E = lb.shape[-1]
+    d = E // att.heads
+    A, Bk, V, P = _attention_parts(att, lb, ub)
+    sup = [torch.maximum(t[0].abs(), t[1].abs()) for t in (A, Bk, V)]
+    nq, nk, nv = (_head_norms(w, att.heads, p).to(lb.device) for w in (att.wq, att.wk, att.wv))
+    if p == "2":
+        sA, sB, sV = (s.pow(2).sum((-1, -2)).sqrt() for s in sup)  # (N, h)
+        sP = P[1].sum(-2).amax(-1).sqrt()  # max column sum of the upper bounds
+        c = 0.5 * (nq * sB + sA * nk) / math.sqrt(d) * sV + sP * nv
+        no = float(torch.linalg.svdvals(att.wo.to(torch.float64))[0]) * SOUND_FACTOR
+        return no * c.pow(2).sum(-1).sqrt() * (1 + 1e-9)
+    rA, rB = (s.sum(-1).amax(-1) for s in sup[:2])  # max row sums over tokens
+    cV = sup[2].sum(-2).amax(-1)  # max column sums
+    c = 0.5 * (nq * rB + rA * nk) / math.sqrt(d) * cV + nv
+    no = float(att.wo.to(torch.float64).abs().sum(1).max())
+    return no * c.amax(-1) * (1 + 1e-9)

@@ -11,6 +11,7 @@ A model becomes a list of :class:`Node` in topological order.  Node kinds:
 ``concat``      concatenation along a per-example axis;
 ``mul``         the element-wise product of two input-dependent tensors (broadcasting: squeeze-excitation
                 gates, gated units) -- Lipschitz only on a bounded input domain;
+``attention``   multi-head self-attention (:class:`Attention`) -- Lipschitz only on a bounded domain;
 ``normalization`` a normalisation by a data-dependent scale (LayerNorm, GroupNorm, InstanceNorm;
                 :class:`Normalization`).
 
@@ -218,6 +219,45 @@ class Normalization:
         return base if p == "2" else base * (2.0 + math.sqrt(self.size))
 
 
+@dataclass(frozen=True)
+class Attention:
+    """Multi-head self-attention on ``(T, E)`` tokens (``nn.MultiheadAttention`` with ``batch_first``):
+    ``Y = concat_h(softmax(A_h B_h^T / sqrt(d)) V_h) W_o^T + b_o`` with ``A_h = X W_q,h^T + b_q,h`` (and
+    ``B``, ``V`` likewise), ``h`` heads of width ``d = E / h``.  Weights are float64 ``(E, E)``.  Its
+    constant exists on a bounded domain only (:func:`lipverify.graph.domain.attention_constant`)."""
+
+    heads: int
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    wo: torch.Tensor
+    bq: torch.Tensor | None = None
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+    bo: torch.Tensor | None = None
+
+    def projections(self, x: torch.Tensor):
+        """``(A, B, V)`` of shape ``(N, h, T, d)``."""
+        N, T, E = x.shape
+        h = self.heads
+
+        def proj(w, b):
+            y = x @ w.to(x).T
+            if b is not None:
+                y = y + b.to(x)
+            return y.reshape(N, T, h, E // h).transpose(1, 2)
+
+        return proj(self.wq, self.bq), proj(self.wk, self.bk), proj(self.wv, self.bv)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        N, T, E = x.shape
+        a, b, v = self.projections(x)
+        p = torch.softmax(a @ b.transpose(-1, -2) / math.sqrt(E // self.heads), dim=-1)
+        o = (p @ v).transpose(1, 2).reshape(N, T, E)
+        y = o @ self.wo.to(x).T
+        return y if self.bo is None else y + self.bo.to(x)
+
+
 @dataclass
 class Node:
     name: str
@@ -240,6 +280,8 @@ class Node:
             return f"concat(axis {self.op})"
         if self.kind == "normalization":
             return f"{self.op.name} ({self.op.groups} groups of {self.op.size})"
+        if self.kind == "attention":
+            return f"self-attention ({self.op.heads} heads, width {self.op.wq.shape[0]})"
         return self.kind
 
 
@@ -284,7 +326,7 @@ class LipschitzGraph:
     def domain_nodes(self) -> list[int]:
         """Nodes whose Lipschitz constant depends on the input domain (products of input-dependent
         tensors; normalisations, which have a global constant that the domain tightens)."""
-        return [i for i, n in enumerate(self.nodes) if n.kind in ("mul", "normalization")]
+        return [i for i, n in enumerate(self.nodes) if n.kind in ("mul", "normalization", "attention")]
 
 
 def apply_node(n: Node, xs: list[torch.Tensor]) -> torch.Tensor:
@@ -306,6 +348,6 @@ def apply_node(n: Node, xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(xs, dim=n.op + 1)
     if k == "mul":
         return xs[0] * xs[1]
-    if k == "normalization":
+    if k in ("normalization", "attention"):
         return n.op(xs[0])
     raise ValueError(f"unknown node kind {k}")

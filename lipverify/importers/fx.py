@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from lipverify.errors import UnsupportedOpError, UserInputError
 from lipverify.graph import (
     Activation,
+    Attention,
     LipschitzGraph,
     MaxPool,
     Node,
@@ -72,14 +73,52 @@ class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if _MinMax is not None and isinstance(m, _MinMax):
             return True
+        if qkv_attention(m) is not None:
+            return True
         return super().is_leaf_module(m, qualname)
+
+
+def qkv_attention(m: nn.Module) -> Attention | None:
+    """The :class:`Attention` of a ViT-style self-attention block with a fused ``qkv`` projection (timm's
+    ``Attention``: ``qkv``/``proj`` linears, ``num_heads``, ``scale = head_dim ** -0.5``, no q/k norms,
+    no gate); None for any other module.  The importer checks it against the module numerically."""
+    qkv, proj = getattr(m, "qkv", None), getattr(m, "proj", None)
+    heads = getattr(m, "num_heads", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int) and heads > 0):
+        return None
+    E = qkv.in_features
+    if qkv.out_features != 3 * E or proj.in_features != E or E % heads:
+        return None
+    if abs(float(getattr(m, "scale", (E // heads) ** -0.5)) - (E // heads) ** -0.5) > 1e-12:
+        return None
+    for name in ("q_norm", "k_norm", "norm"):
+        sub = getattr(m, name, None)
+        if sub is not None and not isinstance(sub, nn.Identity):
+            return None
+    if getattr(m, "gate", None) is not None:
+        return None
+    w = qkv.weight.detach().to(torch.float64)
+    b = None if qkv.bias is None else qkv.bias.detach().to(torch.float64)
+    part = (lambda t, k: None if t is None else t[k * E:(k + 1) * E].clone())
+    return Attention(heads, part(w, 0), part(w, 1), part(w, 2), proj.weight.detach().to(torch.float64).clone(),
+                     part(b, 0), part(b, 1), part(b, 2),
+                     None if proj.bias is None else proj.bias.detach().to(torch.float64).clone())
 
 
 def trace_module(module: nn.Module) -> fx.GraphModule:
     """Symbolically trace an ``nn.Module``; raises whatever fx raises for untraceable code."""
     if isinstance(module, fx.GraphModule):
         return module
-    graph = _LeafTracer().trace(module)
+    import inspect
+
+    # optional arguments after the input (masks, flags) are traced at their defaults
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        params = []
+    concrete = {p.name: p.default for p in params
+                if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    graph = _LeafTracer().trace(module, concrete_args=concrete or None)
     return fx.GraphModule(module, graph)
 
 
@@ -89,6 +128,7 @@ class _Builder:
         self.gm = gm
         self.keep_params = bool(keep_params)
         self._absorbed: set[fx.Node] = set()  # nodes folded into a recognised pattern (MinMax)
+        self.attention_of: dict[fx.Node, int] = {}  # nn.MultiheadAttention call -> its graph node
         self._pre_emitted: set[fx.Node] = set()
         self.input_shape = tuple(input_shape)
         self.path = path
@@ -160,11 +200,17 @@ class _Builder:
     # -- main -------------------------------------------------------------------------------------
     def build(self, example: torch.Tensor) -> LipschitzGraph:
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise UserInputError(f"the model has {len(placeholders)} inputs; lipverify needs exactly one",
+        # optional arguments traced at their defaults (trace_module) carry the default as their argument
+        fixed = [n for n in placeholders[1:] if n.args]
+        if len(placeholders) - len(fixed) != 1:
+            raise UserInputError(f"the model has {len(placeholders) - len(fixed)} inputs; lipverify needs exactly one",
                                  self.path)
         out_node = None
         for node in self.gm.graph.nodes:
+            if node in fixed:
+                self.env[node] = node.args[0]
+                self.dep[node] = False
+                continue
             if node.op == "placeholder":
                 self.env[node] = example
                 self.dep[node] = True
@@ -206,6 +252,18 @@ class _Builder:
                 continue
             if node.op == "call_function" and node.target is operator.getitem and node.args[0] in self.tuple_of:
                 self._tuple_item(node)
+                continue
+            if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), nn.MultiheadAttention):
+                self._attention(node, deps)
+                continue
+            if node.op == "call_module" and qkv_attention(self.gm.get_submodule(node.target)) is not None:
+                self._qkv_attention(node, deps)
+                continue
+            if node.op == "call_function" and node.target is operator.getitem and node.args[0] in self.attention_of:
+                if node.args[1] == 0:
+                    self.index[node] = self.attention_of[node.args[0]]
+                else:
+                    self._bad(node, "attention weights used as a value")
                 continue
             if (isinstance(self.env[node], (tuple, list)) and len(deps) == 1 and self.env[node]
                     and all(isinstance(t, torch.Tensor) for t in self.env[node])
@@ -287,7 +345,12 @@ class _Builder:
                 return
             if self._minmax_pattern(node, deps):
                 return
-            self._bad(node)
+            lname = name.lower()
+            if "matmul" in lname or "mat_mul" in lname or "bmm" in lname or "scaled_dot_product" in lname:
+                self._bad(node, "product of input-dependent matrices: attention is bounded as nn.MultiheadAttention "
+                                "in a module or a state dict with --arch, not in its exported form")
+            else:
+                self._bad(node)
             return
         src = deps[0]
         x = self.env[src]
@@ -539,6 +602,64 @@ class _Builder:
         self._pre_emitted.add(mul)
         self.index[tanh] = self.index[mul]
         return True
+
+    def _attention(self, node: fx.Node, deps) -> None:
+        """``nn.MultiheadAttention(x, x, x)`` (self-attention, ``batch_first``, no masks): one ``attention``
+        node, bounded on the input domain; its output is read by ``getitem 0``."""
+        mod = self.gm.get_submodule(node.target)
+        args = list(node.args) + [node.kwargs.get(k) for k in ("query", "key", "value") if k in node.kwargs]
+        qkv = [a for a in args[:3]]
+        masks = [node.kwargs.get(k) for k in ("key_padding_mask", "attn_mask")] + list(node.args[4:5]) + \
+            list(node.args[6:7])
+        why = None
+        if len(deps) != 1 or len(qkv) != 3 or not all(a is deps[0] for a in qkv):
+            why = "attention with different query, key and value (only self-attention is bounded)"
+        elif not mod.batch_first:
+            why = "attention without batch_first (the batch axis is not first)"
+        elif any(m is not None for m in masks) or not mod._qkv_same_embed_dim or mod.bias_k is not None \
+                or mod.add_zero_attn:
+            why = "attention with masks, bias_k/v or separate key/value dimensions"
+        if why is None:
+            E = mod.embed_dim
+            w = mod.in_proj_weight.detach().to(torch.float64)
+            b = None if mod.in_proj_bias is None else mod.in_proj_bias.detach().to(torch.float64)
+            att = Attention(mod.num_heads, w[:E].clone(), w[E:2 * E].clone(), w[2 * E:].clone(),
+                            mod.out_proj.weight.detach().to(torch.float64).clone(),
+                            None if b is None else b[:E].clone(), None if b is None else b[E:2 * E].clone(),
+                            None if b is None else b[2 * E:].clone(),
+                            None if mod.out_proj.bias is None else mod.out_proj.bias.detach().to(torch.float64).clone())
+            x = self.env[deps[0]]
+            with torch.no_grad():
+                got = att(x.to(torch.float64))
+            want = self.env[node][0]
+            if x.dim() != 3 or got.shape != want.shape or not torch.allclose(
+                    got.to(want.dtype), want, rtol=1e-4, atol=1e-4 * (1 + float(want.abs().max()))):
+                why = "could not reproduce the attention"
+        if why is not None:
+            self._bad(node, why)
+            self.index[node] = None
+            return
+        self.index[node] = len(self.nodes)
+        self.nodes.append(Node(node.name, "attention", [self.index[deps[0]]], tuple(self.env[node][0].shape[1:]),
+                               att, [node.name]))
+        self.attention_of[node] = self.index[node]
+
+    def _qkv_attention(self, node: fx.Node, deps) -> None:
+        att = qkv_attention(self.gm.get_submodule(node.target))
+        extra = [v for k, v in node.kwargs.items() if not (k in ("attn_mask", "mask") and v is None)
+                 and not (k == "is_causal" and v is False)]
+        ok = len(deps) == 1 and len(node.args) == 1 and not extra and self.env[deps[0]].dim() == 3
+        if ok:
+            with torch.no_grad():
+                got = att(self.env[deps[0]].to(torch.float64))
+            want = self.env[node]
+            ok = isinstance(want, torch.Tensor) and got.shape == want.shape and torch.allclose(
+                got.to(want.dtype), want, rtol=1e-4, atol=1e-4 * (1 + float(want.abs().max())))
+        if not ok:
+            self._bad(node, "could not reproduce the attention")
+            self.index[node] = None
+            return
+        self._emit(node, "attention", [deps[0]], att)
 
     def _tuple_item(self, node: fx.Node) -> None:
         """``split(x)[i]`` (and chunk, unbind, ONNX Split): a coordinate selection of ``x``."""
