@@ -1,6 +1,6 @@
 """The command line: a thin layer over the Python API, one module per command.
 
-``lipverify bounds | certify | attack | audit | finetune``.  Each command module holds its options and
+``lipverify bounds | certify | attack | audit | finetune | train``.  Each command module holds its options and
 its output formatting; the work is done by the API (:func:`lipverify.load`, :class:`lipverify.LipModel`,
 :func:`lipverify.train.finetune`, ...).  Nothing in lipverify imports this package: it sits on top.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from lipverify.cli import attack, audit, bounds, certify, finetune
+from lipverify.cli import attack, audit, bounds, certify, finetune, train
 from lipverify.cli.common import EXIT_INTERNAL, EXIT_UNSOUND, EXIT_USER, handle_errors
 
 __all__ = ["EXIT_INTERNAL", "EXIT_UNSOUND", "EXIT_USER", "handle_errors", "main"]
@@ -24,5 +24,5 @@ def main():
 
 
 # the command modules keep their names (lipverify.cli.attack is the module; its command is .attack)
-for _mod in (bounds, certify, attack, audit, finetune):
+for _mod in (bounds, certify, attack, audit, finetune, train):
     main.add_command(getattr(_mod, _mod.__name__.rsplit(".", 1)[1]))

@@ -15,28 +15,34 @@ from lipverify.train.losses import LOSSES
 from lipverify.train.schedules import EPS_SCHEDULES
 
 
-def _options(fn):
-    opts = [
+def training_option_list(per_arch: bool = False) -> list:
+    """The options of ``finetune`` (and of ``train``, where ``per_arch`` leaves the loss, schedule, epochs
+    and learning rate to the architecture's defaults)."""
+    def d(v):
+        return None if per_arch else v
+
+    return [
         click.option("--data", "data_path", required=True, help="Training data: .npz (x, y), image folder, or VNN-LIB."),
         click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True),
         click.option("--limit", type=int, default=None, help="Use only the first N training examples."),
         click.option("--eval-data", default=None, help="Held-out data for the before/after report (default: --data)."),
         click.option("--eval-limit", type=int, default=None, help="Use only the first N evaluation examples."),
         click.option("--out", "out_dir", required=True, help="Output folder (model, report, plots, checkpoint)."),
-        click.option("--loss", type=click.Choice(list(LOSSES)), default="gloro", show_default=True,
+        click.option("--loss", type=click.Choice(list(LOSSES)), default=d("gloro"), show_default=not per_arch,
                      help="gloro: CE over [f, y_bot]; trades: GloRo-TRADES; emma: EMMA; local: local Lipschitz bounds."),
         click.option("--eps", required=True, help="Certification radius (l2, in the model's input units; pixel "
                                                   "space with --mean/--std), e.g. 0.3 or 36/255."),
         click.option("--eval-eps", default=None, help="Radii for the report, comma-separated (default: --eps)."),
-        click.option("--eps-mult", type=float, default=1.0, show_default=True,
+        click.option("--eps-mult", type=float, default=d(1.0), show_default=not per_arch,
                      help="Training eps = mult x eps (GloRo trains slightly above the test radius)."),
-        click.option("--eps-schedule", type=click.Choice(list(EPS_SCHEDULES)), default="log", show_default=True,
+        click.option("--eps-schedule", type=click.Choice(list(EPS_SCHEDULES)), default=d("log"),
+                     show_default=not per_arch,
                      help="Ramp of the training eps: linear / log (GloRo) / liresnet (0.1 eps -> 1.5 eps)."),
         click.option("--eps-ramp-epochs", type=float, default=None, help="Length of the eps ramp (default: half the run)."),
         click.option("--trades-lambda", default="1.0", show_default=True, help="TRADES weight: x or start,end,epochs."),
-        click.option("--epochs", type=int, default=10, show_default=True),
+        click.option("--epochs", type=int, default=d(10), show_default=not per_arch),
         click.option("--batch-size", type=int, default=256, show_default=True, help="Global batch size."),
-        click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate."),
+        click.option("--lr", type=float, default=d(1e-3), show_default=not per_arch, help="Adam learning rate."),
         click.option("--warmup-epochs", type=float, default=None, help="Linear warm-up (default: 5% of the run, <= 2)."),
         click.option("--min-lr-factor", type=float, default=0.0, show_default=True,
                      help="Cosine decay ends at this fraction of --lr."),
@@ -62,6 +68,10 @@ def _options(fn):
         click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table."),
     ]
+
+
+def _options(fn):
+    opts = training_option_list()
     for opt in reversed(opts):
         fn = opt(fn)
     return model_options(fn)
@@ -78,13 +88,18 @@ def finetune(**o):
     before/after table with the sound bound.  Distributed: torchrun --nproc_per_node N -m lipverify
     finetune ...
     """
+    run_job(lambda echo: finetune_job(o["data_path"], o["eps"], o["out_dir"], echo=echo,
+                                      **{k: v for k, v in o.items() if k in FINETUNE_DEFAULTS}), o)
+
+
+def run_job(job, o) -> None:
+    """Run a training job (``job(echo) -> report``) with the command's progress, interruption and output."""
     from lipverify.train.loop import Interrupted
 
     quiet = o["quiet"]
     echo = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     try:
-        rep = finetune_job(o["data_path"], o["eps"], o["out_dir"], echo=echo,
-                           **{k: v for k, v in o.items() if k in FINETUNE_DEFAULTS})
+        rep = job(echo)
     except Interrupted as exc:
         if exc.signum == 0:
             click.echo(f"lipverify: stopped after --stop-after-epochs; checkpoint in {o['out_dir']} "
