@@ -67,6 +67,13 @@ def node_constant(node: Node, p: str, method: str = "sound", power_tol: float = 
         return Bound(a.lipschitz, f"slope range [{a.lo:g}, {a.hi:g}]", True)
     if k == "minmax":
         return Bound(1.0, "GroupSort is a permutation at every point", True)
+    if k == "linf_dist":
+        lay = node.op
+        c = lay.lipschitz_inf()
+        how = "l-inf distance neurons: 1-Lipschitz in l-inf" if c == 1.0 else f"l-{lay.p:g} distance neurons: d^(1/p)"
+        if p == "2":  # |du_j| <= ||dx||_inf * c <= ||dx||_2 * c for each of the out neurons
+            return Bound(math.sqrt(lay.out_features) * c, how + " x sqrt(outputs) (l2)", True)
+        return Bound(c, how, True)
     if k == "maxpool":
         if p == "2":
             n = node.op.windows_per_input()

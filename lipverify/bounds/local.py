@@ -82,6 +82,7 @@ from lipverify.graph.domain import (
     attention_constant,
     attention_interval,
     linear_interval,
+    linf_dist_interval,
     mul_interval,
     normalization_constants,
     normalization_interval,
@@ -325,6 +326,10 @@ def _propagate_intervals(ctx: _Context, x: torch.Tensor, eps: torch.Tensor, poin
                 B_ = v.shape[0]
                 vm = v.reshape(B_, n.op.groups, n.op.size).any(2, keepdim=True).expand(
                     B_, n.op.groups, n.op.size).reshape(v.shape).clone()
+            elif k == "linf_dist":
+                lb, ub = linf_dist_interval(n.op, lbs[ins[0]], ubs[ins[0]])
+                v = var[ins[0]]
+                vm = v.reshape(v.shape[0], -1).any(1, keepdim=True).expand(lb.shape).clone()
             elif k == "attention":
                 lb, ub = attention_interval(n.op, lbs[ins[0]], ubs[ins[0]])
                 v = var[ins[0]]

@@ -65,6 +65,9 @@ def certify_properties(model, x: torch.Tensor, properties: Sequence, lower: torc
     norm = str(norm)
     if method not in ("global", "local"):
         raise ValueError("method must be 'global' or 'local'")
+    from lipverify.certify.rules import check_certifiable
+
+    check_certifiable(model, norm)
     n = len(x)
     if len(properties) != n or len(lower) != n or len(upper) != n:
         raise ValueError("one property and one box per input are needed")

@@ -136,6 +136,21 @@ def certified_at(diffs: torch.Tensor, mask: torch.Tensor, Kj: torch.Tensor, eps:
     return ok.all(1)
 
 
+def check_certifiable(model, norm: str) -> None:
+    """Refuse certificates the model's constants cannot give: l-inf distance nets certify in l-inf only,
+    and only with ``p = inf`` in every layer (an l-p relaxation is ``d^(1/p)``-Lipschitz, not 1)."""
+    layers = [n for n in model.graph.nodes if n.kind == "linf_dist"]
+    if not layers:
+        return
+    if str(norm) != "inf":
+        raise UserInputError("l-inf distance nets are certified in the l-inf norm only (margin > 2 eps): use "
+                             "--norm inf")
+    finite = [n for n in layers if math.isfinite(n.op.p)]
+    if finite:
+        raise UserInputError(f"{len(finite)} l-inf distance layer(s) use the l-p relaxation (p = {finite[0].op.p:g}); "
+                             "certificates need p = inf in every layer (net.set_p(float('inf')))")
+
+
 def inside_domain(t: torch.Tensor, dom, like: torch.Tensor) -> torch.Tensor:
     """Per example: every entry of ``t`` lies in the box ``dom = (lo, hi)`` (float64 comparison)."""
     lo, hi = (torch.as_tensor(v, dtype=torch.float64) for v in dom)
@@ -157,6 +172,7 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     norm = str(norm)
     if method not in ("global", "local"):
         raise ValueError("method must be 'global' or 'local'")
+    check_certifiable(model, norm)
     n = len(x)
     per_example = isinstance(eps, torch.Tensor) and eps.dim() == 1 and len(eps) == n
     eps_list = [] if per_example else sorted(set(parse_eps(eps if not isinstance(eps, torch.Tensor) else eps.tolist())))

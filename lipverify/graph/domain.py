@@ -33,7 +33,7 @@ import torch
 
 from lipverify.graph.nodes import LipschitzGraph, minmax
 
-__all__ = ["REL_SLACK", "activation_interval", "attention_constant", "attention_interval", "interval_bounds", "linear_interval", "min_variance", "mul_interval",
+__all__ = ["REL_SLACK", "activation_interval", "attention_constant", "attention_interval", "linf_dist_interval", "interval_bounds", "linear_interval", "min_variance", "mul_interval",
            "normalization_constants", "normalization_interval", "product_factors", "product_factors_batched"]
 
 #: relative outward-rounding slack of interval bounds (float64 error is ~1e-16 per operation).
@@ -153,6 +153,8 @@ def interval_bounds(graph: LipschitzGraph, lo, hi) -> list[tuple[torch.Tensor, t
             out[i] = _norm_interval(n.op, *ins[0])
         elif k == "attention":
             out[i] = attention_interval(n.op, *ins[0])
+        elif k == "linf_dist":
+            out[i] = linf_dist_interval(n.op, *ins[0])
         else:
             raise ValueError(f"node kind {k} has no interval rule")
     return out
@@ -318,3 +320,27 @@ def attention_constant(att, lb, ub, p: str) -> torch.Tensor:
     c = 0.5 * (nq * rB + rA * nk) / math.sqrt(d) * cV + nv
     no = float(att.wo.to(torch.float64).abs().sum(1).max())
     return no * c.amax(-1) * (1 + 1e-9)
+
+
+def linf_dist_interval(layer, lb: torch.Tensor, ub: torch.Tensor):
+    """Bounds of an l-inf distance layer ``||x - w_j||_inf + b_j`` for ``x`` in ``[lb, ub]`` (``(B, in)``):
+    ``max_i dist(w_ji, [l_i, u_i])`` and ``max_i max(|l_i - w_ji|, |u_i - w_ji|)`` (chunked over outputs)."""
+    from lipverify.models.linf_dist import MAX_ELEMENTS
+
+    if not math.isinf(layer.p):
+        raise ValueError("interval bounds of l-p distance layers need p = inf")
+    lb, ub = lb.reshape(lb.shape[0], -1), ub.reshape(ub.shape[0], -1)
+    w = layer.weight.detach().to(lb)
+    chunk = max(1, MAX_ELEMENTS // max(1, lb.shape[0] * w.shape[1]))
+    los, his = [], []
+    for s in range(0, w.shape[0], chunk):
+        ws = w[None, s:s + chunk, :]
+        below, above = lb[:, None, :] - ws, ws - ub[:, None, :]
+        los.append(torch.maximum(below, above).clamp_min(0.0).amax(-1))
+        his.append(torch.maximum((lb[:, None, :] - ws).abs(), (ub[:, None, :] - ws).abs()).amax(-1))
+    lo, hi = torch.cat(los, 1), torch.cat(his, 1)
+    if layer.bias is not None:
+        b = layer.bias.detach().to(lb)
+        lo, hi = lo + b, hi + b
+    w_ = REL_SLACK * (lo.abs() + hi.abs())
+    return lo - w_, hi + w_

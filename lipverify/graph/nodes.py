@@ -12,6 +12,8 @@ A model becomes a list of :class:`Node` in topological order.  Node kinds:
 ``mul``         the element-wise product of two input-dependent tensors (broadcasting: squeeze-excitation
                 gates, gated units) -- Lipschitz only on a bounded input domain;
 ``attention``   multi-head self-attention (:class:`Attention`) -- Lipschitz only on a bounded domain;
+``linf_dist``   a layer of l-p distance neurons ``||x - w_j||_p + b_j`` (Zhang et al. 2021): 1-Lipschitz
+                from l-inf to l-inf for ``p = inf``;
 ``normalization`` a normalisation by a data-dependent scale (LayerNorm, GroupNorm, InstanceNorm;
                 :class:`Normalization`).
 
@@ -280,6 +282,8 @@ class Node:
             return f"concat(axis {self.op})"
         if self.kind == "normalization":
             return f"{self.op.name} ({self.op.groups} groups of {self.op.size})"
+        if self.kind == "linf_dist":
+            return f"l-inf distance {self.op.in_features}->{self.op.out_features} (p={self.op.p:g})"
         if self.kind == "attention":
             return f"self-attention ({self.op.heads} heads, width {self.op.wq.shape[0]})"
         return self.kind
@@ -348,6 +352,6 @@ def apply_node(n: Node, xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(xs, dim=n.op + 1)
     if k == "mul":
         return xs[0] * xs[1]
-    if k in ("normalization", "attention"):
+    if k in ("normalization", "attention", "linf_dist"):
         return n.op(xs[0])
     raise ValueError(f"unknown node kind {k}")

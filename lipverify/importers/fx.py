@@ -62,6 +62,11 @@ try:  # MinMax lives in the model zoo; the importer recognises it as a graph pri
     from lipverify.models.layers import MinMax as _MinMax
 except Exception:  # pragma: no cover - zoo not importable
     _MinMax = None
+try:  # so do the l-inf distance layers and their mean shift
+    from lipverify.models.linf_dist import LinfDist as _LinfDist
+    from lipverify.models.linf_dist import MeanShift as _MeanShift
+except Exception:  # pragma: no cover
+    _LinfDist = _MeanShift = None
 
 
 TRACE_BATCH = 2
@@ -74,6 +79,8 @@ class _LeafTracer(fx.Tracer):
         if _MinMax is not None and isinstance(m, _MinMax):
             return True
         if qkv_attention(m) is not None:
+            return True
+        if _LinfDist is not None and isinstance(m, (_LinfDist, _MeanShift)):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -370,6 +377,17 @@ class _Builder:
                 self._gelu_erf_pattern(node, src):
             return
         if self._normalization(node, src, in_shape, mod):
+            return
+        if _LinfDist is not None and isinstance(mod, _LinfDist) and len(in_shape) == 1:
+            import copy
+
+            layer = copy.deepcopy(mod).double().requires_grad_(False)
+            self._emit(node, "linf_dist", [src], layer)
+            return
+        if _MeanShift is not None and isinstance(mod, _MeanShift) and len(in_shape) == 1:
+            op = Scale(torch.ones(in_shape, dtype=torch.float64), in_shape,
+                       bias=-mod.running_mean.detach().to(torch.float64).clone())
+            self._emit_checked(node, src, op, label="mean shift (evaluation)")
             return
         if name == "tanh" or (mod is not None and type(mod) is nn.Tanh) or \
                 (node.op == "call_function" and node.target in (torch.tanh, F.tanh)):
