@@ -38,6 +38,8 @@ __all__ = ["REL_SLACK", "activation_interval", "attention_constant", "attention_
 
 #: relative outward-rounding slack of interval bounds (float64 error is ~1e-16 per operation).
 REL_SLACK = 1e-8
+#: the largest difference tensor one chunk of an l-inf distance layer's interval bound materialises
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def activation_interval(act, lb, ub):
@@ -325,13 +327,11 @@ def attention_constant(att, lb, ub, p: str) -> torch.Tensor:
 def linf_dist_interval(layer, lb: torch.Tensor, ub: torch.Tensor):
     """Bounds of an l-inf distance layer ``||x - w_j||_inf + b_j`` for ``x`` in ``[lb, ub]`` (``(B, in)``):
     ``max_i dist(w_ji, [l_i, u_i])`` and ``max_i max(|l_i - w_ji|, |u_i - w_ji|)`` (chunked over outputs)."""
-    from lipverify.models.linf_dist import MAX_ELEMENTS
-
     if not math.isinf(layer.p):
         raise ValueError("interval bounds of l-p distance layers need p = inf")
     lb, ub = lb.reshape(lb.shape[0], -1), ub.reshape(ub.shape[0], -1)
     w = layer.weight.detach().to(lb)
-    chunk = max(1, MAX_ELEMENTS // max(1, lb.shape[0] * w.shape[1]))
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, lb.shape[0] * w.shape[1]))
     los, his = [], []
     for s in range(0, w.shape[0], chunk):
         ws = w[None, s:s + chunk, :]
