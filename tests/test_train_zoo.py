@@ -124,3 +124,31 @@ def test_train_resumes_its_own_run(tmp_path):
     drop = ("time_s",)
     assert {k: v for k, v in resumed["after"].items() if k not in drop} == \
         {k: v for k, v in straight["after"].items() if k not in drop}
+
+
+def test_linf_distance_net_trains_certifies_and_reloads(tmp_path):
+    """linf-dist-DxW through lipverify train: the lp schedule ends at p = inf, the state dict and arch.py
+    load back into the same certificates, certification refuses l2, and r_cert <= r_adv (l-inf)."""
+    data = _data(tmp_path, (1, 8, 8), n=64)
+    out = tmp_path / "o"
+    r = subprocess.run(CMD + ["train", "--arch", "linf-dist-3x32", "--data", str(data), "--eps", "0.05", "--epochs",
+                              "3", "--batch-size", "32", "--out", str(out), "--quiet", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(r.stdout)
+    assert rep["architecture"]["family"] == "linf-dist" and rep["norm"] == "inf"
+    assert rep["history"][0]["p_end"] == 8.0  # the relaxation starts at p = 8 ...
+    lm = lipverify.load(out / "model.pt", arch=f"{out / 'arch.py'}:build", input_shape=(1, 8, 8))
+    assert all(n.op.p == float("inf") for n in lm.graph.nodes if n.kind == "linf_dist")  # ... and ends at inf
+    assert lm.bounds("inf").global_bound.value == pytest.approx(1.0)
+    d = np.load(data)
+    x, y = torch.from_numpy(d["x"]), torch.from_numpy(d["y"])
+    res = lm.certify(x, y, eps=[0.05], norm="inf")
+    assert res.vra[0.05] == pytest.approx(rep["after"]["vra"]["0.05"])
+    adv = min_norm_radius(lm.module, x[:16], y[:16], norm="inf", method="fmn")
+    for c, ra in zip(res.inputs[:16], adv.radius.tolist()):
+        if c.pred == c.label:
+            assert c.radius <= ra + 1e-9
+    r = subprocess.run(CMD + ["certify", str(out / "model.pt"), "--arch", f"{out / 'arch.py'}:build", "--input-shape",
+                              "1,8,8", "--data", str(data), "--eps", "0.05", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 2 and "l-inf norm only" in r.stderr

@@ -263,6 +263,8 @@ class Trainer:
             s = self.step
             x, y, idx = self._batch(perm, e, s)
             t = self.progress_t(e, s)
+            if hasattr(self.inner, "set_progress"):  # schedules inside the model (l-inf distance nets' p)
+                self.inner.set_progress(t)
             eps_t = self.eps_sched(t)
             lam_t = self.lam_sched(t)
             loss, logits, K = self.step_module(x, y, eps_t, lam_t, idx, self.ctx if self.ctx.enabled else None)

@@ -19,9 +19,9 @@ shape defaults to the architecture's dataset (MNIST 1x28x28 for ``2c2f``/``4c3f`
 ``6c2f``/LiResNet, 3x64x64 for ``8c2f``) and is set with ``input_shape``; the number of classes is read
 from the training labels.
 
-Warnings
---------
-l-inf distance nets (Zhang et al.) are not among the architectures yet.
+``linf-dist-DxW`` (l-inf distance nets, Zhang et al. 2021) are trained by
+:func:`lipverify.train.linf.train_linf_dist` with the same loop (their loss, lp schedule and outputs
+are described there).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ __all__ = ["ARCH_DEFAULTS", "TRAIN_ARCHITECTURES", "build_architecture", "train"
 
 #: the names ``lipverify train --arch`` accepts (``<L>``, ``<W>``: depth and width)
 TRAIN_ARCHITECTURES = ("2c2f", "4c3f", "6c2f", "8c2f", "2c2f-minmax", "4c3f-minmax", "6c2f-minmax", "8c2f-minmax",
-                       "liresnet-l<L>w<W>")
+                       "liresnet-l<L>w<W>", "linf-dist-<depth>x<width>")
 
 _CONV_SHAPES = {"2c2f": (1, 28, 28), "4c3f": (1, 28, 28), "6c2f": (3, 32, 32), "8c2f": (3, 64, 64)}
 _CONV_RE = re.compile(r"^(2c2f|4c3f|6c2f|8c2f)(?:-(relu|minmax))?$")
@@ -110,6 +110,17 @@ def train(arch: str, data_path, eps, out_dir, *, input_shape=None, echo=None, **
     from lipverify.importers.onnx import export_to_onnx
     from lipverify.train.finetune import FINETUNE_DEFAULTS, finetune
 
+    from lipverify.train.linf import LINF_RE, train_linf_dist
+
+    if LINF_RE.match(arch.strip().lower()):
+        shape = None
+        if input_shape is not None:
+            shape = tuple(int(v) for v in (str(input_shape).split(",") if isinstance(input_shape, str)
+                                           else input_shape))
+        keep = ("epochs", "batch_size", "lr", "seed", "eval_data", "eval_limit", "limit", "layout", "device",
+                "resume", "force", "quiet", "stop_after_epochs")
+        return train_linf_dist(arch, data_path, eps, out_dir, input_shape=shape, echo=echo,
+                               **{k: v for k, v in options.items() if k in keep and v is not None})
     for bad in ("model", "arch", "input_shape"):
         if options.get(bad) is not None:
             raise TypeError(f"train() sets {bad} itself")
