@@ -124,15 +124,18 @@ def _block_ratio():
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs of every run (default 20; 3 with --quick)")
+    ap.add_argument("--only", default=None, help="comma-separated run names, e.g. linf-0.1,liresnet,6c2f")
     args = ap.parse_args(argv)
     if not (DATA / "mnist_train_5k.npz").exists():
         print(f"needs {DATA}/mnist_train_5k.npz")
         return 2
-    ep = 3 if args.quick else 20
-    runs = [("linf-dist-3x128", 0.1, ep, ["--batch-size", "256"]),
-            ("linf-dist-3x128", 0.3, ep, ["--batch-size", "256"]),
-            ("liresnet-l6w32", 1.58, ep, ["--input-shape", "1,28,28"]),
-            ("6c2f", 1.58, ep, ["--input-shape", "1,28,28", "--loss", "emma"])]
+    ep = args.epochs or (3 if args.quick else 20)
+    named = {"linf-0.1": ("linf-dist-4x256", 0.1, max(ep, 30 if not args.quick else ep), ["--batch-size", "256"]),
+             "linf-0.3": ("linf-dist-4x256", 0.3, max(ep, 30 if not args.quick else ep), ["--batch-size", "256"]),
+             "liresnet": ("liresnet-l6w32", 1.58, ep, ["--input-shape", "1,28,28"]),
+             "6c2f": ("6c2f", 1.58, ep, ["--input-shape", "1,28,28", "--loss", "emma"])}
+    runs = [named[k] for k in (args.only.split(",") if args.only else named)]
     print(f"{'architecture':18s} {'eps':>6s} {'epochs':>6s} {'clean':>7s} {'certified':>9s} {'s/epoch':>8s} "
           f"{'step / plain step':>18s}")
     with tempfile.TemporaryDirectory() as tmp:
