@@ -13,9 +13,10 @@ Hidden layers are followed by mean-shift normalisation (:class:`MeanShift`: subt
 training, the running mean in evaluation; no variance, no affine), a shift that keeps the constant 1.
 
 Implementation (:class:`LinfDist`): the ``batch x out x in`` difference tensor is never materialised
-whole; outputs are processed in chunks of at most ``MAX_ELEMENTS`` entries.  For ``p = inf`` the
-value is ``amax |x - w|`` whose gradient flows through the arg-max entry only; for a finite ``p`` the
-norm is computed as ``m (sum (|z| / m)^p)^(1/p)`` with ``m = max |z|``, so large ``p`` never overflows.
+whole.  For ``p = inf`` the pairwise distances come from ``torch.cdist`` (no difference tensor; the
+gradient flows through the arg-max entry only, as for ``amax |x - w|``); for a finite ``p`` outputs are
+processed in chunks of at most ``MAX_ELEMENTS`` entries and the norm is computed as
+``m (sum (|z| / m)^p)^(1/p)`` with ``m = max |z|``, so large ``p`` never overflows.
 
 Warnings
 --------
@@ -58,9 +59,15 @@ class LinfDist(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], -1)
         w = self.weight.to(x)
-        chunk = max(1, MAX_ELEMENTS // max(1, x.shape[0] * self.in_features))
-        outs = [_lp_dist(x[:, None, :] - w[None, s:s + chunk, :], self.p) for s in range(0, self.out_features, chunk)]
-        y = torch.cat(outs, dim=1)
+        if math.isinf(self.p):
+            # torch.cdist computes the pairwise l-inf distances without the difference tensor, and its
+            # gradient is the arg-max entry's (the same as the max of the differences)
+            y = torch.cdist(x[None], w[None], p=math.inf)[0]
+        else:
+            chunk = max(1, MAX_ELEMENTS // max(1, x.shape[0] * self.in_features))
+            outs = [_lp_dist(x[:, None, :] - w[None, s:s + chunk, :], self.p)
+                    for s in range(0, self.out_features, chunk)]
+            y = torch.cat(outs, dim=1)
         return y if self.bias is None else y + self.bias.to(y)
 
     def lipschitz_inf(self) -> float:
