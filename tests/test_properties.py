@@ -61,8 +61,8 @@ def _truth(e, y):
     if op == "or":
         return any(_truth(a, y) for a in e[1:])
     a, b = _value(e[1], y), _value(e[2], y)
-    return {">=": a >= b, ">": a > b, "<=": a <= b, "<": a < b}[op] if op in (">=", "<=") else \
-        {">": a >= b, "<": a <= b}[op]  # strict read as non-strict (a certificate must exclude ties)
+    # strict comparisons read as non-strict (a certificate must exclude ties)
+    return a >= b if op in (">=", ">") else a <= b
 
 
 def _counterexample(text, y):

@@ -35,7 +35,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from lipverify.certify.rules import CertifyResult, InputCertificate
+from lipverify.bounds.global_bound import describe_domain
+from lipverify.certify.rules import CertifyResult, InputCertificate, check_certifiable, inside_domain
 
 __all__ = ["box_radius", "certify_properties"]
 
@@ -65,8 +66,6 @@ def certify_properties(model, x: torch.Tensor, properties: Sequence, lower: torc
     norm = str(norm)
     if method not in ("global", "local"):
         raise ValueError("method must be 'global' or 'local'")
-    from lipverify.certify.rules import check_certifiable
-
     check_certifiable(model, norm)
     n = len(x)
     if len(properties) != n or len(lower) != n or len(upper) != n:
@@ -122,9 +121,6 @@ def certify_properties(model, x: torch.Tensor, properties: Sequence, lower: torc
     notes = [f"output properties certified on each box with {pc.method}"]
     dom = model.effective_domain()
     if dom is not None:
-        from lipverify.bounds.global_bound import describe_domain
-        from lipverify.certify.rules import inside_domain
-
         inside = inside_domain(lower, dom, x) & inside_domain(upper, dom, x)
         certified &= inside
         notes.append(f"the model's constants hold on the input domain {describe_domain(dom)}: "

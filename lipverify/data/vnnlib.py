@@ -230,11 +230,7 @@ def parse_vnnlib(path: Path, text: str) -> _Spec:
         raise UserInputError("no output condition (assert over Y_j)", path=str(path))
     dnf = outputs[0]
     for more in outputs[1:]:  # several asserts are a conjunction: distribute over the disjuncts
-        if len(dnf) * len(more) > _MAX_DISJUNCTS:
-            raise UserInputError(
-                f"the output condition expands to more than {_MAX_DISJUNCTS} disjuncts", path=str(path)
-            )
-        dnf = [a + b for a in dnf for b in more]
+        dnf = _conjoin(dnf, more, path)
     prop = OutputProperty.from_dnf(dnf)
     label = prop.label
     targets = prop.targets
@@ -259,15 +255,15 @@ def _interpret_assert(body, path: Path, n_y: int, bound_idx, bound_val, bound_up
             bound_upper.append(bound[2])
             continue
         part = _dnf(item, path, n_y)
-        if dnf is None:
-            dnf = part
-        else:
-            if len(dnf) * len(part) > _MAX_DISJUNCTS:
-                raise UserInputError(
-                    f"the output condition expands to more than {_MAX_DISJUNCTS} disjuncts", path=str(path)
-                )
-            dnf = [a + b for a in dnf for b in part]
+        dnf = part if dnf is None else _conjoin(dnf, part, path)
     return dnf
+
+
+def _conjoin(a: list, b: list, path: Path) -> list:
+    """The DNF of ``A and B`` from the DNFs of ``A`` and ``B`` (every pair of disjuncts), size-capped."""
+    if len(a) * len(b) > _MAX_DISJUNCTS:
+        raise UserInputError(f"the output condition expands to more than {_MAX_DISJUNCTS} disjuncts", path=str(path))
+    return [x + y for x in a for y in b]
 
 
 def _input_bound(expr):
@@ -311,12 +307,7 @@ def _dnf(expr, path: Path, n_y: int) -> list[list[tuple[np.ndarray, float]]]:
                     "(several input regions in one file) are not supported; write one file per region",
                     path=str(path),
                 )
-            part = _dnf(c, path, n_y)
-            if len(out) * len(part) > _MAX_DISJUNCTS:
-                raise UserInputError(
-                    f"the output condition expands to more than {_MAX_DISJUNCTS} disjuncts", path=str(path)
-                )
-            out = [a + b for a in out for b in part]
+            out = _conjoin(out, _dnf(c, path, n_y), path)
         return out
     if head in _CMP:
         if len(expr) != 3:

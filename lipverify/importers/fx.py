@@ -524,38 +524,7 @@ class _Builder:
         x = dep_d[0]
         if set(a for a in mul.args if isinstance(a, fx.Node)) != {x, add}:
             return False
-        chain = [d, erf, add, mul]
-
-        def run(xv):
-            local = dict(self.env)
-            local[x] = xv
-            for n in chain:
-                for a in n.all_input_nodes:  # constants after the erf in the fx order
-                    if a not in local and a.op == "get_attr":
-                        obj = gm
-                        for part in a.target.split("."):
-                            obj = getattr(obj, part)
-                        local[a] = obj
-                local[n] = self._run(n, local)
-            return local[mul]
-
-        with torch.no_grad():
-            try:
-                xv = self.env[x]
-                t = torch.randn(xv.shape, generator=torch.Generator().manual_seed(11), dtype=xv.dtype).to(xv.device) * 3
-                ok = all(torch.allclose(run(v), 2 * F.gelu(v), rtol=1e-5, atol=1e-5 * (1 + float(v.abs().max())))
-                         for v in (xv, t))
-            except Exception:
-                return False
-        if not ok:
-            return False
-        self.index[mul] = len(self.nodes)
-        self.nodes.append(Node(mul.name, "activation", [self.index[x]], tuple(self.env[x].shape[1:]),
-                               make_activation("gelu", scale=2.0), [n.name for n in chain]))
-        self._absorbed.update({erf, add})
-        self._pre_emitted.add(mul)
-        self.index[erf] = self.index[mul]
-        return True
+        return self._emit_gelu(x, [d, erf, add, mul], erf, add, "none", seed=11)
 
     def _gelu_tanh_pattern(self, tanh: fx.Node, inner: fx.Node) -> bool:
         """``x * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` — the tanh form of GELU as exporters write it
@@ -589,12 +558,20 @@ class _Builder:
             todo.extend(deps)
         order = {n: k for k, n in enumerate(gm.graph.nodes)}
         chain = sorted(chain, key=order.get) + [tanh, add, mul]
+        return self._emit_gelu(x, chain, tanh, add, "tanh", seed=12)
+
+    def _emit_gelu(self, x: fx.Node, chain: list, trigger: fx.Node, add: fx.Node, approximate: str,
+                   seed: int) -> bool:
+        """Emit ``chain`` (ending in the product with ``x``) as one ``2 GELU`` activation of ``x`` when it
+        computes ``2 * gelu(x, approximate)`` on the example and on a random input."""
+        gm = self.gm
+        mul = chain[-1]
 
         def run(xv):
             local = dict(self.env)
             local[x] = xv
             for n in chain:
-                for a in n.all_input_nodes:
+                for a in n.all_input_nodes:  # constants later in the fx order than the chain's start
                     if a not in local and a.op == "get_attr":
                         obj = gm
                         for part in a.target.split("."):
@@ -606,8 +583,8 @@ class _Builder:
         with torch.no_grad():
             try:
                 xv = self.env[x]
-                t = torch.randn(xv.shape, generator=torch.Generator().manual_seed(12), dtype=xv.dtype).to(xv.device) * 3
-                ok = all(torch.allclose(run(v), 2 * F.gelu(v, approximate="tanh"), rtol=1e-5,
+                t = torch.randn(xv.shape, generator=torch.Generator().manual_seed(seed), dtype=xv.dtype).to(xv.device) * 3
+                ok = all(torch.allclose(run(v), 2 * F.gelu(v, approximate=approximate), rtol=1e-5,
                                         atol=1e-5 * (1 + float(v.abs().max()))) for v in (xv, t))
             except Exception:
                 return False
@@ -615,10 +592,10 @@ class _Builder:
             return False
         self.index[mul] = len(self.nodes)
         self.nodes.append(Node(mul.name, "activation", [self.index[x]], tuple(self.env[x].shape[1:]),
-                               make_activation("gelu", scale=2.0, approximate="tanh"), [n.name for n in chain]))
-        self._absorbed.update({tanh, add})
+                               make_activation("gelu", scale=2.0, approximate=approximate), [n.name for n in chain]))
+        self._absorbed.update({trigger, add})
         self._pre_emitted.add(mul)
-        self.index[tanh] = self.index[mul]
+        self.index[trigger] = self.index[mul]
         return True
 
     def _attention(self, node: fx.Node, deps) -> None:
@@ -627,8 +604,9 @@ class _Builder:
         mod = self.gm.get_submodule(node.target)
         args = list(node.args) + [node.kwargs.get(k) for k in ("query", "key", "value") if k in node.kwargs]
         qkv = [a for a in args[:3]]
-        masks = [node.kwargs.get(k) for k in ("key_padding_mask", "attn_mask")] + list(node.args[4:5]) + \
-            list(node.args[6:7])
+        # forward(query, key, value, key_padding_mask, need_weights, attn_mask, ...)
+        masks = [node.kwargs.get(k) for k in ("key_padding_mask", "attn_mask")] + list(node.args[3:4]) + \
+            list(node.args[5:6])
         why = None
         if len(deps) != 1 or len(qkv) != 3 or not all(a is deps[0] for a in qkv):
             why = "attention with different query, key and value (only self-attention is bounded)"
@@ -1102,10 +1080,9 @@ class _Builder:
             return
         self._emit_checked(node, src, sel)
 
-    def _batched(self, fn, t: torch.Tensor) -> torch.Tensor:
-        """``fn`` over the rows of ``t`` in chunks of the example's batch size (zero padded), float64."""
-        B = self.env[next(iter(k for k in self.env if isinstance(self.env[k], torch.Tensor)
-                               and self.dep.get(k, False)))].shape[0]
+    @staticmethod
+    def _batched(fn, t: torch.Tensor, B: int) -> torch.Tensor:
+        """``fn`` over the rows of ``t`` in chunks of ``B`` (the example's batch size, zero padded), float64."""
         outs = []
         for s in range(0, len(t), B):
             chunk = t[s:s + B]
@@ -1134,7 +1111,8 @@ class _Builder:
                 cols = torch.zeros((wi, c, hi, wi), dtype=dt, device=dev)
                 cols[torch.arange(wi), :, :, torch.arange(wi)] = 1.0
                 # in batches of the example's size: exported sizes often carry the example's batch size
-                out_r, out_c = self._batched(fn, rows), self._batched(fn, cols)
+                B = self.env[src].shape[0]
+                out_r, out_c = self._batched(fn, rows, B), self._batched(fn, cols, B)
             except Exception:
                 return False
         if tuple(out_r.shape[1:]) != (c, ho, wo) or tuple(out_c.shape[1:]) != (c, ho, wo):
@@ -1148,7 +1126,7 @@ class _Builder:
         op = Chain([d_w, swap1, d_h, swap2])
         with torch.no_grad():
             t = torch.rand((3, c, hi, wi), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-            want = self._batched(fn, t.to(dev, self.env[src].dtype)).cpu()
+            want = self._batched(fn, t.to(dev, self.env[src].dtype), self.env[src].shape[0]).cpu()
             got = op.to_double_copy().forward(t)
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * (1 + float(want.abs().max()))):
             return False

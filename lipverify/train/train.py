@@ -33,7 +33,7 @@ import torch
 
 from lipverify.errors import UserInputError
 
-__all__ = ["ARCH_DEFAULTS", "TRAIN_ARCHITECTURES", "build_architecture", "train"]
+__all__ = ["ARCH_DEFAULTS", "TRAIN_ARCHITECTURES", "architecture_shape", "build_architecture", "train"]
 
 #: the names ``lipverify train --arch`` accepts (``<L>``, ``<W>``: depth and width)
 TRAIN_ARCHITECTURES = ("2c2f", "4c3f", "6c2f", "8c2f", "2c2f-minmax", "4c3f-minmax", "6c2f-minmax", "8c2f-minmax",
@@ -51,6 +51,17 @@ ARCH_DEFAULTS = {
 }
 
 
+def architecture_shape(name: str, input_shape=None) -> tuple:
+    """The input shape ``train`` uses for ``name``: ``input_shape``, else the architecture's dataset's."""
+    key = name.strip().lower()
+    m = _CONV_RE.match(key)
+    if not (m or _LIRESNET_RE.match(key)):
+        raise UserInputError(f"unknown architecture {name!r}; known: {', '.join(TRAIN_ARCHITECTURES)}")
+    if input_shape:
+        return tuple(input_shape)
+    return _CONV_SHAPES[m.group(1)] if m else (3, 32, 32)
+
+
 def build_architecture(name: str, input_shape=None, n_classes: int = 10, seed: int = 0):
     """``(module, family, input_shape)`` for a ``lipverify train --arch`` name, at random initialisation."""
     from lipverify.models import zoo
@@ -59,7 +70,7 @@ def build_architecture(name: str, input_shape=None, n_classes: int = 10, seed: i
     torch.manual_seed(int(seed))
     m = _CONV_RE.match(key)
     if m:
-        shape = tuple(input_shape) if input_shape else _CONV_SHAPES[m.group(1)]
+        shape = architecture_shape(name, input_shape)
         if len(shape) != 3:
             raise UserInputError(f"--input-shape must be C,H,W for {name}, got {shape}")
         if shape[1] != shape[2]:
@@ -72,7 +83,7 @@ def build_architecture(name: str, input_shape=None, n_classes: int = 10, seed: i
         return net.eval(), "conv", shape
     m = _LIRESNET_RE.match(key)
     if m:
-        shape = tuple(input_shape) if input_shape else (3, 32, 32)
+        shape = architecture_shape(name, input_shape)
         if len(shape) != 3 or shape[1] != shape[2]:
             raise UserInputError(f"{name} needs square images C,H,W, got {shape}")
         try:
@@ -109,14 +120,12 @@ def train(arch: str, data_path, eps, out_dir, *, input_shape=None, echo=None, **
     from lipverify.data.atomic import atomic_write_bytes
     from lipverify.importers.onnx import export_to_onnx
     from lipverify.train.finetune import FINETUNE_DEFAULTS, finetune
-
     from lipverify.train.linf import LINF_RE, train_linf_dist
 
+    shape = None
+    if input_shape is not None:
+        shape = tuple(int(v) for v in (str(input_shape).split(",") if isinstance(input_shape, str) else input_shape))
     if LINF_RE.match(arch.strip().lower()):
-        shape = None
-        if input_shape is not None:
-            shape = tuple(int(v) for v in (str(input_shape).split(",") if isinstance(input_shape, str)
-                                           else input_shape))
         keep = ("epochs", "batch_size", "lr", "seed", "eval_data", "eval_limit", "limit", "layout", "device",
                 "resume", "force", "quiet", "stop_after_epochs")
         return train_linf_dist(arch, data_path, eps, out_dir, input_shape=shape, echo=echo,
@@ -125,10 +134,7 @@ def train(arch: str, data_path, eps, out_dir, *, input_shape=None, echo=None, **
         if options.get(bad) is not None:
             raise TypeError(f"train() sets {bad} itself")
         options.pop(bad, None)
-    shape = None
-    if input_shape is not None:
-        shape = tuple(int(v) for v in (str(input_shape).split(",") if isinstance(input_shape, str) else input_shape))
-    _, family, shape = build_architecture(arch, shape, 2, options.get("seed") or 0)
+    shape = architecture_shape(arch, shape)
     n_classes = _n_classes(data_path, shape, options.get("layout") or "nchw")
     net, family, shape = build_architecture(arch, shape, n_classes, options.get("seed") or 0)
     out = Path(out_dir)
@@ -145,7 +151,7 @@ def train(arch: str, data_path, eps, out_dir, *, input_shape=None, echo=None, **
     opts.update(ARCH_DEFAULTS[family])
     opts.update({k: v for k, v in options.items() if v is not None and k in FINETUNE_DEFAULTS})
     if family == "liresnet":
-        opts["lln"] = True
+        opts["lln"] = True  # the LLN head is part of the architecture (the CLI flag's False is no choice here)
     rep = finetune(data_path, eps, out_dir, echo=echo, model=str(init), **opts)
     if rep:
         rep["architecture"] = {"name": arch, "family": family, "input_shape": list(shape), "classes": n_classes,
