@@ -46,6 +46,15 @@ def _run_train(arch, eps, epochs, extra, out):
             "epoch_s": per_epoch, "wall_s": wall}
 
 
+def _median_time(fn, n: int = 10) -> float:
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
 def _step_ratio(arch, eps):
     """Training-objective step time / plain CE step time of the same network (median of 10)."""
     from lipverify.train.train import build_architecture
@@ -95,14 +104,7 @@ def _step_ratio(arch, eps):
         name = f"{loss} step vs cross-entropy step"
         del lm
 
-    def med(fn):
-        ts = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return sorted(ts)[len(ts) // 2]
-
+    med = _median_time
     med(ours), med(plain)  # warm up
     return med(ours) / med(plain), name
 
@@ -121,6 +123,30 @@ def _block_ratio():
     return fused, naive
 
 
+def _power_step_times(arch, shape):
+    """Median time of one training power step with the LiResNet blocks one at a time / batched."""
+    import copy
+
+    from lipverify.importers.fx import trace_module
+    from lipverify.importers.normalize import PixelSpaceModel
+    from lipverify.train.train import build_architecture
+    from lipverify.train.trainable import GloroBound, build_trainable_graph
+
+    torch.manual_seed(0)
+    mod, _, shape = build_architecture(arch, shape)
+    gm = trace_module(copy.deepcopy(mod))
+    graph = build_trainable_graph(gm, shape, None, torch.device("cpu"))
+    bound = GloroBound(PixelSpaceModel(gm, None), graph, power_iters=2, seed=0, init_iters=3)
+
+    med = _median_time
+    batched = med(bound.power_step)
+    grouped = bound._power_groups
+    bound._power_groups = lambda: [[i] for i in bound.live]
+    separate = med(bound.power_step)
+    bound._power_groups = grouped
+    return separate, batched
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -134,7 +160,9 @@ def main(argv=None) -> int:
     named = {"linf-0.1": ("linf-dist-4x256", 0.1, max(ep, 30 if not args.quick else ep), ["--batch-size", "256"]),
              "linf-0.3": ("linf-dist-4x256", 0.3, max(ep, 30 if not args.quick else ep), ["--batch-size", "256"]),
              "liresnet": ("liresnet-l6w32", 1.58, ep, ["--input-shape", "1,28,28"]),
-             "6c2f": ("6c2f", 1.58, ep, ["--input-shape", "1,28,28", "--loss", "emma"])}
+             "6c2f": ("6c2f", 1.58, ep, ["--input-shape", "1,28,28", "--loss", "emma"]),
+             "2c2f-0.3": ("2c2f", 0.3, ep, []),
+             "4c3f-minmax": ("4c3f-minmax", 1.58, ep, [])}
     runs = [named[k] for k in (args.only.split(",") if args.only else named)]
     print(f"{'architecture':18s} {'eps':>6s} {'epochs':>6s} {'clean':>7s} {'certified':>9s} {'s/epoch':>8s} "
           f"{'step / plain step':>18s}")
@@ -151,6 +179,10 @@ def main(argv=None) -> int:
                 print(f"  (step ratio not measured: {exc})")
             print(f"{arch:18s} {eps:6g} {epochs:6d} {100 * r['clean']:6.1f}% {100 * r['certified']:8.1f}% "
                   f"{r['epoch_s']:8.1f} {ratio:18.2f}")
+    for arch, shape in (("liresnet-l6w32", (1, 28, 28)), ("liresnet-l12w64", (3, 32, 32))):
+        sep, bat = _power_step_times(arch, shape)
+        print(f"{arch}: power step (2 iterations, every live operator) {1e3 * sep:.1f} ms one block at a time, "
+              f"{1e3 * bat:.1f} ms with the blocks batched (x{sep / bat:.2f})")
     fused, naive = _block_ratio()
     print(f"\nLiResNet block (32 channels, 16x16, s = 1/sqrt 6, kernel x3): fused-kernel constant {fused:.4f}, "
           f"1 + ||s K|| = {naive:.4f}, ratio {fused / naive:.3f}")

@@ -96,6 +96,51 @@ def test_liresnet_block_constant_is_the_fused_kernel_norm():
     assert lm.bounds("2").global_bound.value == pytest.approx(1.0, rel=1e-5)
 
 
+def test_liresnet_blocks_share_one_batched_power_iteration():
+    """In training the L blocks of a LiResNet are iterated as one grouped convolution; the vectors equal
+    those of separate iterations, and each converges to the block's exact top singular value."""
+    import copy
+
+    from lipverify.importers.fx import trace_module
+    from lipverify.importers.normalize import PixelSpaceModel
+    from lipverify.models.zoo import ScaledResidualConv
+    from lipverify.train.trainable import GloroBound, build_trainable_graph
+
+    torch.manual_seed(0)
+    mod, _, shape = build_architecture("liresnet-l4w8", (1, 12, 12))
+    with torch.no_grad():
+        for m in mod.modules():
+            if isinstance(m, ScaledResidualConv):
+                m.beta.uniform_(0.5, 2.0)
+    gm = trace_module(copy.deepcopy(mod))
+    graph = build_trainable_graph(gm, shape, None, torch.device("cpu"))
+    bound = GloroBound(PixelSpaceModel(gm, None), graph, power_iters=3, seed=0, init_iters=1)
+    groups = bound._power_groups()
+    assert sorted(len(g) for g in groups)[-1] == 4  # the four blocks in one group
+    start = {i: bound._u(i).clone() for i in bound.live}
+    bound.power_step(7)
+    batched = {i: bound._u(i).clone() for i in bound.live}
+    for i in bound.live:
+        bound._u(i).copy_(start[i])
+    for i in bound.live:  # the same iterations, one operator at a time
+        op = graph.nodes[i].op
+        u = start[i]
+        for _ in range(7):
+            u = op.adjoint(op.apply(u))
+            u = u / u.norm()
+        assert torch.allclose(batched[i], u, atol=1e-5)
+    bound.power_step(300)
+    block = max(groups, key=len)
+    for i in block:
+        op = graph.nodes[i].op
+        n = int(math.prod(op.in_shape))
+        eye = torch.eye(n, dtype=torch.float64).reshape((n,) + tuple(op.in_shape))
+        with torch.no_grad():
+            M = op.apply(eye.float()).double().reshape(n, -1)
+        exact = float(torch.linalg.matrix_norm(M, 2))
+        assert float(bound.sigma(i).detach()) == pytest.approx(exact, rel=1e-3)
+
+
 def test_train_refuses_unknown_architectures_and_lists_them(tmp_path):
     r = subprocess.run(CMD + ["train", "--help"], capture_output=True, text=True)
     assert r.returncode == 0

@@ -212,6 +212,30 @@ def operator_rows(op: LinearOp) -> torch.Tensor:
     return rows.reshape(m, -1)
 
 
+def single_conv(op: LinearOp) -> Conv | None:
+    """``op`` as one 2-d convolution (itself, a chain that folds into one, or a residual ``x + conv``
+    folded at the centre tap), or ``None``."""
+    if isinstance(op, Chain):
+        from lipverify.graph.linear_ops import fold_chain
+
+        inner = fold_chain(op.ops)
+        op = inner[0] if len(inner) == 1 else op
+    if isinstance(op, Residual):
+        op = op._as_single_conv()
+    if isinstance(op, Conv) and not op.one_d:
+        return op
+    return None
+
+
+def stack_convs(convs: list[Conv], dtype: torch.dtype) -> Conv:
+    """``G`` convolutions of one geometry as one grouped convolution on ``G`` stacked inputs: channel
+    block ``g`` of the output is ``convs[g]`` applied to channel block ``g`` of the input."""
+    c0 = convs[0]
+    w = torch.cat([c.weight.to(dtype) for c in convs], dim=0)
+    shape = (c0.in_shape[0] * len(convs),) + tuple(c0.in_shape[1:])
+    return Conv(w, shape, c0.stride, c0.padding, c0.dilation, c0.groups * len(convs))
+
+
 class GloroBound(nn.Module):
     """Differentiable GloRo bound of ``net`` (see the module docstring).
 
@@ -251,14 +275,46 @@ class GloroBound(nn.Module):
 
     @torch.no_grad()
     def power_step(self, iters: int | None = None) -> None:
-        """``u <- A^T A u / ||A^T A u||`` ``iters`` times for every live operator (in place)."""
+        """``u <- A^T A u / ||A^T A u||`` ``iters`` times for every live operator (in place).
+
+        Operators that are one convolution of the same geometry (the blocks of a LiResNet, whose
+        residual ``x + s beta K x`` folds into one kernel, or equal convolutions of a ConvNet) are
+        iterated together: their kernels are stacked into one grouped convolution, so ``G`` blocks
+        cost one convolution and one transposed convolution per iteration instead of ``G`` of each.
+        Every vector is normalised on its own, so the iterates are those of the separate iterations.
+        """
         k = self.power_iters if iters is None else int(iters)
-        for i in self.live:
-            op = self.graph.nodes[i].op
-            u = self._u(i)
+        for group in self._power_groups():
+            if len(group) == 1:
+                i = group[0]
+                op = self.graph.nodes[i].op
+                u = self._u(i)
+                for _ in range(k):
+                    u = unit_vector(op.adjoint(op.apply(u.to(self._dtype(op)))).to(u.dtype))
+                self._u(i).copy_(u)
+                continue
+            convs = [single_conv(self.graph.nodes[i].op) for i in group]
+            stacked = stack_convs(convs, self._dtype(self.graph.nodes[group[0]].op))
+            c = convs[0].in_shape[0]
+            u = torch.cat([self._u(i) for i in group], dim=1)
+            dt = u.dtype
             for _ in range(k):
-                u = unit_vector(op.adjoint(op.apply(u.to(self._dtype(op)))).to(u.dtype))
-            self._u(i).copy_(u)
+                v = stacked.adjoint(stacked.apply(u.to(stacked.weight.dtype)))
+                parts = [unit_vector(t) for t in v.to(dt).split(c, dim=1)]
+                u = torch.cat(parts, dim=1)
+            for i, t in zip(group, u.split(c, dim=1)):
+                self._u(i).copy_(t)
+
+    def _power_groups(self) -> list[list[int]]:
+        """Live nodes grouped by the geometry of their single-convolution form (singletons otherwise)."""
+        groups: dict = {}
+        for i in self.live:
+            conv = single_conv(self.graph.nodes[i].op)
+            key = ("solo", i) if conv is None else (
+                tuple(conv.in_shape), tuple(conv.weight.shape), conv.stride, conv.padding,
+                conv.dilation, conv.groups, self._dtype(self.graph.nodes[i].op))
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
 
     @torch.no_grad()
     def converge(self, tol: float = 1e-5, max_iter: int = 500) -> int:
