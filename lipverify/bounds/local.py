@@ -111,12 +111,16 @@ class LocalBoundResult:
     """Local bounds of a batch of balls ``B_p(x_b, eps_b)``.
 
     ``K``: float64 ``(B, m, m)`` margin constants valid on ``B(x_b, eps_b)`` only (symmetric, zero
-    diagonal).  ``lipschitz``: float64 ``(B,)`` local bound of the whole logit map on the ball.
-    ``sound``: bool ``(B,)``, ``True`` where every masked operator norm was computed exactly (float64
-    SVD of the masked matrix, masked row sums, or the sound global norm) -- else some factor is a
-    power-iteration estimate.  ``varying_fraction``: per activation node (graph order), the mean
-    fraction of varying units over the batch.  ``iterations``: ``(B,)`` power iterations used per
-    example (max over layers; 0 where every factor was exact).
+    diagonal), always sound: the minimum of the masked-norm product (exact SVDs of small masked matrices,
+    sound bounds of the others), the Clarke-Jacobian interval bound (for the pairs it was asked for,
+    :mod:`lipverify.bounds.jacobian`) and the global ``K``.  ``lipschitz``: float64 ``(B,)`` sound local
+    bound of the whole logit map on the ball.  ``sound``: bool ``(B,)``, ``True`` for every example (kept
+    for callers that test it).  ``exact``: bool ``(B,)``, ``True`` where every masked operator norm was
+    computed exactly (else a sound but looser factor was used).  ``K_estimate``: with ``estimate=True``,
+    the same constants with power-iteration estimates of the large masked norms (``min`` with ``K``),
+    the number training optimises -- *not* a certificate.  ``varying_fraction``: per activation node
+    (graph order), the mean fraction of varying units over the batch.  ``iterations``: ``(B,)`` power
+    iterations used per example (0 without ``estimate``).  ``method``: how ``K`` was formed.
     """
 
     K: torch.Tensor
@@ -124,6 +128,9 @@ class LocalBoundResult:
     sound: torch.Tensor
     varying_fraction: list[float]
     iterations: torch.Tensor
+    exact: torch.Tensor | None = None
+    K_estimate: torch.Tensor | None = None
+    method: str = ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -450,7 +457,11 @@ def _masked_submatrix(ctx: _Context, i: int, rows: torch.Tensor, cols: torch.Ten
     return torch.cat(parts)
 
 
-def _masked_norms_2(ctx: _Context, i: int, m_in, m_out, tol, max_iter, exact_max_entries):
+def _masked_norms_2(ctx: _Context, i: int, m_in, m_out, tol, max_iter, exact_max_entries, estimate=True):
+    """``(sound (B,), estimate (B,), exact (B,) bool, iterations (B,))`` for the masked operators of node
+    ``i``: the exact float64 SVD where the masked matrix is small, else the smaller of the sound global
+    norm and the Schur bound ``sqrt(max row sum * max column sum)`` of ``|I_out A I_in|``; the estimate is
+    the batched power iteration there (only when ``estimate``)."""
     op = ctx.ops[i]
     B = m_in.shape[0]
     fin = m_in.reshape(B, -1)
@@ -471,16 +482,36 @@ def _masked_norms_2(ctx: _Context, i: int, m_in, m_out, tol, max_iter, exact_max
         sub = _masked_submatrix(ctx, i, rows, cols)
         val[b] = float(torch.linalg.svdvals(sub)[0]) * SOUND_FACTOR
     val[full] = gnorm
+    est = val.clone()
     idx = torch.nonzero(power).flatten()
     if idx.numel():
         mi = m_in[idx].to(torch.float64)
         mo = m_out[idx].to(torch.float64)
-        u0 = mi * (ctx.top_vector(i) + 1e-2 * ctx.jitter(i))
-        sig, it = _masked_power_iteration(op, mi, mo, u0, tol, max_iter)
-        val[idx] = sig
+        val[idx] = torch.minimum(_schur_bound(op, mi, mo), torch.full((idx.numel(),), gnorm, dtype=torch.float64,
+                                                                         device=val.device))
+        if estimate:
+            u0 = mi * (ctx.top_vector(i) + 1e-2 * ctx.jitter(i))
+            sig, it = _masked_power_iteration(op, mi, mo, u0, tol, max_iter)
+            est[idx] = sig
+            iters[idx] = it
+        else:
+            est[idx] = val[idx]
         sound[idx] = False
-        iters[idx] = it
-    return torch.minimum(val, torch.full_like(val, gnorm)), sound, iters
+    g = torch.full_like(val, gnorm)
+    return torch.minimum(val, g), torch.minimum(est, g), sound, iters
+
+
+def _schur_bound(op, mi, mo) -> torch.Tensor:
+    """``sqrt(||M||_1 ||M||_inf)`` for ``M = I_out A I_in`` (Schur's test, ``>= ||M||_2``), from the row
+    sums ``(|A| m_in) m_out`` and column sums ``(|A|^T m_out) m_in``; ``inf`` where ``|A|^T`` has no
+    bound.  Rounded outwards."""
+    B = mi.shape[0]
+    rows = (op.abs_apply(mi) * mo).reshape(B, -1).amax(1)
+    try:
+        cols = (op.abs_adjoint(mo) * mi).reshape(B, -1).amax(1)
+    except NotImplementedError:
+        return torch.full((B,), math.inf, dtype=torch.float64, device=mi.device)
+    return (rows * cols).sqrt() * SOUND_FACTOR
 
 
 def _flat_norms(t: torch.Tensor) -> torch.Tensor:
@@ -550,7 +581,8 @@ def combine_local(graph: LipschitzGraph, norms: dict[int, torch.Tensor], masks: 
     """
     p = _norm_arg(norm)
     ctx = _Context(graph, p, {} if warm_start is None else warm_start)
-    return _combine(ctx, norms, masks)
+    K, L = _combine(ctx, norms, masks)
+    return K, L[graph.output]
 
 
 def _combine(ctx: _Context, norms, masks, bounds=None):
@@ -596,13 +628,14 @@ def _combine(ctx: _Context, norms, masks, bounds=None):
     K = K.clone()
     diag = torch.arange(m, device=K.device)
     K[:, diag, diag] = 0.0
-    return K, L[g.output]
+    return K, L
 
 
 def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *,
                            tol: float = 1e-3, max_iter: int = 2000, exact_max_entries: int = 250_000,
                            warm_start: dict | None = None, clamp_to_global: bool = True,
-                           domain=None) -> LocalBoundResult:
+                           domain=None, rows=None, jacobian: bool = True,
+                           estimate: bool = False) -> LocalBoundResult:
     """Local margin constants ``K_ij(x_b, eps_b)`` and local Lipschitz bounds on ``B_p(x_b, eps_b)``.
 
     Huang et al. 2021 ("Training certifiably robust neural networks with efficient local Lipschitz
@@ -639,6 +672,15 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
     clamp_to_global:
         Return ``min(local, global)`` elementwise (default).  Both bounds hold on the ball, so the
         minimum does too; ``False`` returns the local values alone (for checks).
+    rows:
+        ``(B,)`` class indices (the predictions): the Clarke-Jacobian bound is computed for the pairs
+        ``(rows_b, j)`` only (``m`` backward passes per example); ``None``: for every pair.
+    jacobian:
+        Use the Clarke-Jacobian interval bound (:mod:`lipverify.bounds.jacobian`) where the graph has
+        rules for it (default); ``False``: the masked-norm product alone.
+    estimate:
+        Also run the batched power iteration on the large masked operators and return ``K_estimate``
+        (an estimate from below of the masked-norm product; what training uses).
 
     Returns
     -------
@@ -647,9 +689,8 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
     Warnings
     --------
     Valid only inside ``B_p(x_b, eps_b)``: never certify a radius larger than ``eps_b`` with these
-    constants.  Factors from power iteration are estimates from below (``sound`` is ``False`` for those
-    examples).  On networks not trained for local bounds, the gain over the global bound is usually
-    small.
+    constants.  ``K_estimate`` holds power-iteration estimates from below and is never a certificate.
+    On networks not trained for local bounds, the gain over the global bound is usually small.
     """
     if graph.domain_nodes() and domain is None:
         from lipverify.errors import UserInputError
@@ -665,23 +706,56 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
         masks = {i: v for i, v in enumerate(var) if v is not None}
         opm = operator_masks(graph, masks)
         norms: dict[int, torch.Tensor] = {}
-        sound = torch.ones(B, dtype=torch.bool, device=ctx.device)
+        norms_est: dict[int, torch.Tensor] = {}
+        exact = torch.ones(B, dtype=torch.bool, device=ctx.device)
         iters = torch.zeros(B, dtype=torch.int64, device=ctx.device)
         for i, (m_in, m_out) in opm.items():
             if ctx.p == "2":
-                v, s, it = _masked_norms_2(ctx, i, m_in, m_out, tol, max_iter, exact_max_entries)
+                v, v_est, ex, it = _masked_norms_2(ctx, i, m_in, m_out, tol, max_iter, exact_max_entries, estimate)
             else:
-                v, s, it = _masked_norms_inf(ctx, i, m_in, m_out)
-            norms[i] = v
-            sound &= s
+                v, ex, it = _masked_norms_inf(ctx, i, m_in, m_out)
+                v_est = v
+            norms[i], norms_est[i] = v, v_est
+            exact &= ex
             iters = torch.maximum(iters, it)
-        K, lip = _combine(ctx, norms, masks, list(zip(lbs, ubs)))
-        sf = torch.where(sound, torch.full_like(lip, SOUND_FACTOR), torch.ones_like(lip))
-        K = K * sf[:, None, None]
-        lip = lip * sf
+        bounds = list(zip(lbs, ubs))
+        K, L = _combine(ctx, norms, masks, bounds)
+        K = K * SOUND_FACTOR
+        lip = L[graph.output] * SOUND_FACTOR
+        L_sound = [None if t is None or not isinstance(t, torch.Tensor) else t * SOUND_FACTOR for t in L]
+        method = "masked operator norms (exact SVD where small, sound bounds otherwise)"
+        if jacobian:
+            from lipverify.bounds import jacobian as jac
+
+            reason = jac.supports(graph, ctx.ops)
+            if reason is None:
+                m = K.shape[1]
+                C, I, J = jac.pair_directions(m, rows, B, device=ctx.device)
+                try:
+                    Kp = jac.margin_jacobian_bounds(graph, ctx.ops, lbs, ubs, C, ctx.p, node_lipschitz=L_sound)
+                except NotImplementedError:
+                    Kp = None
+                if Kp is not None:
+                    bi = torch.arange(B, device=ctx.device)[:, None].expand_as(I)
+                    Kj = torch.full_like(K, math.inf)
+                    Kj[bi, I, J] = Kp
+                    Kj[bi, J, I] = Kp
+                    K = torch.minimum(K, Kj)
+                    method += " and Clarke-Jacobian intervals"
+        K_est = None
+        if estimate:
+            Ke, _ = _combine(ctx, norms_est, masks, bounds)
+            K_est = torch.minimum(Ke, K)
         if clamp_to_global:
-            K = torch.minimum(K, ctx.K_global.to(K.device).unsqueeze(0))
+            Kg = ctx.K_global.to(K.device).unsqueeze(0)
+            K = torch.minimum(K, Kg)
             lip = torch.minimum(lip, torch.full_like(lip, ctx.cum(graph.output)))
+            if K_est is not None:
+                K_est = torch.minimum(K_est, Kg)
+        diag = torch.arange(K.shape[1], device=K.device)
+        K[:, diag, diag] = 0.0
         frac = [float(masks[i].reshape(B, -1).to(torch.float64).mean())
                 for i, n in enumerate(graph.nodes) if n.kind == "activation" and i in masks]
-    return LocalBoundResult(K=K, lipschitz=lip, sound=sound, varying_fraction=frac, iterations=iters)
+    return LocalBoundResult(K=K, lipschitz=lip, sound=torch.ones(B, dtype=torch.bool, device=ctx.device),
+                            varying_fraction=frac, iterations=iters, exact=exact, K_estimate=K_est,
+                            method=method)

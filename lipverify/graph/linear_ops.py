@@ -191,6 +191,21 @@ class LinearOp:
         mx = x.reshape(b, -1).amax(dim=1).clamp_min(0) * v
         return mx.reshape((b,) + (1,) * len(self.out_shape)).expand((b,) + self.out_shape).clone()
 
+    def abs_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """An element-wise upper bound of ``|A|^T y`` for a non-negative batch ``y`` (``(B, *out_shape)``).
+
+        Exact for :class:`Dense`, :class:`Conv`, :class:`ConvTranspose`, :class:`Scale` and
+        :class:`Select`; ``|A_1|^T ... |A_k|^T y`` for compositions and ``sum |s_b| |B_b|^T y`` for sums
+        (entry by entry ``>=``).  This generic version materialises small operators and otherwise
+        raises ``NotImplementedError`` (no cheap bound of the column sums is known for it): backward
+        interval propagation then does not apply to the graph.
+        """
+        b = y.shape[0]
+        if self.can_materialise():
+            m = self.matrix(torch.float64).abs().to(device=y.device, dtype=y.dtype)
+            return (y.reshape(b, -1) @ m).reshape((b,) + self.in_shape)
+        raise NotImplementedError(f"no |A|^T bound for {self.describe()}")
+
     def row_norms(self, q: str = "2") -> torch.Tensor:
         """Upper bounds of the ``l_q`` norm of every row of the operator matrix (one per output unit).
 
@@ -241,6 +256,9 @@ class Dense(LinearOp):
 
     def abs_apply(self, x):
         return x @ self.weight.to(x.dtype).abs().T
+
+    def abs_adjoint(self, y):
+        return y @ self.weight.to(y.dtype).abs()
 
     def row_norms(self, q: str = "2"):
         _check_row_q(q)
@@ -305,6 +323,13 @@ class Conv(LinearOp):
         return y.squeeze(2) if self.one_d else y
 
     def adjoint(self, y):
+        return self._adjoint_with(y, self.weight)
+
+    def abs_adjoint(self, y):
+        return self._adjoint_with(y, self.weight.abs())
+
+    def _adjoint_with(self, y, weight):
+        """The adjoint of this convolution's geometry with another kernel (same shape as ``self.weight``)."""
         if self.one_d:
             y = y.unsqueeze(2)
         c, h, w = self._in_chw(self.in_shape)
@@ -314,8 +339,10 @@ class Conv(LinearOp):
         op_h = hp - ((ho - 1) * self.stride[0] + self.dilation[0] * (self.weight.shape[2] - 1) + 1)
         op_w = wp - ((wo - 1) * self.stride[1] + self.dilation[1] * (self.weight.shape[3] - 1) + 1)
         if op_h >= max(self.stride[0], self.dilation[0]) or op_w >= max(self.stride[1], self.dilation[1]):
-            return super().adjoint(y.squeeze(2) if self.one_d else y)
-        xp = F.conv_transpose2d(y, self.weight.to(y.dtype), stride=self.stride, dilation=self.dilation,
+            # no output padding reproduces the input size: the vector-Jacobian product of the geometry
+            src = self if weight is self.weight else _with_weight(self, weight)
+            return LinearOp.adjoint(src, y.squeeze(2) if self.one_d else y)
+        xp = F.conv_transpose2d(y, weight.to(y.dtype), stride=self.stride, dilation=self.dilation,
                                 groups=self.groups, output_padding=(op_h, op_w))
         x = xp[..., t:t + h, l:l + w]
         return x.squeeze(2) if self.one_d else x
@@ -355,6 +382,16 @@ class Conv(LinearOp):
         return [Bound(on.conv_norm_inf(self.weight, groups=self.groups), "kernel abs-sum bound", True)]
 
 
+def _with_weight(op: LinearOp, weight: torch.Tensor) -> LinearOp:
+    """A shallow copy of ``op`` with another weight tensor (same shape)."""
+    import copy
+
+    other = copy.copy(op)
+    other.weight = weight
+    other._u = {}
+    return other
+
+
 class ConvTranspose(LinearOp):
     """2-d transposed convolution ``y = conv_transpose2d(x, W)``: the adjoint of ``conv2d(., W)`` on the
     output's grid (same stride, padding, dilation, groups), so both have the same l2 norm.
@@ -382,6 +419,12 @@ class ConvTranspose(LinearOp):
     def apply(self, x):
         return F.conv_transpose2d(x, self.weight.to(x.dtype), None, self.stride, self.padding, self.output_padding,
                                   self.groups, self.dilation)
+
+    def abs_apply(self, x):
+        return _with_weight(self, self.weight.abs()).apply(x)
+
+    def abs_adjoint(self, y):
+        return LinearOp.adjoint(_with_weight(self, self.weight.abs()), y)
 
     def describe(self):
         return (f"conv-transpose {self.in_shape[0]}->{self.out_shape[0]} k{self.weight.shape[2]}x"
@@ -439,6 +482,9 @@ class Scale(LinearOp):
     def abs_apply(self, x):
         return x * self.scale.to(x.dtype).abs()
 
+    def abs_adjoint(self, y):
+        return y * self.scale.to(y.dtype).abs()
+
     def row_norms(self, q: str = "2"):
         _check_row_q(q)
         return self.scale.double().abs().expand(self.out_shape).clone()
@@ -490,6 +536,9 @@ class Select(LinearOp):
 
     def abs_apply(self, x):
         return self.apply(x)  # entries are 0 or 1
+
+    def abs_adjoint(self, y):
+        return self.adjoint(y)
 
     def row_norms(self, q: str = "2"):
         _check_row_q(q)
@@ -558,6 +607,11 @@ class Chain(LinearOp):
         for o in self.ops:
             x = o.abs_apply(x)
         return x
+
+    def abs_adjoint(self, y):
+        for o in reversed(self.ops):
+            y = o.abs_adjoint(y)
+        return y
 
     def row_norms(self, q: str = "2"):
         """Exact when the chain can be materialised; otherwise for ``q = "1"`` the row sums of
@@ -636,6 +690,12 @@ class Residual(LinearOp):
             return merged.abs_apply(x)
         return self._signed_sum("abs_apply", x, absolute=True)
 
+    def abs_adjoint(self, y):
+        merged = self._as_single_conv()
+        if merged is not None:
+            return merged.abs_adjoint(y)
+        return self._signed_sum("abs_adjoint", y, absolute=True)
+
     def row_norms(self, q: str = "2"):
         """Exact when materialisable or when the sum folds into one convolution; otherwise the
         triangle inequality ``sum_b |s_b| ||row_k(B_b)||`` (an upper bound)."""
@@ -695,9 +755,8 @@ class Residual(LinearOp):
                 or c.padding != (c.dilation[0] * (kh // 2),) * 2 + (c.dilation[1] * (kw // 2),) * 2):
             return None
         w = c.weight.double() * s
-        cpg = w.shape[1]
-        for ch in range(w.shape[0]):
-            w[ch, ch % cpg, kh // 2, kw // 2] += ident
+        ch = torch.arange(w.shape[0], device=w.device)
+        w[ch, ch % w.shape[1], kh // 2, kw // 2] += ident
         return Conv(w, c.in_shape, c.stride, c.padding, c.dilation, c.groups)
 
 
