@@ -121,13 +121,14 @@ def main(argv=None):
         Ks, Ls, snd, its = [], [], [], []
         for s in range(0, n, args.batch):
             r = local_margin_constants(graph, x[s:s + args.batch], args.eps, args.norm, tol=args.tol,
-                                       warm_start=cache, clamp_to_global=False, **kw)
-            Ks.append(r.K), Ls.append(r.lipschitz), snd.append(r.sound), its.append(r.iterations)
+                                       warm_start=cache, clamp_to_global=False, jacobian=False, estimate=True,
+                                       **kw)
+            Ks.append(r.K_estimate), Ls.append(r.lipschitz_estimate), snd.append(r.exact), its.append(r.iterations)
             frac = r.varying_fraction
         return (time.perf_counter() - t) / n, torch.cat(Ks), torch.cat(Ls), torch.cat(snd), torch.cat(its), frac
 
-    t_def, K_def, L_def, s_def, it_def, frac = run()
-    t_pow, K_pow, L_pow, s_pow, it_pow, _ = run(exact_max_entries=0)
+    t_def, K_def, L_def, s_def, it_def, frac = run(gram_max_entries=0)
+    t_pow, K_pow, L_pow, s_pow, it_pow, _ = run(exact_max_entries=0, gram_max_entries=0)
 
     ops = {i: copy.deepcopy(nd.op).to(torch.float64) for i, nd in enumerate(graph.nodes) if nd.kind == "linear"}
     t = time.perf_counter()

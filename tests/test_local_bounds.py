@@ -369,7 +369,7 @@ def test_power_path_estimates_close_to_exact_and_flagged():
     lm, _, shape = _load(_convnet)
     x = torch.rand((3,) + shape, dtype=torch.float64)
     exact = local_margin_constants(lm.graph, x, 0.2, clamp_to_global=False, jacobian=False)
-    power = local_margin_constants(lm.graph, x, 0.2, tol=1e-9, max_iter=5000, exact_max_entries=0,
+    power = local_margin_constants(lm.graph, x, 0.2, tol=1e-9, max_iter=5000, exact_max_entries=0, gram_max_entries=0,
                                    clamp_to_global=False, jacobian=False, estimate=True)
     assert bool(exact.exact.all()) and int(exact.iterations.max()) == 0 and exact.K_estimate is None
     assert not bool(power.exact.any()) and int(power.iterations.min()) > 0
@@ -440,7 +440,7 @@ def test_exact_path_matches_numpy_brute_force(p):
         some_masked |= min(fracs) < 1.0
     assert some_masked  # the test exercises masks
     if p == "2":  # the power path converges to the same numbers
-        pw = local_margin_constants(lm.graph, x, eps, p, clamp_to_global=False, exact_max_entries=0,
+        pw = local_margin_constants(lm.graph, x, eps, p, clamp_to_global=False, exact_max_entries=0, gram_max_entries=0,
                                     tol=1e-10, max_iter=5000, jacobian=False, estimate=True)
         for b, (K, _) in enumerate(want):
             np.testing.assert_allclose(pw.K_estimate[b].numpy(), K, rtol=1e-4, atol=1e-12)
@@ -509,10 +509,10 @@ def test_result_fields_and_warm_start_cache():
     lm, _, shape = _load(_convnet)
     x = torch.rand((3,) + shape, dtype=torch.float64)
     ws: dict = {}
-    r1 = local_margin_constants(lm.graph, x, 0.3, exact_max_entries=0, warm_start=ws, estimate=True)
+    r1 = local_margin_constants(lm.graph, x, 0.3, exact_max_entries=0, gram_max_entries=0, warm_start=ws, estimate=True)
     linear = [i for i, n in enumerate(lm.graph.nodes) if n.kind == "linear"]
     assert any(i in ws for i in linear)  # unmasked singular vectors cached under the node index
-    r2 = local_margin_constants(lm.graph, x, 0.3, exact_max_entries=0, warm_start=ws, estimate=True)
+    r2 = local_margin_constants(lm.graph, x, 0.3, exact_max_entries=0, gram_max_entries=0, warm_start=ws, estimate=True)
     assert torch.equal(r1.K, r2.K) and torch.equal(r1.K_estimate, r2.K_estimate)
     assert bool(torch.all(r1.K_estimate <= r1.K))
     assert r1.K.dtype == torch.float64 and r1.K.shape == (3, 3, 3)

@@ -497,3 +497,34 @@ def test_gram_path_of_the_dense_norm_is_sound_and_tight(shape):
         got = dense_norm2_gram(W)
         assert exact <= got <= exact * SOUND_FACTOR * (1 + 1e-7)
         assert dense_norm2(W) == got
+
+
+def _with_spectrum(m, n, s, seed):
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    k = len(s)
+    return (U[:, :k] * torch.as_tensor(s, dtype=torch.float64)) @ V[:, :k].T
+
+
+@pytest.mark.parametrize("case", ["tall", "wide", "tied_top", "low_rank", "tiny_scale", "huge_scale", "gapless"])
+def test_certified_dense_norm_is_above_the_svd_and_tight(case):
+    """The Cholesky certificate never falls below the float64 SVD (with its own error far below the
+    1e-6 safety factor) and lands within 1e-2 of it, with or without the caller's seed, from a wrong
+    (too small) seed, and on spectra that defeat power iteration (tied or gapless tops)."""
+    from lipverify.graph.operator_norms import dense_norm2_certified
+
+    g = torch.Generator().manual_seed(1)
+    W = {"tall": lambda: torch.randn(300, 120, generator=g, dtype=torch.float64),
+         "wide": lambda: torch.randn(90, 400, generator=g, dtype=torch.float64),
+         "tied_top": lambda: _with_spectrum(150, 200, [5.0, 5.0, 5.0, 4.9999] + [1.0] * 60, 2),
+         "low_rank": lambda: _with_spectrum(200, 150, [3.0, 2.0, 1e-3], 3),
+         "tiny_scale": lambda: torch.randn(100, 130, generator=g, dtype=torch.float64) * 1e-200,
+         "huge_scale": lambda: torch.randn(100, 130, generator=g, dtype=torch.float64) * 1e200,
+         "gapless": lambda: _with_spectrum(120, 120, torch.linspace(1.0, 0.999, 120).tolist(), 4)}[case]()
+    exact = float(torch.linalg.svdvals(W)[0])
+    seeds = (None,) if exact > 1e150 else (None, exact ** 2 * (1 - 1e-9), exact ** 2 * 0.5)  # no float for sigma^2
+    for lam in seeds:
+        got = dense_norm2_certified(W, lam=lam)
+        assert exact * (1 - 1e-12) <= got <= exact * (1 + 1e-2), (case, lam)
+    assert dense_norm2_certified(torch.zeros(80, 90, dtype=torch.float64)) == 0.0

@@ -227,7 +227,8 @@ def supports(graph: LipschitzGraph, ops: dict) -> str | None:
 
 
 def margin_jacobian_bounds(graph: LipschitzGraph, ops: dict, lbs: list, ubs: list, C: torch.Tensor,
-                           p: str, node_lipschitz: list | None = None) -> torch.Tensor:
+                           p: str, node_lipschitz: list | None = None,
+                           node_lipschitz_sets: list | None = None) -> torch.Tensor:
     """Upper bounds ``(B, P)`` of ``sup_{z in ball} ||C_bp^T J_f(z)||_q`` (see the module docstring).
 
     ``ops``: float64 linear operators by node index; ``lbs`` / ``ubs``: float64 intervals of every node
@@ -241,7 +242,8 @@ def margin_jacobian_bounds(graph: LipschitzGraph, ops: dict, lbs: list, ubs: lis
     ``g^T J`` with ``g`` in the interval at ``h`` and ``||J||_{p -> p} <= L(h)`` (the network is first
     replaced by the one whose units constant or affine on the ball are constant or affine, equal to it
     on the ball).  ``h`` = the input gives the pure interval bound, ``h`` next to the logits essentially
-    the masked-norm bound.
+    the masked-norm bound.  ``node_lipschitz_sets``: several such lists at once (one backward pass);
+    the result is then ``(S, B, P)``, one bound per list.
 
     Raises ``NotImplementedError`` for graphs with node kinds or operators it has no rule for.
     """
@@ -249,14 +251,15 @@ def margin_jacobian_bounds(graph: LipschitzGraph, ops: dict, lbs: list, ubs: lis
     if reason is not None:
         raise NotImplementedError(reason)
     B, P, m = C.shape
+    sets = node_lipschitz_sets if node_lipschitz_sets is not None else [node_lipschitz]
     per = max(1, MAX_ROWS // max(P, 1))
-    out = torch.empty(B, P, dtype=torch.float64, device=C.device)
+    out = torch.empty(len(sets), B, P, dtype=torch.float64, device=C.device)
     for s in range(0, B, per):
         sl = slice(s, min(B, s + per))
-        nl = None if node_lipschitz is None else [None if t is None else t[sl] for t in node_lipschitz]
-        out[sl] = _bounds_chunk(graph, ops, [None if t is None else t[sl] for t in lbs],
-                                [None if t is None else t[sl] for t in ubs], C[sl], p, nl)
-    return out
+        nls = [None if nl is None else [None if t is None else t[sl] for t in nl] for nl in sets]
+        out[:, sl] = _bounds_chunk(graph, ops, [None if t is None else t[sl] for t in lbs],
+                                   [None if t is None else t[sl] for t in ubs], C[sl], p, nls)
+    return out if node_lipschitz_sets is not None else out[0]
 
 
 def _dual_norm(lo, hi, B, P, p):
@@ -264,7 +267,7 @@ def _dual_norm(lo, hi, B, P, p):
     return (g.norm(dim=2) if p == "2" else g.sum(dim=2)) * (1 + 1e-10)
 
 
-def _bounds_chunk(graph, ops, lbs, ubs, C, p, node_lipschitz=None):
+def _bounds_chunk(graph, ops, lbs, ubs, C, p, node_lipschitz_sets):
     nodes = graph.nodes
     B, P, m = C.shape
     o = graph.output
@@ -284,7 +287,8 @@ def _bounds_chunk(graph, ops, lbs, ubs, C, p, node_lipschitz=None):
     def rep(t):
         return t.repeat_interleave(P, dim=0)
 
-    best = torch.full((B, P), math.inf, dtype=torch.float64, device=C.device)
+    S = len(node_lipschitz_sets)
+    best = torch.full((S, B, P), math.inf, dtype=torch.float64, device=C.device)
     inp = None
     for i in range(o, -1, -1):
         if glo[i] is None:
@@ -295,11 +299,14 @@ def _bounds_chunk(graph, ops, lbs, ubs, C, p, node_lipschitz=None):
         if k == "input":
             inp = i
             continue
-        pending = sum(1 for t in glo if t is not None)
-        if node_lipschitz is not None and pending == 1 and node_lipschitz[i] is not None:
+        if sum(1 for t in glo if t is not None) == 1:
             # every path to the logits passes through node i (no other gradient is pending)
-            Li = node_lipschitz[i].to(torch.float64).reshape(B, 1)
-            best = torch.minimum(best, _dual_norm(lo, hi, B, P, p) * Li * (1 + 1e-12))
+            here = None
+            for s_, nl in enumerate(node_lipschitz_sets):
+                if nl is not None and nl[i] is not None:
+                    here = _dual_norm(lo, hi, B, P, p) if here is None else here
+                    Li = nl[i].to(torch.float64).reshape(B, 1)
+                    best[s_] = torch.minimum(best[s_], here * Li * (1 + 1e-12))
         glo[i] = ghi[i] = None
         ins = n.inputs
         if k == "linear":
@@ -325,5 +332,5 @@ def _bounds_chunk(graph, ops, lbs, ubs, C, p, node_lipschitz=None):
         else:  # pragma: no cover - excluded by supports()
             raise NotImplementedError(f"no Jacobian interval rule for {k} nodes")
     if inp is None or glo[inp] is None:  # the logits do not depend on the input
-        return torch.zeros(B, P, dtype=torch.float64, device=C.device)
-    return torch.minimum(best, _dual_norm(glo[inp], ghi[inp], B, P, p))
+        return torch.zeros(S, B, P, dtype=torch.float64, device=C.device)
+    return torch.minimum(best, _dual_norm(glo[inp], ghi[inp], B, P, p)[None])

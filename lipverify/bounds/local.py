@@ -72,6 +72,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lipverify.bounds import jacobian as jac
 from lipverify.bounds.global_bound import margin_constants, propagate
 from lipverify.graph import LipschitzGraph, minmax
 from lipverify.graph import operator_norms as on
@@ -101,7 +102,11 @@ __all__ = [
 #: relative outward-rounding slack of interval bounds (float64 error is ~1e-16 per operation).
 _REL_SLACK = REL_SLACK
 #: full operator matrices up to this many entries are materialised once per layer (exact path).
-_FULL_MATRIX_MAX_ENTRIES = 4_000_000
+_FULL_MATRIX_MAX_ENTRIES = 8_000_000
+#: masked operators up to this many entries get the certified Gram-matrix bound (above the SVD size)
+#: where the power-iteration estimate says it is worth it (estimate below REFINE_RATIO x the cheap bound).
+GRAM_MAX_ENTRIES = 4_000_000
+REFINE_RATIO = 0.95
 #: basis vectors pushed at once when a masked matrix is built column by column.
 _BASIS_CHUNK = 128
 
@@ -118,7 +123,8 @@ class LocalBoundResult:
     for callers that test it).  ``exact``: bool ``(B,)``, ``True`` where every masked operator norm was
     computed exactly (else a sound but looser factor was used).  ``K_estimate``: with ``estimate=True``,
     the same constants with power-iteration estimates of the large masked norms (``min`` with ``K``),
-    the number training optimises -- *not* a certificate.  ``varying_fraction``: per activation node
+    the number training optimises -- *not* a certificate (``lipschitz_estimate`` likewise).
+    ``varying_fraction``: per activation node
     (graph order), the mean fraction of varying units over the batch.  ``iterations``: ``(B,)`` power
     iterations used per example (0 without ``estimate``).  ``method``: how ``K`` was formed.
     """
@@ -130,6 +136,7 @@ class LocalBoundResult:
     iterations: torch.Tensor
     exact: torch.Tensor | None = None
     K_estimate: torch.Tensor | None = None
+    lipschitz_estimate: torch.Tensor | None = None
     method: str = ""
 
 
@@ -186,6 +193,20 @@ class _Context:
         key = ("matrix", i)
         if key not in self.cache:
             self.cache[key] = op.matrix(torch.float64).to(self.device)
+        return self.cache[key]
+
+    def full_gram_norm(self, i: int, max_entries: int) -> float:
+        """Sound l2 norm of the whole operator of node ``i`` from its Gram matrix when it has at most
+        ``max_entries`` entries (cached), else ``inf``."""
+        op = self.ops[i]
+        if op.in_dim * op.out_dim > max_entries:
+            return math.inf
+        key = ("gram", i)
+        if key not in self.cache:
+            m = self.full_matrix(i)
+            if m is None:
+                m = op.matrix(torch.float64).to(self.device)
+            self.cache[key] = on.dense_norm2_gram(m)
         return self.cache[key]
 
     def top_vector(self, i: int) -> torch.Tensor:
@@ -457,23 +478,38 @@ def _masked_submatrix(ctx: _Context, i: int, rows: torch.Tensor, cols: torch.Ten
     return torch.cat(parts)
 
 
-def _masked_norms_2(ctx: _Context, i: int, m_in, m_out, tol, max_iter, exact_max_entries, estimate=True):
+def _masked_norms_2(ctx: _Context, i: int, m_in, m_out, tol, max_iter, exact_max_entries, estimate=True,
+                    gram_max_entries=0, refine_ratio=REFINE_RATIO):
     """``(sound (B,), estimate (B,), exact (B,) bool, iterations (B,))`` for the masked operators of node
-    ``i``: the exact float64 SVD where the masked matrix is small, else the smaller of the sound global
-    norm and the Schur bound ``sqrt(max row sum * max column sum)`` of ``|I_out A I_in|``; the estimate is
-    the batched power iteration there (only when ``estimate``)."""
+    ``i`` (module docstring, step 3):
+
+    * up to ``exact_max_entries`` entries: the float64 SVD of the masked matrix;
+    * larger ones: the smaller of the sound global norm (the FFT bound, or the full operator's
+      certified Gram bound) and Schur's bound ``sqrt(max row sum * max column sum)`` of
+      ``|I_out A I_in|``; the batched power iteration gives the estimate ``s``, and where ``s`` is below
+      ``refine_ratio`` times that sound value and the masked matrix has at most ``gram_max_entries``
+      entries, the matrix is materialised and bounded by the Cholesky certificate of
+      :func:`lipverify.graph.operator_norms.dense_norm2_certified` seeded with ``s`` (sound, and
+      within ``1e-7``-``1e-2`` relative of the true norm).  The estimate only decides where that work
+      pays; every value returned as sound is a proven bound.
+
+    ``exact`` is ``False`` where a factor is not an SVD or a certified Gram bound.  The last value
+    returned marks the examples whose factor :func:`_refine_norms` may improve (it is not called here:
+    :func:`local_margin_constants` refines only where the margin constants can gain).
+    """
     op = ctx.ops[i]
     B = m_in.shape[0]
     fin = m_in.reshape(B, -1)
     fout = m_out.reshape(B, -1)
     n_cols = fin.sum(1)
     n_rows = fout.sum(1)
-    gnorm = ctx.global_norm(i)
+    gnorm = min(ctx.global_norm(i), ctx.full_gram_norm(i, gram_max_entries))
     val = torch.zeros(B, dtype=torch.float64, device=ctx.device)
     sound = torch.ones(B, dtype=torch.bool, device=ctx.device)
     iters = torch.zeros(B, dtype=torch.int64, device=ctx.device)
     empty = (n_cols == 0) | (n_rows == 0)
-    exact = ~empty & (n_rows * n_cols <= exact_max_entries)
+    size = n_rows * n_cols
+    exact = ~empty & (size <= exact_max_entries)
     full = ~empty & ~exact & (n_cols == op.in_dim) & (n_rows == op.out_dim)
     power = ~empty & ~exact & ~full
     for b in torch.nonzero(exact).flatten().tolist():
@@ -487,18 +523,45 @@ def _masked_norms_2(ctx: _Context, i: int, m_in, m_out, tol, max_iter, exact_max
     if idx.numel():
         mi = m_in[idx].to(torch.float64)
         mo = m_out[idx].to(torch.float64)
-        val[idx] = torch.minimum(_schur_bound(op, mi, mo), torch.full((idx.numel(),), gnorm, dtype=torch.float64,
-                                                                         device=val.device))
-        if estimate:
-            u0 = mi * (ctx.top_vector(i) + 1e-2 * ctx.jitter(i))
-            sig, it = _masked_power_iteration(op, mi, mo, u0, tol, max_iter)
-            est[idx] = sig
-            iters[idx] = it
-        else:
-            est[idx] = val[idx]
+        cheap = torch.minimum(_schur_bound(op, mi, mo), torch.full((idx.numel(),), gnorm, dtype=torch.float64,
+                                                                  device=val.device))
+        val[idx] = cheap
         sound[idx] = False
+        want_gram = gram_max_entries > 0 and bool((size[idx] <= gram_max_entries).any())
+        if estimate or want_gram:
+            u0 = mi * (ctx.top_vector(i) + 1e-2 * ctx.jitter(i))
+            sig, it, uvec = _masked_power_iteration(op, mi, mo, u0, tol, max_iter, return_vectors=True)
+            est[idx] = torch.minimum(sig, cheap)
+            iters[idx] = it
+            ctx.cache[("last_u", i)] = (idx, uvec)  # warm starts of the certified Gram bounds
+        else:
+            est[idx] = cheap
     g = torch.full_like(val, gnorm)
-    return torch.minimum(val, g), torch.minimum(est, g), sound, iters
+    refinable = power & (size <= gram_max_entries) & (est < refine_ratio * torch.minimum(val, g))
+    return torch.minimum(val, g), torch.minimum(est, g), sound, iters, refinable
+
+
+def _refine_norms(ctx: _Context, i: int, m_in, m_out, which, val, est, sound):
+    """Certified Gram bounds (in place in ``val``, ``sound``) of the masked operators of node ``i`` for the
+    examples ``which``, seeded with the power-iteration estimates ``est``."""
+    B = m_in.shape[0]
+    fin = m_in.reshape(B, -1)
+    fout = m_out.reshape(B, -1)
+    idx, uvec = ctx.cache.pop(("last_u", i), (None, None))
+    pos = {} if idx is None else {int(b): k for k, b in enumerate(idx.tolist())}
+    for b in which:
+        rows = torch.nonzero(fout[b]).flatten()
+        cols = torch.nonzero(fin[b]).flatten()
+        sub = _masked_submatrix(ctx, i, rows, cols)
+        s_hat = float(est[b])
+        v0 = None
+        if b in pos:  # the power iterate, on the side the Gram matrix lives on
+            u = uvec[pos[b]].reshape(-1).index_select(0, cols)
+            v0 = sub @ u if sub.shape[0] <= sub.shape[1] else u
+        v = on.dense_norm2_certified(sub, v0=v0, lam=(s_hat * s_hat) if s_hat > 0 else None, steps=12)
+        if v < float(val[b]):
+            val[b] = v
+            sound[b] = True
 
 
 def _schur_bound(op, mi, mo) -> torch.Tensor:
@@ -518,7 +581,7 @@ def _flat_norms(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
 
 
-def _masked_power_iteration(op, mi, mo, u0, tol, max_iter):
+def _masked_power_iteration(op, mi, mo, u0, tol, max_iter, return_vectors: bool = False):
     """Per-example power iteration on ``G_b = I_in A^T I_out A I_in`` for a batch of masks.
 
     Iterates ``u <- G u / ||G u||`` (unit vectors) and stops example ``b`` when the iterate moves by
@@ -528,7 +591,7 @@ def _masked_power_iteration(op, mi, mo, u0, tol, max_iter):
     examples still running are computed at each step, and each follows exactly the computation it
     would follow alone.  The estimate is ``sqrt(||G u||)`` for the last unit ``u``: it is at least
     the Rayleigh estimate ``||A I_in u||`` and at most ``sigma_max`` (an estimate from below).
-    Returns ``(sigma (B,), iterations (B,))``.
+    Returns ``(sigma (B,), iterations (B,))``, or with ``return_vectors`` also the last unit iterates.
     """
     B = u0.shape[0]
     dev = u0.device
@@ -540,12 +603,15 @@ def _masked_power_iteration(op, mi, mo, u0, tol, max_iter):
     iters = torch.zeros(B, dtype=torch.int64, device=dev)
     act = torch.arange(B, device=dev)
     ua, mia, moa = u, mi, mo
+    last = u.clone() if return_vectors else None
     for t in range(1, max_iter + 1):
         w = mia * op.adjoint(moa * op.apply(mia * ua))
         wn = _flat_norms(w)
         sigma[act] = wn.sqrt()
         iters[act] = t
         un = w / _bc(torch.where(wn > 0, wn, torch.ones_like(wn)), w)
+        if last is not None:
+            last[act] = un
         done = (wn == 0) | (_flat_norms(un - ua) <= tol)
         keep = torch.nonzero(~done).flatten()
         if keep.numel() == 0:
@@ -553,7 +619,7 @@ def _masked_power_iteration(op, mi, mo, u0, tol, max_iter):
         if keep.numel() < act.numel():
             act, un, mia, moa = act[keep], un[keep], mia[keep], moa[keep]
         ua = un
-    return sigma, iters
+    return (sigma, iters, last) if return_vectors else (sigma, iters)
 
 
 def _masked_norms_inf(ctx: _Context, i: int, m_in, m_out):
@@ -633,9 +699,10 @@ def _combine(ctx: _Context, norms, masks, bounds=None):
 
 def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *,
                            tol: float = 1e-3, max_iter: int = 2000, exact_max_entries: int = 250_000,
+                           gram_max_entries: int = GRAM_MAX_ENTRIES,
                            warm_start: dict | None = None, clamp_to_global: bool = True,
                            domain=None, rows=None, jacobian: bool = True,
-                           estimate: bool = False) -> LocalBoundResult:
+                           estimate: bool = False, need=None) -> LocalBoundResult:
     """Local margin constants ``K_ij(x_b, eps_b)`` and local Lipschitz bounds on ``B_p(x_b, eps_b)``.
 
     Huang et al. 2021 ("Training certifiably robust neural networks with efficient local Lipschitz
@@ -660,7 +727,13 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
         iterate ``||u_{t+1} - u_t|| <= tol``, at most ``max_iter`` iterations.
     exact_max_entries:
         A masked operator with at most this many entries (varying rows x varying columns) is
-        materialised and its norm taken by a float64 SVD (sound); ``0`` forces power iteration.
+        materialised and its norm taken by a float64 SVD (sound).
+    gram_max_entries:
+        Larger masked operators up to this many entries are materialised and bounded from the
+        eigenvalues of their smaller Gram matrix plus a proven rounding term (sound, about 10x cheaper
+        than an SVD); larger ones get the smaller of the global norm and Schur's bound.  ``0`` and
+        ``exact_max_entries=0`` leave every masked operator to those (and to power iteration for
+        ``K_estimate``).
     warm_start:
         A dict owned by the caller and reused across calls **on the same graph**: it caches the float64
         ops, global constants, row norms, small operator matrices and, under the linear node's index,
@@ -681,6 +754,13 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
     estimate:
         Also run the batched power iteration on the large masked operators and return ``K_estimate``
         (an estimate from below of the masked-norm product; what training uses).
+    need:
+        With ``rows``: ``(B, m)`` thresholds (``margin_j / eps``, ``inf`` for pairs that do not matter)
+        of a certification decision ``K[b, rows_b, j] < need[b, j]``.  The certified Gram bounds of
+        large masked operators are then computed only for examples whose decision they can turn
+        (undecided by the cheap sound bounds, decided by the power estimates); without ``need``,
+        wherever the estimates promise a gain above ``1 - REFINE_RATIO``.  The returned ``K`` is sound
+        either way.
 
     Returns
     -------
@@ -707,55 +787,106 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
         opm = operator_masks(graph, masks)
         norms: dict[int, torch.Tensor] = {}
         norms_est: dict[int, torch.Tensor] = {}
-        exact = torch.ones(B, dtype=torch.bool, device=ctx.device)
+        exacts: dict[int, torch.Tensor] = {}
+        refinable: dict[int, torch.Tensor] = {}
         iters = torch.zeros(B, dtype=torch.int64, device=ctx.device)
         for i, (m_in, m_out) in opm.items():
             if ctx.p == "2":
-                v, v_est, ex, it = _masked_norms_2(ctx, i, m_in, m_out, tol, max_iter, exact_max_entries, estimate)
+                v, v_est, ex, it, rf = _masked_norms_2(ctx, i, m_in, m_out, tol, max_iter, exact_max_entries,
+                                                       estimate, gram_max_entries)
             else:
                 v, ex, it = _masked_norms_inf(ctx, i, m_in, m_out)
-                v_est = v
-            norms[i], norms_est[i] = v, v_est
-            exact &= ex
+                v_est, rf = v, torch.zeros_like(ex)
+            norms[i], norms_est[i], exacts[i], refinable[i] = v, v_est, ex, rf
             iters = torch.maximum(iters, it)
         bounds = list(zip(lbs, ubs))
-        K, L = _combine(ctx, norms, masks, bounds)
-        K = K * SOUND_FACTOR
-        lip = L[graph.output] * SOUND_FACTOR
-        L_sound = [None if t is None or not isinstance(t, torch.Tensor) else t * SOUND_FACTOR for t in L]
-        method = "masked operator norms (exact SVD where small, sound bounds otherwise)"
-        if jacobian:
-            from lipverify.bounds import jacobian as jac
+        use_jac = jacobian and jac.supports(graph, ctx.ops) is None
+        m = int(math.prod(graph.nodes[graph.output].out_shape))
+        C = I = J = None
+        if use_jac:
+            C, I, J = jac.pair_directions(m, rows, B, device=ctx.device)
 
-            reason = jac.supports(graph, ctx.ops)
-            if reason is None:
-                m = K.shape[1]
-                C, I, J = jac.pair_directions(m, rows, B, device=ctx.device)
-                try:
-                    Kp = jac.margin_jacobian_bounds(graph, ctx.ops, lbs, ubs, C, ctx.p, node_lipschitz=L_sound)
-                except NotImplementedError:
-                    Kp = None
-                if Kp is not None:
-                    bi = torch.arange(B, device=ctx.device)[:, None].expand_as(I)
-                    Kj = torch.full_like(K, math.inf)
-                    Kj[bi, I, J] = Kp
-                    Kj[bi, J, I] = Kp
-                    K = torch.minimum(K, Kj)
-                    method += " and Clarke-Jacobian intervals"
-        K_est = None
+        def assemble(nrm):
+            """Margin constants and node bounds from the factors ``nrm`` (times the rounding factor)."""
+            Kp, L = _combine(ctx, nrm, masks, bounds)
+            Kp = Kp * SOUND_FACTOR
+            L = [None if t is None or not isinstance(t, torch.Tensor) else t * SOUND_FACTOR for t in L]
+            return Kp, L
+
+        K, L_sound = assemble(norms)
+        lip = L_sound[graph.output]
+        method = "masked operator norms (exact SVD or certified Gram bound where small, sound bounds otherwise)"
+        any_refinable = any(bool(r.any()) for r in refinable.values())
+        if use_jac:
+            sets = [L_sound]
+            if any_refinable:
+                Ke, L_e = assemble(norms_est)
+                sets.append(L_e)
+            try:
+                Kp = jac.margin_jacobian_bounds(graph, ctx.ops, lbs, ubs, C, ctx.p, node_lipschitz_sets=sets)
+            except NotImplementedError:
+                Kp, use_jac = None, False
+            if use_jac:
+                bi = torch.arange(B, device=ctx.device)[:, None].expand_as(I)
+                cur = torch.minimum(K[bi, I, J], Kp[0])
+                method += " and Clarke-Jacobian intervals"
+        if any_refinable:
+            # refine (certified Gram bounds) only the examples whose constants the estimates say can
+            # fall by more than the refinement threshold
+            if use_jac and need is not None and rows is not None:
+                # only where it can turn the decision: not certified now, certified with the estimates
+                pot = torch.minimum(Ke[bi, I, J], Kp[1])
+                nd = torch.as_tensor(need, dtype=torch.float64, device=ctx.device).reshape(B, m)
+                live = (J != I) & torch.isfinite(nd)
+                gain = ((cur >= nd) & live).any(1) & ((pot < nd) | ~live).all(1)
+            elif use_jac:
+                pot = torch.minimum(Ke[bi, I, J], Kp[1])
+                gain = ((pot < REFINE_RATIO * cur) & (J != I)).any(1)
+            else:
+                Ke, _ = assemble(norms_est)
+                gain = (Ke < REFINE_RATIO * K).reshape(B, -1).any(1)
+            todo = gain & torch.stack([r for r in refinable.values()]).any(0)
+            which = torch.nonzero(todo).flatten()
+            if which.numel():
+                for i, (m_in, m_out) in opm.items():
+                    sel = [int(b) for b in which if bool(refinable[i][b])]
+                    if sel:
+                        _refine_norms(ctx, i, m_in, m_out, sel, norms[i], norms_est[i], exacts[i])
+                K, L_sound = assemble(norms)
+                lip = L_sound[graph.output]
+                if use_jac:
+                    wl = which.tolist()
+                    Kp_w = jac.margin_jacobian_bounds(
+                        graph, ctx.ops, [None if t is None else t[which] for t in lbs],
+                        [None if t is None else t[which] for t in ubs], C[which], ctx.p,
+                        node_lipschitz=[None if t is None else t[which] for t in L_sound])
+                    Kp0 = Kp[0].clone()
+                    Kp0[wl] = Kp_w
+                    Kp = Kp0[None]
+        if use_jac:
+            Kj = torch.full_like(K, math.inf)
+            Kj[bi, I, J] = Kp[0]
+            Kj[bi, J, I] = Kp[0]
+            K = torch.minimum(K, Kj)
+        exact = torch.ones(B, dtype=torch.bool, device=ctx.device)
+        for ex in exacts.values():
+            exact &= ex
+        K_est = lip_est = None
         if estimate:
-            Ke, _ = _combine(ctx, norms_est, masks, bounds)
-            K_est = torch.minimum(Ke, K)
+            Ke2, Le = _combine(ctx, norms_est, masks, bounds)
+            K_est = torch.minimum(Ke2, K)
+            lip_est = torch.minimum(Le[graph.output], lip)
         if clamp_to_global:
             Kg = ctx.K_global.to(K.device).unsqueeze(0)
             K = torch.minimum(K, Kg)
             lip = torch.minimum(lip, torch.full_like(lip, ctx.cum(graph.output)))
             if K_est is not None:
                 K_est = torch.minimum(K_est, Kg)
+                lip_est = torch.minimum(lip_est, lip)
         diag = torch.arange(K.shape[1], device=K.device)
         K[:, diag, diag] = 0.0
         frac = [float(masks[i].reshape(B, -1).to(torch.float64).mean())
                 for i, n in enumerate(graph.nodes) if n.kind == "activation" and i in masks]
     return LocalBoundResult(K=K, lipschitz=lip, sound=torch.ones(B, dtype=torch.bool, device=ctx.device),
                             varying_fraction=frac, iterations=iters, exact=exact, K_estimate=K_est,
-                            method=method)
+                            lipschitz_estimate=lip_est, method=method)

@@ -9,8 +9,9 @@ For an input with prediction ``j`` and margins ``d_i = f_j - f_i``:
   satisfy the rule because ``K(x, r) >= K(x, r_global)`` for ``r >= r_global``.  Bisection keeps the
   invariant "``lo`` is certified".
 
-A local certificate is sound only when every masked operator norm behind it was computed exactly;
-otherwise it is an estimate (power iteration) and is reported as such.
+The local constants are sound on every architecture (the minimum of the masked-norm product with
+exact or proven factors and the Clarke-Jacobian interval bound for the pairs ``(j, i)``,
+:mod:`lipverify.bounds.jacobian`); power-iteration estimates are never used here.
 """
 
 from __future__ import annotations
@@ -22,9 +23,17 @@ import torch
 from lipverify.bounds.local import local_margin_constants
 
 
-def _local_ok(model, xs, pred, diffs, mask, eps, norm, warm, opts):
-    """(certified, sound) for each row of ``xs`` at per-example ``eps`` (float64 tensor)."""
-    res = local_margin_constants(model.graph, xs, eps, norm, warm_start=warm, domain=model.effective_domain(), **opts)
+def _local_ok(model, xs, pred, diffs, mask, eps, norm, warm, opts, decide: bool = True):
+    """(certified, sound, K_j.) for each row of ``xs`` at per-example ``eps`` (float64 tensor).
+
+    ``decide``: only the decision matters (expensive refinements only where they can turn it);
+    ``False`` when the constants themselves are used (the upper end of the bisection)."""
+    need = None
+    if decide:
+        with torch.no_grad():
+            need = torch.where(mask, diffs / eps[:, None].clamp_min(1e-300), torch.full_like(diffs, math.inf))
+    res = local_margin_constants(model.graph, xs, eps, norm, warm_start=warm, domain=model.effective_domain(),
+                                 rows=pred, need=need, **opts)
     K = res.K.cpu()
     Kj = K[torch.arange(len(pred)), pred]  # K_ji
     ok = ((diffs > eps[:, None] * Kj) | ~mask).all(1)
@@ -66,7 +75,7 @@ def local_certify(model, x, pred, diffs, mask, radius, targets, norm, cert_at, e
         lo = radius[idx].double().clone()
         lo_sound = torch.ones(len(idx), dtype=torch.bool)
         base = torch.where(lo > 0, lo, torch.full_like(lo, 1e-9))
-        _, snd0, Kj0 = _local_ok(model, xs, p, d, mk, base, norm, warm, opts)
+        _, snd0, Kj0 = _local_ok(model, xs, p, d, mk, base, norm, warm, opts, decide=False)
         with torch.no_grad():
             ratio = torch.where(Kj0 > 0, d / Kj0, torch.full_like(d, math.inf))
         hi = torch.where(mk, ratio, torch.full_like(ratio, math.inf)).min(1).values

@@ -149,6 +149,105 @@ def dense_norm2_gram(W: torch.Tensor) -> float:
     return math.sqrt(max(lam, 0.0) + (gamma + 10 * m * u) * fro2) * SOUND_FACTOR
 
 
+def _lanczos_top(G: torch.Tensor, v: torch.Tensor, steps: int) -> float:
+    """Largest Ritz value of ``steps`` Lanczos steps (full reorthogonalisation) on symmetric ``G`` from
+    ``v``: at most ``lambda_max(G)`` up to rounding, and usually equal to it to many digits."""
+    m = G.shape[0]
+    steps = min(steps, m)
+    Q = torch.zeros(m, steps, dtype=G.dtype, device=G.device)
+    alpha = torch.zeros(steps, dtype=G.dtype)
+    beta = torch.zeros(steps, dtype=G.dtype)
+    nv = v.norm()
+    if float(nv) == 0.0:
+        v = torch.ones(m, dtype=G.dtype, device=G.device)
+        nv = v.norm()
+    q = v / nv
+    k = 0
+    for j in range(steps):
+        Q[:, j] = q
+        w = G @ q
+        alpha[j] = float(q @ w)
+        w = w - Q[:, :j + 1] @ (Q[:, :j + 1].T @ w)
+        w = w - Q[:, :j + 1] @ (Q[:, :j + 1].T @ w)  # twice is enough
+        k = j + 1
+        b = float(w.norm())
+        if j + 1 == steps or b <= 1e-13 * max(float(alpha[:j + 1].abs().max()), 1e-300):
+            break
+        beta[j] = b
+        q = w / b
+    T = torch.diag(alpha[:k]) + torch.diag(beta[:k - 1], 1) + torch.diag(beta[:k - 1], -1)
+    return float(torch.linalg.eigvalsh(T)[-1])
+
+
+def dense_norm2_certified(W: torch.Tensor, v0: torch.Tensor | None = None, steps: int = 48,
+                          lam: float | None = None) -> float:
+    """Sound ``sigma_max(W)`` from a Cholesky certificate on the smaller Gram matrix (much cheaper than
+    the eigenvalues of :func:`dense_norm2_gram` on matrices of a few hundred rows and more).
+
+    With ``G^ = fl(W W^T)`` (``m x m``, ``m`` the smaller side, inner dimension ``n``), an estimate
+    ``lam`` of ``lambda_max`` is the caller's (``lam``, e.g. the square of a power-iteration estimate of
+    ``sigma_max``) or comes from ``steps`` Lanczos steps on ``G^`` (from ``v0`` when given: a vector of
+    length ``m``; also used when no factorisation succeeds with the caller's estimate); for ``mu = lam (1 + delta)`` with ``delta = 1e-7, 1e-5, 1e-3, 1e-2`` in turn, if the
+    float64 Cholesky factorisation of ``A = fl(mu I - G^)`` runs to completion then (Demmel; Higham,
+    *Accuracy and Stability of Numerical Algorithms*, Thm 10.5) ``A + dA = R^T R`` is positive
+    semi-definite with ``|dA| <= gamma_{m+1} |R^T| |R|``, so ``lambda_min(A) >= -gamma_{m+1} ||R||_F^2 >=
+    -gamma_{m+1} tr(A) / (1 - gamma_{m+1})``.  The diagonal subtraction errs by at most
+    ``u (mu + max_i G^_ii)`` in the 2-norm and forming ``G^`` by ``gamma_n ||W||_F^2``, hence
+
+    ``sigma_max(W)^2 <= mu + gamma_{m+1} tr(A) / (1 - gamma_{m+1}) + u (mu + max G^_ii) + gamma_n ||W||_F^2``,
+
+    returned (square root) times ``SOUND_FACTOR``.  ``W`` and then ``G^`` are first scaled by powers of
+    two (exact) so that their entries are at most one (no overflow or underflow).  If no factorisation succeeds, :func:`dense_norm2_gram`.
+    Matrices with ``m <= 64`` go to :func:`dense_norm2_gram` directly.
+    """
+    W = _as_matrix(W).to(torch.float64)
+    if W.numel() == 0:
+        return 0.0
+    side_rows = W.shape[0] <= W.shape[1]
+    if not side_rows:
+        W = W.T
+    m, n = W.shape
+    amax = float(W.abs().max())
+    if amax == 0.0:
+        return 0.0
+    kw = math.frexp(amax)[1]  # W = 2^kw W' with |W'| <= 1 exactly: no overflow or underflow in G
+    if kw != 0:
+        W = torch.ldexp(W, torch.tensor(-kw, dtype=torch.int32, device=W.device))
+        if lam is not None:
+            lam = math.ldexp(float(lam), -2 * kw)
+    if m <= 64:
+        return math.ldexp(dense_norm2_gram(W), kw)
+    G = W @ W.T
+    top = float(G.diagonal().max())
+    if top <= 0.0:
+        return 0.0
+    k = math.frexp(top)[1]
+    G = torch.ldexp(G, torch.tensor(-k, dtype=torch.int32, device=G.device))  # exact: entries <= 1
+    if lam is not None:  # a caller's estimate of lambda_max(W W^T), in the scaled units
+        lam = math.ldexp(float(lam), -k)
+        if v0 is not None and v0.numel() == m:  # sharpen it from the caller's vector (a few steps)
+            lam = max(lam, _lanczos_top(G, v0.to(G).reshape(m), steps))
+    u = 2.0 ** -53
+    gm = (m + 1) * u / (1 - (m + 1) * u)
+    gn = n * u / (1 - n * u)
+    fro2 = float(G.diagonal().sum()) * (1 + 2 * gn + m * u)  # ||W||_F^2 (scaled), rounded up
+    gdiag = float(G.diagonal().max())
+    eye = torch.eye(m, dtype=torch.float64, device=G.device)
+    for attempt in range(2):
+        if lam is None or attempt == 1:
+            start = v0.to(G).reshape(m) if v0 is not None and v0.numel() == m else G.diagonal().clone()
+            lam = _lanczos_top(G, start, steps)
+        for delta in (1e-7, 1e-5, 1e-3, 1e-2):
+            mu = max(lam, 0.0) * (1 + delta) + 1e-300
+            A = mu * eye - G
+            _, info = torch.linalg.cholesky_ex(A)
+            if int(info) == 0:
+                tr = float(A.diagonal().sum()) * (1 + m * u)
+                bound = mu + gm * tr / (1 - gm) + u * (mu + gdiag) + gn * fro2
+                return math.ldexp(math.sqrt(math.ldexp(bound * (1 + 4 * u), k)) * SOUND_FACTOR, kw)
+    return math.ldexp(dense_norm2_gram(W), kw)
+
+
 def dense_norm_inf(W: torch.Tensor) -> float:
     """Sound l-inf -> l-inf operator norm of ``x -> W x``: ``max_i sum_j |W_ij|``, times ``SOUND_FACTOR``.
 

@@ -366,6 +366,9 @@ def run_finetune(o: dict, echo=None) -> dict:
     after_local = None
     if cfg.loss == "local":
         after_local = report.sound_evaluation(lm_after, eds.x, eds.y, eval_eps, cfg.norm, method="local")
+        est = report.local_estimate_vra(lm_after, eds.x, eds.y, eval_eps, cfg.norm)
+        after_local["vra_estimate"] = est
+        after_local["estimate_gap"] = {k: est[k] - after_local["vra"].get(k, 0.0) for k in est}
     verify_path.replace(out_dir / "model.onnx")  # verified: now it is the output
     atomic_write_bytes(out_dir / "model.pt", sd_bytes)
 
@@ -432,6 +435,9 @@ def _extra_rows(after_local, eps_keys, mean_epoch, n_epochs):
     if after_local is not None:
         for e in eps_keys:
             rows.append((f"VRA @ eps={e}, local bound", "-", f"{100 * after_local['vra'].get(e, 0):.1f}%"))
+            if "vra_estimate" in after_local:
+                rows.append((f"VRA @ eps={e}, local estimate (not a certificate)", "-",
+                             f"{100 * after_local['vra_estimate'].get(e, 0):.1f}%"))
     rows.append(("time per epoch (s)", "-", f"{mean_epoch:.2f} x {n_epochs}"))
     return rows
 

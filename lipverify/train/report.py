@@ -41,6 +41,35 @@ def sound_evaluation(lm, x, y, eps_list, norm: str = "2", batch_size: int = 256,
     }
 
 
+def local_estimate_vra(lm, x, y, eps_list, norm: str = "2", batch_size: int = 64) -> dict:
+    """VRA at each eps if the power-iteration estimates of the masked norms were counted (what the
+    ``local`` training loss optimises): correct and ``f_y - f_j > eps K^est_yj`` for all ``j``, with
+    ``K^est`` the ``K_estimate`` of :func:`lipverify.bounds.local.local_margin_constants` (clamped to
+    the sound local ``K``).  Not a certificate: reported next to the sound VRA to show the gap."""
+    from lipverify.bounds.local import local_margin_constants
+
+    x = torch.as_tensor(np.asarray(x), dtype=torch.float64).reshape((-1,) + tuple(lm.input_shape))
+    y = torch.as_tensor(np.asarray(y)).long().reshape(-1)
+    with torch.no_grad():
+        logits = lm.module_double()(x.to(lm.device)).reshape(len(x), -1).cpu()
+    pred = logits.argmax(1)
+    n = len(y)
+    out = {}
+    warm: dict = {}
+    for e in eps_list:
+        ok = torch.zeros(n, dtype=torch.bool)
+        for s in range(0, n, batch_size):
+            sl = slice(s, min(n, s + batch_size))
+            r = local_margin_constants(lm.graph, x[sl].to(lm.device), float(e), norm, warm_start=warm,
+                                       domain=lm.effective_domain(), rows=pred[sl], estimate=True)
+            Ky = r.K_estimate.cpu()[torch.arange(sl.stop - s), pred[sl]]
+            d = logits[sl].gather(1, pred[sl, None]) - logits[sl]
+            others = torch.arange(logits.shape[1])[None] != pred[sl, None]
+            ok[sl] = (pred[sl] == y[sl]) & ((d > float(e) * Ky) | ~others).all(1)
+        out[repr_eps(e)] = float(ok.double().mean())
+    return out
+
+
 def public(d: dict | None) -> dict | None:
     return None if d is None else {k: v for k, v in d.items() if not k.startswith("_")}
 
