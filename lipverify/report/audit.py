@@ -156,8 +156,8 @@ def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str 
             from lipverify.bounds.local import local_margin_constants
 
             xs = x[:n_local].to(lm.device, torch.float64)
-            loc = local_margin_constants(lm.graph, xs, e_loc, norm, domain=lm.effective_domain())
             p_loc = torch.tensor(pred[:n_local])
+            loc = local_margin_constants(lm.graph, xs, e_loc, norm, domain=lm.effective_domain(), rows=p_loc)
             second_idx = second[:n_local].argmax(1)
             k_loc = loc.K.cpu()[torch.arange(len(xs)), p_loc, second_idx]
             k_glob = K.cpu()[p_loc, second_idx]
