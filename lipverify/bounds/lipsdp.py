@@ -481,8 +481,18 @@ def _polish(ws, ts, alpha, beta, form, maxiter=60):
 
 
 def _nd_certified(M: np.ndarray) -> bool:
-    """True when a shifted float64 Cholesky of ``-M`` succeeds, i.e. ``M`` is negative definite."""
+    """True when a shifted float64 Cholesky of ``-M`` succeeds, i.e. ``M`` is negative definite.
+
+    ``-M`` is first scaled on both sides by a diagonal of powers of two (``D_ii ~ |M_ii|^(-1/2)``): a
+    congruence, so definiteness is unchanged, and exact in floating point.  The diagonal of the scaled
+    matrix is then of order one, so the shift (relative to its trace) does not swamp blocks whose
+    multipliers are orders of magnitude smaller than the input block's ``rho``."""
     A = -M
+    d = np.abs(np.diag(A))
+    if np.all(d > 0) and np.all(np.isfinite(d)):
+        e = -np.round(np.log2(d) / 2.0)
+        D = np.ldexp(1.0, e.astype(np.int64))
+        A = (A * D[:, None]) * D[None, :]
     n = A.shape[0]
     g = (n + 1) * _U / (1 - (n + 1) * _U)
     tr = float(np.sum(np.abs(np.diag(A))))

@@ -21,15 +21,16 @@ from lipverify.results import BoundsReport, ValueWithMethod
 MAX_MATRIX_ENTRIES = 4_000_000
 
 
-def extract_weights(graph) -> tuple[list[np.ndarray], float, float]:
-    """Dense matrices and the slope range of the network, or UserInputError if not applicable."""
+def extract_weights(graph, what: str = "LipSDP") -> tuple[list[np.ndarray], float, float]:
+    """Dense matrices and the slope range of the network, or UserInputError if not applicable
+    (``what`` names the method in the message)."""
     nodes = graph.nodes
     order = []
     i = graph.output
     while i != 0:
         n = nodes[i]
         if len(n.inputs) != 1 or n.kind not in ("linear", "activation"):
-            raise UserInputError(f"LipSDP needs a chain of affine layers and element-wise activations; node "
+            raise UserInputError(f"{what} needs a chain of affine layers and element-wise activations; node "
                                  f"{n.name} is {n.describe()}")
         order.append(n)
         i = n.inputs[0]
@@ -40,25 +41,48 @@ def extract_weights(graph) -> tuple[list[np.ndarray], float, float]:
         if n.kind == "linear":
             op = n.op.to_double_copy()
             if op.in_dim * op.out_dim > MAX_MATRIX_ENTRIES:
-                raise UserInputError(f"LipSDP: layer {n.name} ({op.out_dim}x{op.in_dim}) is too large to "
+                raise UserInputError(f"{what}: layer {n.name} ({op.out_dim}x{op.in_dim}) is too large to "
                                      "materialise")
             with torch.no_grad():
                 M = op.matrix().cpu().numpy()
             pending = M if pending is None else M @ pending
         else:
             if pending is None:
-                raise UserInputError("LipSDP: the network must start with an affine layer")
+                raise UserInputError(f"{what}: the network must start with an affine layer")
             weights.append(pending)
             pending = None
             a = n.op
             lo = a.lo if lo is None else min(lo, a.lo)
             hi = a.hi if hi is None else max(hi, a.hi)
     if pending is None:
-        raise UserInputError("LipSDP: the network must end with an affine layer")
+        raise UserInputError(f"{what}: the network must end with an affine layer")
     weights.append(pending)
     if lo is None:
         lo, hi = 0.0, 1.0
     return weights, float(lo), float(hi)
+
+
+def chain_report(lm, norm: str = "2", method: str = "eclipse") -> BoundsReport:
+    """``lipverify bounds --method eclipse-fast|eclipse``: the sound per-layer report with the
+    compositional bound of :mod:`lipverify.bounds.eclipse` as the global bound (when smaller)."""
+    if norm != "2":
+        raise UserInputError(f"{method} bounds the l2 Lipschitz constant: use --norm 2")
+    from lipverify.bounds.eclipse import eclipse, eclipse_fast
+
+    t0 = time.perf_counter()
+    rep = lm.bounds("2", "sound")
+    weights, lo, hi = extract_weights(lm.graph, what=method)
+    res = (eclipse_fast if method == "eclipse-fast" else eclipse)(weights, alpha=lo, beta=hi)
+    product = rep.global_bound
+    label = f"{res.method}; slopes in [{lo:g}, {hi:g}]"
+    if res.sound and res.value < product.value:
+        rep.global_bound = ValueWithMethod(res.value, label, True)
+    else:
+        rep.notes.append(f"{method} gave {res.value:.6g} ({label}); the product bound {product.value:.6g} is kept")
+    rep.notes.append(f"product of layer norms: {product.value:.6g}; {method} time {res.time_s:.2f} s")
+    rep.method = method
+    rep.time_s = time.perf_counter() - t0
+    return rep
 
 
 def lipsdp_report(lm, norm: str = "2", form: str = "neuron") -> BoundsReport:

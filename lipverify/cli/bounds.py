@@ -14,8 +14,11 @@ from lipverify.cli.common import domain_option, handle_errors, load_model, model
 @click.command()
 @model_options
 @click.option("--norm", type=click.Choice(["2", "inf"]), default="2", show_default=True)
-@click.option("--method", type=click.Choice(["sound", "power", "lipsdp"]), default="sound", show_default=True,
-              help="sound: proven bounds; power: power-iteration estimates; lipsdp: LipSDP-Neuron (dense ReLU nets).")
+@click.option("--method", type=click.Choice(["sound", "power", "lipsdp", "eclipse-fast", "eclipse"]), default="sound",
+              show_default=True,
+              help="sound: proven bounds; power: power-iteration estimates; lipsdp: LipSDP-Neuron; eclipse-fast: "
+                   "closed-form compositional LipSDP certificate (ECLipsE-Fast); eclipse: the same polished "
+                   "towards LipSDP-Neuron in seconds (dense nets with slopes >= 0; all verified a posteriori).")
 @click.option("--clip", default=None, help="Input domain LO,HI for products/normalisations (default 0,1).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @handle_errors
@@ -29,6 +32,10 @@ def bounds(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
         from lipverify.bounds.lipsdp_graph import lipsdp_report
 
         report = lipsdp_report(lm, norm)
+    elif method in ("eclipse-fast", "eclipse"):
+        from lipverify.bounds.lipsdp_graph import chain_report
+
+        report = chain_report(lm, norm, method)
     else:
         report = lm.bounds(norm=norm, method=method)
     report.time_s = time.perf_counter() - t0

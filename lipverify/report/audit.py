@@ -54,6 +54,7 @@ class AuditResult:
     verdict: list
     time_s: float
     notes: list = field(default_factory=list)
+    compositional: dict | None = None  # eclipse-fast / eclipse bounds of dense chains
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -127,8 +128,9 @@ def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str 
         jl = jacobian_spectral_lower_bound(fwd, x[:16].to(lm.device), generator=g)
         jac_lower, jac_method = jl.value, jl.method
 
-    # LipSDP where it applies
+    # LipSDP and the compositional bounds where they apply
     lipsdp_info = None
+    eclipse_info = None
     if norm == "2":
         step("LipSDP")
         try:
@@ -137,6 +139,14 @@ def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str 
 
             weights, lo, hi = extract_weights(lm.graph)
             hidden = sum(w.shape[0] for w in weights[:-1])
+            if lo >= 0:
+                from lipverify.bounds.eclipse import eclipse, eclipse_fast
+
+                eclipse_info = {}
+                for name, fn in (("eclipse-fast", eclipse_fast), ("eclipse", eclipse)):
+                    r = fn(weights, alpha=lo, beta=hi)
+                    eclipse_info[name] = {"value": r.value, "sound": r.sound, "method": r.method, "time_s": r.time_s,
+                                          "ratio_to_lower": r.value / jac_lower if jac_lower else None}
             if hidden <= 300:
                 res = lipsdp(weights, alpha=lo, beta=hi)
                 lipsdp_info = {"value": res.value, "sound": res.sound, "method": res.method,
@@ -185,13 +195,14 @@ def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str 
                "sound": cert.inputs[i].sound}
               for i in range(len(x))]
     verdict = _verdict(glob, jac_lower, pair_rows, r_cert, r_adv, correct, eps, norm, violations, lipsdp_info,
-                       local_info)
+                       local_info, eclipse_info)
     return AuditResult(lm.name, norm, len(x), list(eps), clip, rep.to_dict(), glob, jac_lower, jac_method,
                        lipsdp_info, local_info, pair_rows, inputs, curves, acc_eps, violations, verdict,
-                       time.perf_counter() - t0, notes + list(lm.notes))
+                       time.perf_counter() - t0, notes + list(lm.notes), eclipse_info)
 
 
-def _verdict(glob, lower, pairs, r_cert, r_adv, correct, eps, norm, violations, lipsdp_info, local_info):
+def _verdict(glob, lower, pairs, r_cert, r_adv, correct, eps, norm, violations, lipsdp_info, local_info,
+             eclipse_info=None):
     lines = []
     if violations:
         lines.append(f"SOUNDNESS VIOLATION: {len(violations)} input(s) certified beyond an adversarial example "
@@ -219,6 +230,10 @@ def _verdict(glob, lower, pairs, r_cert, r_adv, correct, eps, norm, violations, 
     if lipsdp_info and lipsdp_info.get("sound"):
         lines.append(f"LipSDP tightens the global bound to {lipsdp_info['value']:.4g} "
                      f"(product of layer norms: {glob:.4g}).")
+    if eclipse_info and "eclipse" in eclipse_info:
+        e = eclipse_info["eclipse"]
+        lines.append(f"The compositional bound (eclipse, {e['time_s']:.1f} s) is {e['value']:.4g}"
+                     + (f", {e['value'] / lower:.1f}x the lower bound." if lower else "."))
     if local_info:
         lines.append(f"Local bounds at eps={local_info['eps']:.4g} are {100 * local_info['median_local_over_global']:.0f}% "
                      "of the global margin constant (median): "

@@ -52,6 +52,9 @@ def markdown(res, images: dict[str, str]) -> str:
     if res.lipsdp:
         L.append(f"| global Lipschitz (LipSDP) | {_fmt(res.lipsdp['value'])} | {_fmt(lo)} | "
                  f"{_fmt(res.lipsdp['value'] / lo) if lo else '-'} |")
+    for name, r in (res.compositional or {}).items():
+        L.append(f"| global Lipschitz ({name}) | {_fmt(r['value'])} | {_fmt(lo)} | "
+                 f"{_fmt(r['value'] / lo) if lo else '-'} |")
     for p in res.pairs:
         pr = p if isinstance(p, dict) else p.__dict__
         L.append(f"| margin K{tuple(pr['pair'])} | {_fmt(pr['upper'])} | {_fmt(pr['lower'])} | {_fmt(pr['ratio'])} |")
