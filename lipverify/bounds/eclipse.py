@@ -100,10 +100,10 @@ def _fast_multipliers(ws, beta):
 
 
 def _check(weights, alpha, beta):
-    from lipverify.bounds.lipsdp import _as_weights, _check_slopes
+    from lipverify.bounds.lipsdp import as_weights, check_slopes
 
-    ws = _as_weights(weights)
-    alpha, beta = _check_slopes(alpha, beta)
+    ws = as_weights(weights)
+    alpha, beta = check_slopes(alpha, beta)
     if alpha < 0:
         raise UserInputError(f"eclipse needs activations with slopes >= 0 (got [{alpha:g}, {beta:g}])")
     if len(ws) < 2:
@@ -136,7 +136,7 @@ def eclipse(weights, alpha: float = 0.0, beta: float = 1.0, time_limit: float = 
     """ECLipsE-Fast, then quasi-Newton steps on the exact ``rho_min(T)`` of LipSDP (one multiplier per
     layer, then one per neuron) from its multipliers, for at most about ``time_limit`` seconds; the
     best verified point is returned (module docstring)."""
-    from lipverify.bounds.lipsdp import _polish, _rho_min, verify_multipliers
+    from lipverify.bounds.lipsdp import polish_multipliers, exact_rho_min, verify_multipliers
 
     t0 = time.perf_counter()
     fast = eclipse_fast(weights, alpha, beta)
@@ -144,12 +144,12 @@ def eclipse(weights, alpha: float = 0.0, beta: float = 1.0, time_limit: float = 
     if not fast.multipliers:
         return fast
     ts = fast.multipliers
-    rho0 = _rho_min(ws, ts, 0.0, beta)
+    rho0 = exact_rho_min(ws, ts, 0.0, beta)
     best_rho, best_ts = (rho0, ts) if rho0 is not None else (math.inf, None)
     n_hidden = sum(w.shape[0] for w in ws[:-1])
     # one rho_min evaluation costs ~N^3: size the iteration budget to the time limit
     t_eval = time.perf_counter()
-    _rho_min(ws, ts, 0.0, beta, grad=True)
+    exact_rho_min(ws, ts, 0.0, beta, grad=True)
     t_eval = max(time.perf_counter() - t_eval, 1e-4)
     for form in ("layer", "neuron"):
         left = time_limit - (time.perf_counter() - t0)
@@ -158,7 +158,7 @@ def eclipse(weights, alpha: float = 0.0, beta: float = 1.0, time_limit: float = 
         iters = int(left / (8.0 * t_eval))  # L-BFGS-B: up to 3 evaluations per iteration, plus line searches
         if iters < 3 or best_ts is None:
             break
-        r, cand = _polish(ws, best_ts, 0.0, beta, form, maxiter=min(iters, 300))
+        r, cand = polish_multipliers(ws, best_ts, 0.0, beta, form, maxiter=min(iters, 300))
         if cand is not None and r is not None and r < best_rho:
             best_rho, best_ts = r, cand
     val = verify_multipliers(ws, best_ts, 0.0, beta) if best_ts is not None else None

@@ -178,7 +178,7 @@ class LipSDPResult:
 # ----------------------------------------------------------------------------------------------
 
 
-def _as_weights(weights) -> list[np.ndarray]:
+def as_weights(weights) -> list[np.ndarray]:
     if weights is None or len(weights) == 0:
         raise UserInputError("lipsdp: need at least one weight matrix")
     out = []
@@ -201,7 +201,7 @@ def _as_weights(weights) -> list[np.ndarray]:
     return out
 
 
-def _check_slopes(alpha: float, beta: float) -> tuple[float, float]:
+def check_slopes(alpha: float, beta: float) -> tuple[float, float]:
     alpha, beta = float(alpha), float(beta)
     if not (math.isfinite(alpha) and math.isfinite(beta)):
         raise UserInputError("lipsdp: alpha and beta must be finite")
@@ -230,7 +230,7 @@ def product_bound(weights, alpha: float = 0.0, beta: float = 1.0) -> float:
     float: product of the spectral norms (float64 SVD) times the activations' Lipschitz constants,
     inflated by ``1e-6`` against rounding.
     """
-    ws = _as_weights(weights)
+    ws = as_weights(weights)
     lip_phi = max(abs(float(alpha)), abs(float(beta)))
     val = lip_phi ** (len(ws) - 1)
     for w in ws:
@@ -306,7 +306,7 @@ def lipsdp_matrix(weights, rho: float, multipliers, alpha: float = 0.0, beta: fl
     -------
     ``(n_0 + N) x (n_0 + N)`` float64 array.  ``M <= 0`` certifies ``Lip_2(f) <= sqrt(rho)``.
     """
-    ws = _as_weights(weights)
+    ws = as_weights(weights)
     if len(ws) < 2:
         raise UserInputError("lipsdp_matrix: need at least one hidden layer (two weight matrices)")
     ts = _expand_multipliers(ws, multipliers)
@@ -380,7 +380,7 @@ def _hidden_block(ws, ts, alpha, beta):
     return 0.5 * (C + C.T)
 
 
-def _rho_min(ws, ts, alpha, beta, grad: bool = False):
+def exact_rho_min(ws, ts, alpha, beta, grad: bool = False):
     """Exact smallest rho with ``M(rho, T) <= 0`` for fixed T (Schur complement).
 
     Returns None if the hidden block ``C`` is not negative definite.  With ``grad=True`` returns
@@ -424,7 +424,7 @@ def _rho_min(ws, ts, alpha, beta, grad: bool = False):
     return max(lam, 0.0), g
 
 
-def _polish(ws, ts, alpha, beta, form, maxiter=60):
+def polish_multipliers(ws, ts, alpha, beta, form, maxiter=60):
     """Improve the multipliers locally: L-BFGS-B on ``log t -> rho_min(t)`` from the solver's point.
 
     ``rho_min`` is quasi-convex in ``T`` and stationary at the optimum, so a few quasi-Newton steps
@@ -460,7 +460,7 @@ def _polish(ws, ts, alpha, beta, form, maxiter=60):
         with np.errstate(over="ignore", invalid="ignore"):
             t = unpack(u)
             try:
-                out = _rho_min(ws, t, alpha, beta, grad=True)
+                out = exact_rho_min(ws, t, alpha, beta, grad=True)
             except (np.linalg.LinAlgError, ValueError):
                 out = None
         if out is None:  # outside the domain C < 0: a large value makes the line search back off
@@ -539,12 +539,12 @@ def verify_multipliers(weights, multipliers, alpha: float = 0.0, beta: float = 1
     ``sqrt(rho)`` for the certified rho (at least ``sqrt(rho_min(T)) * (1 + 1e-6)``), or None when
     the hidden block ``C`` is not negative definite for these multipliers or the check fails.
     """
-    ws = _as_weights(weights)
-    alpha, beta = _check_slopes(alpha, beta)
+    ws = as_weights(weights)
+    alpha, beta = check_slopes(alpha, beta)
     if len(ws) < 2:
         raise UserInputError("verify_multipliers: need at least one hidden layer")
     ts = [np.maximum(t, 0.0) for t in _expand_multipliers(ws, multipliers)]
-    rho_min = _rho_min(ws, ts, alpha, beta)
+    rho_min = exact_rho_min(ws, ts, alpha, beta)
     if rho_min is None:
         return None
     rho = _certify(ws, ts, alpha, beta, rho_min)
@@ -778,7 +778,7 @@ def _solve_scs(ws, alpha, beta, form, tol, verbose, max_iters=None, warm_start=F
         chordal = _use_chordal(ws)
     if max_iters is None:
         # the layer form has few multipliers: SCS converges slowly on deep nets, but an approximate
-        # solution followed by the exact-rho polish reaches the optimum (see _polish)
+        # solution followed by the exact-rho polish reaches the optimum (see polish_multipliers)
         max_iters = 1000 if form == "layer" else 20000
     data, cone, layer_of_var, (nvar_main, z_slices, off) = _scs_data(ws, alpha, beta, form, chordal=chordal)
     settings = dict(
@@ -875,7 +875,7 @@ def _direct_start(ws, alpha, beta):
     best = (None, None)
     for f in (1.01, 2.0, 0.5, 4.0, 0.25, 16.0):
         cand = [t * f for t in ts0]
-        r = _rho_min(ws, cand, alpha, beta)
+        r = exact_rho_min(ws, cand, alpha, beta)
         if r is not None and (best[0] is None or r < best[0]):
             best = (r, cand)
     return best
@@ -892,11 +892,11 @@ def _solve_direct(ws, alpha, beta, form):
     rho, ts = _direct_start(ws, alpha, beta)
     if ts is None:
         return None, None, "direct: no strictly feasible start"
-    r, cand = _polish(ws, ts, alpha, beta, "layer", maxiter=300)
+    r, cand = polish_multipliers(ws, ts, alpha, beta, "layer", maxiter=300)
     if cand is not None and r < rho:
         rho, ts = r, cand
     if form == "neuron":
-        r, cand = _polish(ws, ts, alpha, beta, "neuron", maxiter=300)
+        r, cand = polish_multipliers(ws, ts, alpha, beta, "neuron", maxiter=300)
         if cand is not None and r < rho:
             rho, ts = r, cand
     return rho, ts, "direct"
@@ -926,12 +926,12 @@ def _solve_part(ws, alpha, beta, form, solver, tol, verbose, polish=True, warm_s
             return None, False, f"{sname} returned no solution", status, None
         t_norm = _multipliers_from_x(xs, layer_of_var, wred, form)
         for cand in _repair_candidates(t_norm):
-            r = _rho_min(wred, cand, alpha, beta)
+            r = exact_rho_min(wred, cand, alpha, beta)
             if r is not None:
                 best_rho, best_ts = r, cand
                 break
         if best_ts is not None and polish:
-            r, cand = _polish(wred, best_ts, alpha, beta, form, maxiter=300 if form == "layer" else 100)
+            r, cand = polish_multipliers(wred, best_ts, alpha, beta, form, maxiter=300 if form == "layer" else 100)
             if cand is not None and r < best_rho:
                 best_rho, best_ts = r, cand
         if best_ts is None:
@@ -939,7 +939,7 @@ def _solve_part(ws, alpha, beta, form, solver, tol, verbose, polish=True, warm_s
     # map to the original scale: T_k <- T_k * prod_{j >= k} ||W_j||^2, then verify there
     tail = [float(np.prod(np.square(sig[k:]))) for k in range(1, L + 1)]
     ts_orig = [t * s for t, s in zip(best_ts, tail)]
-    rho_orig = _rho_min(ws, ts_orig, alpha, beta)
+    rho_orig = exact_rho_min(ws, ts_orig, alpha, beta)
     if rho_orig is None:
         return None, False, "verification on the original weights failed", status, None
     rho_cert = _certify(ws, ts_orig, alpha, beta, rho_orig)
@@ -1022,8 +1022,8 @@ def lipsdp(
         )
     if form not in ("neuron", "layer"):
         raise UserInputError(f"lipsdp: unknown form {form!r}; use 'neuron' or 'layer'")
-    ws = _as_weights(weights)
-    alpha, beta = _check_slopes(alpha, beta)
+    ws = as_weights(weights)
+    alpha, beta = check_slopes(alpha, beta)
     if not (isinstance(tol, (int, float)) and 0 < tol < 1):
         raise UserInputError(f"lipsdp: tol must be in (0, 1), got {tol!r}")
     solver = str(solver)
