@@ -153,12 +153,16 @@ def eclipse(weights, alpha: float = 0.0, beta: float = 1.0, time_limit: float = 
     t_eval = max(time.perf_counter() - t_eval, 1e-4)
     for form in ("layer", "neuron"):
         left = time_limit - (time.perf_counter() - t0)
+        # L-BFGS-B: about 3 evaluations per iteration with its line searches.  The layer form has one
+        # variable per layer and converges in a few iterations: it always gets at least 5.
+        iters = int(left / (3.0 * t_eval))
         if form == "layer":
-            left = min(left, 0.3 * time_limit)
-        iters = int(left / (8.0 * t_eval))  # L-BFGS-B: up to 3 evaluations per iteration, plus line searches
+            iters = max(5, min(30, int(0.5 * time_limit / (3.0 * t_eval))))
         if iters < 3 or best_ts is None:
             break
-        r, cand = polish_multipliers(ws, best_ts, 0.0, beta, form, maxiter=min(iters, 300))
+        deadline = t0 + (0.5 * time_limit if form == "layer" else 0.9 * time_limit)
+        r, cand = polish_multipliers(ws, best_ts, 0.0, beta, form, maxiter=min(iters, 300), ftol=1e-5,
+                                     deadline=deadline)
         if cand is not None and r is not None and r < best_rho:
             best_rho, best_ts = r, cand
     val = verify_multipliers(ws, best_ts, 0.0, beta) if best_ts is not None else None

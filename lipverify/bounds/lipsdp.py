@@ -380,7 +380,13 @@ def _hidden_block(ws, ts, alpha, beta):
     return 0.5 * (C + C.T)
 
 
-def exact_rho_min(ws, ts, alpha, beta, grad: bool = False):
+def reduce_weights(ws):
+    """The exactly reduced weights (input block to ``rank(W_0)`` columns, output to ``rank(W_L)`` rows)
+    on which :func:`exact_rho_min` works; compute once when evaluating it many times."""
+    return [_reduce_input(ws[0])] + list(ws[1:-1]) + [_reduce_output(ws[-1])]
+
+
+def exact_rho_min(ws, ts, alpha, beta, grad: bool = False, reduced: bool = False):
     """Exact smallest rho with ``M(rho, T) <= 0`` for fixed T (Schur complement).
 
     Returns None if the hidden block ``C`` is not negative definite.  With ``grad=True`` returns
@@ -389,7 +395,8 @@ def exact_rho_min(ws, ts, alpha, beta, grad: bool = False):
     for neuron ``i`` of layer ``k`` is ``u^T (dM/dt_i) u = -2 (x_i - alpha p_i)(x_i - beta p_i)``
     with ``x = u_k`` and ``p = W_{k-1} u_{k-1}`` (a subgradient where the top eigenvalue is multiple).
     """
-    ws = [_reduce_input(ws[0])] + list(ws[1:-1]) + [_reduce_output(ws[-1])]
+    if not reduced:  # ``reduced``: the caller already applied the exact reductions (reduce_weights)
+        ws = reduce_weights(ws)
     C = _hidden_block(ws, ts, alpha, beta)
     try:
         R = sla.cholesky(-C, lower=False, check_finite=True)
@@ -424,9 +431,14 @@ def exact_rho_min(ws, ts, alpha, beta, grad: bool = False):
     return max(lam, 0.0), g
 
 
-def polish_multipliers(ws, ts, alpha, beta, form, maxiter=60):
+class _OutOfTime(Exception):
+    pass
+
+
+def polish_multipliers(ws, ts, alpha, beta, form, maxiter=60, ftol=None, deadline=None):
     """Improve the multipliers locally: L-BFGS-B on ``log t -> rho_min(t)`` from the solver's point.
 
+    ``deadline`` (a ``time.perf_counter()`` value): stop there and return the best point so far.
     ``rho_min`` is quasi-convex in ``T`` and stationary at the optimum, so a few quasi-Newton steps
     from a loose solver solution recover several digits.  Only multipliers that the exact
     Schur-complement evaluation accepts are ever returned, so this affects tightness only.
@@ -455,12 +467,15 @@ def polish_multipliers(ws, ts, alpha, beta, form, maxiter=60):
             return np.array([float(np.sum(gk)) * tk[0] for gk, tk in zip(g, t)])
 
     best = {"rho": math.inf, "ts": None}
+    wr = reduce_weights(ws)
 
     def fun(u):
+        if deadline is not None and best["ts"] is not None and time.perf_counter() > deadline:
+            raise _OutOfTime
         with np.errstate(over="ignore", invalid="ignore"):
             t = unpack(u)
             try:
-                out = exact_rho_min(ws, t, alpha, beta, grad=True)
+                out = exact_rho_min(wr, t, alpha, beta, grad=True, reduced=True)
             except (np.linalg.LinAlgError, ValueError):
                 out = None
         if out is None:  # outside the domain C < 0: a large value makes the line search back off
@@ -474,8 +489,11 @@ def polish_multipliers(ws, ts, alpha, beta, form, maxiter=60):
     if best["ts"] is None:
         return None, None
     try:
-        minimize(fun, u0, jac=True, method="L-BFGS-B", options={"maxiter": maxiter, "maxfun": 3 * maxiter})
-    except (ValueError, np.linalg.LinAlgError, FloatingPointError):
+        opts = {"maxiter": maxiter, "maxfun": 3 * maxiter}
+        if ftol is not None:  # relative decrease below which L-BFGS-B stops
+            opts["ftol"] = ftol
+        minimize(fun, u0, jac=True, method="L-BFGS-B", options=opts)
+    except (ValueError, np.linalg.LinAlgError, FloatingPointError, _OutOfTime):
         pass
     return best["rho"], best["ts"]
 
