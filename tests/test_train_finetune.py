@@ -199,6 +199,10 @@ def test_surgery_losses_export_and_reimport(samples, tmp_path):
     run(base(samples, out2, "--epochs", "1", "--loss", "local", "--eval-limit", "8"))
     rep2 = json.loads((out2 / "report.json").read_text())
     assert rep2["after_local"] is not None and [p["kind"] for p in rep2["plan"]] == ["clip"] * 3
+    loc = rep2["after_local"]
+    for k, v in loc["vra"].items():  # the estimate VRA is reported next to the sound one, with the gap
+        assert loc["estimate_gap"][k] == pytest.approx(loc["vra_estimate"][k] - v)
+        assert 0.0 <= v <= 1.0 and 0.0 <= loc["vra_estimate"][k] <= 1.0
     lm2 = lipverify.load(str(out2 / "model.onnx"))
     assert sum(n.kind == "activation" and n.op.name == "min(x, const)" for n in lm2.graph.nodes) == 3
     out3 = tmp_path / "emma"
