@@ -35,10 +35,13 @@ efficient local Lipschitz bounds", NeurIPS 2021, generalised to the Lipschitz gr
    ``I_out (A h + b)``, so the factor of that node is ``||I_out A I_in||_p`` for each example:
 
    * ``p = 2``: the exact float64 SVD of the masked matrix when ``#rows * #cols <= exact_max_entries``
-     (times ``SOUND_FACTOR``: sound); the sound global norm when nothing is masked; otherwise batched
-     per-example power iteration on ``u -> I_in A^T I_out A I_in u``, warm-started from the unmasked
-     top right singular vector and stopped per example when the unit iterate moves by
-     ``||u_{t+1} - u_t|| <= tol`` (Huang et al.'s criterion): an *estimate*, clamped to the global norm;
+     (times ``SOUND_FACTOR``); the sound global norm when nothing is masked; otherwise the smaller of
+     the global norm and Schur's bound ``sqrt(||M||_1 ||M||_inf)``, improved — where batched power
+     iteration (``u -> I_in A^T I_out A I_in u``, warm-started from the unmasked top singular vector,
+     stopped per example when ``||u_{t+1} - u_t|| <= tol``) says it pays — by the certified Gram bound
+     of the materialised masked matrix (Cholesky certificate seeded with the power iterate,
+     :func:`lipverify.graph.operator_norms.dense_norm2_certified`) up to ``gram_max_entries``.  The
+     power estimate itself only decides where to spend that work and is returned as ``K_estimate``;
    * ``p = inf``: the masked maximum row sum ``max_{k in I_out} (|A| I_in)_k`` (sound, exact for dense
      and conv layers, an upper bound for composed operators).
 
@@ -46,19 +49,22 @@ efficient local Lipschitz bounds", NeurIPS 2021, generalised to the Lipschitz gr
    :func:`lipverify.bounds.global_bound.propagate` with the masked norms.  Margin constants: when the
    logits are a linear node ``f = T h + b``, ``K_ij = ||(T_j - T_i) I_h||_{q} * L_loc(h)`` (``q`` the dual
    norm, ``I_h`` the varying coordinates of ``h``); otherwise ``sqrt(2)`` (``l_2``) or ``2`` (``l_inf``)
-   times ``L_loc(f)``.  Both are finally clamped to the global ``K`` (``min`` of two bounds valid on the
-   ball is valid on the ball).
+   times ``L_loc(f)``.  Where the graph has rules for it, the Clarke-Jacobian interval bound
+   (:mod:`lipverify.bounds.jacobian`, with ``L_loc`` at the nodes every path passes through) is
+   computed for the requested class pairs and the smaller value kept.  Everything is finally clamped
+   to the global ``K`` (``min`` of bounds valid on the ball is valid on the ball).
 
-``K_local(eps)`` is non-decreasing in ``eps`` where the norms are exact: intervals grow with eps, so
+``K_local(eps)`` is non-decreasing in ``eps`` where the factors are exact: intervals grow with eps, so
 varying sets grow and every masked matrix is a sub-matrix of the one for a larger eps.
 
 Warnings
 --------
 * A local bound is valid **only inside the ball** ``B_p(x, eps)`` it was computed for: ``x`` is
   certified at ``eps`` iff ``f_j(x) - f_i(x) > eps * K_ij(x, eps)``; no radius above ``eps`` follows.
-* Power-iteration factors (``l_2``, masked operators larger than ``exact_max_entries``) are
-  **estimates** from below, not proven bounds: ``sound`` is ``False`` for such examples, and
-  monotonicity in ``eps`` holds only up to their convergence error.
+* ``K_estimate`` (power-iteration factors) is an estimate from below, never a certificate.  ``K``
+  is always sound; where a factor falls back to the global or Schur bound (``exact`` false) it can be
+  looser than the estimate, and its monotonicity in ``eps`` is then only approximate (the bisection
+  keeps the invariant "the lower end is certified", so no radius is over-reported).
 * Applied post hoc to a network not trained for it, the local bound is usually only a little tighter
   than the global one (Huang et al. gain 51.3% -> 51.8% certified accuracy that way; 54.3% when the
   network is trained with it).

@@ -13,9 +13,9 @@ float64 and ``K`` once per model, so certification costs about one forward pass.
 Local rule (Huang et al. 2021, SPEC section 4).  Local margin constants ``K(x, eps)`` are valid only
 inside ``B(x, eps)``: ``x`` is certified at ``eps`` iff ``margin_i > eps * K_ji(x, eps)``; the largest
 certified radius is found by bisection over ``eps`` (``K(x, eps)`` is non-decreasing in ``eps``).  Only
-points the global bound did not certify go through it.  A local certificate is sound only where every
-masked operator norm was computed exactly; otherwise it is reported as an estimate and not counted in
-the VRA.
+points the global bound did not certify go through it.  The local constants are proven bounds on every
+architecture (:mod:`lipverify.certify.local`); a record whose constants were not (``sound`` false,
+method ``local (estimate)``) would never be counted in the VRA.
 """
 
 from __future__ import annotations
