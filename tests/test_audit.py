@@ -127,6 +127,27 @@ def test_audit_reports_soundness_violation_with_exit_3(tmp_path, monkeypatch):
     assert "SOUNDNESS VIOLATION" in res.stderr
 
 
+def test_misclassified_inputs_are_not_violations(tmp_path):
+    """A wrong label makes r_adv 0 while the prediction stays certified in its radius: the invariant
+    concerns correctly classified inputs only; correct ones are still checked."""
+    from lipverify.models.zoo import default_samples
+
+    x, y = default_samples()
+    y = y[:8].clone()
+    y[:4] = (y[:4] + 1) % 10  # four wrong labels
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x[:8].numpy(), y=y.numpy())
+    res = _run("audit", "--data", data, "--out", tmp_path / "a", "--eps", "0.1", "--quiet", "--strength", "fast")
+    assert res.exit_code == 0, res.stdout + res.stderr
+    rep = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert rep["violations"] == []
+    wrong = [r for r in rep["inputs"] if r["pred"] != r["label"]]
+    assert len(wrong) >= 4 and all(r["r_adv"] == 0.0 for r in wrong) and any(r["r_cert"] > 0 for r in wrong)
+    for r in rep["inputs"]:
+        if r["pred"] == r["label"]:
+            assert r["r_cert"] <= r["r_adv"] * (1 + 1e-9) + 1e-12
+
+
 def test_attack_cli(tmp_path):
     from lipverify.models.zoo import default_samples
 
@@ -294,5 +315,8 @@ def test_audit_on_public_model(realdata, tmp_path):
     assert res.exit_code == 0, res.stdout + res.stderr
     rep = json.loads((tmp_path / "a" / "report.json").read_text())
     assert rep["violations"] == []
+    assert all(r["sound"] for r in rep["inputs"])  # local certificates (the default) are all sound
+    assert rep["compositional"]["eclipse"]["value"] <= rep["global_upper"] * (1 + 1e-9)
+    assert rep["lipschitz_lower"] <= rep["compositional"]["eclipse"]["value"]
     if rep["lipsdp"]:
         assert rep["lipschitz_lower"] <= rep["lipsdp"]["value"] <= rep["global_upper"] * (1 + 1e-9)

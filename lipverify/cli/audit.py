@@ -26,9 +26,11 @@ from lipverify.errors import SoundnessViolation
 @click.option("--strength", type=click.Choice(["fast", "standard", "thorough"]), default="standard",
               show_default=True, help="Attack effort for the adversarial radii.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--method", type=click.Choice(["global", "local"]), default="local", show_default=True,
+              help="Certificates: global constants only, or also the (sound) local constants by bisection.")
 @handle_errors
 def audit(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device, debug, data_path, layout,
-          limit, batch_size, quiet, eps, norm, clip, out_dir, strength, seed):
+          limit, batch_size, quiet, eps, norm, clip, out_dir, strength, seed, method):
     """Two-sided report: sound bounds and certificates next to lower bounds and attacks."""
     from pathlib import Path
 
@@ -53,7 +55,8 @@ def audit(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, 
     show = (lambda msg: err.print(f"[dim]audit: {msg}...[/dim]")) if (not quiet and err.is_terminal) else None
     if not eps_list:
         eps_list = [0.1, 0.3, 1.0] if norm == "2" else [1 / 255, 2 / 255, 8 / 255]
-    res = run_audit(lm, ds.x, ds.y, eps_list, norm=norm, clip=box, seed=seed, strength=strength, progress=show)
+    res = run_audit(lm, ds.x, ds.y, eps_list, norm=norm, clip=box, seed=seed, strength=strength, progress=show,
+                    method=method)
     res.notes = res.notes + ds.notes
     files = render(res)
     for name, data in files.items():

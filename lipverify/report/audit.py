@@ -76,7 +76,7 @@ def _jsonable(o):
 
 def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str = "2", clip=None,
               lower_steps: int = 150, n_local: int = 16, strength: str = "standard", seed: int = 0,
-              progress=None) -> AuditResult:
+              progress=None, method: str = "local") -> AuditResult:
     t0 = time.perf_counter()
     notes: list[str] = []
     g = torch.Generator().manual_seed(seed)
@@ -91,7 +91,7 @@ def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str 
     glob = rep.global_bound.value
 
     step("certify")
-    cert = lm.certify(x, y, eps=eps, norm=norm)
+    cert = lm.certify(x, y, eps=eps, norm=norm, method=method)
     r_cert = np.array([c.radius if c.sound else 0.0 for c in cert.inputs])
     pred = np.array([c.pred for c in cert.inputs])
     labels = y.numpy().astype(int)
@@ -102,10 +102,12 @@ def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str 
     r_adv = adv.radius.cpu().double().numpy()
     notes.append(f"attacks ({strength}): {'; '.join(adv.tried)}; every adversarial point checked in "
                  f"{adv.precision}")
-    # misclassified inputs have r_adv = 0 and r_cert = 0 (margin <= 0) by construction
+    # The invariant compares two distances to a change of the prediction.  On a misclassified input
+    # r_adv is 0 (the label is already wrong) while r_cert is the radius in which the (wrong)
+    # prediction cannot change: no contradiction, so only correctly classified inputs are checked.
     violations = []
     for i in range(len(x)):
-        if r_cert[i] > r_adv[i] * (1 + 1e-9) + 1e-12:
+        if pred[i] == labels[i] and r_cert[i] > r_adv[i] * (1 + 1e-9) + 1e-12:
             violations.append({"index": i, "r_cert": float(r_cert[i]), "r_adv": float(r_adv[i])})
 
     # lower bounds on the margin constants for the pairs that matter (prediction vs nearest class)
@@ -235,7 +237,7 @@ def _verdict(glob, lower, pairs, r_cert, r_adv, correct, eps, norm, violations, 
         lines.append(f"The compositional bound (eclipse, {e['time_s']:.1f} s) is {e['value']:.4g}"
                      + (f", {e['value'] / lower:.1f}x the lower bound." if lower else "."))
     if local_info:
-        lines.append(f"Local bounds at eps={local_info['eps']:.4g} are {100 * local_info['median_local_over_global']:.0f}% "
+        lines.append(f"Local bounds at eps={local_info['eps']:.4g} are {100 * local_info['median_local_over_global']:.2g}% "
                      "of the global margin constant (median): "
                      + ("little gain post hoc, as expected for a network not trained for it."
                         if local_info["median_local_over_global"] > 0.8 else "a substantial gain."))
