@@ -259,3 +259,37 @@ def test_local_certifies_at_least_global_and_strictly_more_with_dead_relus():
     r_loc = torch.tensor([c.radius for c in loc.inputs])
     adv = min_norm_radius(net, x, y, norm="2", method="fmn")
     assert torch.all(r_loc <= adv.radius + 1e-9)
+
+
+def test_results_are_tensors_and_records_are_built_on_demand():
+    """Certifying builds no per-input Python records; the tensors agree with the records built from them,
+    with the JSON output and with the global rule recomputed here."""
+    import lipverify
+    from lipverify.certify.rules import METHODS
+
+    lm = lipverify.load()
+    from lipverify.models.zoo import default_samples
+
+    x, y = default_samples()
+    x, y = x[:40], y[:40]
+    res = lm.certify(x, y, eps=[0.1, 0.3])
+    assert res.records is None  # nothing per input yet
+    K = lm.margin_constants("2").K
+    with torch.no_grad():
+        z = lm.module_double()(x.double()).reshape(len(x), -1)
+    pred = z.argmax(1)
+    d = z.gather(1, pred[:, None]) - z
+    others = torch.arange(z.shape[1])[None] != pred[:, None]
+    for e in (0.1, 0.3):
+        want = ((d > e * K[pred]) | ~others).all(1)
+        assert torch.equal(res.certified_at[e], want)
+    assert torch.equal(res.pred, pred) and torch.equal(res.certified, res.certified_at[0.3])
+    recs = res.inputs
+    assert res.records is recs and len(recs) == len(x)
+    for i, c in enumerate(recs):
+        assert c.pred == int(res.pred[i]) and c.label == int(res.label[i]) and c.radius == float(res.radius[i])
+        assert c.method == METHODS[int(res.method_code[i])] and c.sound == bool(res.sound[i])
+        assert c.certified_at == {0.1: bool(res.certified_at[0.1][i]), 0.3: bool(res.certified_at[0.3][i])}
+    js = res.to_dict()
+    assert [r["certified"] for r in js["inputs"]] == res.certified.tolist()
+    assert js["certified_by"] == {"global": int(res.certified.sum())} or not bool(res.certified.any())

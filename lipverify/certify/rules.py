@@ -80,9 +80,20 @@ def repr_eps(e) -> str:
     return e if isinstance(e, str) else f"{e:.6g}"
 
 
+#: certificate methods by code in :attr:`CertifyResult.method_code`
+METHODS = ("global", "local", "local (estimate)")
+
+
 @dataclass
 class CertifyResult:
-    """Per-input radii plus the summary the CLI prints (VRA counts sound certificates only)."""
+    """Per-input radii plus the summary the CLI prints (VRA counts sound certificates only).
+
+    The per-input results are tensors (``pred``, ``label``, ``margin``, ``radius``, ``sound``,
+    ``method_code`` into :data:`METHODS`, ``certified_at``: eps -> bool tensor, ``certified``: at the
+    largest eps or each example's own eps); :attr:`inputs` builds the per-input records from them on
+    first use (JSON / CSV output, reports), so certifying itself stays tensor work.  Results built from
+    records (``records``) keep them as given.
+    """
 
     n: int
     norm: str
@@ -90,13 +101,36 @@ class CertifyResult:
     eps: list[float]
     clean_accuracy: float
     vra: dict  # eps -> fraction correct and soundly certified
-    inputs: list[InputCertificate]
+    records: list | None  # per-input InputCertificate objects, or None: built lazily from the tensors
     counts: dict  # certificate method -> number of inputs certified at the largest eps by it
     median_radius: float
     time_s: float
     per_example_eps: bool = False
     notes: list[str] = field(default_factory=list)
     vra_with_estimates: dict = field(default_factory=dict)
+    pred: torch.Tensor | None = None
+    label: torch.Tensor | None = None
+    margin: torch.Tensor | None = None
+    radius: torch.Tensor | None = None
+    sound: torch.Tensor | None = None
+    method_code: torch.Tensor | None = None
+    certified: torch.Tensor | None = None
+    certified_at: dict = field(default_factory=dict)
+    names: list | None = None
+
+    @property
+    def inputs(self) -> list[InputCertificate]:
+        """Per-input records (built once from the tensors)."""
+        if self.records is None:
+            y_l, p_l, m_l, r_l = self.label.tolist(), self.pred.tolist(), self.margin.tolist(), self.radius.tolist()
+            c_l, s_l, k_l = self.certified.tolist(), self.sound.tolist(), self.method_code.tolist()
+            at = {k: v.tolist() for k, v in self.certified_at.items()}
+            names = self.names
+            self.records = [InputCertificate(i, y_l[i], p_l[i], m_l[i], r_l[i], bool(c_l[i]), METHODS[k_l[i]],
+                                             bool(s_l[i]), {k: v[i] for k, v in at.items()},
+                                             names[i] if names is not None else str(i))
+                            for i in range(self.n)]
+        return self.records
 
     def to_dict(self) -> dict:
         return {"n": self.n, "norm": self.norm, "method": self.method, "eps": self.eps,
@@ -198,15 +232,15 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     Kj = K.cpu()[pred]
     y = y.long().cpu()
     correct = pred == y
-    methods = ["global"] * n
-    sound = [bool(sound_K)] * n
+    method_code = torch.zeros(n, dtype=torch.int64)  # METHODS: 0 global, 1 local, 2 local (estimate)
+    sound = torch.full((n,), bool(sound_K), dtype=torch.bool)
     eps_check = eps.double().cpu() if per_example else None
 
     cert_at: dict[float, torch.Tensor] = {}
     if per_example:
-        cert_at[-1.0] = certified_at(diffs, mask, Kj, eps_check) & torch.tensor(sound)
+        cert_at[-1.0] = certified_at(diffs, mask, Kj, eps_check) & sound
     for e in eps_list:
-        cert_at[e] = certified_at(diffs, mask, Kj, torch.full((n,), e, dtype=torch.float64)) & torch.tensor(sound)
+        cert_at[e] = certified_at(diffs, mask, Kj, torch.full((n,), e, dtype=torch.float64)) & sound
 
     notes = []
     dom = model.effective_domain()
@@ -227,28 +261,20 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
         for i, (r_loc, snd, at) in loc.items():
             if r_loc > radius[i]:
                 radius[i] = r_loc
-                methods[i] = "local" if snd else "local (estimate)"
+                method_code[i] = 1 if snd else 2
                 sound[i] = snd
             for key, v in at.items():
                 if v and snd:
                     cert_at[key][i] = True
         notes.append(f"local bounds computed for {len(loc)} inputs the global bound left uncertified")
 
-    # summary
+    # summary: tensor work only; per-input records are built when asked for (CertifyResult.inputs)
     keys = list(cert_at)
     primary = -1.0 if per_example else (max(eps_list) if eps_list else None)
-    # convert once to Python lists (per-element tensor indexing dominates for fast models)
-    at_lists = {k: cert_at[k].tolist() for k in keys if k >= 0}
-    if per_example:
-        primary_list = cert_at[-1.0].tolist()
-    elif primary is not None:
-        primary_list = at_lists[primary]
+    if primary is not None:
+        primary_t = cert_at[primary].clone()
     else:
-        primary_list = [r > 0 and sd for r, sd in zip(radius.tolist(), sound)]
-    y_l, p_l, m_l, r_l = y.tolist(), pred.tolist(), margin.tolist(), radius.tolist()
-    inputs = [InputCertificate(i, y_l[i], p_l[i], m_l[i], r_l[i], bool(primary_list[i]), methods[i], sound[i],
-                               {k: v[i] for k, v in at_lists.items()}, names[i] if names is not None else str(i))
-              for i in range(n)]
+        primary_t = (radius > 0) & sound
     vra = {k: float((cert_at[k] & correct).double().mean()) for k in keys if k >= 0}
     if per_example:
         vra_pe = float((cert_at[-1.0] & correct).double().mean())
@@ -256,14 +282,15 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     for e in (eps_list if method == "local" else []):
         est = (radius > e) & correct
         vra_est[e] = float(est.double().mean())
-    counts: dict[str, int] = {}
-    for c in inputs:
-        if c.certified:
-            counts[c.method] = counts.get(c.method, 0) + 1
+    counts = {METHODS[k]: int(c) for k, c in enumerate(torch.bincount(method_code[primary_t], minlength=len(METHODS)).tolist())
+              if c}
     rc = radius[correct]
     med = float(rc.median()) if len(rc) else 0.0
     res = CertifyResult(n, norm, method, eps_list if not per_example else [], float(correct.double().mean()), vra,
-                        inputs, counts, med, time.perf_counter() - t0, per_example, notes, vra_est)
+                        None, counts, med, time.perf_counter() - t0, per_example, notes, vra_est,
+                        pred=pred, label=y, margin=margin, radius=radius, sound=sound, method_code=method_code,
+                        certified=primary_t, certified_at={k: v for k, v in cert_at.items() if k >= 0},
+                        names=list(names) if names is not None else None)
     if per_example:
         res.vra = {"per-example": vra_pe}
     return res
