@@ -293,3 +293,46 @@ def test_results_are_tensors_and_records_are_built_on_demand():
     js = res.to_dict()
     assert [r["certified"] for r in js["inputs"]] == res.certified.tolist()
     assert js["certified_by"] == {"global": int(res.certified.sum())} or not bool(res.certified.any())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def test_torchrun_two_processes_give_the_one_process_result(tmp_path):
+    """``torchrun --nproc_per_node 2 -m lipverify certify``: each rank certifies its shard, rank 0 prints
+    one result over all inputs, equal to the single-process JSON (times and notes aside)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lipverify.models.zoo import default_samples
+
+    x, y = default_samples()
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x[:31].numpy(), y=y[:31].numpy())  # odd: unequal shards
+    base = ["certify", "--data", str(data), "--eps", "0.5,1.0", "--method", "local", "--json", "--quiet"]
+    one = subprocess.run([sys.executable, "-m", "lipverify"] + base, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]) + [
+        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m",
+        "lipverify"] + base
+    two = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    for k in set(a) - {"time_s", "notes"}:
+        if k != "inputs":
+            assert a[k] == b[k], k
+    assert len(b["inputs"]) == 31
+    for ra, rb in zip(a["inputs"], b["inputs"]):
+        assert ra["index"] == rb["index"] and ra["pred"] == rb["pred"] and ra["certified_at"] == rb["certified_at"]
+        assert ra["method"] == rb["method"] and ra["sound"] == rb["sound"]
+        assert abs(ra["radius"] - rb["radius"]) <= 1e-12 * max(1.0, abs(ra["radius"]))
+    assert any("2 processes" in n for n in b["notes"])

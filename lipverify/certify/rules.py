@@ -117,6 +117,7 @@ class CertifyResult:
     certified: torch.Tensor | None = None
     certified_at: dict = field(default_factory=dict)
     names: list | None = None
+    all_certified_at: dict = field(default_factory=dict, repr=False)  # with the per-example key -1.0
 
     @property
     def inputs(self) -> list[InputCertificate]:
@@ -231,7 +232,6 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     mask = torch.cat(mask_rows)
     Kj = K.cpu()[pred]
     y = y.long().cpu()
-    correct = pred == y
     method_code = torch.zeros(n, dtype=torch.int64)  # METHODS: 0 global, 1 local, 2 local (estimate)
     sound = torch.full((n,), bool(sound_K), dtype=torch.bool)
     eps_check = eps.double().cpu() if per_example else None
@@ -268,7 +268,16 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
                     cert_at[key][i] = True
         notes.append(f"local bounds computed for {len(loc)} inputs the global bound left uncertified")
 
-    # summary: tensor work only; per-input records are built when asked for (CertifyResult.inputs)
+    return summarise(n, norm, method, eps_list, per_example, pred, y, margin, radius, sound, method_code, cert_at,
+                     notes, names, time.perf_counter() - t0)
+
+
+def summarise(n, norm, method, eps_list, per_example, pred, y, margin, radius, sound, method_code, cert_at, notes,
+              names, time_s) -> CertifyResult:
+    """The :class:`CertifyResult` of per-input tensors (VRA, counts per method, median radius): tensor
+    work only; per-input records are built when asked for (:attr:`CertifyResult.inputs`).  Also used to
+    merge the shards of a ``torchrun`` job (:mod:`lipverify.certify.sharded`)."""
+    correct = pred == y
     keys = list(cert_at)
     primary = -1.0 if per_example else (max(eps_list) if eps_list else None)
     if primary is not None:
@@ -276,21 +285,20 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     else:
         primary_t = (radius > 0) & sound
     vra = {k: float((cert_at[k] & correct).double().mean()) for k in keys if k >= 0}
-    if per_example:
-        vra_pe = float((cert_at[-1.0] & correct).double().mean())
     vra_est = {}
     for e in (eps_list if method == "local" else []):
         est = (radius > e) & correct
         vra_est[e] = float(est.double().mean())
-    counts = {METHODS[k]: int(c) for k, c in enumerate(torch.bincount(method_code[primary_t], minlength=len(METHODS)).tolist())
-              if c}
+    counts = {METHODS[k]: int(c)
+              for k, c in enumerate(torch.bincount(method_code[primary_t], minlength=len(METHODS)).tolist()) if c}
     rc = radius[correct]
     med = float(rc.median()) if len(rc) else 0.0
     res = CertifyResult(n, norm, method, eps_list if not per_example else [], float(correct.double().mean()), vra,
-                        None, counts, med, time.perf_counter() - t0, per_example, notes, vra_est,
+                        None, counts, med, time_s, per_example, notes, vra_est,
                         pred=pred, label=y, margin=margin, radius=radius, sound=sound, method_code=method_code,
                         certified=primary_t, certified_at={k: v for k, v in cert_at.items() if k >= 0},
                         names=list(names) if names is not None else None)
     if per_example:
-        res.vra = {"per-example": vra_pe}
+        res.vra = {"per-example": float((cert_at[-1.0] & correct).double().mean())}
+    res.all_certified_at = dict(cert_at)  # merging shards needs the per-example key -1.0 too
     return res

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import click
+import torch
 
 from lipverify.cli.common import (
     data_options,
@@ -39,24 +40,50 @@ def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check
     for out in (out_csv, plot_png):
         if out:
             check_not_input(out, model, data_path)
-    lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
-    domain_option(lm, clip)
-    ds = load_dataset(lm, data_path, layout, limit, mean, std)
-    eps_list = parse_eps(eps)
-    eps_arg = eps_list if eps_list or ds.eps is None else ds.eps
-    if ds.eps is not None and not eps_list and norm != "inf":
-        raise UserInputError("VNN-LIB specifications are l-inf boxes: use --norm inf (or give --eps)", data_path)
-    if eps_list and not ds.labelled:
-        raise UserInputError("these VNN-LIB specs state general output properties (no single label): they are "
-                             "certified on their own boxes, drop --eps", data_path)
-    with progress_bar(len(ds), "certifying", quiet) as advance:
-        if ds.properties is not None and not eps_list:
-            lo, hi = ds.box()
-            res = lm.certify_properties(ds.x, ds.properties, lo, hi, norm=norm, method=method,
-                                        batch_size=batch_size, progress=advance, names=ds.names)
-        else:
-            res = lm.certify(ds.x, ds.y, eps=eps_arg, norm=norm, method=method, batch_size=batch_size,
-                             progress=advance, names=ds.names)
+    from lipverify.importers.loader import resolve_device
+    from lipverify.train.distributed import finish, setup
+
+    ctx = setup(resolve_device(device))  # a process group when started by torchrun, else nothing
+    if ctx.enabled:
+        device = str(ctx.device)  # under torchrun with CUDA: this rank's GPU
+    try:
+        lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
+        domain_option(lm, clip)
+        ds = load_dataset(lm, data_path, layout, limit, mean, std)
+        eps_list = parse_eps(eps)
+        eps_arg = eps_list if eps_list or ds.eps is None else ds.eps
+        if ds.eps is not None and not eps_list and norm != "inf":
+            raise UserInputError("VNN-LIB specifications are l-inf boxes: use --norm inf (or give --eps)", data_path)
+        if eps_list and not ds.labelled:
+            raise UserInputError("these VNN-LIB specs state general output properties (no single label): they are "
+                                 "certified on their own boxes, drop --eps", data_path)
+        total = len(ds)
+        if ctx.enabled and not (ds.properties is not None and not eps_list):
+            from lipverify.certify.sharded import shard
+
+            sl = shard(len(ds.y), ctx.rank, ctx.world)
+            total = sl.stop - sl.start  # rank 0's bar follows its own shard
+        with progress_bar(total, "certifying", quiet or not ctx.is_main) as advance:
+            if ds.properties is not None and not eps_list:
+                lo, hi = ds.box()
+                res = lm.certify_properties(ds.x, ds.properties, lo, hi, norm=norm, method=method,
+                                            batch_size=batch_size, progress=advance, names=ds.names)
+            elif ctx.enabled:  # torchrun: this rank's shard, then one result in rank order
+                from lipverify.certify.sharded import gather
+
+                e = eps_arg[sl] if isinstance(eps_arg, torch.Tensor) else eps_arg
+                res = lm.certify(ds.x[sl], ds.y[sl], eps=e, norm=norm, method=method, batch_size=batch_size,
+                                 progress=advance, names=None if ds.names is None else list(ds.names)[sl])
+                res = gather(res, ctx.world)
+            else:
+                res = lm.certify(ds.x, ds.y, eps=eps_arg, norm=norm, method=method, batch_size=batch_size,
+                                 progress=advance, names=ds.names)
+    except BaseException:
+        finish(False)
+        raise
+    finish(True)
+    if not ctx.is_main:
+        return
     res.notes = list(lm.notes) + list(ds.notes) + res.notes
     _write_certify_outputs(res, out_csv, plot_png)
     if as_json:
