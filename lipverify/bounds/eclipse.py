@@ -144,20 +144,19 @@ def eclipse(weights, alpha: float = 0.0, beta: float = 1.0, time_limit: float = 
     if not fast.multipliers:
         return fast
     ts = fast.multipliers
-    rho0 = exact_rho_min(ws, ts, 0.0, beta)
-    best_rho, best_ts = (rho0, ts) if rho0 is not None else (math.inf, None)
     n_hidden = sum(w.shape[0] for w in ws[:-1])
-    # one rho_min evaluation costs ~N^3: size the iteration budget to the time limit
+    # one rho_min evaluation costs ~N^3: timed here to size the iteration budget to the time limit
     t_eval = time.perf_counter()
-    exact_rho_min(ws, ts, 0.0, beta, grad=True)
+    out = exact_rho_min(ws, ts, 0.0, beta, grad=True)
     t_eval = max(time.perf_counter() - t_eval, 1e-4)
+    best_rho, best_ts = (out[0], ts) if out is not None else (math.inf, None)
     for form in ("layer", "neuron"):
-        left = time_limit - (time.perf_counter() - t0)
         # L-BFGS-B: about 3 evaluations per iteration with its line searches.  The layer form has one
         # variable per layer and converges in a few iterations: it always gets at least 5.
-        iters = int(left / (3.0 * t_eval))
         if form == "layer":
             iters = max(5, min(30, int(0.5 * time_limit / (3.0 * t_eval))))
+        else:
+            iters = int((time_limit - (time.perf_counter() - t0)) / (3.0 * t_eval))
         if iters < 3 or best_ts is None:
             break
         deadline = t0 + (0.5 * time_limit if form == "layer" else 0.9 * time_limit)

@@ -216,7 +216,7 @@ def _minmax_back(l_in, u_in, lo, hi, P):
 _SUPPORTED = ("input", "linear", "activation", "maxpool", "minmax", "add", "concat")
 
 
-def supports(graph: LipschitzGraph, ops: dict) -> str | None:
+def supports(graph: LipschitzGraph) -> str | None:
     """``None`` when :func:`margin_jacobian_bounds` applies to ``graph``, else the reason."""
     for i, n in enumerate(graph.nodes):
         if i > graph.output:
@@ -247,7 +247,7 @@ def margin_jacobian_bounds(graph: LipschitzGraph, ops: dict, lbs: list, ubs: lis
 
     Raises ``NotImplementedError`` for graphs with node kinds or operators it has no rule for.
     """
-    reason = supports(graph, ops)
+    reason = supports(graph)
     if reason is not None:
         raise NotImplementedError(reason)
     B, P, m = C.shape

@@ -486,8 +486,8 @@ def _masked_submatrix(ctx: _Context, i: int, rows: torch.Tensor, cols: torch.Ten
 
 def _masked_norms_2(ctx: _Context, i: int, m_in, m_out, tol, max_iter, exact_max_entries, estimate=True,
                     gram_max_entries=0, refine_ratio=REFINE_RATIO):
-    """``(sound (B,), estimate (B,), exact (B,) bool, iterations (B,))`` for the masked operators of node
-    ``i`` (module docstring, step 3):
+    """``(sound (B,), estimate (B,), exact (B,) bool, iterations (B,), refinable (B,) bool, vectors)`` for
+    the masked operators of node ``i`` (module docstring, step 3):
 
     * up to ``exact_max_entries`` entries: the float64 SVD of the masked matrix;
     * larger ones: the smaller of the sound global norm (the FFT bound, or the full operator's
@@ -499,9 +499,10 @@ def _masked_norms_2(ctx: _Context, i: int, m_in, m_out, tol, max_iter, exact_max
       within ``1e-7``-``1e-2`` relative of the true norm).  The estimate only decides where that work
       pays; every value returned as sound is a proven bound.
 
-    ``exact`` is ``False`` where a factor is not an SVD or a certified Gram bound.  The last value
-    returned marks the examples whose factor :func:`_refine_norms` may improve (it is not called here:
-    :func:`local_margin_constants` refines only where the margin constants can gain).
+    ``exact`` is ``False`` where a factor is not an SVD or a certified Gram bound.  ``refinable`` marks
+    the examples whose factor :func:`_refine_norms` may improve (it is not called here:
+    :func:`local_margin_constants` refines only where the margin constants can gain); ``vectors`` is
+    ``(examples, power iterates)`` to warm-start it, or ``None``.
     """
     op = ctx.ops[i]
     B = m_in.shape[0]
@@ -525,6 +526,7 @@ def _masked_norms_2(ctx: _Context, i: int, m_in, m_out, tol, max_iter, exact_max
         val[b] = float(torch.linalg.svdvals(sub)[0]) * SOUND_FACTOR
     val[full] = gnorm
     est = val.clone()
+    vectors = None
     idx = torch.nonzero(power).flatten()
     if idx.numel():
         mi = m_in[idx].to(torch.float64)
@@ -539,21 +541,21 @@ def _masked_norms_2(ctx: _Context, i: int, m_in, m_out, tol, max_iter, exact_max
             sig, it, uvec = _masked_power_iteration(op, mi, mo, u0, tol, max_iter, return_vectors=True)
             est[idx] = torch.minimum(sig, cheap)
             iters[idx] = it
-            ctx.cache[("last_u", i)] = (idx, uvec)  # warm starts of the certified Gram bounds
+            vectors = (idx, uvec)  # warm starts of the certified Gram bounds
         else:
             est[idx] = cheap
     g = torch.full_like(val, gnorm)
     refinable = power & (size <= gram_max_entries) & (est < refine_ratio * torch.minimum(val, g))
-    return torch.minimum(val, g), torch.minimum(est, g), sound, iters, refinable
+    return torch.minimum(val, g), torch.minimum(est, g), sound, iters, refinable, vectors
 
 
-def _refine_norms(ctx: _Context, i: int, m_in, m_out, which, val, est, sound):
+def _refine_norms(ctx: _Context, i: int, m_in, m_out, which, val, est, sound, vectors):
     """Certified Gram bounds (in place in ``val``, ``sound``) of the masked operators of node ``i`` for the
-    examples ``which``, seeded with the power-iteration estimates ``est``."""
+    examples ``which``, seeded with the power-iteration estimates ``est`` and iterates ``vectors``."""
     B = m_in.shape[0]
     fin = m_in.reshape(B, -1)
     fout = m_out.reshape(B, -1)
-    idx, uvec = ctx.cache.pop(("last_u", i), (None, None))
+    idx, uvec = vectors if vectors is not None else (None, None)
     pos = {} if idx is None else {int(b): k for k, b in enumerate(idx.tolist())}
     for b in which:
         rows = torch.nonzero(fout[b]).flatten()
@@ -735,11 +737,11 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
         A masked operator with at most this many entries (varying rows x varying columns) is
         materialised and its norm taken by a float64 SVD (sound).
     gram_max_entries:
-        Larger masked operators up to this many entries are materialised and bounded from the
-        eigenvalues of their smaller Gram matrix plus a proven rounding term (sound, about 10x cheaper
-        than an SVD); larger ones get the smaller of the global norm and Schur's bound.  ``0`` and
-        ``exact_max_entries=0`` leave every masked operator to those (and to power iteration for
-        ``K_estimate``).
+        Larger masked operators get the smaller of the global norm and Schur's bound; those with at most
+        this many entries are also materialised and bounded by a certified Gram bound (Cholesky
+        certificate at the power estimate, :func:`~lipverify.graph.operator_norms.dense_norm2_certified`)
+        where that can matter (see ``need``).  ``0`` and ``exact_max_entries=0`` leave every masked
+        operator to the global and Schur bounds (and to power iteration for ``K_estimate``).
     warm_start:
         A dict owned by the caller and reused across calls **on the same graph**: it caches the float64
         ops, global constants, row norms, small operator matrices and, under the linear node's index,
@@ -795,18 +797,19 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
         norms_est: dict[int, torch.Tensor] = {}
         exacts: dict[int, torch.Tensor] = {}
         refinable: dict[int, torch.Tensor] = {}
+        vectors: dict = {}
         iters = torch.zeros(B, dtype=torch.int64, device=ctx.device)
         for i, (m_in, m_out) in opm.items():
             if ctx.p == "2":
-                v, v_est, ex, it, rf = _masked_norms_2(ctx, i, m_in, m_out, tol, max_iter, exact_max_entries,
-                                                       estimate, gram_max_entries)
+                v, v_est, ex, it, rf, vectors[i] = _masked_norms_2(ctx, i, m_in, m_out, tol, max_iter,
+                                                                   exact_max_entries, estimate, gram_max_entries)
             else:
                 v, ex, it = _masked_norms_inf(ctx, i, m_in, m_out)
                 v_est, rf = v, torch.zeros_like(ex)
             norms[i], norms_est[i], exacts[i], refinable[i] = v, v_est, ex, rf
             iters = torch.maximum(iters, it)
         bounds = list(zip(lbs, ubs))
-        use_jac = jacobian and jac.supports(graph, ctx.ops) is None
+        use_jac = jacobian and jac.supports(graph) is None
         m = int(math.prod(graph.nodes[graph.output].out_shape))
         C = I = J = None
         if use_jac:
@@ -857,7 +860,7 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
                 for i, (m_in, m_out) in opm.items():
                     sel = [int(b) for b in which if bool(refinable[i][b])]
                     if sel:
-                        _refine_norms(ctx, i, m_in, m_out, sel, norms[i], norms_est[i], exacts[i])
+                        _refine_norms(ctx, i, m_in, m_out, sel, norms[i], norms_est[i], exacts[i], vectors.get(i))
                 K, L_sound = assemble(norms)
                 lip = L_sound[graph.output]
                 if use_jac:

@@ -115,9 +115,13 @@ class CertifyResult:
     sound: torch.Tensor | None = None
     method_code: torch.Tensor | None = None
     certified: torch.Tensor | None = None
-    certified_at: dict = field(default_factory=dict)
+    all_certified_at: dict = field(default_factory=dict, repr=False)  # eps -> bool; -1.0: per-example eps
     names: list | None = None
-    all_certified_at: dict = field(default_factory=dict, repr=False)  # with the per-example key -1.0
+
+    @property
+    def certified_at(self) -> dict:
+        """eps -> bool tensor over the inputs (the requested radii)."""
+        return {k: v for k, v in self.all_certified_at.items() if k >= 0}
 
     @property
     def inputs(self) -> list[InputCertificate]:
@@ -268,15 +272,16 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
                     cert_at[key][i] = True
         notes.append(f"local bounds computed for {len(loc)} inputs the global bound left uncertified")
 
-    return summarise(n, norm, method, eps_list, per_example, pred, y, margin, radius, sound, method_code, cert_at,
+    return summarise(norm, method, eps_list, per_example, pred, y, margin, radius, sound, method_code, cert_at,
                      notes, names, time.perf_counter() - t0)
 
 
-def summarise(n, norm, method, eps_list, per_example, pred, y, margin, radius, sound, method_code, cert_at, notes,
+def summarise(norm, method, eps_list, per_example, pred, y, margin, radius, sound, method_code, cert_at, notes,
               names, time_s) -> CertifyResult:
     """The :class:`CertifyResult` of per-input tensors (VRA, counts per method, median radius): tensor
     work only; per-input records are built when asked for (:attr:`CertifyResult.inputs`).  Also used to
     merge the shards of a ``torchrun`` job (:mod:`lipverify.certify.sharded`)."""
+    n = len(pred)
     correct = pred == y
     keys = list(cert_at)
     primary = -1.0 if per_example else (max(eps_list) if eps_list else None)
@@ -296,9 +301,8 @@ def summarise(n, norm, method, eps_list, per_example, pred, y, margin, radius, s
     res = CertifyResult(n, norm, method, eps_list if not per_example else [], float(correct.double().mean()), vra,
                         None, counts, med, time_s, per_example, notes, vra_est,
                         pred=pred, label=y, margin=margin, radius=radius, sound=sound, method_code=method_code,
-                        certified=primary_t, certified_at={k: v for k, v in cert_at.items() if k >= 0},
+                        certified=primary_t, all_certified_at=dict(cert_at),
                         names=list(names) if names is not None else None)
     if per_example:
         res.vra = {"per-example": float((cert_at[-1.0] & correct).double().mean())}
-    res.all_certified_at = dict(cert_at)  # merging shards needs the per-example key -1.0 too
     return res

@@ -47,6 +47,6 @@ def gather(res: CertifyResult, world: int) -> CertifyResult:
     names = None if any(p["names"] is None for p in parts) else [nm for p in parts for nm in p["names"]]
     n = sum(p["n"] for p in parts)
     notes = list(parts[0]["notes"]) + [f"certified by {world} processes (torchrun), {n} inputs in rank order"]
-    return summarise(n, res.norm, res.method, res.eps, res.per_example_eps, cat("pred"), cat("label"), cat("margin"),
+    return summarise(res.norm, res.method, res.eps, res.per_example_eps, cat("pred"), cat("label"), cat("margin"),
                      cat("radius"), cat("sound"), cat("method_code"), cert_at, notes, names,
                      max(p["time_s"] for p in parts))

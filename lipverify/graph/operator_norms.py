@@ -187,8 +187,8 @@ def dense_norm2_certified(W: torch.Tensor, v0: torch.Tensor | None = None, steps
     With ``G^ = fl(W W^T)`` (``m x m``, ``m`` the smaller side, inner dimension ``n``), an estimate
     ``lam`` of ``lambda_max`` is the caller's (``lam``, e.g. the square of a power-iteration estimate of
     ``sigma_max``) or comes from ``steps`` Lanczos steps on ``G^`` (from ``v0`` when given: a vector of
-    length ``m``; also used when no factorisation succeeds with the caller's estimate); for ``mu = lam (1 + delta)`` with ``delta = 1e-7, 1e-5, 1e-3, 1e-2`` in turn, if the
-    float64 Cholesky factorisation of ``A = fl(mu I - G^)`` runs to completion then (Demmel; Higham,
+    length ``m``; also used when no factorisation succeeds with the caller's estimate); for
+    ``mu = lam (1 + delta)`` with ``delta = 1e-7, 1e-5, 1e-3, 1e-2`` in turn, if the float64 Cholesky factorisation of ``A = fl(mu I - G^)`` runs to completion then (Demmel; Higham,
     *Accuracy and Stability of Numerical Algorithms*, Thm 10.5) ``A + dA = R^T R`` is positive
     semi-definite with ``|dA| <= gamma_{m+1} |R^T| |R|``, so ``lambda_min(A) >= -gamma_{m+1} ||R||_F^2 >=
     -gamma_{m+1} tr(A) / (1 - gamma_{m+1})``.  The diagonal subtraction errs by at most
@@ -197,14 +197,13 @@ def dense_norm2_certified(W: torch.Tensor, v0: torch.Tensor | None = None, steps
     ``sigma_max(W)^2 <= mu + gamma_{m+1} tr(A) / (1 - gamma_{m+1}) + u (mu + max G^_ii) + gamma_n ||W||_F^2``,
 
     returned (square root) times ``SOUND_FACTOR``.  ``W`` and then ``G^`` are first scaled by powers of
-    two (exact) so that their entries are at most one (no overflow or underflow).  If no factorisation succeeds, :func:`dense_norm2_gram`.
-    Matrices with ``m <= 64`` go to :func:`dense_norm2_gram` directly.
+    two (exact) so that their entries are at most one (no overflow or underflow).  If no factorisation
+    succeeds, :func:`dense_norm2_gram`.  Matrices with ``m <= 64`` go to :func:`dense_norm2_gram` directly.
     """
     W = _as_matrix(W).to(torch.float64)
     if W.numel() == 0:
         return 0.0
-    side_rows = W.shape[0] <= W.shape[1]
-    if not side_rows:
+    if W.shape[0] > W.shape[1]:
         W = W.T
     m, n = W.shape
     amax = float(W.abs().max())

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from lipverify.certify import repr_eps
+from lipverify.certify.rules import certified_at
 from lipverify.report.plots import png_bytes, pyplot
 
 
@@ -65,7 +66,8 @@ def local_estimate_vra(lm, x, y, eps_list, norm: str = "2", batch_size: int = 64
             Ky = r.K_estimate.cpu()[torch.arange(sl.stop - s), pred[sl]]
             d = logits[sl].gather(1, pred[sl, None]) - logits[sl]
             others = torch.arange(logits.shape[1])[None] != pred[sl, None]
-            ok[sl] = (pred[sl] == y[sl]) & ((d > float(e) * Ky) | ~others).all(1)
+            eps_b = torch.full((len(Ky),), float(e), dtype=torch.float64)
+            ok[sl] = (pred[sl] == y[sl]) & certified_at(d, others, Ky, eps_b)
         out[repr_eps(e)] = float(ok.double().mean())
     return out
 

@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from lipverify.bounds.global_bound import combine_lipschitz
 from lipverify.graph import LipschitzGraph
-from lipverify.graph.linear_ops import Chain, Conv, Dense, LinearOp, Residual, Scale
+from lipverify.graph.linear_ops import Chain, Conv, Dense, LinearOp, Residual, Scale, fold_chain
 
 _BIAS_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
                  nn.LayerNorm, nn.GroupNorm)
@@ -216,8 +216,6 @@ def single_conv(op: LinearOp) -> Conv | None:
     """``op`` as one 2-d convolution (itself, a chain that folds into one, or a residual ``x + conv``
     folded at the centre tap), or ``None``."""
     if isinstance(op, Chain):
-        from lipverify.graph.linear_ops import fold_chain
-
         inner = fold_chain(op.ops)
         op = inner[0] if len(inner) == 1 else op
     if isinstance(op, Residual):
@@ -256,6 +254,7 @@ class GloroBound(nn.Module):
         self.m = int(math.prod(graph.nodes[self.out].out_shape))
         self.live: list[int] = []
         self.const: dict[int, float] = {}
+        self._groups: list[list[int]] | None = None  # power-iteration groups (_power_groups)
         g = torch.Generator().manual_seed(int(seed))
         dev = next((p.device for p in net.parameters()), torch.device("cpu"))
         for i, n in enumerate(graph.nodes):
@@ -306,7 +305,10 @@ class GloroBound(nn.Module):
                 self._u(i).copy_(t)
 
     def _power_groups(self) -> list[list[int]]:
-        """Live nodes grouped by the geometry of their single-convolution form (singletons otherwise)."""
+        """Live nodes grouped by the geometry of their single-convolution form (singletons otherwise);
+        the geometry does not change in training, so the grouping is computed once."""
+        if self._groups is not None:
+            return self._groups
         groups: dict = {}
         for i in self.live:
             conv = single_conv(self.graph.nodes[i].op)
@@ -314,7 +316,8 @@ class GloroBound(nn.Module):
                 tuple(conv.in_shape), tuple(conv.weight.shape), conv.stride, conv.padding,
                 conv.dilation, conv.groups, self._dtype(self.graph.nodes[i].op))
             groups.setdefault(key, []).append(i)
-        return list(groups.values())
+        self._groups = list(groups.values())
+        return self._groups
 
     @torch.no_grad()
     def converge(self, tol: float = 1e-5, max_iter: int = 500) -> int:
