@@ -147,6 +147,18 @@ class LipModel:
                                                     tail=self.tail_matrix())
         return self._cache[key]
 
+    def rounded_forward(self, norm: str = "2", dtype=torch.float32):
+        """The graph evaluated in ``dtype`` with a proven bound on the logits' rounding error
+        (:class:`lipverify.bounds.rounding.RoundedForward`; ``supported`` false when the graph has a step
+        without a rounding model)."""
+        key = ("rounded", str(norm), dtype)
+        if key not in self._cache:
+            from lipverify.bounds.rounding import RoundedForward
+
+            self._cache[key] = RoundedForward(self.graph, self.node_constants(str(norm)), str(norm), dtype,
+                                              device=self.device)
+        return self._cache[key]
+
     def tail_matrix(self):
         """The affine tail ``(T, h)`` of the graph (see :func:`lipverify.bounds.global_bound.tail_matrix`)."""
         if "tail" not in self._cache:

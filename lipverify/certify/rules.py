@@ -81,7 +81,11 @@ def repr_eps(e) -> str:
 
 
 #: certificate methods by code in :attr:`CertifyResult.method_code`
-METHODS = ("global", "local", "local (estimate)")
+METHODS = ("global", "local", "local (estimate)", "global (float32, rounding error bounded)")
+#: relative inflation of ``K`` in the rule: the rule's own float64 products and quotients round by at
+#: most ``2^-53`` each, so ``d > fl(eps * K (1 + 2^-51))`` proves ``d > eps K`` and ``fl(d / (K (1 +
+#: 2^-51)))`` is at most ``d / K``
+RULE_FACTOR = 1.0 + 2.0 ** -51
 
 
 @dataclass
@@ -146,10 +150,15 @@ class CertifyResult:
                 "inputs": [c.to_dict() for c in self.inputs]}
 
 
-def global_radii(logits: torch.Tensor, K: torch.Tensor):
-    """Prediction, top margin and certified radius for a batch of float64 logits.
+def global_radii(logits: torch.Tensor, K: torch.Tensor, delta: torch.Tensor | None = None):
+    """Prediction, top margin and certified radius for a batch of logits.
 
-    Returns ``pred``, ``margin`` (``f_j - max_{i != j} f_i``), ``radius`` and the per-class margins.
+    Returns ``pred``, ``margin`` (``f_j - max_{i != j} f_i`` as computed), ``radius``, the per-class
+    margins and the mask of ``i != j``.  ``delta`` (``(B,)`` or ``(B, m)``, per example or per class):
+    a proven bound on the error of each computed difference ``f_j - f_i`` with ``j`` the computed
+    argmax (:class:`lipverify.bounds.rounding.RoundedForward`); the per-class margins returned are then
+    the lower bounds ``f_j - f_i - delta`` and the radius holds for the exact network.  A lower bound
+    ``<= 0`` leaves even the prediction open: radius 0.
     """
     logits = logits.double()
     K = K.to(logits.device, torch.float64)
@@ -158,14 +167,21 @@ def global_radii(logits: torch.Tensor, K: torch.Tensor):
     diffs = top - logits  # f_j - f_i, 0 at i = j
     mask = torch.ones_like(diffs, dtype=torch.bool)
     mask.scatter_(1, pred[:, None], False)
+    margin = torch.where(mask, diffs, torch.full_like(diffs, math.inf)).min(1).values
+    if delta is not None:
+        delta = delta.to(diffs)
+        if delta.dim() == 1:
+            delta = delta[:, None]
+        # the float64 subtraction of two computed logits rounds by at most 2^-52 max |f|
+        diffs = diffs - (delta + 2.0 ** -51 * logits.abs().amax(1, keepdim=True))
     Kj = K[pred]  # K_ji for every i
     with torch.no_grad():
         ratio = torch.where(Kj > 0, diffs / Kj, torch.where(diffs > 0, torch.full_like(diffs, math.inf),
                                                             torch.zeros_like(diffs)))
     ratio = torch.where(mask, ratio, torch.full_like(ratio, math.inf))
     radius = ratio.min(1).values.clamp_min(0.0)
-    margin = torch.where(mask, diffs, torch.full_like(diffs, math.inf)).min(1).values
-    radius = torch.where(margin > 0, radius, torch.zeros_like(radius))
+    lower = torch.where(mask, diffs, torch.full_like(diffs, math.inf)).min(1).values
+    radius = torch.where(lower > 0, radius, torch.zeros_like(radius))
     return pred, margin, radius, diffs, mask
 
 
@@ -200,53 +216,107 @@ def inside_domain(t: torch.Tensor, dom, like: torch.Tensor) -> torch.Tensor:
 
 def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float] | torch.Tensor = (),
             norm: str = "2", method: str = "global", batch_size: int = 256, progress: Callable | None = None,
-            names: Sequence[str] | None = None, local_options: dict | None = None) -> CertifyResult:
+            names: Sequence[str] | None = None, local_options: dict | None = None,
+            precision: str = "auto") -> CertifyResult:
     """Certify every input of ``(x, y)`` with ``model`` (a :class:`lipverify.model.LipModel`).
 
     ``eps``: a float, a list of floats (VRA per eps), or a per-example tensor (e.g. from VNN-LIB
     specifications).  ``method``: ``"global"`` or ``"local"`` (global first, local bisection for the
     points global leaves uncertified).
+
+    ``precision``: ``"float32"`` computes the logits in float32 with a proven bound on their rounding
+    error (:mod:`lipverify.bounds.rounding`): an input is decided in float32 when every decision (the
+    prediction, ``radius > 0``, certified at each eps) is the same for all logits within the bound, and
+    recomputed in float64 (rounding bounded the same way) otherwise.  ``"float64"``: float64 only.
+    ``"auto"`` (default): float32 when the graph has a rounding model, else float64.  Decisions at the
+    requested radii are the float64 ones; the radius of an input decided in float32 is the one proven
+    with the float32 logits, lower than the float64 one by at most ``2 delta / K``.  Records decided in
+    float32 carry the method ``global (float32, rounding error bounded)``.
+
+    Warnings
+    --------
+    A graph without a rounding model (tanh, GELU, normalisations, ...) is certified with float64 logits
+    of the model taken as exact (a note says so); ``precision="float32"`` refuses such a graph.
     """
     t0 = time.perf_counter()
     norm = str(norm)
     if method not in ("global", "local"):
         raise ValueError("method must be 'global' or 'local'")
+    if precision not in ("auto", "float32", "float64"):
+        raise UserInputError(f"precision must be auto, float32 or float64, got {precision!r}")
     check_certifiable(model, norm)
     n = len(x)
     per_example = isinstance(eps, torch.Tensor) and eps.dim() == 1 and len(eps) == n
     eps_list = [] if per_example else sorted(set(parse_eps(eps if not isinstance(eps, torch.Tensor) else eps.tolist())))
-    K = model.margin_constants(norm).K
-    sound_K = model.margin_constants(norm).sound
+    mc = model.margin_constants(norm)
+    sound_K = mc.sound
     device = model.device
-    module64 = model.module_double()
-    preds, margins, radii, diff_rows, mask_rows = [], [], [], [], []
+    notes = []
+    fast = model.rounded_forward(norm, torch.float32) if precision != "float64" else None
+    if fast is not None and not fast.supported:
+        if precision == "float32":
+            raise UserInputError(f"--precision float32: {fast.reason}; use --precision float64")
+        fast = None
+    exact = model.rounded_forward(norm, torch.float64)
+    if exact.supported:
+        forward64 = exact
+    else:
+        module64 = model.module_double()
+
+        def forward64(xb):
+            return module64(xb.to(device, torch.float64)).reshape(len(xb), -1), None
+
+        notes.append(f"logits computed in float64 and taken as exact ({exact.reason})")
+    K = mc.K.to(device, torch.float64)
+    K_rule = K * RULE_FACTOR if (fast is not None or exact.supported) else K
+    first = fast if fast is not None else forward64
+    preds, margins, radii, diff_rows, mask_rows, deltas = [], [], [], [], [], []
     with torch.no_grad():
         for s in range(0, n, batch_size):
-            xb = x[s:s + batch_size].to(device, torch.float64)
-            logits = module64(xb).reshape(len(xb), -1)
-            p, mg, r, d, mk = global_radii(logits, K)
-            preds.append(p.cpu()), margins.append(mg.cpu()), radii.append(r.cpu())
-            diff_rows.append(d.cpu()), mask_rows.append(mk.cpu())
+            logits, delta = first(x[s:s + batch_size])
+            p, mg, r, d, mk = global_radii(logits, K_rule, delta)
+            preds.append(p), margins.append(mg), radii.append(r), diff_rows.append(d), mask_rows.append(mk)
+            if delta is not None:  # the bound global_radii used: what separates lower and upper bounds
+                dl = delta.double() if delta.dim() == 2 else delta.double()[:, None]
+                deltas.append(dl + 2.0 ** -51 * logits.double().abs().amax(1, keepdim=True))
             if progress:
-                progress(len(xb))
-    pred = torch.cat(preds)
-    margin = torch.cat(margins)
-    radius = torch.cat(radii)
-    diffs = torch.cat(diff_rows)
-    mask = torch.cat(mask_rows)
-    Kj = K.cpu()[pred]
+                progress(len(p))
+    cat = (lambda ts: torch.cat(ts).cpu())
+    pred, margin, radius, diffs, mask = cat(preds), cat(margins), cat(radii), cat(diff_rows), cat(mask_rows)
+    Kj = K_rule.cpu()[pred]
     y = y.long().cpu()
-    method_code = torch.zeros(n, dtype=torch.int64)  # METHODS: 0 global, 1 local, 2 local (estimate)
+    method_code = torch.zeros(n, dtype=torch.int64)  # METHODS: 0 global, 1 local, 2 local (estimate), 3 float32
     sound = torch.full((n,), bool(sound_K), dtype=torch.bool)
     eps_check = eps.double().cpu() if per_example else None
-
+    if fast is not None:
+        # an input whose decisions could differ for logits within the bound goes to float64
+        delta = cat(deltas)
+        checks = [eps_check] if per_example else [torch.full((n,), e, dtype=torch.float64) for e in eps_list]
+        lower = torch.where(mask, diffs, torch.full_like(diffs, math.inf)).amin(1)
+        redo = ~(lower > 0) | ~torch.isfinite(delta).all(1)
+        for e in checks:
+            lo_ok = certified_at(diffs, mask, Kj, e)
+            hi_ok = certified_at(diffs + 2.0 * delta, mask, Kj, e)
+            redo |= lo_ok != hi_ok
+        idx = redo.nonzero().flatten()
+        method_code[:] = 3
+        method_code[idx] = 0
+        with torch.no_grad():
+            for s in range(0, len(idx), batch_size):
+                part = idx[s:s + batch_size]
+                logits, d64 = forward64(x[part])
+                p, mg, r, d, mk = global_radii(logits, K_rule if d64 is not None else K, d64)
+                pred[part], margin[part], radius[part] = p.cpu(), mg.cpu(), r.cpu()
+                diffs[part], mask[part] = d.cpu(), mk.cpu()
+        Kj = K_rule.cpu()[pred]
+        notes.append(f"logits in float32 with a proven rounding-error bound (median {float(delta.amax(1).median()):.3g}); "
+                     f"{len(idx)} of {n} input(s) near a decision recomputed in float64")
     cert_at: dict[float, torch.Tensor] = {}
     if per_example:
         cert_at[-1.0] = certified_at(diffs, mask, Kj, eps_check) & sound
     for e in eps_list:
         cert_at[e] = certified_at(diffs, mask, Kj, torch.full((n,), e, dtype=torch.float64)) & sound
 
-    notes = []
     dom = model.effective_domain()
     if dom is not None:
         inside = inside_domain(x, dom, x)

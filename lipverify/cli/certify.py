@@ -27,12 +27,15 @@ from lipverify.report.progress import progress_bar
 @click.option("--norm", type=click.Choice(["2", "inf"]), default="2", show_default=True)
 @click.option("--method", type=click.Choice(["global", "local"]), default="global", show_default=True)
 @click.option("--clip", default=None, help="Input domain LO,HI for products/normalisations (default 0,1).")
+@click.option("--precision", type=click.Choice(["auto", "float32", "float64"]), default="auto", show_default=True,
+              help="Logits in float32 with a proven rounding-error bound (inputs near a decision are recomputed "
+                   "in float64), or float64 only; auto: float32 where the model has a rounding model.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--out", "out_csv", default=None, help="Per-input CSV file.")
 @click.option("--plot", "plot_png", default=None, help="PNG: certified accuracy vs eps and radius histogram.")
 @handle_errors
 def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device, debug, data_path, layout,
-            limit, batch_size, quiet, eps, norm, method, clip, as_json, out_csv, plot_png):
+            limit, batch_size, quiet, eps, norm, method, clip, precision, as_json, out_csv, plot_png):
     """Certified radius per input (global GloRo rule, or IBP-masked local bounds)."""
     from lipverify.certify import parse_eps
     from lipverify.data.atomic import check_not_input
@@ -73,11 +76,11 @@ def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check
 
                 e = eps_arg[sl] if isinstance(eps_arg, torch.Tensor) else eps_arg
                 res = lm.certify(ds.x[sl], ds.y[sl], eps=e, norm=norm, method=method, batch_size=batch_size,
-                                 progress=advance, names=None if ds.names is None else list(ds.names)[sl])
+                                 progress=advance, precision=precision, names=None if ds.names is None else list(ds.names)[sl])
                 res = gather(res, ctx.world)
             else:
                 res = lm.certify(ds.x, ds.y, eps=eps_arg, norm=norm, method=method, batch_size=batch_size,
-                                 progress=advance, names=ds.names)
+                                 progress=advance, names=ds.names, precision=precision)
     except BaseException:
         finish(False)
         raise

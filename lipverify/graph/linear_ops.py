@@ -579,8 +579,8 @@ class Chain(LinearOp):
             z = torch.zeros((1,) + self.in_shape, dtype=torch.float64, device=self._device())
             for o in flat:
                 z = o.to_double_copy().forward(z)
-        b = z[0]
-        self.bias = b.to(self._param_dtype()) if bool(torch.any(b != 0)) else None
+        b = z[0]  # kept in float64: the chain's offset is not rounded to the parameters' precision
+        self.bias = b if bool(torch.any(b != 0)) else None
 
     def _param_dtype(self):
         for o in self.ops:

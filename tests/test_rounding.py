@@ -1,0 +1,276 @@
+"""The float32 rounding-error bound (``lipverify.bounds.rounding``) against exact rational arithmetic and
+float64, and certification with float32 logits against float64 certification.
+
+Oracles: the Lipschitz graph evaluated with :class:`fractions.Fraction` (every weight and input taken
+as the exact number it stores; operator matrices from impulse responses, whose entries are the weights
+themselves), and float64 evaluation for nets too large for fractions.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lipverify
+from lipverify.bounds.rounding import RoundedForward, UnsupportedRounding, pool_routes, trusted_kernels
+from lipverify.graph.linear_ops import Chain, Residual
+
+
+def frac_matvec(M, v):
+    return [sum((M[r][c] * v[c] for c in range(len(v)) if M[r][c] != 0 and v[c] != 0), Fraction(0))
+            for r in range(len(M))]
+
+
+def frac_linear(op, v):
+    """``A v`` (no bias) for a linear op, exactly."""
+    if isinstance(op, Chain):
+        for o in op.ops:
+            v = frac_linear(o, v)
+        return v
+    if isinstance(op, Residual):
+        parts = [frac_linear(b, v) for b in op.branches]
+        return [sum((Fraction(s) * p[k] for s, p in zip(op.signs, parts)), Fraction(0)) for k in range(len(parts[0]))]
+    m = op.to_double_copy().matrix().tolist()
+    return frac_matvec([[Fraction(e) for e in row] for row in m], v)
+
+
+def pool_windows(pool, in_shape):
+    """For each max-pooling output, the flat input indices of its window (padding excluded)."""
+    n = math.prod(in_shape)
+    idx = torch.arange(1, n + 1, dtype=torch.float64).reshape((1,) + tuple(in_shape))
+    x = idx.unsqueeze(2) if pool.one_d else idx
+    kh, kw = pool.kernel
+    ph, pw = pool.padding if not pool.one_d else (0, pool.padding[1])
+    out = pool(torch.zeros((1,) + tuple(in_shape), dtype=torch.float64))
+    out = out.unsqueeze(2) if pool.one_d else out
+    ho, wo = out.shape[-2:]
+    xp = F.pad(x, (pw, pw + kw * 4, ph, ph + kh * 4))
+    cols = F.unfold(xp, (kh, kw), dilation=pool.dilation, stride=pool.stride)
+    lh = (xp.shape[-2] - pool.dilation[0] * (kh - 1) - 1) // pool.stride[0] + 1
+    lw = (xp.shape[-1] - pool.dilation[1] * (kw - 1) - 1) // pool.stride[1] + 1
+    c = x.shape[1]
+    cols = cols.reshape(c, kh * kw, lh, lw)[:, :, :ho, :wo]
+    return [[int(v) - 1 for v in cols[ch, :, a, b].tolist() if v > 0]
+            for ch in range(c) for a in range(ho) for b in range(wo)]
+
+
+def exact_logits(graph, x):
+    """The graph in exact rational arithmetic for one input ``x`` (float tensor of the input shape)."""
+    vals = [None] * len(graph.nodes)
+    for i, n in enumerate(graph.nodes):
+        if n.kind == "input":
+            vals[i] = [Fraction(float(v)) for v in x.reshape(-1).tolist()]
+            continue
+        ins = [vals[j] for j in n.inputs]
+        if n.kind == "linear":
+            y = frac_linear(n.op, ins[0])
+            if n.op.bias is not None:
+                b = n.op.bias.detach().double().reshape(-1).tolist()
+                y = [a + Fraction(c) for a, c in zip(y, b)]
+        elif n.kind == "activation":
+            if n.op.name == "relu":
+                y = [max(v, Fraction(0)) for v in ins[0]]
+            elif n.op.name.startswith("leaky_relu"):
+                a = Fraction(float(n.op.lo))
+                y = [v if v > 0 else a * v for v in ins[0]]
+            else:
+                raise AssertionError(n.op.name)
+        elif n.kind == "maxpool":
+            wins = pool_windows(n.op, graph.nodes[n.inputs[0]].out_shape)
+            y = [max(ins[0][k] for k in w) for w in wins]
+        elif n.kind == "add":
+            y = [sum((Fraction(c) * t[k] for c, t in zip(n.op, ins)), Fraction(0)) for k in range(len(ins[0]))]
+        elif n.kind == "concat":
+            shapes = [graph.nodes[j].out_shape for j in n.inputs]
+            ax = n.op
+            pieces = [torch.arange(len(t)).reshape(s) for t, s in zip(ins, shapes)]
+            offs = [0]
+            for t in ins:
+                offs.append(offs[-1] + len(t))
+            order = torch.cat([p + o for p, o in zip(pieces, offs)], dim=ax).reshape(-1).tolist()
+            flat = [v for t in ins for v in t]
+            y = [flat[k] for k in order]
+        else:
+            raise AssertionError(n.kind)
+        vals[i] = y
+    return vals[graph.output]
+
+
+def check_against_exact(lm, x, norm="2"):
+    """Every pair's computed margin is within the bound of the exact one; returns max error / bound."""
+    rf = RoundedForward(lm.graph, lm.node_constants(norm), norm, torch.float32)
+    assert rf.supported, rf.reason
+    logits, delta = rf(x)
+    worst = 0.0
+    for b in range(len(x)):
+        ex = exact_logits(lm.graph, x[b])
+        j = int(logits[b].argmax())
+        for i in range(logits.shape[1]):
+            got = Fraction(float(logits[b, j])) - Fraction(float(logits[b, i]))
+            err = abs(got - (ex[j] - ex[i]))
+            assert err <= Fraction(float(delta[b, i])), (b, i, float(err), float(delta[b, i]))
+            if delta[b, i] > 0:
+                worst = max(worst, float(err) / float(delta[b, i]))
+    return worst
+
+
+def mlp(seed, scale=1.0, leaky=False):
+    torch.manual_seed(seed)
+    act = nn.LeakyReLU(0.1) if leaky else nn.ReLU()
+    net = nn.Sequential(nn.Linear(7, 9), act, nn.Linear(9, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        net[0].weight.mul_(scale)
+    return net
+
+
+class Res(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.c2 = nn.Conv2d(3, 3, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, ceil_mode=True)
+        self.fc = nn.Linear(3 * 3 * 3, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.c1(x)))
+        h = torch.relu(h + self.c2(h))
+        return self.fc(self.pool(h).flatten(1))
+
+
+def test_bound_holds_against_exact_rationals_on_small_nets():
+    torch.manual_seed(0)
+    for seed, leaky in ((0, False), (1, True)):
+        lm = lipverify.load(mlp(seed, leaky=leaky), input_shape=(7,))
+        for norm in ("2", "inf"):
+            check_against_exact(lm, torch.randn(6, 7), norm)
+    net = Res().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+        net.bn.weight.uniform_(0.5, 2)
+    lm = lipverify.load(net, input_shape=(1, 5, 5))
+    check_against_exact(lm, torch.rand(3, 1, 5, 5))
+
+
+def test_bound_holds_with_adversarially_scaled_weights_and_cancellation():
+    """Weights spanning 1e-6..1e6 and inputs chosen so the first layer's sums cancel: the float32 error is
+    large (relative to the result), the bound still holds, and it is not vacuous (error / bound > 1e-6)."""
+    torch.manual_seed(3)
+    net = mlp(3)
+    with torch.no_grad():
+        w = net[0].weight
+        w.copy_(w * torch.logspace(-6, 6, w.shape[1])[None, :])
+        net[2].weight.mul_(1e3)
+    lm = lipverify.load(net, input_shape=(7,))
+    # inputs near the null space of the first layer's rows: big terms that cancel
+    x = torch.randn(5, 7)
+    x[:, -1] = -(x[:, :-1] * net[0].weight[0, :-1]).sum(1) / net[0].weight[0, -1]
+    worst = check_against_exact(lm, x.float())
+    assert worst > 1e-6
+
+
+def test_bound_holds_against_float64_on_deeper_nets():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=(1, 0), groups=1), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.BatchNorm2d(8), nn.LeakyReLU(0.2),
+                        nn.ConvTranspose2d(8, 4, 2, stride=2), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1),
+                        nn.Flatten(), nn.Linear(4 * 8 * 7, 10)).eval()
+    with torch.no_grad():
+        net[3].running_var.uniform_(0.1, 3)
+    lm = lipverify.load(net, input_shape=(3, 16, 16))
+    x = torch.rand(64, 3, 16, 16)
+    for norm in ("2", "inf"):
+        l32, d32 = RoundedForward(lm.graph, lm.node_constants(norm), norm, torch.float32)(x)
+        l64, d64 = RoundedForward(lm.graph, lm.node_constants(norm), norm, torch.float64)(x)
+        pred = l32.argmax(1)
+        e = l32.double() - l64
+        err = (e.gather(1, pred[:, None]) - e).abs()
+        assert bool((err <= d32 + d64.amax(1, keepdim=True) + 1e-300).all())
+        assert float(d64.max()) < 1e-6 * float(d32.max())  # float64's own bound is ~2^29 times smaller
+
+
+def test_pool_routes_is_the_sum_pooling_adjoint():
+    torch.manual_seed(5)
+    for kw in (dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+               dict(kernel_size=2, stride=1, dilation=2)):
+        net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.MaxPool2d(**kw), nn.Flatten())
+        lm = lipverify.load(net.eval(), input_shape=(1, 7, 7))
+        node = [n for n in lm.graph.nodes if n.kind == "maxpool"][0]
+        in_shape = lm.graph.nodes[node.inputs[0]].out_shape
+        wins = pool_windows(node.op, in_shape)
+        h = torch.rand((3,) + tuple(node.out_shape), dtype=torch.float64)
+        got = pool_routes(node.op, h, in_shape).reshape(3, -1)
+        want = torch.zeros(3, math.prod(in_shape), dtype=torch.float64)
+        for o, w in enumerate(wins):
+            for k in w:
+                want[:, k] += h.reshape(3, -1)[:, o]
+        assert torch.allclose(got, want)
+
+
+def near_tie_model():
+    """Two output rows equal up to 1e-7: float32 cannot tell the top two logits apart for most inputs."""
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    with torch.no_grad():
+        net[2].weight[1] = net[2].weight[0] * (1 + 1e-7)
+        net[2].bias[1] = net[2].bias[0]
+        net[2].bias[0] += 5.0
+        net[2].bias[1] += 5.0
+    return net
+
+
+def test_float32_certificates_are_float64_decisions_and_never_wrong():
+    for net, shape, tie in ((near_tie_model(), (5,), True), (mlp(7), (7,), False)):
+        lm = lipverify.load(net, input_shape=shape)
+        x = torch.randn(200, *shape)
+        y = torch.randint(0, 3, (200,))
+        eps = [1e-6, 1e-3, 0.05, 0.2]
+        a = lm.certify(x, y, eps=eps, precision="float64")
+        b = lm.certify(x, y, eps=eps)
+        assert torch.equal(a.pred, b.pred)
+        for e in eps:
+            assert torch.equal(a.certified_at[e], b.certified_at[e])
+        assert bool((b.radius <= a.radius * (1 + 1e-12)).all())
+        K = lm.margin_constants("2").K
+        logits = lm.graph.forward(x.double()).reshape(len(x), -1)
+        f32 = b.method_code == 3
+        # near ties: float32 cannot order the top two logits, those inputs are decided in float64
+        assert bool(f32.any()) != tie
+        for k in f32.nonzero().flatten().tolist():  # float32-decided certificates hold in float64
+            j = int(b.pred[k])
+            for i in range(logits.shape[1]):
+                if i != j:
+                    assert float(logits[k, j] - logits[k, i]) > float(b.radius[k]) * float(K[j, i]) * (1 - 1e-12)
+        assert any("recomputed in float64" in n for n in b.notes)
+
+
+def test_graphs_without_a_rounding_model_fall_back_or_refuse():
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).eval()
+    lm = lipverify.load(net, input_shape=(4,))
+    assert not lm.rounded_forward("2").supported and "tanh" in lm.rounded_forward("2").reason
+    x = torch.randn(10, 4)
+    res = lm.certify(x, torch.zeros(10, dtype=torch.long), eps=[0.1])
+    assert set(res.method_code.tolist()) == {0} and any("taken as exact" in n for n in res.notes)
+    with pytest.raises(lipverify.UserInputError, match="float32"):
+        lm.certify(x, torch.zeros(10, dtype=torch.long), eps=[0.1], precision="float32")
+
+
+def test_trusted_kernels_restore_settings_and_refuse_lowered_onednn(monkeypatch):
+    nnpack = torch._C._get_nnpack_enabled
+    before = (torch.backends.cudnn.enabled, nnpack(), torch.backends.cuda.matmul.allow_tf32)
+    with trusted_kernels():
+        assert not torch.backends.cudnn.enabled and not nnpack()
+        assert not torch.backends.cuda.matmul.allow_tf32
+    assert (torch.backends.cudnn.enabled, nnpack(), torch.backends.cuda.matmul.allow_tf32) == before
+    monkeypatch.setenv("ONEDNN_DEFAULT_FPMATH_MODE", "BF16")
+    lm = lipverify.load(mlp(8), input_shape=(7,))
+    rf = RoundedForward(lm.graph, lm.node_constants("2"), "2", torch.float32)
+    assert not rf.supported and "ONEDNN" in rf.reason
+    with pytest.raises(UnsupportedRounding):
+        rf(torch.zeros(1, 7))
