@@ -96,13 +96,22 @@ def check_environment() -> None:
         raise UnsupportedRounding(f"ONEDNN_DEFAULT_FPMATH_MODE={mode} lets oneDNN lower float32 precision")
 
 
+TRUSTED_DEPTH = [0]  # nesting depth of :func:`trusted_kernels` (inner ones change nothing)
+
+
 @contextlib.contextmanager
 def trusted_kernels():
     """Run only kernels whose rounding satisfies the dot-product error bound (module docstring).
 
     Turns off TF32, NNPACK and cuDNN and asks oneDNN for IEEE float32 math while it runs; restores
-    the previous settings afterwards."""
-    check_environment()
+    the previous settings afterwards.  Nested uses cost nothing."""
+    if TRUSTED_DEPTH[0]:
+        TRUSTED_DEPTH[0] += 1
+        try:
+            yield
+        finally:
+            TRUSTED_DEPTH[0] -= 1
+        return
     saved = []
     for mod in (getattr(torch.backends.mkldnn, "matmul", None), getattr(torch.backends.mkldnn, "conv", None)):
         if mod is not None and getattr(mod, "fp32_precision", "none") not in ("none", "ieee"):
@@ -111,10 +120,12 @@ def trusted_kernels():
     old_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    TRUSTED_DEPTH[0] += 1
     try:
         with torch.backends.nnpack.flags(enabled=False), torch.backends.cudnn.flags(enabled=False):
             yield
     finally:
+        TRUSTED_DEPTH[0] -= 1
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old_tf32
         for mod, v in saved:
             mod.fp32_precision = v
@@ -267,9 +278,12 @@ class RoundedForward:
         self.steps: list[Step] = []
         self.supported, self.reason = True, ""
         self.elementwise = False
-        self.use_norm: bool | None = True  # None: decide on the first batch (when both bounds exist)
+        self.decided = False
+        self.norm_used: dict[int, bool] = {}  # per tensor: its norm-wise term is computed
+        self.ew_used: dict[int, bool] = {}  # per tensor: its element-wise term is computed
         try:
-            check_environment()
+            if dtype == torch.float32:
+                check_environment()
             self.build(graph, constants)
         except UnsupportedRounding as e:
             self.supported, self.reason = False, str(e)
@@ -414,15 +428,20 @@ class RoundedForward:
         st = self.steps[last]
         bnorm = self.norm_of(bias)
         self.check_weights(bias, "a bias")
-        if last >= first_new and st.role == "linear" and "n" in st.data and not isinstance(st.data["op"], Scale) \
-                and "bias" not in st.data:
-            vec = channel_vector(bias, st.data["op"])
+        b = self.tensor(bias)
+        if last >= first_new and st.role == "linear" and "n" in st.data and "bias" not in st.data:
+            # fl(fl(A x) + b) - (A x + b) is within rel (|A| |x| + |b|) as well (one more term in each sum)
+            # in the kernel's own sum the bias may pass through every rounding (rel); added afterwards, once
+            vec = channel_vector(bias, st.data["op"]) if not isinstance(st.data["op"], Scale) else None
             if vec is not None:
                 st.fn = self.kernel(st.data["op"], vec)
-                st.data["bias"] = bias.detach().double().abs().reshape(st.data["op"].out_shape)
-                st.const += st.rel * bnorm
-                return last
-        b = self.tensor(bias)
+                st.data["bias_rel"] = st.rel
+            else:
+                st.fn = (lambda f: (lambda xs: f(xs) + b))(st.fn)
+                st.data["bias_rel"] = gamma(2, self.u)
+            st.data["bias"] = bias.detach().double().abs().reshape(st.data["op"].out_shape)
+            st.const += st.data["bias_rel"] * bnorm
+            return last
         g2 = gamma(2, self.u)
         return self.add_step(Step(lambda xs: xs[0] + b, [last], [g2], g2 * bnorm + self.lam * self.size(out_numel),
                                   [1.0], "bias", out_numel, "bias", g2, {"bias": bias.detach().double().abs()}))
@@ -504,6 +523,14 @@ class RoundedForward:
         with torch.no_grad(), trusted_kernels():  # the per-example shapes of every step
             vals = self.run(torch.zeros((1,) + self.input_shape, dtype=self.dtype, device=self.device), keep=True)
         self.shapes = [tuple(v.shape[1:]) if v is not None else None for v in vals]
+        # tensors that are >= 0 by construction (ReLU outputs and what only reshapes or pools them)
+        self.nonneg = [False] * ns
+        for j, st in enumerate(self.steps):
+            if st.role == "activation" and (st.label == "relu" or (st.label.startswith("clip[") and
+                                                                   float(st.label[5:].split(",")[0]) >= 0)):
+                self.nonneg[j] = True
+            elif st.role in ("reshape", "select", "maxpool", "minmax", "concat") and st.inputs:
+                self.nonneg[j] = all(self.nonneg[i] for i in st.inputs)
 
     # -- the element-wise bound -------------------------------------------------------------------
     def back(self, st: Step, h: torch.Tensor) -> list[torch.Tensor]:
@@ -556,7 +583,7 @@ class RoundedForward:
                 outs = self.back(st, h)
                 if st.rel > 0:
                     if "bias" in st.data:
-                        terms_const += st.rel * (h.reshape(m, -1) @ st.data["bias"].reshape(-1).to(h))
+                        terms_const += st.data.get("bias_rel", st.rel) * (h.reshape(m, -1) @ st.data["bias"].reshape(-1).to(h))
                     for pos, i in enumerate(st.inputs):
                         # linear: |A|^T h; activation: slope * h; sum: |c_k| h; bias: h
                         g = outs[pos].reshape(m, -1)
@@ -573,30 +600,37 @@ class RoundedForward:
         except (UnsupportedRounding, NotImplementedError):
             return
         self.ew_const = terms_const * BOUND_FACTOR
-        self.ew_const_w = {i: as_upper(w.T.contiguous(), self.dtype) for i, w in const_w.items()}
-        self.ew_nnz_w = {i: [(n, as_upper(w.T.contiguous(), self.dtype)) for n, w in lst] for i, lst in nnz_w.items()}
+        self.ew = {}
+        for i in set(const_w) | set(nnz_w):
+            blocks = ([(0, const_w[i])] if i in const_w else []) + nnz_w.get(i, [])
+            cols = len(blocks) * m
+            pad = -cols % 16  # skinny products run much faster with a multiple of 16 columns
+            w = torch.cat([blk.T for _, blk in blocks] + ([torch.zeros(blocks[0][1].shape[1], pad, dtype=torch.float64,
+                                                                       device=self.device)] if pad else []), dim=1)
+            self.ew[i] = (as_upper(w.contiguous(), self.dtype), [n for n, _ in blocks], m)
         self.elementwise = True
-        self.use_norm = None
+        self.decided = False
 
     def elementwise_terms(self, j: int, v: torch.Tensor) -> torch.Tensor | None:
         """The element-wise bound's contribution ``(B, m)`` of the computed tensor ``v`` of step ``j``."""
-        w = self.ew_const_w.get(j)
-        dense = self.ew_nnz_w.get(j)
-        if w is None and dense is None:
-            return None
-        a = v.reshape(v.shape[0], -1).abs()
-        up = 1.0 / (1.0 - gamma(a.shape[1] + 1, UNIT_ROUNDOFF[self.dtype]))  # the product's own rounding
+        w, ns, m = self.ew[j]
+        a = v.reshape(v.shape[0], -1)
+        if not self.nonneg[j]:
+            a = a.abs()
+        # the product's own rounding (non-negative terms): true <= computed / (1 - gamma)
+        up = 1.0 / (1.0 - gamma(a.shape[1] + 1, self.u))
+        t = (a @ w).double() * up
         tot = None
-        if w is not None:
-            tot = (a @ w).double() * up
-        if dense is not None:
-            nnz = (a != 0).sum(1).double()
-            for n, wd in dense:
-                k = torch.clamp(nnz, max=n) + 3
-                nu = k * self.u
-                gam = torch.where(nu < 0.5, nu / (1 - nu), torch.full_like(nu, math.inf))
-                t = (a @ wd).double() * up * gam[:, None]
-                tot = t if tot is None else tot + t
+        nnz = None
+        for b, n in enumerate(ns):
+            blk = t[:, b * m:(b + 1) * m]
+            if n:  # a dense layer: gamma of the number of non-zero terms (adding an exact zero is exact)
+                if nnz is None:  # |sign| is 0/1 and the float sum of fewer than 2^24 ones is exact
+                    nnz = a.sign().abs().sum(1).double() if a.shape[1] < 2 ** 24 else \
+                        torch.full((a.shape[0],), float(a.shape[1]), dtype=torch.float64, device=a.device)
+                nu = (torch.clamp(nnz, max=n) + 3) * self.u
+                blk = blk * torch.where(nu < 0.5, nu / (1 - nu), torch.full_like(nu, math.inf))[:, None]
+            tot = blk if tot is None else tot + blk
         return tot + self.lam * a.shape[1] * 2
 
     # -- evaluation -------------------------------------------------------------------------------
@@ -628,35 +662,50 @@ class RoundedForward:
     def __call__(self, x: torch.Tensor):
         if not self.supported:
             raise UnsupportedRounding(self.reason)
+        if self.dtype == torch.float32:
+            check_environment()
         B = len(x)
-        norm_delta = torch.full((B,), self.const, dtype=torch.float64, device=self.device)
-        ew = [torch.zeros((B, 1), dtype=torch.float64, device=self.device)]
-
-        use_norm = self.use_norm is not False
+        first = self.elementwise and not self.decided
+        norm_parts: dict[int, torch.Tensor] = {}
+        ew_parts: dict[int, torch.Tensor] = {}
 
         def on_value(j, v):
-            nonlocal norm_delta
-            w = self.weights.get(j) if use_norm else None
-            if w is not None:
-                norm_delta = norm_delta + w * self.norm_upper(v)
-            if self.elementwise:
-                t = self.elementwise_terms(j, v)
-                if t is not None:
-                    ew[0] = ew[0] + t
+            w = self.weights.get(j)
+            if w is not None and (first or self.norm_used.get(j, True)):
+                norm_parts[j] = w * self.norm_upper(v)
+            if self.elementwise and j in self.ew and (first or self.ew_used.get(j, True)):
+                ew_parts[j] = self.elementwise_terms(j, v)
 
         with trusted_kernels(), torch.no_grad():
             vals = self.run(x.to(self.device, self.dtype), on_value=on_value)
             out = vals[self.output].reshape(B, -1)
-        delta = (norm_delta * self.margin_factor)[:, None].expand(B, out.shape[1])
-        if self.elementwise:
-            e = (ew[0] + self.ew_const) * BOUND_FACTOR
+        mf = self.margin_factor
+        if not self.elementwise:
+            tot = torch.full((B,), self.const, dtype=torch.float64, device=out.device)
+            for t in norm_parts.values():
+                tot = tot + t
+            delta = (tot * mf)[:, None].expand(B, out.shape[1])
+        else:
             pred = out.argmax(1)
-            pair = e.gather(1, pred[:, None]) + e
-            if self.use_norm is None:
-                # the first batch decides: when the element-wise bound is the smaller one everywhere, the
-                # norm-wise one (its per-step norms) is not computed again (either bound is proven)
-                self.use_norm = not bool((pair <= delta).all())
-            delta = torch.minimum(delta, pair) if use_norm else pair
+
+            def pair(e):
+                e = e * BOUND_FACTOR
+                return e.gather(1, pred[:, None]) + e
+
+            # per tensor, the smaller of the two proven bounds of the same residual pieces
+            delta = torch.minimum(torch.full((B, out.shape[1]), self.const * mf, dtype=torch.float64,
+                                             device=out.device), pair(self.ew_const.expand(B, -1)))
+            for j in set(norm_parts) | set(ew_parts):
+                n = norm_parts[j][:, None] * mf if j in norm_parts else None
+                e = pair(ew_parts[j]) if j in ew_parts else None
+                delta = delta + (n if e is None else e if n is None else torch.minimum(n, e))
+            if first:
+                # the first batch decides which bound each tensor needs (either one is proven)
+                self.norm_used = {j: not bool((pair(ew_parts[j]) <= norm_parts[j][:, None] * mf).all())
+                                  if j in ew_parts else True for j in norm_parts}
+                self.ew_used = {j: not bool((norm_parts[j][:, None] * mf <= pair(ew_parts[j])).all())
+                                if j in norm_parts else True for j in ew_parts}
+                self.decided = True
         bad = ~torch.isfinite(out).all(1)
         return out, torch.where(bad[:, None], torch.full_like(delta, math.inf), delta)
 

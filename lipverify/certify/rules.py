@@ -271,7 +271,9 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     K_rule = K * RULE_FACTOR if (fast is not None or exact.supported) else K
     first = fast if fast is not None else forward64
     preds, margins, radii, diff_rows, mask_rows, deltas = [], [], [], [], [], []
-    with torch.no_grad():
+    from lipverify.bounds.rounding import trusted_kernels
+
+    with torch.no_grad(), trusted_kernels():
         for s in range(0, n, batch_size):
             logits, delta = first(x[s:s + batch_size])
             p, mg, r, d, mk = global_radii(logits, K_rule, delta)
@@ -301,7 +303,7 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
         idx = redo.nonzero().flatten()
         method_code[:] = 3
         method_code[idx] = 0
-        with torch.no_grad():
+        with torch.no_grad(), trusted_kernels():
             for s in range(0, len(idx), batch_size):
                 part = idx[s:s + batch_size]
                 logits, d64 = forward64(x[part])
