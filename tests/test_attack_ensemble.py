@@ -249,3 +249,40 @@ def test_results_do_not_depend_on_batch_composition():
             lg = net(full.x_adv[i:i + 1])
         assert float(lg[0].max() - lg[0, y[i]]) > 0 or int(lg[0].argmax()) != int(y[i])
     np.testing.assert_array_equal(np.isfinite(full.radius.numpy()), True)
+
+
+def test_torchrun_two_processes_attack_like_one_process(tmp_path):
+    """``torchrun --nproc_per_node 2 -m lipverify attack``: whole batches per rank, each seeded by its
+    first index, so the JSON equals one process's (one thread per process in both runs)."""
+    import json
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from lipverify.models.zoo import default_samples
+
+    x, y = default_samples()
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x[:21].numpy(), y=y[:21].numpy())
+    base = ["attack", "--data", str(data), "--eps", "0.5,1.0", "--strength", "fast", "--batch-size", "8", "--json",
+            "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "lipverify"] + base, capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]) + [
+        "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "lipverify"] + base
+    two = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    for k in set(a) - {"time_s", "notes"}:
+        assert a[k] == b[k], k
+    assert len(b["inputs"]) == 21 and any("2 processes" in n for n in b["notes"])

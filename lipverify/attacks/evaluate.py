@@ -127,6 +127,7 @@ def evaluate_robustness(
     max_eps=None,
     progress=None,
     names=None,
+    index_offset: int = 0,
 ) -> RobustnessReport:
     """Adversarial radius per input and robust accuracy per eps (see the module docstring).
 
@@ -145,6 +146,11 @@ def evaluate_robustness(
         Effort preset (:mod:`lipverify.attacks.strength`).
     progress:
         Optional callable ``progress(k)`` advanced by the number of inputs done per stage.
+    index_offset:
+        The index of ``x[0]`` in the whole data set.  Every batch draws its random numbers from its own
+        generator seeded with ``seed`` and the index of its first input, so a shard of the data that
+        starts at a multiple of ``batch_size`` (``torchrun``, :mod:`lipverify.attacks.sharded`) gets the
+        same results as the same inputs in one process.
     """
     norm = check_norm(norm)
     st = get_strength(strength)
@@ -158,7 +164,11 @@ def evaluate_robustness(
     def box(s, e):
         return clip_rows(clip, torch.arange(s, e, device=x.device), x.dim())
 
-    g = torch.Generator(device=x.device if x.device.type != "mps" else "cpu").manual_seed(seed)
+    def gen(start: int, stage: int) -> torch.Generator:
+        """The generator of the batch starting at global index ``start`` in stage ``stage``."""
+        return torch.Generator(device=x.device if x.device.type != "mps" else "cpu").manual_seed(
+            (seed * 1_000_003 + (index_offset + start) * 1_009 + stage) % (2 ** 63))
+
     radius = torch.full((N,), math.inf, dtype=torch.float64, device=x.device)
     x_adv = x.clone()
     found_by = ["none"] * N
@@ -169,8 +179,8 @@ def evaluate_robustness(
                           for s in range(0, N, batch_size)]) if N else torch.zeros(0, dtype=torch.long)
     for s in range(0, N, batch_size):
         e_ = min(s + batch_size, N)
-        res = min_norm_radius(forward, x[s:e_], y[s:e_], norm=norm, clip=box(s, e_), strength=st, generator=g,
-                              forward64=forward64, max_eps=max_eps)
+        res = min_norm_radius(forward, x[s:e_], y[s:e_], norm=norm, clip=box(s, e_), strength=st,
+                              generator=gen(s, 0), forward64=forward64, max_eps=max_eps)
         radius[s:e_] = res.radius
         x_adv[s:e_] = res.x_adv
         found_by[s:e_] = res.found_by
@@ -179,15 +189,14 @@ def evaluate_robustness(
         if progress:
             progress(e_ - s)
     ens_tried: list = []
-    for e in eps:
+    for stage, e in enumerate(eps, start=1):
         for s in range(0, N, batch_size):
             e_ = min(s + batch_size, N)
             need = (radius[s:e_] > e).nonzero().reshape(-1)
             if need.numel():
                 idx = need + s
                 res = ensemble_attack(forward, x[idx], y[idx], e, norm=norm, clip=clip_rows(clip, idx, x.dim()),
-                                      strength=st, generator=g,
-                                      forward64=forward64)
+                                      strength=st, generator=gen(s, stage), forward64=forward64)
                 ens_tried = res.tried or ens_tried
                 hit = res.broken.nonzero().reshape(-1)
                 if hit.numel():

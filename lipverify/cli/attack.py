@@ -77,19 +77,51 @@ def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
     for out in (out_csv, save_npz):
         if out:
             check_not_input(out, model, data_path)
-    lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
-    ds = load_dataset(lm, data_path, layout, limit, mean, std)
-    eps_list = sorted(set(parse_eps(eps)))
-    box, exact_box = _attack_box(lm, ds, clip)
-    if exact_box and not ds.labelled:
-        _attack_properties(lm, ds, box, strength, seed, as_json, save_npz, quiet)
+    import torch
+
+    from lipverify.importers.loader import resolve_device
+    from lipverify.train.distributed import finish, setup
+
+    ctx = setup(resolve_device(device))  # a process group when started by torchrun, else nothing
+    if ctx.enabled:
+        device = str(ctx.device)
+    try:
+        lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
+        ds = load_dataset(lm, data_path, layout, limit, mean, std)
+        eps_list = sorted(set(parse_eps(eps)))
+        box, exact_box = _attack_box(lm, ds, clip)
+        if exact_box and not ds.labelled:
+            if ctx.is_main:  # general output properties: searched whole by rank 0
+                _attack_properties(lm, ds, box, strength, seed, as_json, save_npz, quiet)
+            finish(True)
+            return
+        if exact_box and norm != "inf":
+            raise UserInputError("VNN-LIB specifications are l-inf boxes: use --norm inf", data_path)
+        n_stages = 1 + len(eps_list)
+        sl = slice(0, len(ds))
+        if ctx.enabled:  # whole batches per rank: the same batches and random numbers as one process
+            from lipverify.attacks.sharded import shard
+
+            sl = shard(len(ds), ctx.rank, ctx.world, batch_size)
+        part_box = box
+        if box is not None and isinstance(box[0], torch.Tensor) and box[0].dim() == ds.x.dim() \
+                and box[0].shape[0] == len(ds):
+            part_box = (box[0][sl], box[1][sl])
+        with progress_bar((sl.stop - sl.start) * n_stages, "attacking", quiet or not ctx.is_main) as advance:
+            rep = lm.attack(ds.x[sl], ds.y[sl], eps=eps_list, norm=norm, clip=part_box, strength=strength,
+                            batch_size=batch_size, seed=seed, progress=advance, index_offset=sl.start,
+                            names=None if ds.names is None else list(ds.names)[sl])
+        if ctx.enabled:
+            from lipverify.attacks.sharded import gather
+
+            rep = gather(rep, ctx.world)
+            rep.clip = box
+    except BaseException:
+        finish(False)
+        raise
+    finish(True)
+    if not ctx.is_main:
         return
-    if exact_box and norm != "inf":
-        raise UserInputError("VNN-LIB specifications are l-inf boxes: use --norm inf", data_path)
-    n_stages = 1 + len(eps_list)
-    with progress_bar(len(ds) * n_stages, "attacking", quiet) as advance:
-        rep = lm.attack(ds.x, ds.y, eps=eps_list, norm=norm, clip=box, strength=strength, batch_size=batch_size,
-                        seed=seed, progress=advance, names=ds.names)
     rep.notes = list(lm.notes) + list(ds.notes) + rep.notes
     if exact_box:
         rep.notes.append("attacked inside each VNN-LIB box (the exact input set of the specification)")
