@@ -349,3 +349,20 @@ def test_torchrun_two_processes_give_the_one_process_result(tmp_path, precision)
         assert ra["method"] == rb["method"] and ra["sound"] == rb["sound"]
         assert abs(ra["radius"] - rb["radius"]) <= tol * max(1.0, abs(ra["radius"]))
     assert any("2 processes" in n for n in b["notes"])
+
+
+def test_auto_batch_size_and_streamed_batches():
+    from lipverify.certify.batching import CPU_CAP, auto_batch_size, free_memory, stream
+
+    lm = lipverify.load(random_conv(), input_shape=(1, 8, 8))
+    b = auto_batch_size(lm.graph, "cpu", 10_000)
+    assert 16 <= b <= CPU_CAP and auto_batch_size(lm.graph, "cpu", 5) == 5 and free_memory("cpu") > 0
+    x = torch.rand(37, 1, 8, 8)
+    parts = list(stream(x, 10, "cpu"))
+    assert [s for s, _ in parts] == [0, 10, 20, 30] and torch.equal(torch.cat([p for _, p in parts]), x)
+    with torch.no_grad():
+        y = lm(x).argmax(1)
+    a = lm.certify(x, y, eps=[0.01, 0.1], precision="float64")  # batch from free memory
+    c = lm.certify(x, y, eps=[0.01, 0.1], precision="float64", batch_size=7)
+    assert a.radius.tolist() == pytest.approx(c.radius.tolist(), rel=1e-12)
+    assert all(torch.equal(a.certified_at[e], c.certified_at[e]) for e in (0.01, 0.1))

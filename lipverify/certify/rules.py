@@ -215,14 +215,16 @@ def inside_domain(t: torch.Tensor, dom, like: torch.Tensor) -> torch.Tensor:
 
 
 def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float] | torch.Tensor = (),
-            norm: str = "2", method: str = "global", batch_size: int = 256, progress: Callable | None = None,
-            names: Sequence[str] | None = None, local_options: dict | None = None,
+            norm: str = "2", method: str = "global", batch_size: int | None = None,
+            progress: Callable | None = None, names: Sequence[str] | None = None, local_options: dict | None = None,
             precision: str = "auto") -> CertifyResult:
     """Certify every input of ``(x, y)`` with ``model`` (a :class:`lipverify.model.LipModel`).
 
     ``eps``: a float, a list of floats (VRA per eps), or a per-example tensor (e.g. from VNN-LIB
     specifications).  ``method``: ``"global"`` or ``"local"`` (global first, local bisection for the
-    points global leaves uncertified).
+    points global leaves uncertified).  ``batch_size``: None picks one from the device's free memory
+    (:func:`lipverify.certify.batching.auto_batch_size`); batches reach the device through
+    :func:`lipverify.certify.batching.stream` (pinned memory, copied one batch ahead on CUDA).
 
     ``precision``: ``"float32"`` computes the logits in float32 with a proven bound on their rounding
     error (:mod:`lipverify.bounds.rounding`): an input is decided in float32 when every decision (the
@@ -272,10 +274,13 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     first = fast if fast is not None else forward64
     preds, margins, radii, diff_rows, mask_rows, deltas = [], [], [], [], [], []
     from lipverify.bounds.rounding import trusted_kernels
+    from lipverify.certify.batching import auto_batch_size, stream
 
+    if batch_size is None:
+        batch_size = auto_batch_size(model.graph, device, n)
     with torch.no_grad(), trusted_kernels():
-        for s in range(0, n, batch_size):
-            logits, delta = first(x[s:s + batch_size])
+        for s, xb in stream(x, batch_size, device):
+            logits, delta = first(xb)
             p, mg, r, d, mk = global_radii(logits, K_rule, delta)
             preds.append(p), margins.append(mg), radii.append(r), diff_rows.append(d), mask_rows.append(mk)
             if delta is not None:  # the bound global_radii used: what separates lower and upper bounds

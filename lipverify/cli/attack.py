@@ -98,6 +98,7 @@ def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
         if exact_box and norm != "inf":
             raise UserInputError("VNN-LIB specifications are l-inf boxes: use --norm inf", data_path)
         n_stages = 1 + len(eps_list)
+        batch_size = batch_size or 256
         sl = slice(0, len(ds))
         if ctx.enabled:  # whole batches per rank: the same batches and random numbers as one process
             from lipverify.attacks.sharded import shard

@@ -70,7 +70,7 @@ def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check
             if ds.properties is not None and not eps_list:
                 lo, hi = ds.box()
                 res = lm.certify_properties(ds.x, ds.properties, lo, hi, norm=norm, method=method,
-                                            batch_size=batch_size, progress=advance, names=ds.names)
+                                            batch_size=batch_size or 256, progress=advance, names=ds.names)
             elif ctx.enabled:  # torchrun: this rank's shard, then one result in rank order
                 from lipverify.certify.sharded import gather
 

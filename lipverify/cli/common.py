@@ -101,7 +101,9 @@ def data_options(fn):
         click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True,
                      help="Channel order of the data file."),
         click.option("--limit", type=int, default=None, help="Use only the first N examples."),
-        click.option("--batch-size", type=int, default=256, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="Examples per batch (default: certify picks one from the free memory of the device; "
+                          "256 elsewhere)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
     ]
     for o in reversed(opts):
