@@ -12,7 +12,14 @@ import time
 import torch
 import torch.nn as nn
 
-from lipverify.bounds.global_bound import margin_constants, propagate, property_constants, tail_matrix
+from lipverify.bounds.global_bound import (
+    TAIL_MAX_ENTRIES,
+    margin_constants,
+    propagate,
+    property_constants,
+    tail_matrix,
+    tail_size,
+)
 from lipverify.errors import LipverifyError
 from lipverify.graph import LipschitzGraph
 from lipverify.results import BoundsReport, LayerRow, MarginSummary, ValueWithMethod
@@ -143,8 +150,9 @@ class LipModel:
         key = ("margin", norm, method)
         if key not in self._cache:
             with no_tf32(), torch.no_grad():
+                small = tail_size(self.graph) <= TAIL_MAX_ENTRIES
                 self._cache[key] = margin_constants(self.graph, self.node_constants(norm, method), norm,
-                                                    tail=self.tail_matrix())
+                                                    tail=self.tail_matrix() if small else None)
         return self._cache[key]
 
     def rounded_forward(self, norm: str = "2", dtype=torch.float32):

@@ -201,18 +201,66 @@ def tail_matrix(graph: LipschitzGraph) -> tuple[torch.Tensor, int] | None:
     return T, out.inputs[0]
 
 
+#: the affine tail is materialised (``T``: logits x input entries) up to this many entries; larger
+#: tails (ImageNet heads after global pooling) are bounded through their last dense layer
+TAIL_MAX_ENTRIES = 2 ** 24
+
+
+def tail_size(graph: LipschitzGraph) -> int:
+    """Entries of the affine tail's matrix ``T`` (0 when the output node is not linear)."""
+    out = graph.nodes[graph.output]
+    if out.kind != "linear":
+        return 0
+    return int(math.prod(out.out_shape)) * out.op.in_dim
+
+
+def last_dense_split(graph: LipschitzGraph):
+    """``(W, A)`` when the affine tail is ``W A`` with ``W`` a dense layer on flat vectors and ``A`` the
+    linear ops before it (None: no such split)."""
+    from lipverify.graph.linear_ops import Chain, Dense
+
+    op = graph.nodes[graph.output].op
+    if not isinstance(op, Chain) or len(op.ops) < 2 or not isinstance(op.ops[-1], Dense) \
+            or len(op.ops[-1].in_shape) != 1:
+        return None
+    return op.ops[-1].weight.detach().double(), Chain(op.ops[:-1]) if len(op.ops) > 2 else op.ops[0]
+
+
+def pairwise_distances(rows: torch.Tensor, p: str) -> torch.Tensor:
+    """``||r_i - r_j||`` (l2, or l1 for ``p = "inf"``) from the differences themselves (never the
+    ``|a|^2 + |b|^2 - 2 a.b`` shortcut, whose cancellation could shrink a small distance)."""
+    with torch.no_grad():
+        return torch.cdist(rows, rows, p=2.0 if p == "2" else 1.0, compute_mode="donot_use_mm_for_euclid_dist")
+
+
 def margin_constants(graph: LipschitzGraph, consts: list[NodeConstant], p: str,
                      tail: tuple[torch.Tensor, int] | None = None) -> MarginConstants:
+    """``K_ij`` from the affine tail ``f = T h + b``: ``||T_i - T_j||_2 L_2(h)`` (``_1`` / ``L_inf`` for
+    l-inf).  When ``T`` would exceed :data:`TAIL_MAX_ENTRIES` and the tail is ``W A`` (last dense layer
+    ``W``), ``||W_i - W_j|| ||A|| L(h)`` instead (``||A^T v|| <= ||A|| ||v||``; exact when ``A`` is a
+    global average pooling, whose rows are orthogonal with equal norms).  Without an affine tail,
+    ``sqrt(2)`` (2 for l-inf) times the global bound."""
     out = graph.nodes[graph.output]
     m = int(math.prod(out.out_shape))
-    tail = tail if tail is not None else tail_matrix(graph)
-    if tail is not None:
+    split = None
+    if tail is None and tail_size(graph) > TAIL_MAX_ENTRIES:
+        split = last_dense_split(graph)
+    if split is None:
+        tail = tail if tail is not None else tail_matrix(graph)
+    norm_name = "l2" if p == "2" else "l1"
+    if split is not None:
+        W, A = split
+        h = out.inputs[0]
+        lh = consts[h].cumulative
+        a = A.norm(p)
+        K = pairwise_distances(W, p) * (a.value * lh.value * SOUND_FACTOR)
+        method = (f"{norm_name} norms of row differences of the last dense layer x ||rest of the affine tail|| "
+                  f"({a.method}) x L(h) ({lh.method})")
+        sound = lh.sound and a.sound
+    elif tail is not None:
         T, h = tail
         lh = consts[h].cumulative
-        with torch.no_grad():
-            D = torch.cdist(T, T, p=2.0 if p == "2" else 1.0)
-        K = D * lh.value * SOUND_FACTOR
-        norm_name = "l2" if p == "2" else "l1"
+        K = pairwise_distances(T, p) * lh.value * SOUND_FACTOR
         method = f"{norm_name} norms of row differences of the affine tail x L(h) ({lh.method})"
         sound = lh.sound
     else:
