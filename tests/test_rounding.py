@@ -274,3 +274,22 @@ def test_trusted_kernels_restore_settings_and_refuse_lowered_onednn(monkeypatch)
     assert not rf.supported and "ONEDNN" in rf.reason
     with pytest.raises(UnsupportedRounding):
         rf(torch.zeros(1, 7))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "densenet121", "shufflenet_v2_x0_5"])
+def test_bound_holds_on_torchvision_architectures(arch):
+    """Architectures nobody here wrote (batch norm folded, residual sums, ReLU6 clips, concatenations,
+    channel shuffles as selections): the float32 margins are within the bound of the float64 ones."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, arch)(num_classes=10).eval()
+    lm = lipverify.load(net, input_shape=(3, 32, 32))
+    x = torch.rand(4, 3, 32, 32)
+    l32, d32 = lm.rounded_forward("2")(x)
+    l64, d64 = lm.rounded_forward("2", torch.float64)(x)
+    pred = l32.argmax(1)
+    e = l32.double() - l64
+    err = (e.gather(1, pred[:, None]) - e).abs()
+    assert bool((err <= d32 + d64.amax(1, keepdim=True)).all())
+    assert bool((err > 0).any())  # the float32 pass does round

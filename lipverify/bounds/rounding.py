@@ -599,6 +599,8 @@ class RoundedForward:
                     H[j] = None
         except (UnsupportedRounding, NotImplementedError):
             return
+        if not bool(torch.isfinite(terms_const).all()):
+            return
         self.ew_const = terms_const * BOUND_FACTOR
         self.ew = {}
         for i in set(const_w) | set(nnz_w):
@@ -607,7 +609,9 @@ class RoundedForward:
             pad = -cols % 16  # skinny products run much faster with a multiple of 16 columns
             w = torch.cat([blk.T for _, blk in blocks] + ([torch.zeros(blocks[0][1].shape[1], pad, dtype=torch.float64,
                                                                        device=self.device)] if pad else []), dim=1)
-            self.ew[i] = (as_upper(w.contiguous(), self.dtype), [n for n, _ in blocks], m)
+            w32 = as_upper(w.contiguous(), self.dtype)
+            if bool(torch.isfinite(w32).all()):  # else (sensitivities beyond the float range): norm-wise only
+                self.ew[i] = (w32, [n for n, _ in blocks], m)
         self.elementwise = True
         self.decided = False
 
@@ -706,7 +710,9 @@ class RoundedForward:
                 self.ew_used = {j: not bool((norm_parts[j][:, None] * mf <= pair(ew_parts[j])).all())
                                 if j in norm_parts else True for j in ew_parts}
                 self.decided = True
+        # overflowed logits, and 0 * inf from overflowed sensitivities: no bound (inf)
         bad = ~torch.isfinite(out).all(1)
+        delta = torch.nan_to_num(delta, nan=math.inf)
         return out, torch.where(bad[:, None], torch.full_like(delta, math.inf), delta)
 
     def describe(self) -> str:
