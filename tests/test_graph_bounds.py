@@ -363,3 +363,29 @@ def test_liresnet_block_bounded_as_one_convolution():
     conv_only = global_bound(nn.Sequential(blk.conv), shape).value
     assert exact * (1 - 1e-9) <= rows[0].lipschitz <= 1.3 * exact
     assert rows[0].lipschitz < 1 + 0.5 * 1.5 * conv_only
+
+
+def test_pairwise_distances_never_cancel_a_small_distance():
+    """Rows of norm 1e4 that differ by 1e-6: the Gram shortcut |a|^2 + |b|^2 - 2 a.b loses the
+    difference; both paths (explicit differences, Gram with its rounding term) stay above the exact
+    distance (computed with fractions) and the explicit one is within 1e-9 of it."""
+    from fractions import Fraction
+
+    from lipverify.bounds.global_bound import pairwise_distances
+
+    torch.manual_seed(0)
+    base = torch.randn(1, 40, dtype=torch.float64) * 1e4 / 6
+    rows = base + torch.randn(30, 40, dtype=torch.float64) * 1e-6
+    exact = torch.tensor([[float(sum((Fraction(float(a)) - Fraction(float(b))) ** 2
+                                     for a, b in zip(rows[i], rows[j]))) ** 0.5 for j in range(30)]
+                          for i in range(30)], dtype=torch.float64)
+    direct = pairwise_distances(rows, "2")
+    assert torch.allclose(direct, exact, rtol=1e-9, atol=0)
+    gram = pairwise_distances(rows, "2", max_entries=1)  # small: still explicit
+    assert torch.allclose(gram, exact, rtol=1e-9, atol=0)
+    big = rows.repeat(20, 60)  # 600 rows of 2400 entries: the Gram path
+    g = pairwise_distances(big, "2")
+    ref = torch.linalg.vector_norm(big[:40, None] - big[None, :40], dim=2)
+    assert bool((g[:40, :40] >= ref).all())
+    naive = torch.cdist(big[:40], big[:40], compute_mode="use_mm_for_euclid_dist")
+    assert bool((naive < ref * 0.5).any())  # the shortcut alone does lose them

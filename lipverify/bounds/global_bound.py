@@ -226,11 +226,34 @@ def last_dense_split(graph: LipschitzGraph):
     return op.ops[-1].weight.detach().double(), Chain(op.ops[:-1]) if len(op.ops) > 2 else op.ops[0]
 
 
-def pairwise_distances(rows: torch.Tensor, p: str) -> torch.Tensor:
-    """``||r_i - r_j||`` (l2, or l1 for ``p = "inf"``) from the differences themselves (never the
-    ``|a|^2 + |b|^2 - 2 a.b`` shortcut, whose cancellation could shrink a small distance)."""
+def pairwise_distances(rows: torch.Tensor, p: str, max_entries: int = 2 ** 24) -> torch.Tensor:
+    """Upper bounds of ``||r_i - r_j||`` (l2, or l1 for ``p = "inf"``), float64.
+
+    Up to ``2^27`` differences (or for l1): from the differences themselves, in chunks of at most
+    ``max_entries``.  Larger l2 problems: from the Gram matrix ``G = R R^T`` (one GEMM) with its rounding
+    accounted for -- ``|fl(G_ij) - G_ij| <= gamma_d |r_i| |r_j|`` for ``d``-term dot products in any
+    order, so ``||r_i - r_j||^2 <= fl(G_ii + G_jj - 2 G_ij) + gamma_{d+4} (|r_i| + |r_j|)^2 (1 + gamma_d)``;
+    the shortcut without that term could cancel a small distance away.
+    """
+    m, d = rows.shape
+    rows = rows.to(torch.float64)
     with torch.no_grad():
-        return torch.cdist(rows, rows, p=2.0 if p == "2" else 1.0, compute_mode="donot_use_mm_for_euclid_dist")
+        if p != "2" or m * m * d <= 2 ** 27:
+            out = torch.empty((m, m), dtype=rows.dtype, device=rows.device)
+            step = max(1, max_entries // max(1, m * d))
+            for i in range(0, m, step):
+                diff = rows[i:i + step, None, :] - rows[None, :, :]
+                out[i:i + step] = torch.linalg.vector_norm(diff, ord=2 if p == "2" else 1, dim=2)
+            return out
+        u = 2.0 ** -53
+        g_d = d * u / (1 - d * u)
+        g_d4 = (d + 4) * u / (1 - (d + 4) * u)
+        G = rows @ rows.T
+        n = G.diagonal().clamp_min(0)
+        sq = n[:, None] + n[None, :] - 2 * G
+        rn = (n / (1 - g_d)).sqrt()
+        err = g_d4 * (rn[:, None] + rn[None, :]) ** 2 * (1 + g_d)
+        return (sq.clamp_min(0) + err).sqrt() * (1 + 4 * u)
 
 
 def margin_constants(graph: LipschitzGraph, consts: list[NodeConstant], p: str,

@@ -254,14 +254,17 @@ class RoundedForward:
     ``dtype`` and ``delta`` (float64, ``(B, m)``) with ``|(f^_j - f^_i) - (f_j - f_i)| <= delta[:, i]``
     for ``j`` the computed argmax of each row (``inf`` where the evaluation overflowed).
 
-    Two bounds are computed and the smaller is used, pair by pair: the norm-wise one of the module
+    Two bounds of the residuals fed by each computed tensor exist: the norm-wise one of the module
     docstring, and an element-wise one: ``|e_i| <= sum_v rel_v (g_v^(i) . |x^_v| + h_v^(i) . |b_v|)``,
     where ``h_v^(i) >= |d f_i / d(step v's output)|`` entry by entry on the whole input space (``e_i``
     pulled back through ``|A|^T``, slope bounds, pooling routes, once per model) and ``g_v = |A_v|^T h_v``;
     ``|e_j - e_i| <= |e_j| + |e_i|``.  Per input it costs one ``|x^| @ g`` product per step input, with
     ``m`` columns.  For dense layers ``rel`` uses the number of non-zero inputs of each example (adding an
-    exact zero does not round).  When the graph has a step without a rounding model, ``supported`` is
-    false and ``reason`` names it.
+    exact zero does not round).  Both bound the same residual pieces, so any choice per tensor is
+    proven: at construction both are computed on 8 fixed inputs uniform in ``[0, 1]``, and from then on
+    only the one whose median was smaller there, per tensor (so an input's bound does not depend on
+    the batch it comes in).  When the graph has a step without
+    a rounding model, ``supported`` is false and ``reason`` names it.
     """
 
     #: most float64 entries the element-wise bound's weights may take (else the norm-wise bound only)
@@ -292,6 +295,11 @@ class RoundedForward:
         self.input_shape = tuple(graph.input_shape)
         self.finish()
         self.prepare_elementwise()
+        if self.elementwise:
+            # which bound each tensor keeps is decided once, on fixed inputs (uniform in [0, 1]), so the
+            # bound of an input never depends on the batch it came in
+            probe = torch.rand((8,) + self.input_shape, generator=torch.Generator().manual_seed(0))
+            self(probe.to(self.device))
 
     # -- construction -----------------------------------------------------------------------------
     def size(self, numel: int) -> float:
@@ -638,14 +646,19 @@ class RoundedForward:
         return tot + self.lam * a.shape[1] * 2
 
     # -- evaluation -------------------------------------------------------------------------------
-    def norm_upper(self, t: torch.Tensor) -> torch.Tensor:
-        """Per example: a proven upper bound (float64) of the ``p``-norm of the computed tensor ``t``."""
+    def norm_upper(self, t: torch.Tensor, nonneg: bool = False) -> torch.Tensor:
+        """Per example: a proven upper bound (float64) of the ``p``-norm of the computed tensor ``t``.
+
+        l2: the squares and their sum in the tensor's precision (``m`` terms, any order: within
+        ``gamma_m`` of the exact sum of squares, plus ``lambda`` per square that underflows)."""
         flat = t.reshape(t.shape[0], -1)
         m = flat.shape[1]
+        if not m:
+            return torch.zeros(len(t), dtype=torch.float64, device=t.device)
         if self.p == "inf":
-            v = flat.abs().amax(1).double() + self.lam if m else torch.zeros(len(t), dtype=torch.float64)
+            v = (flat if nonneg else flat.abs()).amax(1).double() + self.lam
         else:
-            s = torch.bmm(flat.unsqueeze(1), flat.unsqueeze(2)).reshape(-1).double()
+            s = flat.square().sum(1).double()
             v = ((s + 2 * m * self.lam) / (1.0 - gamma(m, self.u))).sqrt()
         return torch.nan_to_num(v, nan=math.inf)
 
@@ -676,7 +689,7 @@ class RoundedForward:
         def on_value(j, v):
             w = self.weights.get(j)
             if w is not None and (first or self.norm_used.get(j, True)):
-                norm_parts[j] = w * self.norm_upper(v)
+                norm_parts[j] = w * self.norm_upper(v, self.nonneg[j])
             if self.elementwise and j in self.ew and (first or self.ew_used.get(j, True)):
                 ew_parts[j] = self.elementwise_terms(j, v)
 
@@ -704,11 +717,13 @@ class RoundedForward:
                 e = pair(ew_parts[j]) if j in ew_parts else None
                 delta = delta + (n if e is None else e if n is None else torch.minimum(n, e))
             if first:
-                # the first batch decides which bound each tensor needs (either one is proven)
-                self.norm_used = {j: not bool((pair(ew_parts[j]) <= norm_parts[j][:, None] * mf).all())
-                                  if j in ew_parts else True for j in norm_parts}
-                self.ew_used = {j: not bool((norm_parts[j][:, None] * mf <= pair(ew_parts[j])).all())
-                                if j in norm_parts else True for j in ew_parts}
+                # the probe at construction decides which bound each tensor keeps: the one with the smaller
+                # median (either one is proven; computing both costs more than the few inputs it helps)
+                self.norm_used, self.ew_used = {j: True for j in norm_parts}, {j: True for j in ew_parts}
+                for j in set(norm_parts) & set(ew_parts):
+                    nm = float((norm_parts[j] * mf).median())
+                    em = float(pair(ew_parts[j]).amax(1).median())
+                    self.norm_used[j], self.ew_used[j] = nm < em, not nm < em
                 self.decided = True
         # overflowed logits, and 0 * inf from overflowed sensitivities: no bound (inf)
         bad = ~torch.isfinite(out).all(1)

@@ -9,9 +9,10 @@ one process over all inputs: the same JSON, the same certificates.
 
 Warnings
 --------
-Each rank certifies with its own batches; a float64 forward pass of a batch can round differently
-from the same rows in another batch composition (BLAS blocking), so margins and radii agree to the
-last few bits, not always bit for bit.
+Each rank certifies with its own batches; a forward pass of a batch can round differently from the
+same rows in another batch composition (BLAS blocking).  With ``--precision float64`` margins and
+radii agree to the last few bits; with float32 logits (the default) they agree within the proven
+rounding bound, and every decision is the same (inputs near a decision are recomputed in float64).
 """
 
 from __future__ import annotations
