@@ -484,7 +484,7 @@ class _Builder:
             if mod is not None and mod.training:
                 self._bad(node, "BatchNorm in training mode")
                 return
-            self._channel_affine(node, src, in_shape)
+            self._channel_affine(node, src, in_shape, mod)
             return
         if isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)) or name in (
                 "OnnxGlobalAveragePool", "OnnxGlobalAveragePoolWithKnownInputShape") or (
@@ -887,8 +887,28 @@ class _Builder:
         self._emit(node, "linear", [src], Scale(a0.detach(), in_shape,
                                                 b0.detach() if bool(torch.any(b0 != 0)) else None))
 
-    def _channel_affine(self, node, src, in_shape):
-        """BatchNorm in eval: an element-wise affine map measured from the op itself."""
+    def _channel_affine(self, node, src, in_shape, mod=None):
+        """BatchNorm in eval: an element-wise affine map.  For a BatchNorm module with running
+        statistics the scale ``gamma / sqrt(var + eps)`` and offset ``beta - mean * scale`` are computed
+        in float64 from its parameters (measuring them through the float32 op would round them), and
+        checked against the op on a random input; otherwise measured from the op itself."""
+        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and mod.running_var is not None \
+                and mod.running_mean is not None and len(in_shape) >= 1 and in_shape[0] == mod.num_features:
+            with torch.no_grad():
+                var, mean = mod.running_var.detach().double(), mod.running_mean.detach().double()
+                w = mod.weight.detach().double() if mod.weight is not None else torch.ones_like(var)
+                b = mod.bias.detach().double() if mod.bias is not None else torch.zeros_like(var)
+                a = w / torch.sqrt(var + float(mod.eps))
+                off = b - mean * a
+                view = (-1,) + (1,) * (len(in_shape) - 1)
+                a_full, b_full = a.view(view).expand(in_shape), off.view(view).expand(in_shape)
+                x = torch.randn((2,) + tuple(in_shape), generator=torch.Generator().manual_seed(0))
+                want = mod(x.to(mod.running_var.dtype)).double()
+                got = x.double() * a_full + b_full
+                if torch.allclose(got, want, rtol=1e-5, atol=1e-5 * (1 + float(b_full.abs().max()))):
+                    self._emit(node, "linear", [src], Scale(a_full.clone(), in_shape,
+                                                            b_full.clone() if bool(torch.any(b_full != 0)) else None))
+                    return
         self._elementwise_affine(node, src, "mul")
 
     def _conv_transpose(self, node, mod, src, in_shape):
