@@ -381,8 +381,8 @@ def test_pairwise_distances_never_cancel_a_small_distance():
                           for i in range(30)], dtype=torch.float64)
     direct = pairwise_distances(rows, "2")
     assert torch.allclose(direct, exact, rtol=1e-9, atol=0)
-    gram = pairwise_distances(rows, "2", max_entries=1)  # small: still explicit
-    assert torch.allclose(gram, exact, rtol=1e-9, atol=0)
+    chunked = pairwise_distances(rows, "2", max_entries=1)  # explicit differences, one row at a time
+    assert torch.allclose(chunked, exact, rtol=1e-9, atol=0)
     big = rows.repeat(20, 60)  # 600 rows of 2400 entries: the Gram path
     g = pairwise_distances(big, "2")
     ref = torch.linalg.vector_norm(big[:40, None] - big[None, :40], dim=2)

@@ -381,7 +381,7 @@ class RoundedForward:
             return lambda xs: F.conv_transpose2d(xs[0], w, b, op.stride, op.padding, op.output_padding,
                                                  op.groups, op.dilation)
         t, bo, le, r = op.padding
-        if t == bo and le == r:
+        if t == bo and le == r:  # symmetric zero padding inside the kernel call
             def conv(x):
                 return F.conv2d(x, w, b, op.stride, (t, le), op.dilation, op.groups)
         else:
@@ -511,7 +511,6 @@ class RoundedForward:
                 continue
             for pos, i in enumerate(self.steps[j].inputs):
                 G[i] += self.steps[j].lip[pos] * G[j]
-        self.G = G
         weight = [0.0] * ns
         const = 0.0
         for j, st in enumerate(self.steps[: self.output + 1]):
@@ -621,7 +620,6 @@ class RoundedForward:
             if bool(torch.isfinite(w32).all()):  # else (sensitivities beyond the float range): norm-wise only
                 self.ew[i] = (w32, [n for n, _ in blocks], m)
         self.elementwise = True
-        self.decided = False
 
     def elementwise_terms(self, j: int, v: torch.Tensor) -> torch.Tensor | None:
         """The element-wise bound's contribution ``(B, m)`` of the computed tensor ``v`` of step ``j``."""
@@ -638,7 +636,7 @@ class RoundedForward:
             blk = t[:, b * m:(b + 1) * m]
             if n:  # a dense layer: gamma of the number of non-zero terms (adding an exact zero is exact)
                 if nnz is None:  # |sign| is 0/1 and the float sum of fewer than 2^24 ones is exact
-                    nnz = a.sign().abs().sum(1).double() if a.shape[1] < 2 ** 24 else \
+                    nnz = a.sign().sum(1).double() if a.shape[1] < 2 ** 24 else \
                         torch.full((a.shape[0],), float(a.shape[1]), dtype=torch.float64, device=a.device)
                 nu = (torch.clamp(nnz, max=n) + 3) * self.u
                 blk = blk * torch.where(nu < 0.5, nu / (1 - nu), torch.full_like(nu, math.inf))[:, None]
@@ -729,10 +727,6 @@ class RoundedForward:
         bad = ~torch.isfinite(out).all(1)
         delta = torch.nan_to_num(delta, nan=math.inf)
         return out, torch.where(bad[:, None], torch.full_like(delta, math.inf), delta)
-
-    def describe(self) -> str:
-        name = {torch.float32: "float32", torch.float64: "float64"}[self.dtype]
-        return f"{name} logits, rounding error bounded (u = 2^{int(round(math.log2(self.u)))})"
 
 
 def as_upper(w: torch.Tensor, dtype) -> torch.Tensor:

@@ -172,11 +172,7 @@ def global_radii(logits: torch.Tensor, K: torch.Tensor, delta: torch.Tensor | No
     mask.scatter_(1, pred[:, None], False)
     margin = torch.where(mask, diffs, torch.full_like(diffs, math.inf)).min(1).values
     if delta is not None:
-        delta = delta.to(diffs)
-        if delta.dim() == 1:
-            delta = delta[:, None]
-        # the float64 subtraction of two computed logits rounds by at most 2^-52 max |f|
-        diffs = diffs - (delta + 2.0 ** -51 * logits.abs().amax(1, keepdim=True))
+        diffs = diffs - rule_delta(logits, delta)
     Kj = K[pred]  # K_ji for every i
     with torch.no_grad():
         ratio = torch.where(Kj > 0, diffs / Kj, torch.where(diffs > 0, torch.full_like(diffs, math.inf),
@@ -186,6 +182,17 @@ def global_radii(logits: torch.Tensor, K: torch.Tensor, delta: torch.Tensor | No
     lower = torch.where(mask, diffs, torch.full_like(diffs, math.inf)).min(1).values
     radius = torch.where(lower > 0, radius, torch.zeros_like(radius))
     return pred, margin, radius, diffs, mask
+
+
+def rule_delta(logits: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``(B, m)`` bound on the error of the float64 differences ``f_j - f_i`` of computed logits: the
+    rounding bound ``delta`` (``(B,)`` or ``(B, m)``) plus the subtraction's own rounding (at most
+    ``2^-52 max |f|``)."""
+    logits = logits.double()
+    delta = delta.to(logits)
+    if delta.dim() == 1:
+        delta = delta[:, None]
+    return delta + 2.0 ** -51 * logits.abs().amax(1, keepdim=True)
 
 
 def certified_at(diffs: torch.Tensor, mask: torch.Tensor, Kj: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -273,8 +280,8 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
 
         notes.append(f"logits computed in float64 and taken as exact ({exact.reason})")
     K = mc.K.to(device, torch.float64)
-    K_rule = K * RULE_FACTOR if (fast is not None or exact.supported) else K
-    K64 = K_rule if exact.supported else K
+    # the rule's own float64 rounding is accounted for wherever the logits carry a rounding bound
+    K_rule = K * RULE_FACTOR if exact.supported else K
     from lipverify.bounds.rounding import trusted_kernels
     from lipverify.certify.batching import auto_batch_size, stream
 
@@ -302,7 +309,7 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
                 p, mg, r, d, mk = global_radii(logits, K_rule, delta)
                 # the bound global_radii used; an input whose decisions (the prediction, radius > 0,
                 # certified at each eps) could differ for logits within it goes to float64
-                dl = delta.double() + 2.0 ** -51 * logits.double().abs().amax(1, keepdim=True)
+                dl = rule_delta(logits, delta)
                 Kb = K_rule[p]
                 lower = torch.where(mk, d, torch.full_like(d, math.inf)).amin(1)
                 redo = ~(lower > 0) | ~torch.isfinite(dl).all(1)
@@ -313,7 +320,7 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
                 idx = redo.nonzero().flatten()
                 if len(idx):
                     l64, d64 = forward64(xb[idx])
-                    p2, mg2, r2, dd2, mk2 = global_radii(l64, K64, d64)
+                    p2, mg2, r2, dd2, mk2 = global_radii(l64, K_rule, d64)
                     p[idx], mg[idx], r[idx], d[idx], mk[idx] = p2, mg2, r2, dd2, mk2
                 n_redo += len(idx)
                 n_fast += len(p)
@@ -323,20 +330,18 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
                     use_fast = False
             else:
                 logits, d64 = forward64(xb)
-                p, mg, r, d, mk = global_radii(logits, K64, d64)
+                p, mg, r, d, mk = global_radii(logits, K_rule, d64)
                 f32 = torch.zeros(len(p), dtype=torch.bool, device=p.device)
             outs.append((p, mg, r, d, mk, f32))
             if progress:
                 progress(len(p))
-    pred, margin, radius, diffs, mask, dec32 = (torch.cat([o[k] for o in outs]).cpu() if outs else None
-                                                for k in range(6))
-    if not outs:
+    if not outs:  # no inputs: empty columns of the right types
         m_cls = mc.K.shape[0]
-        pred = torch.zeros(0, dtype=torch.long)
-        margin, radius = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-        diffs, mask = torch.zeros(0, m_cls, dtype=torch.float64), torch.zeros(0, m_cls, dtype=torch.bool)
-        dec32 = torch.zeros(0, dtype=torch.bool)
-    Kj = K_rule.cpu()[pred] if n else K_rule.cpu()[:0]
+        outs = [(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64),
+                 torch.zeros(0, dtype=torch.float64), torch.zeros(0, m_cls, dtype=torch.float64),
+                 torch.zeros(0, m_cls, dtype=torch.bool), torch.zeros(0, dtype=torch.bool))]
+    pred, margin, radius, diffs, mask, dec32 = (torch.cat([o[k] for o in outs]).cpu() for k in range(6))
+    Kj = K_rule.cpu()[pred]
     y = y.long().cpu()
     method_code = torch.where(dec32, 3, 0).to(torch.int64)  # METHODS: 0 global, 1 local, 2 estimate, 3 float32
     sound = torch.full((n,), bool(sound_K), dtype=torch.bool)

@@ -80,12 +80,12 @@ def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
     import torch
 
     from lipverify.importers.loader import resolve_device
-    from lipverify.train.distributed import finish, setup
+    from lipverify.train.distributed import process_group
 
-    ctx = setup(resolve_device(device))  # a process group when started by torchrun, else nothing
-    if ctx.enabled:
-        device = str(ctx.device)
-    try:
+    # a process group when started by torchrun, else nothing
+    with process_group(resolve_device(device)) as ctx:
+        if ctx.enabled:
+            device = str(ctx.device)
         lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
         ds = load_dataset(lm, data_path, layout, limit, mean, std)
         eps_list = sorted(set(parse_eps(eps)))
@@ -93,7 +93,6 @@ def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
         if exact_box and not ds.labelled:
             if ctx.is_main:  # general output properties: searched whole by rank 0
                 _attack_properties(lm, ds, box, strength, seed, as_json, save_npz, quiet)
-            finish(True)
             return
         if exact_box and norm != "inf":
             raise UserInputError("VNN-LIB specifications are l-inf boxes: use --norm inf", data_path)
@@ -117,10 +116,6 @@ def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
 
             rep = gather(rep, ctx.world)
             rep.clip = box
-    except BaseException:
-        finish(False)
-        raise
-    finish(True)
     if not ctx.is_main:
         return
     rep.notes = list(lm.notes) + list(ds.notes) + rep.notes

@@ -44,12 +44,12 @@ def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check
         if out:
             check_not_input(out, model, data_path)
     from lipverify.importers.loader import resolve_device
-    from lipverify.train.distributed import finish, setup
+    from lipverify.train.distributed import process_group
 
-    ctx = setup(resolve_device(device))  # a process group when started by torchrun, else nothing
-    if ctx.enabled:
-        device = str(ctx.device)  # under torchrun with CUDA: this rank's GPU
-    try:
+    # a process group when started by torchrun, else nothing
+    with process_group(resolve_device(device)) as ctx:
+        if ctx.enabled:
+            device = str(ctx.device)  # under torchrun with CUDA: this rank's GPU
         lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
         domain_option(lm, clip)
         ds = load_dataset(lm, data_path, layout, limit, mean, std)
@@ -81,10 +81,6 @@ def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check
             else:
                 res = lm.certify(ds.x, ds.y, eps=eps_arg, norm=norm, method=method, batch_size=batch_size,
                                  progress=advance, names=ds.names, precision=precision)
-    except BaseException:
-        finish(False)
-        raise
-    finish(True)
     if not ctx.is_main:
         return
     res.notes = list(lm.notes) + list(ds.notes) + res.notes

@@ -582,13 +582,6 @@ class Chain(LinearOp):
         b = z[0]  # kept in float64: the chain's offset is not rounded to the parameters' precision
         self.bias = b if bool(torch.any(b != 0)) else None
 
-    def _param_dtype(self):
-        for o in self.ops:
-            for v in vars(o).values():
-                if isinstance(v, torch.Tensor) and v.is_floating_point():
-                    return v.dtype
-        return torch.float32
-
     def children(self):
         return self.ops
 

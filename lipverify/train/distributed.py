@@ -13,6 +13,7 @@ the local loss are all-gathered after each step.  Only rank 0 writes files.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -93,6 +94,19 @@ def finish(ok: bool) -> None:
         dist.destroy_process_group()
     except Exception:  # pragma: no cover - best effort at exit
         pass
+
+
+@contextlib.contextmanager
+def process_group(device: str):
+    """``with process_group(device) as ctx``: :func:`setup`, then :func:`finish` on the way out (after
+    a barrier on success, without one after an error).  ``ctx.device`` is this rank's device."""
+    ctx = setup(device)
+    try:
+        yield ctx
+    except BaseException:
+        finish(False)
+        raise
+    finish(True)
 
 
 def launched_by_torchrun() -> bool:
