@@ -250,6 +250,45 @@ def test_float32_certificates_are_float64_decisions_and_never_wrong():
         assert any("recomputed in float64" in n for n in b.notes)
 
 
+def test_fused_products_equal_the_separate_ones(monkeypatch):
+    """A dense layer's GEMM computing the next bound's product ``|v| @ w`` too gives the same bound as the
+    separate product (up to float32 rounding of both), and the fused path is taken."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 5)).eval()
+    lm = lipverify.load(net, input_shape=(30,))
+    x = torch.rand(64, 30)
+    fused = RoundedForward(lm.graph, lm.node_constants("2"), "2", torch.float32)
+    assert fused.fused, "no dense layer computed a bound product"
+    monkeypatch.setattr(RoundedForward, "fuse_dense", lambda self: None)
+    plain = RoundedForward(lm.graph, lm.node_constants("2"), "2", torch.float32)
+    assert not plain.fused
+    (l1, d1), (l2, d2) = fused(x), plain(x)
+    assert torch.equal(l1.argmax(1), l2.argmax(1))
+    assert torch.allclose(d1, d2, rtol=1e-5, atol=0)
+    assert bool((d1 > 0).all())
+
+
+def test_rule_blocks_and_the_probe_switch_change_no_decision(monkeypatch):
+    """The rule decided in many small blocks gives the result of one block; a model whose bound exceeds
+    most margins switches to float64 after the probe, with the same decisions."""
+    import lipverify.certify.rules as rules
+
+    lm = lipverify.load(mlp(11), input_shape=(7,))
+    x, y = torch.randn(300, 7), torch.randint(0, 4, (300,))
+    one = lm.certify(x, y, eps=[0.01, 0.1], batch_size=32)
+    monkeypatch.setattr(rules, "RULE_BLOCK_ENTRIES", 40)
+    many = lm.certify(x, y, eps=[0.01, 0.1], batch_size=32)
+    for a in ("pred", "margin", "radius", "method_code", "certified"):
+        assert torch.equal(getattr(one, a), getattr(many, a)), a
+    tie = lipverify.load(near_tie_model(), input_shape=(5,))
+    xt = torch.randn(100, 5)
+    res = tie.certify(xt, torch.zeros(100, dtype=torch.long), eps=[0.01], batch_size=64)
+    ref = tie.certify(xt, torch.zeros(100, dtype=torch.long), eps=[0.01], batch_size=64, precision="float64")
+    assert any("ran in float64" in n for n in res.notes), res.notes
+    assert torch.equal(res.pred, ref.pred) and torch.equal(res.certified_at[0.01], ref.certified_at[0.01])
+    assert int((res.method_code[rules.PROBE:] == 3).sum()) == 0
+
+
 def test_graphs_without_a_rounding_model_fall_back_or_refuse():
     net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).eval()
     lm = lipverify.load(net, input_shape=(4,))

@@ -259,12 +259,14 @@ class RoundedForward:
     where ``h_v^(i) >= |d f_i / d(step v's output)|`` entry by entry on the whole input space (``e_i``
     pulled back through ``|A|^T``, slope bounds, pooling routes, once per model) and ``g_v = |A_v|^T h_v``;
     ``|e_j - e_i| <= |e_j| + |e_i|``.  Per input it costs one ``|x^| @ g`` product per step input, with
-    ``m`` columns.  For dense layers ``rel`` uses the number of non-zero inputs of each example (adding an
-    exact zero does not round).  Both bound the same residual pieces, so any choice per tensor is
-    proven: at construction both are computed on 8 fixed inputs uniform in ``[0, 1]``, and from then on
-    only the one whose median was smaller there, per tensor (so an input's bound does not depend on
-    the batch it comes in).  When the graph has a step without
-    a rounding model, ``supported`` is false and ``reason`` names it.
+    ``m`` columns; when the tensor is non-negative and read only by a dense layer, that layer's GEMM
+    computes it (``g^T`` appended to its weight as ``m`` extra rows: dot products of the same form, so
+    the same error model), and the tensor is read once.  For dense layers ``rel`` uses the number of
+    non-zero inputs of each example (adding an exact zero does not round).  Both bound the same
+    residual pieces, so any choice per tensor is proven: at construction both are computed on 8 fixed
+    inputs uniform in ``[0, 1]``, and from then on only the one whose median was smaller there, per
+    tensor (so an input's bound does not depend on the batch it comes in).  When the graph has a step
+    without a rounding model, ``supported`` is false and ``reason`` names it.
     """
 
     #: most float64 entries the element-wise bound's weights may take (else the norm-wise bound only)
@@ -282,6 +284,9 @@ class RoundedForward:
         self.supported, self.reason = True, ""
         self.elementwise = False
         self.decided = False
+        self.fused: dict[int, int] = {}  # dense step -> the tensor whose element-wise product it computes
+        self.fused_inputs: set[int] = set()
+        self.stash: dict[int, tuple] = {}  # tensor -> (product, non-zeros) from a fused GEMM
         self.norm_used: dict[int, bool] = {}  # per tensor: its norm-wise term is computed
         self.ew_used: dict[int, bool] = {}  # per tensor: its element-wise term is computed
         try:
@@ -444,9 +449,11 @@ class RoundedForward:
             if vec is not None:
                 st.fn = self.kernel(st.data["op"], vec)
                 st.data["bias_rel"] = st.rel
+                st.data["vec"] = vec
             else:
                 st.fn = (lambda f: (lambda xs: f(xs) + b))(st.fn)
                 st.data["bias_rel"] = gamma(2, self.u)
+                st.data["post_bias"] = True
             st.data["bias"] = bias.detach().double().abs().reshape(st.data["op"].out_shape)
             st.const += st.data["bias_rel"] * bnorm
             return last
@@ -610,6 +617,7 @@ class RoundedForward:
             return
         self.ew_const = terms_const * BOUND_FACTOR
         self.ew = {}
+        self.ew_lam = {}
         for i in set(const_w) | set(nnz_w):
             blocks = ([(0, const_w[i])] if i in const_w else []) + nnz_w.get(i, [])
             cols = len(blocks) * m
@@ -617,31 +625,96 @@ class RoundedForward:
             w = torch.cat([blk.T for _, blk in blocks] + ([torch.zeros(blocks[0][1].shape[1], pad, dtype=torch.float64,
                                                                        device=self.device)] if pad else []), dim=1)
             w32 = as_upper(w.contiguous(), self.dtype)
-            if bool(torch.isfinite(w32).all()):  # else (sensitivities beyond the float range): norm-wise only
-                self.ew[i] = (w32, [n for n, _ in blocks], m)
+            numel = int(math.prod(self.shapes[i]))
+            up = 1.0 / (1.0 - gamma(numel + 1, self.u))  # the product's own rounding (module docstring)
+            # per block: (c1, c0) with factor c1 * nnz + c0 (dense layers) or c0
+            factors = []
+            for n, _ in blocks:
+                if n:
+                    den = 1.0 - (max(n, numel) + 3) * self.u
+                    factors.append((self.u * up / den, 3 * self.u * up / den) if den > 0.5 else (math.inf, math.inf))
+                else:
+                    factors.append((0.0, up))
+            finite = all(math.isfinite(c) for f in factors for c in f)
+            if finite and bool(torch.isfinite(w32).all()):  # else (sensitivities beyond the float range,
+                self.ew[i] = (w32, factors, m)  # gamma without a bound): norm-wise only
+                self.ew_lam[i] = 2 * self.lam * numel
         self.elementwise = True
 
-    def elementwise_terms(self, j: int, v: torch.Tensor) -> torch.Tensor | None:
-        """The element-wise bound's contribution ``(B, m)`` of the computed tensor ``v`` of step ``j``."""
-        w, ns, m = self.ew[j]
+    def elementwise_terms(self, j: int, v: torch.Tensor) -> torch.Tensor:
+        """The element-wise bound's contribution ``(B, m)`` of the computed tensor ``v`` of step ``j``,
+        without its underflow allowance (:attr:`ew_lam`, a constant).
+
+        ``t = fl(|v| @ w)`` is a sum of non-negative terms, so the exact product is at most
+        ``t / (1 - gamma_{N+1})`` (``up``).  A dense layer's block is scaled by ``gamma_{nnz+3}``, with
+        ``nnz`` the example's number of non-zero inputs (adding an exact zero does not round), bounded
+        above by ``(nnz + 3) u / (1 - (N + 3) u)``: one product and one sum per block."""
         a = v.reshape(v.shape[0], -1)
         if not self.nonneg[j]:
             a = a.abs()
-        # the product's own rounding (non-negative terms): true <= computed / (1 - gamma)
-        up = 1.0 / (1.0 - gamma(a.shape[1] + 1, self.u))
-        t = (a @ w).double() * up
+        return self.combine(j, (a @ self.ew[j][0]).double(), a)
+
+    def combine(self, j: int, t: torch.Tensor, a: torch.Tensor | None, nnz: torch.Tensor | None = None):
+        """The blocks of ``t = fl(|v| @ w)`` (float64) scaled by their factors (``nnz`` of ``a = |v|``,
+        or given)."""
+        _, blocks, m = self.ew[j]
         tot = None
-        nnz = None
-        for b, n in enumerate(ns):
+        for b, (c1, c0) in enumerate(blocks):
             blk = t[:, b * m:(b + 1) * m]
-            if n:  # a dense layer: gamma of the number of non-zero terms (adding an exact zero is exact)
-                if nnz is None:  # |sign| is 0/1 and the float sum of fewer than 2^24 ones is exact
-                    nnz = a.sign().sum(1).double() if a.shape[1] < 2 ** 24 else \
-                        torch.full((a.shape[0],), float(a.shape[1]), dtype=torch.float64, device=a.device)
-                nu = (torch.clamp(nnz, max=n) + 3) * self.u
-                blk = blk * torch.where(nu < 0.5, nu / (1 - nu), torch.full_like(nu, math.inf))[:, None]
+            if c1:
+                if nnz is None:
+                    nnz = count_nonzero(a)
+                blk = blk * (nnz.double() * c1 + c0)[:, None]
+            else:
+                blk = blk * c0
             tot = blk if tot is None else tot + blk
-        return tot + self.lam * a.shape[1] * 2
+        return tot
+
+    def fuse_dense(self) -> None:
+        """Compute ``|v| @ w`` of a non-negative tensor that only a dense layer reads in that layer's own
+        GEMM, its weight with ``w^T`` appended as extra rows (one pass over the tensor instead of two;
+        every extra output is a dot product of the same form, any order).  Run once the probe has
+        chosen the element-wise bound for the tensor."""
+        readers: dict[int, list[int]] = {}
+        for c, st in enumerate(self.steps[: self.output + 1]):
+            for i in st.inputs:
+                readers.setdefault(i, []).append(c)
+        for i, (w, blocks, m) in self.ew.items():
+            if not (self.nonneg[i] and self.ew_used.get(i, True)) or len(readers.get(i, [])) != 1:
+                continue
+            c = readers[i][0]
+            st = self.steps[c]
+            op = st.data.get("op")
+            if st.role != "linear" or not st.data.get("dense") or st.data.get("post_bias") or \
+                    len(op.in_shape) != 1 or op.in_shape[0] != w.shape[0]:
+                continue
+            W = self.tensor(op.weight)
+            rows = W.shape[0]
+            w_aug = torch.cat([W, w.T.to(W)]).contiguous()
+            vec = st.data.get("vec")
+            b_aug = None if vec is None else torch.cat([self.tensor(vec), torch.zeros(w.shape[1], dtype=W.dtype,
+                                                                                      device=W.device)])
+            nnz_needed = any(c1 for c1, _ in blocks)
+            stash = self.stash
+
+            def fn(xs, w_aug=w_aug, b_aug=b_aug, rows=rows, i=i, nnz_needed=nnz_needed):
+                y = F.linear(xs[0], w_aug, b_aug)
+                stash[i] = (y[:, rows:], count_nonzero(xs[0]) if nnz_needed else None)
+                return y[:, :rows]
+
+            st.fn = fn
+            self.fused[c] = i
+
+    def ew_terms(self, j: int, v: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+        """The element-wise term that becomes known once step ``j`` has computed ``v``: that of ``v``
+        itself, or of the tensor whose product step ``j``'s fused GEMM computed."""
+        i = self.fused.get(j)
+        if i is not None:
+            t, nnz = self.stash.pop(i)
+            return i, self.combine(i, t.double(), None, nnz)
+        if j in self.ew and j not in self.fused_inputs and self.ew_used.get(j, True):
+            return j, self.elementwise_terms(j, v)
+        return None
 
     # -- evaluation -------------------------------------------------------------------------------
     def norm_upper(self, t: torch.Tensor, nonneg: bool = False) -> torch.Tensor:
@@ -679,54 +752,105 @@ class RoundedForward:
             raise UnsupportedRounding(self.reason)
         if self.dtype == torch.float32:
             check_environment()
+        if self.elementwise and not self.decided:
+            return self.probe_call(x)
         B = len(x)
-        first = self.elementwise and not self.decided
+        mf = self.margin_factor
+        acc: dict[str, torch.Tensor] = {}  # "norm": (B,) sum of norm-wise terms; "ew": (B, m) element-wise
+
+        def on_value(j, v):
+            w = self.weights.get(j)
+            if w is not None and self.norm_used.get(j, True):
+                t = w * self.norm_upper(v, self.nonneg[j])
+                acc["norm"] = t if "norm" not in acc else acc["norm"] + t
+            if self.elementwise:
+                term = self.ew_terms(j, v)
+                if term is not None:
+                    acc["ew"] = term[1] if "ew" not in acc else acc["ew"] + term[1]
+
+        with trusted_kernels(), torch.no_grad():
+            vals = self.run(x.to(self.device, self.dtype), on_value=on_value)
+            out = vals[self.output].reshape(B, -1)
+        if not self.elementwise:
+            tot = acc["norm"] + self.const if "norm" in acc else \
+                torch.full((B,), self.const, dtype=torch.float64, device=out.device)
+            delta = (tot * mf)[:, None].expand(B, out.shape[1])
+        else:
+            # per pair: the constants (the smaller of the two bounds) and the sums of the tensors' terms,
+            # each tensor with the bound the probe chose for it (pairs e_j + e_i, j the computed argmax)
+            pred = out.argmax(1)
+            delta = self.const_pair[pred]
+            if "norm" in acc:
+                delta = delta + (acc["norm"] * mf)[:, None]
+            if "ew" in acc:
+                e = acc["ew"] * BOUND_FACTOR
+                delta = delta + (e.gather(1, pred[:, None]) + e)
+        return self.guard(out, delta)
+
+    @staticmethod
+    def guard(out: torch.Tensor, delta: torch.Tensor):
+        """Overflowed logits, and 0 * inf from overflowed sensitivities: no bound (inf)."""
+        bad = ~torch.isfinite(out.sum(1))  # a sum is finite only if every term is (overflow: also bad)
+        delta = torch.nan_to_num(delta, nan=math.inf)
+        return out, torch.where(bad[:, None], torch.full_like(delta, math.inf), delta)
+
+    def probe_call(self, x: torch.Tensor):
+        """The first call (fixed inputs, at construction): both bounds of every tensor, their sum of
+        per-tensor minima as the bound, and the choice of the bound each tensor keeps from then on (the
+        one with the smaller median: either is proven; computing both costs more than the few inputs it
+        helps)."""
+        B = len(x)
         norm_parts: dict[int, torch.Tensor] = {}
         ew_parts: dict[int, torch.Tensor] = {}
 
         def on_value(j, v):
             w = self.weights.get(j)
-            if w is not None and (first or self.norm_used.get(j, True)):
+            if w is not None:
                 norm_parts[j] = w * self.norm_upper(v, self.nonneg[j])
-            if self.elementwise and j in self.ew and (first or self.ew_used.get(j, True)):
-                ew_parts[j] = self.elementwise_terms(j, v)
+            if j in self.ew:
+                ew_parts[j] = self.elementwise_terms(j, v) + self.ew_lam[j]
 
         with trusted_kernels(), torch.no_grad():
             vals = self.run(x.to(self.device, self.dtype), on_value=on_value)
             out = vals[self.output].reshape(B, -1)
         mf = self.margin_factor
-        if not self.elementwise:
-            tot = torch.full((B,), self.const, dtype=torch.float64, device=out.device)
-            for t in norm_parts.values():
-                tot = tot + t
-            delta = (tot * mf)[:, None].expand(B, out.shape[1])
-        else:
-            pred = out.argmax(1)
+        pred = out.argmax(1)
 
-            def pair(e):
-                e = e * BOUND_FACTOR
-                return e.gather(1, pred[:, None]) + e
+        def pair(e):
+            e = e * BOUND_FACTOR
+            return e.gather(1, pred[:, None]) + e
 
-            # per tensor, the smaller of the two proven bounds of the same residual pieces
-            delta = torch.minimum(torch.full((B, out.shape[1]), self.const * mf, dtype=torch.float64,
-                                             device=out.device), pair(self.ew_const.expand(B, -1)))
-            for j in set(norm_parts) | set(ew_parts):
-                n = norm_parts[j][:, None] * mf if j in norm_parts else None
-                e = pair(ew_parts[j]) if j in ew_parts else None
-                delta = delta + (n if e is None else e if n is None else torch.minimum(n, e))
-            if first:
-                # the probe at construction decides which bound each tensor keeps: the one with the smaller
-                # median (either one is proven; computing both costs more than the few inputs it helps)
-                self.norm_used, self.ew_used = {j: True for j in norm_parts}, {j: True for j in ew_parts}
-                for j in set(norm_parts) & set(ew_parts):
-                    nm = float((norm_parts[j] * mf).median())
-                    em = float(pair(ew_parts[j]).amax(1).median())
-                    self.norm_used[j], self.ew_used[j] = nm < em, not nm < em
-                self.decided = True
-        # overflowed logits, and 0 * inf from overflowed sensitivities: no bound (inf)
-        bad = ~torch.isfinite(out).all(1)
-        delta = torch.nan_to_num(delta, nan=math.inf)
-        return out, torch.where(bad[:, None], torch.full_like(delta, math.inf), delta)
+        m = out.shape[1]
+        delta = torch.minimum(torch.full((B, m), self.const * mf, dtype=torch.float64, device=out.device),
+                              pair(self.ew_const.expand(B, -1)))
+        for j in set(norm_parts) | set(ew_parts):
+            n = norm_parts[j][:, None] * mf if j in norm_parts else None
+            e = pair(ew_parts[j]) if j in ew_parts else None
+            delta = delta + (n if e is None else e if n is None else torch.minimum(n, e))
+        self.norm_used, self.ew_used = {j: True for j in norm_parts}, {j: True for j in ew_parts}
+        for j in set(norm_parts) & set(ew_parts):
+            nm = float((norm_parts[j] * mf).median())
+            em = float(pair(ew_parts[j]).amax(1).median())
+            self.norm_used[j], self.ew_used[j] = nm < em, not nm < em
+        # the constant part of every pair (j, i): the smaller constant, plus the underflow allowances of
+        # the element-wise terms kept (each e_j and e_i carries them)
+        lam = sum(self.ew_lam[j] for j in ew_parts if self.ew_used[j])
+        ec = self.ew_const * BOUND_FACTOR
+        self.const_pair = torch.minimum(torch.full((m, m), self.const * mf, dtype=torch.float64, device=out.device),
+                                        ec[:, None] + ec[None, :]) + 2 * lam * BOUND_FACTOR
+        self.decided = True
+        self.fuse_dense()
+        self.fused_inputs = set(self.fused.values())
+        return self.guard(out, delta)
+
+
+def count_nonzero(a: torch.Tensor) -> torch.Tensor:
+    """Per example, the number of non-zero entries of ``a >= 0`` (``(B, n)``) as computed: the float sum of
+    ``n < 2^24`` signs (0 or 1) is exact; larger rows count ``n``."""
+    a = a.reshape(a.shape[0], -1)
+    if a.shape[1] < 2 ** 24:
+        return a.sign().sum(1)
+    return torch.full((a.shape[0],), float(a.shape[1]), dtype=a.dtype, device=a.device)
 
 
 def as_upper(w: torch.Tensor, dtype) -> torch.Tensor:

@@ -89,6 +89,9 @@ RULE_FACTOR = 1.0 + 2.0 ** -51
 #: inputs in the first float32 batch: when the rounding bound leaves most of their decisions open, the
 #: others are certified in float64 directly
 PROBE = 16
+#: logits (rows times classes) the rule decides at once: many batches' worth of tensor work per call,
+#: with memory bounded
+RULE_BLOCK_ENTRIES = 1 << 22
 
 
 @dataclass
@@ -289,14 +292,67 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
         batch_size = auto_batch_size(model.graph, device, n)
     eps_check = eps.double().cpu() if per_example else None
     eps_dev = eps_check.to(device) if per_example else None
-    outs: list[tuple] = []  # per batch: pred, margin, radius, diffs, mask, decided in float32
-    n_redo, n_fast, deltas = 0, 0, []
+    logit_parts: list[torch.Tensor] = []  # per batch not yet decided: float64 logits, their rounding bound,
+    # computed in float32 or not
+    delta_parts: list[torch.Tensor] = []
+    fast_parts: list[torch.Tensor] = []
     use_fast = fast is not None
+
+    def decide(logits, delta, eps_rows):
+        """The rule on a block of rows, and which of them a float32 bound leaves open (the prediction,
+        radius > 0, certified at each eps could differ for logits within it)."""
+        p, mg, r, d, mk = global_radii(logits, K_rule, delta)
+        if delta is None:  # float64 logits taken as exact: nothing to redo
+            return (p, mg, r, d, mk), torch.zeros(len(p), dtype=torch.bool, device=p.device), \
+                torch.zeros(len(p), dtype=torch.float64, device=p.device)
+        dl = rule_delta(logits, delta)
+        Kb = K_rule[p]
+        lower = torch.where(mk, d, torch.full_like(d, math.inf)).amin(1)
+        redo = ~(lower > 0) | ~torch.isfinite(dl.sum(1))  # a sum is finite only if every term is
+        for e in ([eps_rows] if per_example else
+                  [torch.full((len(p),), e, dtype=torch.float64, device=d.device) for e in eps_list]):
+            redo |= certified_at(d, mk, Kb, e) != certified_at(d + 2.0 * dl, mk, Kb, e)
+        return (p, mg, r, d, mk), redo, dl.amax(1)
+
+    # each batch is one forward pass; the rule runs on blocks of many batches' logits at once (tensor
+    # work in large pieces, memory bounded by the block), then the inputs it leaves open are recomputed
+    # in float64
+    m_cls = mc.K.shape[0]
+    bounded = exact.supported or fast is not None  # else float64 logits taken as exact (no delta)
+    block = max(batch_size, RULE_BLOCK_ENTRIES // max(m_cls, 1))
+    cols: list[list[torch.Tensor]] = [[] for _ in range(5)]
+    redo_parts: list[torch.Tensor] = []
+    dl_parts: list[torch.Tensor] = []
+    fast_all: list[torch.Tensor] = []
+    pending = [0]  # rows in logit_parts
+
+    def flush():
+        if not logit_parts:
+            return
+        start = sum(len(c) for c in cols[0])
+        lg, dt, fr = torch.cat(logit_parts), torch.cat(delta_parts), torch.cat(fast_parts)
+        logit_parts.clear(), delta_parts.clear(), fast_parts.clear()
+        pending[0] = 0
+        out, redo, dl = decide(lg, dt if bounded else None, eps_dev[start:start + len(lg)] if per_example else None)
+        for k in range(5):
+            cols[k].append(out[k])
+        redo_parts.append(redo & fr)
+        dl_parts.append(dl[fr])
+        fast_all.append(fr)
+
+    def keep(logits, delta, is_fast):
+        logit_parts.append(logits.double())
+        delta_parts.append(delta.to(logits.device, torch.float64) if delta is not None else
+                           torch.zeros_like(logits, dtype=torch.float64))
+        fast_parts.append(torch.full((len(logits),), is_fast, dtype=torch.bool, device=logits.device))
+        pending[0] += len(logits)
+        if pending[0] >= block:
+            flush()
 
     def batches():
         # with float32 logits, a first batch of PROBE inputs tells whether the bound is narrow enough
-        # to pay (else the rest runs in float64 directly)
-        first = min(PROBE, n) if use_fast and n > PROBE else 0
+        # to pay (else the rest runs in float64 directly); one more call per run, not per batch
+        first = PROBE if use_fast and n > PROBE else 0
         if first:
             yield 0, x[:first].to(device)
         for s, xb in stream(x[first:], batch_size, device):
@@ -306,41 +362,38 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
         for s, xb in batches():
             if use_fast:
                 logits, delta = fast(xb)
-                p, mg, r, d, mk = global_radii(logits, K_rule, delta)
-                # the bound global_radii used; an input whose decisions (the prediction, radius > 0,
-                # certified at each eps) could differ for logits within it goes to float64
-                dl = rule_delta(logits, delta)
-                Kb = K_rule[p]
-                lower = torch.where(mk, d, torch.full_like(d, math.inf)).amin(1)
-                redo = ~(lower > 0) | ~torch.isfinite(dl).all(1)
-                for e in ([eps_dev[s:s + len(p)]] if per_example else
-                          [torch.full((len(p),), e, dtype=torch.float64, device=d.device) for e in eps_list]):
-                    redo |= certified_at(d, mk, Kb, e) != certified_at(d + 2.0 * dl, mk, Kb, e)
-                f32 = ~redo
-                idx = redo.nonzero().flatten()
-                if len(idx):
-                    l64, d64 = forward64(xb[idx])
-                    p2, mg2, r2, dd2, mk2 = global_radii(l64, K_rule, d64)
-                    p[idx], mg[idx], r[idx], d[idx], mk[idx] = p2, mg2, r2, dd2, mk2
-                n_redo += len(idx)
-                n_fast += len(p)
-                deltas.append(dl.amax(1).cpu())
-                if n_fast == len(p) and len(idx) > len(p) // 2:
-                    # the bound is wider than most margins on this model: the float32 pass does not pay
-                    use_fast = False
+                keep(logits, delta, True)
+                if s == 0 and n > PROBE:
+                    # the probe: when the bound leaves most of its decisions open, the rest runs in float64
+                    _, redo, _ = decide(logits.double(), delta, eps_dev[:len(xb)] if per_example else None)
+                    use_fast = int(redo.sum()) <= len(xb) // 2
             else:
-                logits, d64 = forward64(xb)
-                p, mg, r, d, mk = global_radii(logits, K_rule, d64)
-                f32 = torch.zeros(len(p), dtype=torch.bool, device=p.device)
-            outs.append((p, mg, r, d, mk, f32))
+                keep(*forward64(xb), False)
             if progress:
-                progress(len(p))
-    if not outs:  # no inputs: empty columns of the right types
-        m_cls = mc.K.shape[0]
-        outs = [(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64),
-                 torch.zeros(0, dtype=torch.float64), torch.zeros(0, m_cls, dtype=torch.float64),
-                 torch.zeros(0, m_cls, dtype=torch.bool), torch.zeros(0, dtype=torch.bool))]
-    pred, margin, radius, diffs, mask, dec32 = (torch.cat([o[k] for o in outs]).cpu() for k in range(6))
+                progress(len(xb))
+        flush()
+        if cols[0]:
+            pred, margin, radius, diffs, mask = (torch.cat(c) for c in cols)
+            redo_all, fast_rows = torch.cat(redo_parts), torch.cat(fast_all)
+        else:  # no inputs: empty columns of the right types
+            pred = torch.zeros(0, dtype=torch.long, device=device)
+            margin, radius = (torch.zeros(0, dtype=torch.float64, device=device) for _ in range(2))
+            diffs = torch.zeros(0, m_cls, dtype=torch.float64, device=device)
+            mask = torch.zeros(0, m_cls, dtype=torch.bool, device=device)
+            redo_all = fast_rows = torch.zeros(0, dtype=torch.bool, device=device)
+        # the float64 recomputation of the open decisions, in batches
+        idx_all = redo_all.nonzero().flatten().cpu()
+        for s in range(0, len(idx_all), batch_size):
+            idx = idx_all[s:s + batch_size]
+            l64, d64 = forward64(x[idx].to(device))
+            out = global_radii(l64, K_rule, d64)
+            idx = idx.to(pred.device)
+            for col, v in zip((pred, margin, radius, diffs, mask), out):
+                col[idx] = v
+    dec32 = fast_rows & ~redo_all
+    n_redo, n_fast = len(idx_all), int(fast_rows.sum())
+    deltas = [torch.cat(dl_parts).cpu()] if n_fast else []
+    pred, margin, radius, diffs, mask, dec32 = (t.cpu() for t in (pred, margin, radius, diffs, mask, dec32))
     Kj = K_rule.cpu()[pred]
     y = y.long().cpu()
     method_code = torch.where(dec32, 3, 0).to(torch.int64)  # METHODS: 0 global, 1 local, 2 estimate, 3 float32
