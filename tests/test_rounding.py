@@ -289,6 +289,22 @@ def test_rule_blocks_and_the_probe_switch_change_no_decision(monkeypatch):
     assert int((res.method_code[rules.PROBE:] == 3).sum()) == 0
 
 
+def test_inputs_float32_cannot_represent_are_decided_in_float64():
+    """Certificates speak of the input as given: a float64 input with more digits than float32 holds gets
+    no float32 bound (its float32 logits are those of another point); float32-exact rows keep theirs."""
+    lm = lipverify.load(mlp(5), input_shape=(7,))
+    rf = lm.rounded_forward("2")
+    x = torch.rand(6, 7, dtype=torch.float64)
+    x[:3] = x[:3].float().double()  # exactly representable
+    _, delta = rf(x)
+    assert bool(torch.isinf(delta[3:]).all()) and bool(torch.isfinite(delta[:3]).all())
+    y = torch.zeros(6, dtype=torch.long)
+    res = lm.certify(x, y, eps=[0.01])
+    ref = lm.certify(x, y, eps=[0.01], precision="float64")
+    assert set(res.method_code[3:].tolist()) == {0}
+    assert torch.equal(res.certified_at[0.01], ref.certified_at[0.01]) and torch.equal(res.pred, ref.pred)
+
+
 def test_graphs_without_a_rounding_model_fall_back_or_refuse():
     net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).eval()
     lm = lipverify.load(net, input_shape=(4,))

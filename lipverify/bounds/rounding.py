@@ -48,6 +48,9 @@ Warnings
   residual additions, concatenation.  Graphs with other nodes (tanh, sigmoid, GELU, ...: their library
   accuracy is not specified; products, normalisations, attention, l-inf distance layers) are refused
   (:attr:`RoundedForward.reason`); certification then runs the model in float64 as before.
+* Certificates speak of the input as given: an input that the conversion to the evaluation precision
+  changes (a float64 input with more digits than float32 holds) gets an infinite bound, so
+  certification decides it in float64.
 * ``ONEDNN_DEFAULT_FPMATH_MODE`` set to anything but ``STRICT`` lets oneDNN compute float32 in lower
   precision behind PyTorch's back: the float32 evaluator refuses to run.
 * The bound is a worst case: on deep non-Lipschitz-trained networks ``G_v`` (products of layer
@@ -747,6 +750,15 @@ class RoundedForward:
                 on_value(j, vals[j])
         return vals
 
+    def converted(self, x: torch.Tensor):
+        """``x`` in the evaluation precision, and per example whether the conversion changed it (the
+        certificates speak of the input as given; a float64 input that float32 cannot represent gets
+        no float32 bound, so it is decided in float64), or None when it cannot have."""
+        xin = x.to(self.device, self.dtype)
+        if x.dtype == self.dtype:
+            return xin, None
+        return xin, (xin.to(x.dtype) != x.to(self.device)).reshape(len(x), -1).any(1)
+
     def __call__(self, x: torch.Tensor):
         if not self.supported:
             raise UnsupportedRounding(self.reason)
@@ -768,8 +780,9 @@ class RoundedForward:
                 if term is not None:
                     acc["ew"] = term[1] if "ew" not in acc else acc["ew"] + term[1]
 
+        xin, inexact = self.converted(x)
         with trusted_kernels(), torch.no_grad():
-            vals = self.run(x.to(self.device, self.dtype), on_value=on_value)
+            vals = self.run(xin, on_value=on_value)
             out = vals[self.output].reshape(B, -1)
         if not self.elementwise:
             tot = acc["norm"] + self.const if "norm" in acc else \
@@ -785,12 +798,15 @@ class RoundedForward:
             if "ew" in acc:
                 e = acc["ew"] * BOUND_FACTOR
                 delta = delta + (e.gather(1, pred[:, None]) + e)
-        return self.guard(out, delta)
+        return self.guard(out, delta, inexact)
 
     @staticmethod
-    def guard(out: torch.Tensor, delta: torch.Tensor):
-        """Overflowed logits, and 0 * inf from overflowed sensitivities: no bound (inf)."""
+    def guard(out: torch.Tensor, delta: torch.Tensor, inexact: torch.Tensor | None = None):
+        """Overflowed logits, 0 * inf from overflowed sensitivities, and inputs the conversion to the
+        evaluation precision changed (``inexact``): no bound (inf)."""
         bad = ~torch.isfinite(out.sum(1))  # a sum is finite only if every term is (overflow: also bad)
+        if inexact is not None:
+            bad = bad | inexact
         delta = torch.nan_to_num(delta, nan=math.inf)
         return out, torch.where(bad[:, None], torch.full_like(delta, math.inf), delta)
 
@@ -810,8 +826,9 @@ class RoundedForward:
             if j in self.ew:
                 ew_parts[j] = self.elementwise_terms(j, v) + self.ew_lam[j]
 
+        xin, inexact = self.converted(x)
         with trusted_kernels(), torch.no_grad():
-            vals = self.run(x.to(self.device, self.dtype), on_value=on_value)
+            vals = self.run(xin, on_value=on_value)
             out = vals[self.output].reshape(B, -1)
         mf = self.margin_factor
         pred = out.argmax(1)
@@ -841,7 +858,7 @@ class RoundedForward:
         self.decided = True
         self.fuse_dense()
         self.fused_inputs = set(self.fused.values())
-        return self.guard(out, delta)
+        return self.guard(out, delta, inexact)
 
 
 def count_nonzero(a: torch.Tensor) -> torch.Tensor:
