@@ -167,6 +167,18 @@ class LipModel:
                                               device=self.device)
         return self._cache[key]
 
+    def running_error(self, norm: str = "2"):
+        """The float32 graph with the entry-wise running error bound
+        (:class:`lipverify.bounds.running_error.RunningError`), or None when the graph has a step
+        without a rounding model."""
+        key = ("running", str(norm))
+        if key not in self._cache:
+            from lipverify.bounds.running_error import RunningError
+
+            rf = self.rounded_forward(norm, torch.float32)
+            self._cache[key] = RunningError(rf) if rf.supported else None
+        return self._cache[key]
+
     def tail_matrix(self):
         """The affine tail ``(T, h)`` of the graph (see :func:`lipverify.bounds.global_bound.tail_matrix`)."""
         if "tail" not in self._cache:

@@ -510,6 +510,7 @@ class RoundedForward:
             else:
                 raise UnsupportedRounding(f"{n.name}: {k} nodes have no rounding model")
         self.output = node_out[graph.output]
+        self.node_steps = node_out  # graph node -> the step computing its output
 
     def finish(self) -> None:
         """Sensitivities ``G`` (reverse topological order) and the per-norm weights of the bound."""
@@ -705,8 +706,14 @@ class RoundedForward:
                 stash[i] = (y[:, rows:], count_nonzero(xs[0]) if nnz_needed else None)
                 return y[:, :rows]
 
+            st.data["plain_fn"] = st.fn
             st.fn = fn
             self.fused[c] = i
+
+    def plain_fn(self, j: int) -> Callable:
+        """Step ``j``'s evaluation without a fused bound product (:meth:`fuse_dense`)."""
+        st = self.steps[j]
+        return st.data.get("plain_fn", st.fn)
 
     def ew_terms(self, j: int, v: torch.Tensor) -> tuple[int, torch.Tensor] | None:
         """The element-wise term that becomes known once step ``j`` has computed ``v``: that of ``v``

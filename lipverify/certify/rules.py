@@ -89,6 +89,10 @@ RULE_FACTOR = 1.0 + 2.0 ** -51
 #: inputs in the first float32 batch: when the rounding bound leaves most of their decisions open, the
 #: others are certified in float64 directly
 PROBE = 16
+#: cost of certifying an input with the entry-wise running error bound, and in float64, relative to the
+#: float32 pass with the sensitivity bound (``other``: accelerators, where float64 is far slower)
+RUNNING_COST = 2.0
+FLOAT64_COST = {"cpu": 4.0, "other": 32.0}
 #: logits (rows times classes) the rule decides at once: many batches' worth of tensor work per call,
 #: with memory bounded
 RULE_BLOCK_ENTRIES = 1 << 22
@@ -242,7 +246,13 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     ``precision``: ``"float32"`` computes the logits in float32 with a proven bound on their rounding
     error (:mod:`lipverify.bounds.rounding`): an input is decided in float32 when every decision (the
     prediction, ``radius > 0``, certified at each eps) is the same for all logits within the bound, and
-    recomputed in float64 (rounding bounded the same way) otherwise.  ``"float64"``: float64 only.
+    recomputed in float64 (rounding bounded the same way) otherwise.  The first :data:`PROBE` inputs
+    choose the bound: the sensitivity bound of :class:`~lipverify.bounds.rounding.RoundedForward`
+    (cheapest), the entry-wise running error bound of
+    :class:`~lipverify.bounds.running_error.RunningError` (about twice the cost, much tighter on normally
+    trained deep nets) or float64 throughout, whichever leaves the least expected work by the fraction
+    of the probe's decisions each leaves open (:data:`RUNNING_COST`, :data:`FLOAT64_COST`).
+    ``"float64"``: float64 only.
     ``"auto"`` (default): float32 when the graph has a rounding model, else float64.  Decisions at the
     requested radii are the float64 ones; the radius of an input decided in float32 is the one proven
     with the float32 logits, lower than the float64 one by at most ``2 delta / K``.  Records decided in
@@ -297,6 +307,7 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     delta_parts: list[torch.Tensor] = []
     fast_parts: list[torch.Tensor] = []
     use_fast = fast is not None
+    fast_call = [fast]  # the float32 evaluator with its bound (the probe may switch it)
 
     def decide(logits, delta, eps_rows):
         """The rule on a block of rows, and which of them a float32 bound leaves open (the prediction,
@@ -349,6 +360,27 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
         if pending[0] >= block:
             flush()
 
+    def open_fraction(logits, delta):
+        _, redo, _ = decide(logits.double(), delta, eps_dev[:len(logits)] if per_example else None)
+        return float(redo.double().mean())
+
+    def choose_bound(xb, logits, delta):
+        """The probe: the bound (and its logits) that certifies the rest at the least expected cost, by
+        the fraction of the probe's decisions each leaves open (those are recomputed in float64); None:
+        float64 throughout."""
+        c64 = FLOAT64_COST.get(torch.device(device).type, FLOAT64_COST["other"])
+        r1 = open_fraction(logits, delta)
+        options = [(1.0 + c64 * r1, 0, logits, delta, fast), (c64, 2, None, None, None)]
+        if 1.0 + c64 * r1 > RUNNING_COST:
+            running = model.running_error(norm)
+            if running is not None:
+                l2, d2 = running(xb)
+                options.append((RUNNING_COST + c64 * open_fraction(l2, d2), 1, l2, d2, running))
+        best = min(options, key=lambda o: (o[0], o[1]))
+        if best[4] is None:  # float64 for the others; the probe's float32 logits stay (open ones redone)
+            return logits, delta, None
+        return best[2], best[3], best[4]
+
     def batches():
         # with float32 logits, a first batch of PROBE inputs tells whether the bound is narrow enough
         # to pay (else the rest runs in float64 directly); one more call per run, not per batch
@@ -361,12 +393,12 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     with torch.no_grad(), trusted_kernels():
         for s, xb in batches():
             if use_fast:
-                logits, delta = fast(xb)
-                keep(logits, delta, True)
+                logits, delta = fast_call[0](xb)
                 if s == 0 and n > PROBE:
-                    # the probe: when the bound leaves most of its decisions open, the rest runs in float64
-                    _, redo, _ = decide(logits.double(), delta, eps_dev[:len(xb)] if per_example else None)
-                    use_fast = int(redo.sum()) <= len(xb) // 2
+                    logits, delta, chosen = choose_bound(xb, logits, delta)
+                    use_fast = chosen is not None
+                    fast_call[0] = chosen
+                keep(logits, delta, True)
             else:
                 keep(*forward64(xb), False)
             if progress:
@@ -400,7 +432,8 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     sound = torch.full((n,), bool(sound_K), dtype=torch.bool)
     if fast is not None:
         med = float(torch.cat(deltas).median()) if deltas else 0.0
-        notes.append(f"logits in float32 with a proven rounding-error bound (median {med:.3g}); {n_redo} of "
+        how = " (entry-wise running error bound)" if fast_call[0] is not None and fast_call[0] is not fast else ""
+        notes.append(f"logits in float32 with a proven rounding-error bound{how} (median {med:.3g}); {n_redo} of "
                      f"{n_fast} input(s) near a decision recomputed in float64"
                      + (f"; the bound exceeded most margins, so the other {n - n_fast} input(s) ran in float64"
                         if n_fast < n else ""))

@@ -1,0 +1,189 @@
+"""A proven bound on the rounding error of a float32 forward pass, carried forward entry by entry.
+
+:class:`~lipverify.bounds.rounding.RoundedForward` bounds the error of the logits through sensitivities
+valid on the whole input space (every ReLU may pass any error); on a normally trained deep network
+those are products of layer norms and exceed most margins.  :class:`RunningError` follows the
+computation of each input instead (running error analysis, Higham, *Accuracy and Stability of
+Numerical Algorithms*, 2nd ed., sec. 3.3): next to every computed tensor ``x^_v`` it computes a tensor
+``E_v`` with ``|x^_v - x_v| <= E_v`` entry by entry, ``x_v`` the exact graph's value at the same input.
+
+Rules (``u`` the unit roundoff, ``lambda`` the smallest normal number, the model of
+:mod:`lipverify.bounds.rounding`: ``fl(a op b) = (a op b)(1 + d)``, ``|d| <= u``, plus ``lambda`` per
+operation for underflow; an ``n``-term dot product in any order within ``gamma_n |w| . |x|``):
+
+* input: ``E = 0`` (the input as given; inputs the conversion changes get no bound).
+* linear step ``y = A x + b`` computed as ``fl(A32 x^ + b32)``, ``A32`` the weights rounded once or
+  twice into float32: ``|y^ - y| <= |A| E + gamma_{n+3} (|A| |x^| + |b|)``, computed as
+  ``|A|^ (E + gamma |x^|) + gamma |b|`` with ``|A|^ >= |A|`` (rounded up) and the whole float32
+  evaluation of this non-negative expression scaled by ``1 / (1 - gamma_{n+8})`` (each of its roundings
+  loses at most a factor ``1 - u``, the dot product ``1 - gamma_n``), plus ``lambda`` terms.
+* ReLU: where ``x^ < -E`` the exact value is negative too and both outputs are 0, so ``E_out = 0``;
+  elsewhere ``|relu(a) - relu(b)| <= |a - b|``: ``E_out = E``.  Clipping, absolute value: ``E``.
+  Leaky ReLU / PReLU (one rounding): ``L E + u |y^|``.
+* max pooling: ``|max a^ - max a| <= max |a^ - a|``: the max pooling of ``E``.  MinMax: per pair, the
+  larger of the two errors.  Sums ``sum c_k x_k``: ``sum |c_k| (E_k + gamma_{2K+1} |x^_k|)``.
+  Concatenation and reshapes: exact.
+* logits: ``|(f^_j - f^_i) - (f_j - f_i)| <= E_j + E_i`` (times ``1 + 1e-6`` for the float64 sum).
+
+It costs one more pass of every linear layer (with ``|A|``) over the error tensors, about twice the
+plain forward, and it is much tighter where ReLUs are inactive with a margin: the error through them
+is exactly 0.  :func:`lipverify.certify.certify` uses it when the first inputs show that the cheaper
+bound leaves most decisions open.
+
+Warnings
+--------
+* The same graphs as :class:`~lipverify.bounds.rounding.RoundedForward` (it reuses its steps); a
+  graph without a rounding model is refused there.
+* Overflow of ``E`` (or of the logits) gives an infinite bound: such inputs are recomputed in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from lipverify.bounds.rounding import (BOUND_FACTOR, RoundedForward, Step, UnsupportedRounding, abs_norm, as_upper,
+                                       gamma, trusted_kernels)
+from lipverify.graph.linear_ops import Scale, Select
+
+
+class RunningError:
+    """``RunningError(rounded)``: the steps of a :class:`RoundedForward` evaluated with the entry-wise
+    error tensors of the module docstring.  Calling it on a batch returns ``(logits, delta)`` like
+    :class:`RoundedForward` (``delta[:, i]`` bounds the error of ``f^_j - f^_i``, ``j`` the computed
+    argmax)."""
+
+    def __init__(self, rounded: RoundedForward):
+        if not rounded.supported:
+            raise UnsupportedRounding(rounded.reason)
+        self.rf = rounded
+        self.dtype, self.u, self.lam = rounded.dtype, rounded.u, rounded.lam
+        self.rules = [self.rule(j, st) for j, st in enumerate(rounded.steps)]
+
+    def up(self, value: float) -> float:
+        """A float32 factor ``>= value``."""
+        return float(as_upper(torch.tensor([value], dtype=torch.float64), self.dtype)[0])
+
+    def rule(self, j: int, st: Step):
+        """``(values of the inputs, their errors, the output value) -> output error`` for step ``j``."""
+        u, lam, role = self.u, self.lam, st.role
+        if role == "input":
+            return None
+        if role == "reshape" or role == "select" and isinstance(st.data.get("op"), Select) or role == "concat":
+            fn = st.fn  # exact data movement: the same on the errors (selections copy, masks are 0 / 1)
+            return lambda xs, es, y: fn(es)
+        if role == "maxpool":
+            pool = st.data["op"]
+            return lambda xs, es, y: pool(es[0])
+        if role == "minmax":
+            def pair_max(xs, es, y):
+                e = es[0]
+                b, c = e.shape[0], e.shape[1]
+                pairs = e.reshape(b, c // 2, 2, *e.shape[2:]).amax(2, keepdim=True)
+                return pairs.expand(b, c // 2, 2, *e.shape[2:]).reshape(e.shape)
+            return pair_max
+        if role == "activation":
+            if st.label == "relu":
+                return lambda xs, es, y: torch.where(xs[0] < -es[0], torch.zeros_like(es[0]), es[0])
+            if st.rel == 0.0:  # clipping, absolute value: 1-Lipschitz and exact
+                return lambda xs, es, y: es[0]
+            L = self.up(float(st.data["slope"]))
+            f = self.up(inverse(gamma(6, u)))
+            a = self.up(u)
+            return lambda xs, es, y: (es[0] * L + a * y.abs() + lam) * f
+        if role == "sum":
+            cs = [abs(c) for c in st.data["coefs"]]
+            k = len(cs)
+            g = self.up(gamma(2 * k + 1, u))
+            f = self.up(inverse(gamma(4 * k + 6, u)))
+            ab = [self.up(c) for c in cs]
+
+            def sum_rule(xs, es, y):
+                t = None
+                for c, x, e in zip(ab, xs, es):
+                    v = (e + g * x.abs()) * c
+                    t = v if t is None else t + v
+                return (t + lam * (2 * k + 3)) * f
+            return sum_rule
+        if role == "bias":
+            b = st.data["bias"]
+            g = gamma(2, u)
+            gb = as_upper((b * g).to(self.rf.device), self.dtype)
+            gg = self.up(g)
+            f = self.up(inverse(gamma(8, u)))
+            return lambda xs, es, y: (es[0] + gg * xs[0].abs() + gb + 2 * lam) * f
+        if role == "linear":
+            return self.linear_rule(st)
+        raise UnsupportedRounding(f"no running error rule for {st.label}")
+
+    def linear_rule(self, st: Step):
+        u, lam = self.u, self.lam
+        op, n = st.data["op"], int(st.data["n"])
+        rel = self.up(st.rel)
+        f = self.up(inverse(gamma(n + 8, u)))
+        if isinstance(op, Scale):
+            sc = as_upper(op.scale.detach().double().abs().to(self.rf.device), self.dtype)
+
+            def kernel(z):
+                return z * sc
+            rows = float(op.scale.detach().double().abs().max()) if op.scale.numel() else 0.0
+        else:
+            a = copy.copy(op)
+            a.weight = as_upper(op.weight.detach().double().abs().to(self.rf.device), self.dtype)
+            k = self.rf.kernel(a, None)
+
+            def kernel(z):
+                return k([z])
+            rows = abs_norm(op, "inf")
+        wmax = float(op.weight.detach().double().abs().max()) if hasattr(op, "weight") and op.weight.numel() else rows
+        # underflow: the forward's allowance (as in RoundedForward) and the bound's own (n products and
+        # sums, a few element-wise operations)
+        lam_term = lam * ((2 * n + 3 + rows + wmax) + (2 * n + 12))
+        bias = None
+        if "bias" in st.data:
+            bias = as_upper((st.data["bias"] * st.data.get("bias_rel", st.rel)).to(self.rf.device), self.dtype)
+
+        def linear(xs, es, y):
+            t = kernel(es[0] + rel * xs[0].abs())
+            if bias is not None:
+                t = t + bias
+            return (t + lam_term) * f
+        return linear
+
+    def __call__(self, x: torch.Tensor, input_error: torch.Tensor | None = None, trace: bool = False):
+        """``(logits, delta)`` for the batch ``x``.  ``input_error``: a bound ``E_0 >= 0`` (shape of ``x``)
+        on how far the exact input may be from ``x`` entry by entry (default 0: ``x`` is the input).
+        ``trace``: also return every step's computed value and error bound (lists by step)."""
+        rf = self.rf
+        B = len(x)
+        xin, inexact = rf.converted(x)
+        steps = rf.steps
+        vals: list = [None] * len(steps)
+        errs: list = [None] * len(steps)
+        with trusted_kernels(), torch.no_grad():
+            vals[0] = xin
+            errs[0] = torch.zeros_like(xin) if input_error is None else \
+                as_upper(input_error.to(xin.device, torch.float64), self.dtype).reshape(xin.shape)
+            for j in range(1, rf.output + 1):
+                st = steps[j]
+                xs = [vals[i] for i in st.inputs]
+                vals[j] = rf.plain_fn(j)(xs)
+                errs[j] = self.rules[j](xs, [errs[i] for i in st.inputs], vals[j])
+                if not trace:
+                    for i in st.inputs:
+                        if rf.last_use[i] == j and i != rf.output:
+                            vals[i] = errs[i] = None
+            out = vals[rf.output].reshape(B, -1)
+            e = errs[rf.output].reshape(B, -1).double() * BOUND_FACTOR
+        pred = out.argmax(1)
+        delta = e.gather(1, pred[:, None]) + e
+        res = rf.guard(out, delta, inexact)
+        return (res[0], res[1], vals, errs) if trace else res
+
+
+def inverse(g: float) -> float:
+    """``1 / (1 - g)``: the factor that undoes roundings worth ``gamma = g`` on non-negative sums."""
+    if not g < 0.5:
+        raise UnsupportedRounding("a dot product too long for the running error bound (gamma_n >= 1/2)")
+    return 1.0 / (1.0 - g)
