@@ -86,13 +86,15 @@ METHODS = ("global", "local", "local (estimate)", "global (float32, rounding err
 #: most ``2^-53`` each, so ``d > fl(eps * K (1 + 2^-51))`` proves ``d > eps K`` and ``fl(d / (K (1 +
 #: 2^-51)))`` is at most ``d / K``
 RULE_FACTOR = 1.0 + 2.0 ** -51
-#: inputs in the first float32 batch: when the rounding bound leaves most of their decisions open, the
-#: others are certified in float64 directly
-PROBE = 16
+#: inputs in the first float32 batch (at most; ``n / 16`` on small runs, at least 8), the probe that
+#: chooses the rounding bound, or float64 directly (:func:`certify`)
+PROBE = 32
 #: cost of certifying an input with the entry-wise running error bound, and in float64, relative to the
 #: float32 pass with the sensitivity bound (``other``: accelerators, where float64 is far slower)
 RUNNING_COST = 2.0
 FLOAT64_COST = {"cpu": 4.0, "other": 32.0}
+#: the running bound is tried only when the sensitivity bound's median is below this many top margins
+RUNNING_REACH = 30.0
 #: logits (rows times classes) the rule decides at once: many batches' worth of tensor work per call,
 #: with memory bounded
 RULE_BLOCK_ENTRIES = 1 << 22
@@ -308,6 +310,8 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     fast_parts: list[torch.Tensor] = []
     use_fast = fast is not None
     fast_call = [fast]  # the float32 evaluator with its bound (the probe may switch it)
+    probe_n = min(PROBE, max(8, n // 16))  # a smaller probe on small runs, where it would be most of the work
+    probe_n = probe_n if n > probe_n else 0
 
     def decide(logits, delta, eps_rows):
         """The rule on a block of rows, and which of them a float32 bound leaves open (the prediction,
@@ -361,21 +365,25 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
             flush()
 
     def open_fraction(logits, delta):
-        _, redo, _ = decide(logits.double(), delta, eps_dev[:len(logits)] if per_example else None)
-        return float(redo.double().mean())
+        """The fraction of decisions the bound leaves open, and the median bound over the median top
+        margin."""
+        out, redo, dl = decide(logits.double(), delta, eps_dev[:len(logits)] if per_example else None)
+        gap = float(out[1].abs().median())
+        return float(redo.double().mean()), float(dl.median()) / gap if gap > 0 else math.inf
 
     def choose_bound(xb, logits, delta):
         """The probe: the bound (and its logits) that certifies the rest at the least expected cost, by
         the fraction of the probe's decisions each leaves open (those are recomputed in float64); None:
-        float64 throughout."""
+        float64 throughout.  The running bound is tried only when the sensitivity bound is within
+        :data:`RUNNING_REACH` of the margins (it is a few times tighter, not orders of magnitude)."""
         c64 = FLOAT64_COST.get(torch.device(device).type, FLOAT64_COST["other"])
-        r1 = open_fraction(logits, delta)
+        r1, reach = open_fraction(logits, delta)
         options = [(1.0 + c64 * r1, 0, logits, delta, fast), (c64, 2, None, None, None)]
-        if 1.0 + c64 * r1 > RUNNING_COST:
+        if 1.0 + c64 * r1 > RUNNING_COST and reach < RUNNING_REACH:
             running = model.running_error(norm)
             if running is not None:
                 l2, d2 = running(xb)
-                options.append((RUNNING_COST + c64 * open_fraction(l2, d2), 1, l2, d2, running))
+                options.append((RUNNING_COST + c64 * open_fraction(l2, d2)[0], 1, l2, d2, running))
         best = min(options, key=lambda o: (o[0], o[1]))
         if best[4] is None:  # float64 for the others; the probe's float32 logits stay (open ones redone)
             return logits, delta, None
@@ -384,7 +392,7 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     def batches():
         # with float32 logits, a first batch of PROBE inputs tells whether the bound is narrow enough
         # to pay (else the rest runs in float64 directly); one more call per run, not per batch
-        first = PROBE if use_fast and n > PROBE else 0
+        first = probe_n if use_fast else 0
         if first:
             yield 0, x[:first].to(device)
         for s, xb in stream(x[first:], batch_size, device):
@@ -394,7 +402,7 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
         for s, xb in batches():
             if use_fast:
                 logits, delta = fast_call[0](xb)
-                if s == 0 and n > PROBE:
+                if s == 0 and probe_n:
                     logits, delta, chosen = choose_bound(xb, logits, delta)
                     use_fast = chosen is not None
                     fast_call[0] = chosen
