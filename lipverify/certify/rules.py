@@ -440,7 +440,7 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     sound = torch.full((n,), bool(sound_K), dtype=torch.bool)
     if fast is not None:
         med = float(torch.cat(deltas).median()) if deltas else 0.0
-        how = " (entry-wise running error bound)" if fast_call[0] is not None and fast_call[0] is not fast else ""
+        how = " by entry-wise running error analysis" if fast_call[0] is not None and fast_call[0] is not fast else ""
         notes.append(f"logits in float32 with a proven rounding-error bound{how} (median {med:.3g}); {n_redo} of "
                      f"{n_fast} input(s) near a decision recomputed in float64"
                      + (f"; the bound exceeded most margins, so the other {n - n_fast} input(s) ran in float64"
