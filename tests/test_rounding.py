@@ -265,6 +265,25 @@ def test_running_error_rules_bound_every_intermediate_tensor(case):
     assert tight > 0.3  # the box vertices come close to the bound somewhere: the check can fail
 
 
+def test_leaky_relu_bound_covers_the_rounded_slope():
+    """``F.leaky_relu(x, 0.3)`` rounds the slope to float32 and then the product: up to about ``2u``
+    relative, which a one-rounding model (``u``) misses on negative inputs.  Checked on the activation's
+    own output against the float64 graph, where no later layer's slack can hide it."""
+    torch.manual_seed(0)
+    for slope in (0.1, 0.3, 0.01):
+        lm = lipverify.load(nn.Sequential(nn.LeakyReLU(slope), nn.Linear(4096, 2)).eval(), input_shape=(4096,))
+        run = lm.running_error("2")
+        x = -torch.rand(4, 4096) * 3
+        _, _, vals, errs = run(x, trace=True)
+        ref = lm.graph.forward_all(x.double())
+        node = [i for i, n in enumerate(lm.graph.nodes) if n.kind == "activation"][0]
+        step = run.rf.node_steps[node]
+        diff = (ref[node] - vals[step].double()).abs()
+        assert bool((diff <= errs[step].double()).all())
+        assert float((diff / errs[step].double()).max()) > 0.5  # the u-only bound would be exceeded
+        assert run.rf.steps[step].rel >= 2 * run.rf.u  # the sensitivity bound uses the same model
+
+
 def test_pool_routes_is_the_sum_pooling_adjoint():
     torch.manual_seed(5)
     for kw in (dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),

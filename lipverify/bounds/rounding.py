@@ -36,7 +36,8 @@ bound with the largest row and column abs-sums ``R``, ``C``; for a convolution `
 abs-sum over taps, which dominates the operator's symbol at every frequency).  ``||x^||`` is measured
 on the computed tensor at run time (itself rounded: ``s <= (s~ + 2 m lambda) / (1 - gamma_m)`` for the
 computed sum of squares ``s~`` of ``m`` entries).  Sums of ``K`` scaled tensors: ``gamma_{2K+1}
-sum |c_k| ||x_k||``; leaky ReLU: ``u |a| ||x||``.  Underflow adds ``lambda`` terms (proportional to
+sum |c_k| ||x_k||``; leaky ReLU / PReLU: ``gamma_2 |a| ||x||`` (the slope is rounded to the
+tensor's precision, then multiplied).  Underflow adds ``lambda`` terms (proportional to
 the tensor sizes) that only matter near ``1e-38``.  The margin error is ``|e_j - e_i| <= sqrt(2) ||e||_2``
 or ``2 ||e||_inf``, and the final value is multiplied by ``1 + 1e-6`` (the float64 arithmetic of the
 bound itself).
@@ -77,9 +78,9 @@ UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
 SMALLEST_NORMAL = {torch.float32: 2.0 ** -126, torch.float64: 2.0 ** -1022}
 #: relative safety factor on the final bound (the float64 arithmetic that computes it)
 BOUND_FACTOR = 1.0 + 1e-6
-#: activations computed exactly in floating point, and those computed with one rounding
+#: activations computed exactly in floating point, and those whose slope and product each round once
 EXACT_ACTIVATIONS = ("relu", "clip[", "abs")
-ONE_ROUNDING_ACTIVATIONS = ("leaky_relu(", "prelu[")
+ROUNDED_ACTIVATIONS = ("leaky_relu(", "prelu[")
 
 
 def gamma(n: int, u: float) -> float:
@@ -487,8 +488,8 @@ class RoundedForward:
                 name = n.op.name
                 if name.startswith(EXACT_ACTIVATIONS):
                     rel = 0.0
-                elif name.startswith(ONE_ROUNDING_ACTIVATIONS):
-                    rel = self.u
+                elif name.startswith(ROUNDED_ACTIVATIONS):
+                    rel = gamma(2, self.u)  # the slope rounded to the tensor's precision, then the product
                 else:
                     raise UnsupportedRounding(f"{n.name}: the rounding of {name} is not modelled (library "
                                               "accuracy unspecified)")

@@ -19,7 +19,7 @@ operation for underflow; an ``n``-term dot product in any order within ``gamma_n
   loses at most a factor ``1 - u``, the dot product ``1 - gamma_n``), plus ``lambda`` terms.
 * ReLU: where ``x^ < -E`` the exact value is negative too and both outputs are 0, so ``E_out = 0``;
   elsewhere ``|relu(a) - relu(b)| <= |a - b|``: ``E_out = E``.  Clipping, absolute value: ``E``.
-  Leaky ReLU / PReLU (one rounding): ``L E + u |y^|``.
+  Leaky ReLU / PReLU (the slope rounded to float32, then the product): ``L E + gamma_2 |y^|``.
 * max pooling: ``|max a^ - max a| <= max |a^ - a|``: the max pooling of ``E``.  MinMax: per pair, the
   larger of the two errors.  Sums ``sum c_k x_k``: ``sum |c_k| (E_k + gamma_{2K+1} |x^_k|)``.
   Concatenation and reshapes: exact.
@@ -45,7 +45,7 @@ import torch
 
 from lipverify.bounds.rounding import (BOUND_FACTOR, RoundedForward, Step, UnsupportedRounding, abs_norm, as_upper,
                                        gamma, trusted_kernels)
-from lipverify.graph.linear_ops import Scale, Select
+from lipverify.graph.linear_ops import Scale
 
 
 class RunningError:
@@ -70,7 +70,7 @@ class RunningError:
         u, lam, role = self.u, self.lam, st.role
         if role == "input":
             return None
-        if role == "reshape" or role == "select" and isinstance(st.data.get("op"), Select) or role == "concat":
+        if role in ("reshape", "select", "concat"):
             fn = st.fn  # exact data movement: the same on the errors (selections copy, masks are 0 / 1)
             return lambda xs, es, y: fn(es)
         if role == "maxpool":
@@ -90,7 +90,7 @@ class RunningError:
                 return lambda xs, es, y: es[0]
             L = self.up(float(st.data["slope"]))
             f = self.up(inverse(gamma(6, u)))
-            a = self.up(u)
+            a = self.up(st.rel)  # gamma_2: the slope's rounding and the product's
             return lambda xs, es, y: (es[0] * L + a * y.abs() + lam) * f
         if role == "sum":
             cs = [abs(c) for c in st.data["coefs"]]
