@@ -237,19 +237,21 @@ def running_nets():
     return [(res, (1, 6, 6)), (mm, (2, 6, 6)), (mlp(2, leaky=True), (7,))]
 
 
+@pytest.mark.parametrize("scale", [1e-3, 2e-2])
 @pytest.mark.parametrize("case", range(3))
-def test_running_error_rules_bound_every_intermediate_tensor(case):
+def test_running_error_rules_bound_every_intermediate_tensor(case, scale):
     """Each step's rule, tested where it binds: with an input known only within ``E_0``, every tensor
     the float32 pass computes is within its error bound, entry by entry, of the float64 graph at
     vertices of the input box (signs at random).  A rule that drops a term (a ReLU whose input may
-    change sign, a max over errors) fails at the first tensor it feeds."""
+    change sign, a max over errors) fails at the first tensor it feeds: the narrow box tests the
+    rounding terms, the wide one the rules where many ReLU inputs straddle 0."""
     net, shape = running_nets()[case]
     lm = lipverify.load(net, input_shape=shape)
     run = lm.running_error("2")
     rf = run.rf
     torch.manual_seed(case)
     x = torch.randn(8, *shape)
-    e0 = 1e-3 * (x.abs() + 0.1)
+    e0 = scale * (x.abs() + 0.1)
     _, _, vals, errs = run(x, input_error=e0, trace=True)
     tight = 0.0
     for _ in range(20):
@@ -376,6 +378,41 @@ def test_rule_blocks_and_the_probe_switch_change_no_decision(monkeypatch):
     assert any("ran in float64" in n for n in res.notes), res.notes
     assert torch.equal(res.pred, ref.pred) and torch.equal(res.certified_at[0.01], ref.certified_at[0.01])
     assert int((res.method_code[8:] == 3).sum()) == 0  # 100 inputs: a probe of 8
+
+
+def test_running_bound_as_second_stage_gives_the_float64_decisions(monkeypatch):
+    """Where float64 is dear (accelerators), the inputs the sensitivity bound leaves open go through the
+    running bound before float64: a deep net with many ReLUs off by a margin (the sensitivity bound
+    counts every one as passing error, the running bound none) takes that path, and every decision is
+    the float64 one."""
+    import lipverify.certify.rules as rules
+
+    monkeypatch.setattr(rules, "FLOAT64_COST", {"cpu": 100.0, "other": 100.0})
+    torch.manual_seed(0)
+    layers, d = [], 16
+    for _ in range(6):
+        layers += [nn.Linear(d, 64), nn.ReLU()]
+        d = 64
+    net = nn.Sequential(*layers, nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        for m in list(net)[:-1]:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(3.0)
+                m.bias.fill_(-0.5)
+    lm = lipverify.load(net, input_shape=(16,))
+    x, y = torch.randn(600, 16), torch.randint(0, 10, (600,))
+    eps = [0.001 * k for k in range(1, 50, 4)]
+    res = lm.certify(x, y, eps=eps, batch_size=64)
+    ref = lm.certify(x, y, eps=eps, batch_size=64, precision="float64")
+    note = [t for t in res.notes if "bounded again" in t]
+    assert note, res.notes
+    second = int(note[0].split("; ")[1].split(" ")[0])
+    redone = int((res.method_code == 0).sum())
+    assert 0 < redone < second  # the second stage decided some of the inputs it saw
+    assert torch.equal(res.pred, ref.pred)
+    for e in eps:
+        assert torch.equal(res.certified_at[e], ref.certified_at[e]), e
+    assert bool((res.radius <= ref.radius * (1 + 1e-12)).all())
 
 
 def test_inputs_float32_cannot_represent_are_decided_in_float64():

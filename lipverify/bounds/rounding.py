@@ -550,6 +550,10 @@ class RoundedForward:
                 self.nonneg[j] = True
             elif st.role in ("reshape", "select", "maxpool", "minmax", "concat") and st.inputs:
                 self.nonneg[j] = all(self.nonneg[i] for i in st.inputs)
+        # the input itself and its reshapes: >= 0 or not by the data (checked per batch where it matters)
+        self.from_input: list[bool] = []
+        for j, st in enumerate(self.steps):
+            self.from_input.append(j == 0 or (st.role == "reshape" and self.from_input[st.inputs[0]]))
 
     # -- the element-wise bound -------------------------------------------------------------------
     def back(self, st: Step, h: torch.Tensor) -> list[torch.Tensor]:
@@ -685,7 +689,8 @@ class RoundedForward:
             for i in st.inputs:
                 readers.setdefault(i, []).append(c)
         for i, (w, blocks, m) in self.ew.items():
-            if not (self.nonneg[i] and self.ew_used.get(i, True)) or len(readers.get(i, [])) != 1:
+            if not ((self.nonneg[i] or self.from_input[i]) and self.ew_used.get(i, True)) or \
+                    len(readers.get(i, [])) != 1:
                 continue
             c = readers[i][0]
             st = self.steps[c]
@@ -701,10 +706,18 @@ class RoundedForward:
                                                                                       device=W.device)])
             nnz_needed = any(c1 for c1, _ in blocks)
             stash = self.stash
+            plain = st.fn
+            checked = not self.nonneg[i]  # the model input: |x| = x only when the batch is >= 0
 
-            def fn(xs, w_aug=w_aug, b_aug=b_aug, rows=rows, i=i, nnz_needed=nnz_needed):
-                y = F.linear(xs[0], w_aug, b_aug)
-                stash[i] = (y[:, rows:], count_nonzero(xs[0]) if nnz_needed else None)
+            def fn(xs, w_aug=w_aug, b_aug=b_aug, rows=rows, i=i, nnz_needed=nnz_needed, plain=plain, checked=checked,
+                   w=w):
+                v = xs[0]
+                if checked and not bool(v.amin() >= 0):  # (also false with a NaN)
+                    a = v.abs()
+                    stash[i] = (a @ w, count_nonzero(a) if nnz_needed else None)
+                    return plain(xs)
+                y = F.linear(v, w_aug, b_aug)
+                stash[i] = (y[:, rows:], count_nonzero(v) if nnz_needed else None)
                 return y[:, :rows]
 
             st.data["plain_fn"] = st.fn

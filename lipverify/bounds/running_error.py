@@ -17,8 +17,9 @@ operation for underflow; an ``n``-term dot product in any order within ``gamma_n
   ``|A|^ (E + gamma |x^|) + gamma |b|`` with ``|A|^ >= |A|`` (rounded up) and the whole float32
   evaluation of this non-negative expression scaled by ``1 / (1 - gamma_{n+8})`` (each of its roundings
   loses at most a factor ``1 - u``, the dot product ``1 - gamma_n``), plus ``lambda`` terms.
-* ReLU: where ``x^ < -E`` the exact value is negative too and both outputs are 0, so ``E_out = 0``;
-  elsewhere ``|relu(a) - relu(b)| <= |a - b|``: ``E_out = E``.  Clipping, absolute value: ``E``.
+* ReLU: ``E_out = min(E, max(x^ + E, 0))``: ``|relu(a) - relu(b)| <= |a - b|``, and where ``x^ < 0``
+  the computed output is 0 and the exact one at most ``max(x^ + E, 0)`` (0 where ``x^ < -E``: the
+  exact value is negative too).  Clipping, absolute value: ``E``.
   Leaky ReLU / PReLU (the slope rounded to float32, then the product): ``L E + gamma_2 |y^|``.
 * max pooling: ``|max a^ - max a| <= max |a^ - a|``: the max pooling of ``E``.  MinMax: per pair, the
   larger of the two errors.  Sums ``sum c_k x_k``: ``sum |c_k| (E_k + gamma_{2K+1} |x^_k|)``.
@@ -27,8 +28,8 @@ operation for underflow; an ``n``-term dot product in any order within ``gamma_n
 
 It costs one more pass of every linear layer (with ``|A|``) over the error tensors, about twice the
 plain forward, and it is much tighter where ReLUs are inactive with a margin: the error through them
-is exactly 0.  :func:`lipverify.certify.certify` uses it when the first inputs show that the cheaper
-bound leaves most decisions open.
+is exactly 0, and it shrinks where ReLU inputs are near 0.  :func:`lipverify.certify.certify` uses it
+when the first inputs show that the cheaper bound leaves most decisions open.
 
 Warnings
 --------
@@ -44,7 +45,7 @@ import copy
 import torch
 
 from lipverify.bounds.rounding import (BOUND_FACTOR, RoundedForward, Step, UnsupportedRounding, abs_norm, as_upper,
-                                       gamma, trusted_kernels)
+                                       channel_vector, gamma, trusted_kernels)
 from lipverify.graph.linear_ops import Scale
 
 
@@ -85,7 +86,11 @@ class RunningError:
             return pair_max
         if role == "activation":
             if st.label == "relu":
-                return lambda xs, es, y: torch.where(xs[0] < -es[0], torch.zeros_like(es[0]), es[0])
+                # min(E, max(x^ + E, 0)), with fl(x^ + E) raised by c >= 1 / (1 - u)^2 (its own rounding
+                # and the product's; a sum that is subnormal is exact, and rounding is monotone);
+                # element-wise float arithmetic only (a selection by a mask costs several times more)
+                c = self.up(1.0 / (1.0 - u) ** 2)
+                return lambda xs, es, y: torch.minimum(torch.relu_(torch.add(xs[0], es[0]).mul_(c)), es[0])
             if st.rel == 0.0:  # clipping, absolute value: 1-Lipschitz and exact
                 return lambda xs, es, y: es[0]
             L = self.up(float(st.data["slope"]))
@@ -97,14 +102,20 @@ class RunningError:
             k = len(cs)
             g = self.up(gamma(2 * k + 1, u))
             f = self.up(inverse(gamma(4 * k + 6, u)))
-            ab = [self.up(c) for c in cs]
+            ab = [c if c == 1.0 else self.up(c) for c in cs]  # 1 is exact: no product
+            nonneg = [self.rf.nonneg[i] for i in st.inputs]
 
             def sum_rule(xs, es, y):
-                t = None
-                for c, x, e in zip(ab, xs, es):
-                    v = (e + g * x.abs()) * c
-                    t = v if t is None else t + v
-                return (t + lam * (2 * k + 3)) * f
+                # sum_k c_k E_k + g sum_k c_k |x^_k| (non-negative terms: every rounding is a factor >= 1 - u,
+                # at most 4k + 6 of them on any path, undone by f)
+                te = ta = None
+                for c, x, e, pos in zip(ab, xs, es, nonneg):
+                    a = x if pos else x.abs()
+                    if c != 1.0:
+                        e, a = e * c, a * c
+                    te = e if te is None else te + e
+                    ta = a if ta is None else ta + a
+                return torch.add(te, ta, alpha=g).add_(lam * (2 * k + 3)).mul_(f)
             return sum_rule
         if role == "bias":
             b = st.data["bias"]
@@ -118,37 +129,52 @@ class RunningError:
         raise UnsupportedRounding(f"no running error rule for {st.label}")
 
     def linear_rule(self, st: Step):
+        """``|A|^ (E + rel |x^|) + rel_b |b| + lambda terms``, the whole float32 evaluation scaled by ``f =
+        1 / (1 - gamma_{n+8})``.  Dense and convolution layers: ``f`` goes into ``|A|^`` and the constant
+        terms into the kernel's bias (rounded up): the kernel sums ``n + 1`` non-negative terms, and with
+        the two roundings of ``E + rel |x^|`` every computed entry is at least ``(1 - gamma_{n+3}) f >= 1``
+        times its exact value."""
         u, lam = self.u, self.lam
         op, n = st.data["op"], int(st.data["n"])
         rel = self.up(st.rel)
         f = self.up(inverse(gamma(n + 8, u)))
         if isinstance(op, Scale):
-            sc = as_upper(op.scale.detach().double().abs().to(self.rf.device), self.dtype)
-
-            def kernel(z):
-                return z * sc
             rows = float(op.scale.detach().double().abs().max()) if op.scale.numel() else 0.0
         else:
-            a = copy.copy(op)
-            a.weight = as_upper(op.weight.detach().double().abs().to(self.rf.device), self.dtype)
-            k = self.rf.kernel(a, None)
-
-            def kernel(z):
-                return k([z])
             rows = abs_norm(op, "inf")
         wmax = float(op.weight.detach().double().abs().max()) if hasattr(op, "weight") and op.weight.numel() else rows
         # underflow: the forward's allowance (as in RoundedForward) and the bound's own (n products and
         # sums, a few element-wise operations)
         lam_term = lam * ((2 * n + 3 + rows + wmax) + (2 * n + 12))
-        bias = None
+        dev = self.rf.device
+        b64 = None
         if "bias" in st.data:
-            bias = as_upper((st.data["bias"] * st.data.get("bias_rel", st.rel)).to(self.rf.device), self.dtype)
+            b64 = st.data["bias"].to(dev, torch.float64) * st.data.get("bias_rel", st.rel)
+        nonneg = self.rf.nonneg[st.inputs[0]]
+
+        def z_of(xs, es):
+            return torch.add(es[0], xs[0] if nonneg else xs[0].abs(), alpha=rel)
+
+        if isinstance(op, Scale):
+            sc = as_upper(op.scale.detach().double().abs().to(dev), self.dtype)
+            bias = None if b64 is None else as_upper(b64, self.dtype)
+
+            def scale_rule(xs, es, y):
+                t = z_of(xs, es) * sc
+                if bias is not None:
+                    t = t + bias
+                return (t + lam_term) * f
+            return scale_rule
+        a = copy.copy(op)
+        a.weight = as_upper(op.weight.detach().double().abs().to(dev) * f, self.dtype)
+        consts = (b64 if b64 is not None else torch.zeros(op.out_shape, dtype=torch.float64, device=dev)) + lam_term
+        vec = channel_vector(consts.reshape(op.out_shape), op)
+        k = self.rf.kernel(a, None if vec is None else as_upper(vec * f, self.dtype))
+        rest = None if vec is not None else as_upper(consts.reshape(op.out_shape) * f, self.dtype)
 
         def linear(xs, es, y):
-            t = kernel(es[0] + rel * xs[0].abs())
-            if bias is not None:
-                t = t + bias
-            return (t + lam_term) * f
+            t = k([z_of(xs, es)])
+            return t if rest is None else t + rest
         return linear
 
     def __call__(self, x: torch.Tensor, input_error: torch.Tensor | None = None, trace: bool = False):

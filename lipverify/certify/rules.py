@@ -172,25 +172,29 @@ def global_radii(logits: torch.Tensor, K: torch.Tensor, delta: torch.Tensor | No
     the lower bounds ``f_j - f_i - delta`` and the radius holds for the exact network.  A lower bound
     ``<= 0`` leaves even the prediction open: radius 0.
     """
+    out = radii_with_delta(logits, K, delta)
+    return out[:5]
+
+
+def radii_with_delta(logits: torch.Tensor, K: torch.Tensor, delta: torch.Tensor | None = None):
+    """:func:`global_radii` plus the ``(B, m)`` bound on the error of each difference
+    (:func:`rule_delta`; None without ``delta``), in as few tensor passes as the rule allows."""
     logits = logits.double()
     K = K.to(logits.device, torch.float64)
     pred = logits.argmax(1)
-    top = logits.gather(1, pred[:, None])
-    diffs = top - logits  # f_j - f_i, 0 at i = j
-    mask = torch.ones_like(diffs, dtype=torch.bool)
-    mask.scatter_(1, pred[:, None], False)
-    margin = torch.where(mask, diffs, torch.full_like(diffs, math.inf)).min(1).values
+    diffs = logits.gather(1, pred[:, None]) - logits  # f_j - f_i, 0 at i = j
+    mask = torch.arange(logits.shape[1], device=logits.device)[None, :] != pred[:, None]
+    off = ~mask
+    margin = diffs.masked_fill(off, math.inf).amin(1)
+    dl = None
     if delta is not None:
-        diffs = diffs - rule_delta(logits, delta)
-    Kj = K[pred]  # K_ji for every i
-    with torch.no_grad():
-        ratio = torch.where(Kj > 0, diffs / Kj, torch.where(diffs > 0, torch.full_like(diffs, math.inf),
-                                                            torch.zeros_like(diffs)))
-    ratio = torch.where(mask, ratio, torch.full_like(ratio, math.inf))
-    radius = ratio.min(1).values.clamp_min(0.0)
-    lower = torch.where(mask, diffs, torch.full_like(diffs, math.inf)).min(1).values
-    radius = torch.where(lower > 0, radius, torch.zeros_like(radius))
-    return pred, margin, radius, diffs, mask
+        dl = rule_delta(logits, delta)
+        diffs = diffs - dl
+    lower = diffs.masked_fill(off, math.inf).amin(1)
+    # d / K_ji: +inf for K = 0 < d; where some d <= 0 (0 / 0 included) the radius is 0 by ``lower``
+    ratio = (diffs / K[pred]).masked_fill(off, math.inf)
+    radius = torch.where(lower > 0, ratio.amin(1), torch.zeros_like(lower))
+    return pred, margin, radius, diffs, mask, dl
 
 
 def rule_delta(logits: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -204,10 +208,10 @@ def rule_delta(logits: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return delta + 2.0 ** -51 * logits.abs().amax(1, keepdim=True)
 
 
-def certified_at(diffs: torch.Tensor, mask: torch.Tensor, Kj: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Strict GloRo rule ``f_j - f_i > eps * K_ji`` for all ``i != j`` (eps per example)."""
-    ok = (diffs > eps[:, None] * Kj) | ~mask
-    return ok.all(1)
+def certified_at(diffs: torch.Tensor, mask: torch.Tensor, Kj: torch.Tensor, eps: torch.Tensor | float) -> torch.Tensor:
+    """Strict GloRo rule ``f_j - f_i > eps * K_ji`` for all ``i != j`` (``eps``: per example, or one float)."""
+    lim = Kj * eps[:, None] if isinstance(eps, torch.Tensor) else Kj * float(eps)
+    return ((diffs > lim) | ~mask).all(1)
 
 
 def check_certifiable(model, norm: str) -> None:
@@ -310,23 +314,25 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     fast_parts: list[torch.Tensor] = []
     use_fast = fast is not None
     fast_call = [fast]  # the float32 evaluator with its bound (the probe may switch it)
+    cascade: list = [None]  # the running bound as a second stage on the open inputs (the probe's choice)
     probe_n = min(PROBE, max(8, n // 16))  # a smaller probe on small runs, where it would be most of the work
     probe_n = probe_n if n > probe_n else 0
 
     def decide(logits, delta, eps_rows):
         """The rule on a block of rows, and which of them a float32 bound leaves open (the prediction,
         radius > 0, certified at each eps could differ for logits within it)."""
-        p, mg, r, d, mk = global_radii(logits, K_rule, delta)
+        p, mg, r, d, mk, dl = radii_with_delta(logits, K_rule, delta)
         if delta is None:  # float64 logits taken as exact: nothing to redo
             return (p, mg, r, d, mk), torch.zeros(len(p), dtype=torch.bool, device=p.device), \
                 torch.zeros(len(p), dtype=torch.float64, device=p.device)
-        dl = rule_delta(logits, delta)
         Kb = K_rule[p]
-        lower = torch.where(mk, d, torch.full_like(d, math.inf)).amin(1)
-        redo = ~(lower > 0) | ~torch.isfinite(dl.sum(1))  # a sum is finite only if every term is
-        for e in ([eps_rows] if per_example else
-                  [torch.full((len(p),), e, dtype=torch.float64, device=d.device) for e in eps_list]):
-            redo |= certified_at(d, mk, Kb, e) != certified_at(d + 2.0 * dl, mk, Kb, e)
+        # open: the lower bound of some difference is <= 0 (prediction or radius > 0 could change), a
+        # bound is not finite (a sum is finite only if every term is), or a decision at some eps differs
+        # between the lower and the upper ends of the differences
+        redo = ~(r > 0) | ~torch.isfinite(dl.sum(1))
+        hi = d + 2.0 * dl
+        for e in ([eps_rows] if per_example else eps_list):
+            redo |= certified_at(d, mk, Kb, e) != certified_at(hi, mk, Kb, e)
         return (p, mg, r, d, mk), redo, dl.amax(1)
 
     # each batch is one forward pass; the rule runs on blocks of many batches' logits at once (tensor
@@ -364,27 +370,35 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
         if pending[0] >= block:
             flush()
 
-    def open_fraction(logits, delta):
-        """The fraction of decisions the bound leaves open, and the median bound over the median top
+    def open_rows(logits, delta):
+        """The probe rows whose decisions the bound leaves open, and the median bound over the median top
         margin."""
         out, redo, dl = decide(logits.double(), delta, eps_dev[:len(logits)] if per_example else None)
         gap = float(out[1].abs().median())
-        return float(redo.double().mean()), float(dl.median()) / gap if gap > 0 else math.inf
+        return redo, float(dl.median()) / gap if gap > 0 else math.inf
 
     def choose_bound(xb, logits, delta):
         """The probe: the bound (and its logits) that certifies the rest at the least expected cost, by
         the fraction of the probe's decisions each leaves open (those are recomputed in float64); None:
         float64 throughout.  The running bound is tried only when the sensitivity bound is within
-        :data:`RUNNING_REACH` of the margins (it is a few times tighter, not orders of magnitude)."""
+        :data:`RUNNING_REACH` of the margins (it is a few times tighter, not orders of magnitude); it
+        may also serve as a second stage, on the inputs the sensitivity bound leaves open only
+        (``cascade``)."""
         c64 = FLOAT64_COST.get(torch.device(device).type, FLOAT64_COST["other"])
-        r1, reach = open_fraction(logits, delta)
-        options = [(1.0 + c64 * r1, 0, logits, delta, fast), (c64, 2, None, None, None)]
-        if 1.0 + c64 * r1 > RUNNING_COST and reach < RUNNING_REACH:
+        open1, reach = open_rows(logits, delta)
+        r1 = float(open1.double().mean())
+        options = [(1.0 + c64 * r1, 0, logits, delta, fast), (c64, 3, None, None, None)]
+        if r1 > 0 and reach < RUNNING_REACH:
             running = model.running_error(norm)
             if running is not None:
                 l2, d2 = running(xb)
-                options.append((RUNNING_COST + c64 * open_fraction(l2, d2)[0], 1, l2, d2, running))
+                open2 = open_rows(l2, d2)[0]
+                options.append((RUNNING_COST + c64 * float(open2.double().mean()), 1, l2, d2, running))
+                both = float((open1 & open2).double().mean())
+                options.append((1.0 + RUNNING_COST * r1 + c64 * both, 2, logits, delta, fast))
         best = min(options, key=lambda o: (o[0], o[1]))
+        if best[1] == 2:
+            cascade[0] = model.running_error(norm)
         if best[4] is None:  # float64 for the others; the probe's float32 logits stay (open ones redone)
             return logits, delta, None
         return best[2], best[3], best[4]
@@ -421,8 +435,23 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
             diffs = torch.zeros(0, m_cls, dtype=torch.float64, device=device)
             mask = torch.zeros(0, m_cls, dtype=torch.bool, device=device)
             redo_all = fast_rows = torch.zeros(0, dtype=torch.bool, device=device)
-        # the float64 recomputation of the open decisions, in batches
         idx_all = redo_all.nonzero().flatten().cpu()
+        n_second = 0
+        if cascade[0] is not None and len(idx_all):  # the running bound on the open inputs first
+            still = []
+            for s in range(0, len(idx_all), batch_size):
+                idx = idx_all[s:s + batch_size]
+                l2, d2 = cascade[0](x[idx].to(device))
+                out, redo, _ = decide(l2, d2, eps_dev[idx.to(eps_dev.device)] if per_example else None)
+                idx_d = idx.to(pred.device)
+                for col, v in zip((pred, margin, radius, diffs, mask), out):
+                    col[idx_d] = v
+                still.append(idx[redo.cpu()])
+                n_second += len(idx)
+            idx_all = torch.cat(still)
+            redo_all = torch.zeros_like(redo_all)
+            redo_all[idx_all.to(redo_all.device)] = True
+        # the float64 recomputation of the open decisions, in batches
         for s in range(0, len(idx_all), batch_size):
             idx = idx_all[s:s + batch_size]
             l64, d64 = forward64(x[idx].to(device))
@@ -441,15 +470,17 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     if fast is not None:
         med = float(torch.cat(deltas).median()) if deltas else 0.0
         how = " by entry-wise running error analysis" if fast_call[0] is not None and fast_call[0] is not fast else ""
-        notes.append(f"logits in float32 with a proven rounding-error bound{how} (median {med:.3g}); {n_redo} of "
-                     f"{n_fast} input(s) near a decision recomputed in float64"
+        second = (f"; {n_second} input(s) it left open bounded again by entry-wise running error analysis"
+                  if n_second else "")
+        notes.append(f"logits in float32 with a proven rounding-error bound{how} (median {med:.3g}){second}; "
+                     f"{n_redo} of {n_fast} input(s) near a decision recomputed in float64"
                      + (f"; the bound exceeded most margins, so the other {n - n_fast} input(s) ran in float64"
                         if n_fast < n else ""))
     cert_at: dict[float, torch.Tensor] = {}
     if per_example:
         cert_at[-1.0] = certified_at(diffs, mask, Kj, eps_check) & sound
     for e in eps_list:
-        cert_at[e] = certified_at(diffs, mask, Kj, torch.full((n,), e, dtype=torch.float64)) & sound
+        cert_at[e] = certified_at(diffs, mask, Kj, e) & sound
 
     dom = model.effective_domain()
     if dom is not None:
