@@ -413,6 +413,13 @@ def test_running_bound_as_second_stage_gives_the_float64_decisions(monkeypatch):
     for e in eps:
         assert torch.equal(res.certified_at[e], ref.certified_at[e]), e
     assert bool((res.radius <= ref.radius * (1 + 1e-12)).all())
+    # per-example radii (VNN-LIB specifications) through the same path
+    torch.manual_seed(1)
+    per = torch.tensor(eps, dtype=torch.float64)[torch.randint(0, len(eps), (600,))]
+    res = lm.certify(x, y, eps=per, batch_size=64)
+    ref = lm.certify(x, y, eps=per, batch_size=64, precision="float64")
+    assert any("bounded again" in t for t in res.notes), res.notes
+    assert torch.equal(res.pred, ref.pred) and torch.equal(res.certified, ref.certified)
 
 
 def test_inputs_float32_cannot_represent_are_decided_in_float64():
