@@ -3,7 +3,8 @@
 Global certification throughput / float32 inference throughput of the model (same inputs, same batch):
 ``certify`` computes ``K`` once, then each batch is one float32 forward pass over the Lipschitz graph
 with a proven rounding-error bound (``--precision auto``, the default), the margin rule, and a float64
-recomputation of the inputs whose decision the bound leaves open; ``float64`` is the float64-only path.
+recomputation of the inputs whose decision the bound leaves open (after the running error bound, where
+the probe chose it as a second stage); ``float64`` is the float64-only path.
 ``auto batch``: certify with the batch it picks from free memory (1000 here), against the same float32
 inference at ``--batch``.  Also printed: the fraction of inputs recomputed in float64, the median bound on the margin error, and
 how much lower the float32-proven radii are than the float64 ones (median, relative).  The timings of
