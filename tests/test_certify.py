@@ -352,11 +352,18 @@ def test_torchrun_two_processes_give_the_one_process_result(tmp_path, precision)
 
 
 def test_auto_batch_size_and_streamed_batches():
-    from lipverify.certify.batching import CPU_CAP, auto_batch_size, free_memory, stream
+    from lipverify.certify.batching import CPU_CAP, CPU_WORKING_SET, auto_batch_size, free_memory, stream
 
     lm = lipverify.load(random_conv(), input_shape=(1, 8, 8))
     b = auto_batch_size(lm.graph, "cpu", 10_000)
     assert 16 <= b <= CPU_CAP and auto_batch_size(lm.graph, "cpu", 5) == 5 and free_memory("cpu") > 0
+    # large activations: the batch keeps one batch's float32 activations within the CPU working set
+    big = lipverify.load(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                                       nn.ReLU(), nn.Flatten(), nn.Linear(8 * 32 * 32, 10)).eval(),
+                         input_shape=(3, 32, 32))
+    entries = 3 * 32 * 32 + 4 * 8 * 32 * 32 + 10  # input, two convolutions, two ReLUs, logits
+    nb = auto_batch_size(big.graph, "cpu", 10_000)
+    assert 16 <= nb < CPU_CAP and nb * 4 * entries <= CPU_WORKING_SET < (nb + 1) * 4 * entries, (nb, entries)
     x = torch.rand(37, 1, 8, 8)
     parts = list(stream(x, 10, "cpu"))
     assert [s for s, _ in parts] == [0, 10, 20, 30] and torch.equal(torch.cat([p for _, p in parts]), x)

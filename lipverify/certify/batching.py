@@ -2,8 +2,11 @@
 
 :func:`auto_batch_size` picks the batch when the user gives none: a quarter of the free memory of the
 device (``torch.cuda.mem_get_info`` on GPUs, ``MemAvailable`` of ``/proc/meminfo`` on CPUs) divided by
-the memory one example needs (every node's output in float64, twice), between 16 and a cap (1024 on
-CPUs, where larger batches stop paying; 8192 on GPUs).  :func:`stream` yields ``(start, batch)`` with
+the memory one example needs (every node's output in float64, twice), between 16 and a cap (8192 on
+GPUs; on CPUs 1024, and at most what keeps one batch's float32 activations of all nodes within
+:data:`CPU_WORKING_SET`: beyond the caches the elementwise passes of the rounding bounds run at memory
+speed: on a 2-core CPU, Convnet_maxpool certified 7.7k inputs/s with batches of 1000 and 18.5k with
+the 86 this picks, resnet_2b 11.0k and 16.6k with 224).  :func:`stream` yields ``(start, batch)`` with
 each batch already on the device: from pinned host memory with a non-blocking copy issued one batch
 ahead on CUDA (the copy of the next batch overlaps the work on this one), plain slices on CPUs.
 
@@ -23,6 +26,8 @@ import torch
 __all__ = ["auto_batch_size", "free_memory", "stream"]
 
 CPU_CAP = 1024
+#: bytes of float32 activations (all nodes) one CPU batch may take
+CPU_WORKING_SET = 16 << 20
 GPU_CAP = 8192
 MIN_BATCH = 16
 
@@ -48,8 +53,10 @@ def auto_batch_size(graph, device, n: int) -> int:
     per_example = 0
     for node in graph.nodes:
         per_example += math.prod(int(s) for s in node.out_shape)
+    cap = GPU_CAP
+    if device.type != "cuda":
+        cap = min(CPU_CAP, max(MIN_BATCH, CPU_WORKING_SET // (4 * max(1, per_example))))
     per_example = max(1, 2 * 8 * per_example)
-    cap = GPU_CAP if device.type == "cuda" else CPU_CAP
     b = int(free_memory(device) // 4 // per_example)
     return max(1, min(max(b, MIN_BATCH), cap, max(n, 1)))
 
