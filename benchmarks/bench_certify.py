@@ -5,10 +5,10 @@ Global certification throughput / float32 inference throughput of the model (sam
 with a proven rounding-error bound (``--precision auto``, the default), the margin rule, and a float64
 recomputation of the inputs whose decision the bound leaves open (after the running error bound, where
 the probe chose it as a second stage); ``float64`` is the float64-only path.
-``auto batch``: certify with the batch it picks from free memory (1000 here), against the same float32
-inference at ``--batch``.  Also printed: the fraction of inputs recomputed in float64, the median bound on the margin error, and
-how much lower the float32-proven radii are than the float64 ones (median, relative).  The timings of
-the three contenders are interleaved and the best of ``--repeats`` is kept (the machine is shared).
+``auto batch``: certify with the batch it picks (free memory, and on CPUs the activation working
+set), against the same float32 inference at ``--batch``.  Also printed: the fraction of inputs
+recomputed in float64, the median bound on the margin error, and how much lower the float32-proven
+radii are than the float64 ones (median, relative).  The timings of the three contenders are interleaved and the best of ``--repeats`` is kept (the machine is shared).
 
     python benchmarks/bench_certify.py [--data ../shared/data] [--batch 256] [--repeats 7] [--n 1000]
 
