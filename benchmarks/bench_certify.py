@@ -8,7 +8,8 @@ the probe chose it as a second stage); ``float64`` is the float64-only path.
 ``auto batch``: certify with the batch it picks (free memory, and on CPUs the activation working
 set), against the same float32 inference at ``--batch``.  Also printed: the fraction of inputs
 recomputed in float64, the median bound on the margin error, and how much lower the float32-proven
-radii are than the float64 ones (median, relative).  The timings of the three contenders are interleaved and the best of ``--repeats`` is kept (the machine is shared).
+radii are than the float64 ones (median, relative).  The timings of the contenders are interleaved
+and the best of ``--repeats`` is kept (the machine is shared).
 
     python benchmarks/bench_certify.py [--data ../shared/data] [--batch 256] [--repeats 7] [--n 1000]
 
