@@ -256,8 +256,9 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     choose the bound: the sensitivity bound of :class:`~lipverify.bounds.rounding.RoundedForward`
     (cheapest), the entry-wise running error bound of
     :class:`~lipverify.bounds.running_error.RunningError` (about twice the cost, much tighter on normally
-    trained deep nets) or float64 throughout, whichever leaves the least expected work by the fraction
-    of the probe's decisions each leaves open (:data:`RUNNING_COST`, :data:`FLOAT64_COST`).
+    trained deep nets), the sensitivity bound with the running bound as a second stage on the inputs it
+    leaves open, or float64 throughout, whichever leaves the least expected work by the fraction of the
+    probe's decisions each leaves open (:data:`RUNNING_COST`, :data:`FLOAT64_COST`).
     ``"float64"``: float64 only.
     ``"auto"`` (default): float32 when the graph has a rounding model, else float64.  Decisions at the
     requested radii are the float64 ones; the radius of an input decided in float32 is the one proven
@@ -397,8 +398,8 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
                 both = float((open1 & open2).double().mean())
                 options.append((1.0 + RUNNING_COST * r1 + c64 * both, 2, logits, delta, fast))
         best = min(options, key=lambda o: (o[0], o[1]))
-        if best[1] == 2:
-            cascade[0] = model.running_error(norm)
+        if best[1] == 2:  # the sensitivity bound first, the running bound on what it leaves open
+            cascade[0] = running
         if best[4] is None:  # float64 for the others; the probe's float32 logits stay (open ones redone)
             return logits, delta, None
         return best[2], best[3], best[4]
