@@ -293,6 +293,7 @@ class RoundedForward:
         self.stash: dict[int, tuple] = {}  # tensor -> (product, non-zeros) from a fused GEMM
         self.norm_used: dict[int, bool] = {}  # per tensor: its norm-wise term is computed
         self.ew_used: dict[int, bool] = {}  # per tensor: its element-wise term is computed
+        self.domain_cache: dict = {}  # box -> constant terms (lipverify.bounds.domain)
         try:
             if dtype == torch.float32:
                 check_environment()
@@ -459,11 +460,13 @@ class RoundedForward:
                 st.data["bias_rel"] = gamma(2, self.u)
                 st.data["post_bias"] = True
             st.data["bias"] = bias.detach().double().abs().reshape(st.data["op"].out_shape)
+            st.data["signed_bias"] = bias.detach().double().reshape(st.data["op"].out_shape)
             st.const += st.data["bias_rel"] * bnorm
             return last
         g2 = gamma(2, self.u)
         return self.add_step(Step(lambda xs: xs[0] + b, [last], [g2], g2 * bnorm + self.lam * self.size(out_numel),
-                                  [1.0], "bias", out_numel, "bias", g2, {"bias": bias.detach().double().abs()}))
+                                  [1.0], "bias", out_numel, "bias", g2, {"bias": bias.detach().double().abs(),
+                                                                 "signed_bias": bias.detach().double()}))
 
     def build(self, graph: LipschitzGraph, constants) -> None:
         node_out: list[int] = []
