@@ -7,8 +7,10 @@ recomputation of the inputs whose decision the bound leaves open (after the runn
 the probe chose it as a second stage); ``float64`` is the float64-only path.
 ``auto batch``: certify with the batch it picks (free memory, and on CPUs the activation working
 set), against the same float32 inference at ``--batch``.  Also printed: the fraction of inputs
-recomputed in float64, the median bound on the margin error, and how much lower the float32-proven
-radii are than the float64 ones (median, relative).  The timings of the contenders are interleaved
+recomputed in float64, the median bound on the margin error, how much lower the float32-proven
+radii are than the float64 ones (median, relative), and which bound the probe took (``range``: the
+one bound over the inputs' range, :mod:`lipverify.bounds.domain`; ``sensitivity``, ``running``, or
+the sensitivity bound with the running bound as a second stage).  The timings of the contenders are interleaved
 and the best of ``--repeats`` is kept (the machine is shared).
 
     python benchmarks/bench_certify.py [--data ../shared/data] [--batch 256] [--repeats 7] [--n 1000]
@@ -73,7 +75,7 @@ def main():
                       xc, yc))
     print(f"{'model':22s} {'n':>5s} {'infer32/s':>10s} {'cert/s':>10s} {'cert/infer32':>12s} "
           f"{'f64/infer32':>11s} {'auto batch':>10s} {'fallback':>8s} {'delta med':>9s} {'radius low':>10s} "
-          f"{'K once (s)':>10s}")
+          f"{'K once (s)':>10s} {'bound':>13s}")
     for name, lm, x, y in cases:
         reps = -(-args.n // len(x))
         x, y = x.repeat(reps, *([1] * (x.dim() - 1)))[:args.n], y.repeat(reps)[:args.n]
@@ -105,14 +107,17 @@ def main():
             assert torch.equal(a.certified_at[e], b.certified_at[e]), "float32 decisions differ"
         fallback = float((a.method_code == 0).double().mean())
         note = [t for t in a.notes if "rounding-error bound" in t]
-        delta = note[0].split("median ")[1].split(")")[0] if note else "-"
+        delta = note[0].split("median ")[-1].split(")")[0] if note else "-"
+        text = note[0] if note else ""
+        used = ("range" if "whole input range" in text else "running" if "bound by entry-wise" in text else
+                "sens.+running" if "bounded again by entry-wise" in text else "sensitivity" if text else "-")
         pos = b.radius > 0
         low = float(((b.radius - a.radius)[pos] / b.radius[pos]).median()) if bool(pos.any()) else 0.0
         n = len(x)
         print(f"{name:22s} {n:5d} {n / best['infer']:10.0f} {n / best['auto']:10.0f} "
               f"{best['infer'] / best['auto']:12.3f} {best['infer'] / best['float64']:11.3f} "
               f"{best['infer'] / best['auto batch']:10.3f} {fallback:8.1%} "
-              f"{delta:>9s} {low:10.2%} {tk:10.3f}")
+              f"{delta:>9s} {low:10.2%} {tk:10.3f} {used:>13s}")
 
 
 if __name__ == "__main__":

@@ -485,6 +485,34 @@ def test_bound_holds_on_torchvision_architectures(arch):
     e = lr.double() - l64
     err = (e.gather(1, lr.argmax(1)[:, None]) - e).abs()
     assert bool((err <= dr + d64.amax(1, keepdim=True)).all()) and bool((err > 0).any())
+    # the bound over the input box [0, 1] (every step kind of these graphs has an interval rule)
+    from lipverify.bounds.domain import DomainForward
+
+    ld, dd = DomainForward(lm.rounded_forward("2"), 0.0, 1.0)(x)
+    e = ld.double() - l64
+    err = (e.gather(1, ld.argmax(1)[:, None]) - e).abs()
+    assert bool((err <= dd + d64.amax(1, keepdim=True)).all()) and bool((dd >= d32 * (1 - 1e-9)).all())
+
+
+@pytest.mark.slow
+def test_real_convnet_takes_the_bound_over_the_input_range(realdata):
+    """Convnet_maxpool (a third-party MNIST net): its bound over the pixel range [0, 1] is far below its
+    margins, so the probe runs the plain float32 pass for every input, and every decision is the float64
+    one."""
+    import numpy as np
+
+    lm = lipverify.load(realdata / "models/onnx/Convnet_maxpool.onnx")
+    mn = np.load(realdata / "data/mnist_test_1000.npz")
+    x, y = torch.from_numpy(mn["x"])[:400], torch.from_numpy(mn["y"])[:400]
+    eps = [0.1, 0.3, 1.0]
+    a = lm.certify(x, y, eps=eps, batch_size=100)
+    b = lm.certify(x, y, eps=eps, precision="float64")
+    assert any("whole input range [0, 1]" in n for n in a.notes), a.notes
+    assert float((a.method_code == 3).double().mean()) > 0.9
+    assert torch.equal(a.pred, b.pred)
+    for e in eps:
+        assert torch.equal(a.certified_at[e], b.certified_at[e])
+    assert bool((a.radius <= b.radius * (1 + 1e-12)).all())
 
 
 @pytest.mark.slow
