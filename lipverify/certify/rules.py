@@ -264,8 +264,11 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     (cheapest), the entry-wise running error bound of
     :class:`~lipverify.bounds.running_error.RunningError` (about twice the cost, much tighter on normally
     trained deep nets), the sensitivity bound with the running bound as a second stage on the inputs it
-    leaves open, or float64 throughout, whichever leaves the least expected work by the fraction of the
-    probe's decisions each leaves open (:data:`RUNNING_COST`, :data:`FLOAT64_COST`).
+    leaves open, the one bound over the inputs' range ``[min x, max x]`` with the sensitivity bound as
+    a second stage (:class:`~lipverify.bounds.domain.DomainForward`: the plain pass; tried only where
+    the bounds are below :data:`DOMAIN_REACH` of the margins), or float64 throughout, whichever leaves
+    the least expected work by the fraction of the probe's decisions each leaves open
+    (:data:`RUNNING_COST`, :data:`FLOAT64_COST`, :data:`DOMAIN_COST`).
     ``"float64"``: float64 only.
     ``"auto"`` (default): float32 when the graph has a rounding model, else float64.  Decisions at the
     requested radii are the float64 ones; the radius of an input decided in float32 is the one proven
