@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import lipverify
-from lipverify.bounds.domain import DomainForward, computed_intervals, domain_delta
+from lipverify.bounds.domain import CACHED_BOXES, DomainForward, computed_intervals, domain_delta
 from lipverify.bounds.rounding import trusted_kernels
 from test_rounding import Res, exact_logits, mlp, running_nets
 
@@ -27,12 +27,9 @@ def box_points(shape, lo, hi, n, seed):
 
 
 def plain_values(rf, x):
-    vals = [None] * len(rf.steps)
-    vals[0] = x
+    """Every tensor the plain float32 pass computes."""
     with trusted_kernels(), torch.no_grad():
-        for j in range(1, rf.output + 1):
-            vals[j] = rf.plain_fn(j)([vals[i] for i in rf.steps[j].inputs])
-    return vals
+        return rf.run(x, keep=True, plain=True)
 
 
 def nets():
@@ -131,7 +128,11 @@ def test_domain_bound_holds_against_float64_and_dominates_the_per_example_bound(
         out = x.clone()
         out[0].view(-1)[0] = 1.5
         assert bool(torch.isinf(dom(out)[1][0]).all()) and bool(torch.isfinite(dom(out)[1][1:]).all())
-    assert torch.equal(domain_delta(rf, 0.0, 1.0), dom.D)
+    # the matrix is kept per box (a few boxes) and reused, and recomputing it gives the same
+    assert DomainForward(rf, 0.0, 1.0).D is dom.D and torch.equal(domain_delta(rf, 0.0, 1.0), dom.D)
+    for k in range(CACHED_BOXES + 2):
+        DomainForward(rf, 0.0, 2.0 + k)
+    assert len(rf.domain_cache) == CACHED_BOXES and (0.0, 1.0) not in rf.domain_cache
 
 
 def test_certify_with_the_domain_bound_gives_the_float64_decisions(monkeypatch):

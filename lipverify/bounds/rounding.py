@@ -760,12 +760,14 @@ class RoundedForward:
             v = ((s + 2 * m * self.lam) / (1.0 - gamma(m, self.u))).sqrt()
         return torch.nan_to_num(v, nan=math.inf)
 
-    def run(self, x: torch.Tensor, keep: bool = False, on_value: Callable | None = None) -> list:
+    def run(self, x: torch.Tensor, keep: bool = False, on_value: Callable | None = None, plain: bool = False) -> list:
+        """Every step's value (freed after its last use unless ``keep``); ``plain``: without the products
+        fused GEMMs compute for the bound (:meth:`plain_fn`)."""
         vals: list = [None] * len(self.steps)
         vals[0] = x
         for j, st in enumerate(self.steps[: self.output + 1]):
             if j:
-                vals[j] = st.fn([vals[i] for i in st.inputs])
+                vals[j] = (self.plain_fn(j) if plain else st.fn)([vals[i] for i in st.inputs])
                 if not keep:
                     for i in st.inputs:
                         if self.last_use[i] == j and i != self.output:

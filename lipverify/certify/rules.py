@@ -400,7 +400,7 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
         r1 = float(open1.double().mean())
         options = [(1.0 + c64 * r1, 0, logits, delta, fast), (c64, 3, None, None, None)]
         if reach < DOMAIN_REACH:  # the bound over the inputs' range can be small enough: try it
-            lo, hi = (float(v) for v in torch.aminmax(x)) if n else (0.0, 0.0)
+            lo, hi = (float(v) for v in torch.aminmax(x))  # the probe runs only with more inputs
             if math.isfinite(lo) and math.isfinite(hi):
                 dom_fw = DomainForward(fast, lo, hi, check=False)  # the box is that of every input
                 l0, d0 = dom_fw(xb)
