@@ -330,8 +330,8 @@ def test_torchrun_two_processes_give_the_one_process_result(tmp_path, precision)
     np.savez(data, x=x[:31].numpy(), y=y[:31].numpy())  # odd: unequal shards
     base = ["certify", "--data", str(data), "--eps", "0.5,1.0", "--method", "local", "--json", "--quiet",
             "--precision", precision]
-    one = subprocess.run([sys.executable, "-m", "lipverify"] + base, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr
+    one = _run(*base)  # the one-process run in this process
+    assert one.exit_code == 0, one.output
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]) + [
         "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m",

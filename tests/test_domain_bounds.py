@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from click.testing import CliRunner
 
 import lipverify
 from lipverify.bounds.global_bound import propagate
@@ -175,14 +176,16 @@ def test_products_need_a_domain_and_refusals_are_clean(tmp_path):
                       dynamic_axes={"x": {0: "b"}})
     data = tmp_path / "d.npz"
     np.savez(data, x=torch.rand(4, 3, 5, 5).numpy(), y=np.zeros(4, dtype=np.int64))
-    cmd = [sys.executable, "-m", "lipverify"]
-    r = subprocess.run(cmd + ["certify", str(path), "--data", str(data), "--method", "local", "--eps", "0.01",
-                              "--quiet", "--json"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    from lipverify.cli import main
+
+    r = CliRunner().invoke(main, ["certify", str(path), "--data", str(data), "--method", "local", "--eps", "0.01",
+                                  "--quiet", "--json"])
+    assert r.exit_code == 0, r.output
     assert any("input domain [0, 1]" in n for n in json.loads(r.stdout)["notes"])
-    r = subprocess.run(cmd + ["bounds", str(path), "--clip", "0,0.5", "--json"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    r = CliRunner().invoke(main, ["bounds", str(path), "--clip", "0,0.5", "--json"])
+    assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["domain"] == [0.0, 0.5]
+    cmd = [sys.executable, "-m", "lipverify"]  # the refusal in its own process: exit 2, no traceback
     r = subprocess.run(cmd + ["finetune", str(path), "--data", str(data), "--eps", "0.1", "--out",
                               str(tmp_path / "ft"), "--epochs", "1"], capture_output=True, text=True)
     assert r.returncode == 2 and "input domain" in r.stderr and "Traceback" not in r.stderr

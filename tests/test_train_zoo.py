@@ -59,7 +59,7 @@ def test_every_architecture_trains_certifies_and_reimports(arch, shape, tmp_path
     d = np.load(data)
     x, y = torch.from_numpy(d["x"][:8]), torch.from_numpy(d["y"][:8])
     cert = lm.certify(x, y, eps=[0.1])
-    adv = min_norm_radius(lm.module, x, y, norm="2", clip=(0.0, 1.0), method="fmn")
+    adv = min_norm_radius(lm.module, x[:4], y[:4], norm="2", clip=(0.0, 1.0), method="fmn")  # one per class
     for c, ra in zip(cert.inputs, adv.radius.tolist()):
         if c.pred == c.label:  # (a misclassified input has adversarial radius 0 for its label)
             assert c.radius <= ra + 1e-9

@@ -382,11 +382,11 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
             flush()
 
     def open_rows(logits, delta):
-        """The probe rows whose decisions the bound leaves open, and the median bound over the median top
-        margin."""
+        """The probe rows whose decisions the bound leaves open, the median bound over the median top
+        margin, and that margin."""
         out, redo, dl = decide(logits.double(), delta, eps_dev[:len(logits)] if per_example else None)
         gap = float(out[1].abs().median())
-        return redo, float(dl.median()) / gap if gap > 0 else math.inf
+        return redo, float(dl.median()) / gap if gap > 0 else math.inf, gap
 
     def choose_bound(xb, logits, delta):
         """The probe: the bound (and its logits) that certifies the rest at the least expected cost, by
@@ -396,15 +396,17 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
         may also serve as a second stage, on the inputs the sensitivity bound leaves open only
         (``cascade``)."""
         c64 = FLOAT64_COST.get(torch.device(device).type, FLOAT64_COST["other"])
-        open1, reach = open_rows(logits, delta)
+        open1, reach, gap = open_rows(logits, delta)
         r1 = float(open1.double().mean())
         options = [(1.0 + c64 * r1, 0, logits, delta, fast), (c64, 3, None, None, None)]
         if reach < DOMAIN_REACH:  # the bound over the inputs' range can be small enough: try it
             lo, hi = (float(v) for v in torch.aminmax(x))  # the probe runs only with more inputs
-            if math.isfinite(lo) and math.isfinite(hi):
-                dom_fw = DomainForward(fast, lo, hi, check=False)  # the box is that of every input
+            dom_fw = DomainForward(fast, lo, hi, check=False) if math.isfinite(lo) and math.isfinite(hi) else None
+            # its bound at the probe's predictions already says whether it can be small enough; only then
+            # its own pass (the plain float32 one) runs on the probe
+            if dom_fw is not None and float(dom_fw.D[logits.argmax(1)].amax(1).median()) < DOMAIN_REACH * gap:
                 l0, d0 = dom_fw(xb)
-                open0, reach0 = open_rows(l0, d0)
+                open0, reach0, _ = open_rows(l0, d0)
                 if reach0 < DOMAIN_REACH:
                     both = float((open0 & open1).double().mean())
                     options.append((DOMAIN_COST + float(open0.double().mean()) + c64 * both, 4, l0, d0, dom_fw))
