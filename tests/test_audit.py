@@ -75,7 +75,7 @@ def test_audit_end_to_end_default_model(tmp_path):
 
     x, y = default_samples()
     data = tmp_path / "d.npz"
-    np.savez(data, x=x[:12].numpy(), y=y[:12].numpy())
+    np.savez(data, x=x[:6].numpy(), y=y[:6].numpy())
     out = tmp_path / "audit"
     res = _run("audit", "--data", data, "--out", out, "--eps", "0.1,0.5", "--quiet")
     assert res.exit_code == 0, res.stdout + res.stderr
@@ -312,7 +312,7 @@ def test_attack_on_a_folder_of_specs_matches_the_ground_truth(realdata, tmp_path
 @pytest.mark.slow
 def test_audit_on_public_model(realdata, tmp_path):
     res = _run("audit", realdata / "models" / "onnx" / "mnist-net_256x2.onnx", "--data",
-               realdata / "data" / "mnist_test_1000.npz", "--limit", "16", "--out", tmp_path / "a", "--quiet",
+               realdata / "data" / "mnist_test_1000.npz", "--limit", "8", "--out", tmp_path / "a", "--quiet",
                "--eps", "0.1,0.3")
     assert res.exit_code == 0, res.stdout + res.stderr
     rep = json.loads((tmp_path / "a" / "report.json").read_text())
