@@ -314,9 +314,11 @@ def _free_port() -> int:
 @pytest.mark.parametrize("precision", ["float64", "auto"])
 def test_torchrun_two_processes_give_the_one_process_result(tmp_path, precision):
     """``torchrun --nproc_per_node 2 -m lipverify certify``: each rank certifies its shard, rank 0 prints
-    one result over all inputs, equal to the single-process JSON (times and notes aside).  float64:
-    identical numbers; float32 logits (auto): kernels round differently with other batch shapes and
-    thread counts, so radii agree within the rounding bound and every decision is identical."""
+    one result over all inputs, equal to the single-process JSON (times and notes aside).  The ranks
+    run whole batches of the one-process run (4 batches of 4: shards of 8 and 7 inputs), one thread
+    each like the reference here.  float64: the same numbers; float32 logits (auto): each rank probes
+    and recomputes its own inputs, so radii agree within the rounding bound and every decision is
+    identical."""
     import json
     import shutil
     import subprocess
@@ -329,8 +331,13 @@ def test_torchrun_two_processes_give_the_one_process_result(tmp_path, precision)
     data = tmp_path / "d.npz"
     np.savez(data, x=x[:15].numpy(), y=y[:15].numpy())  # odd: unequal shards
     base = ["certify", "--data", str(data), "--eps", "0.5,1.0", "--method", "local", "--json", "--quiet",
-            "--precision", precision]
-    one = _run(*base)  # the one-process run in this process
+            "--precision", precision, "--batch-size", "4"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torchrun's ranks run one thread each
+    try:
+        one = _run(*base)  # the one-process run in this process
+    finally:
+        torch.set_num_threads(threads)
     assert one.exit_code == 0, one.output
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     cmd = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]) + [
@@ -339,7 +346,7 @@ def test_torchrun_two_processes_give_the_one_process_result(tmp_path, precision)
     two = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = json.loads(one.stdout), json.loads(two.stdout)
-    tol = 1e-12 if precision == "float64" else 1e-5
+    tol = 0.0 if precision == "float64" else 1e-5
     for k in set(a) - {"time_s", "notes", "inputs", "median_radius"}:
         assert a[k] == b[k], k
     assert a["median_radius"] == pytest.approx(b["median_radius"], rel=tol, abs=tol)
@@ -350,6 +357,24 @@ def test_torchrun_two_processes_give_the_one_process_result(tmp_path, precision)
         assert ra["method"] == rb["method"] and ra["sound"] == rb["sound"]
         assert abs(ra["radius"] - rb["radius"]) <= tol * max(1.0, abs(ra["radius"]))
     assert any("2 processes" in n for n in b["notes"])
+
+
+@pytest.mark.parametrize("n,world,batch", [(15, 2, 4), (2000, 2, 1024), (3, 2, 256), (0, 3, 8), (100, 3, 7),
+                                            (64, 4, 16)])
+def test_shards_are_whole_batches_of_one_process(n, world, batch):
+    """Every rank's slice is a run of the one-process batches ``[k b, (k + 1) b)``: together they cover
+    ``0..n`` once, in rank order, and no batch is split (a rank may get none)."""
+    from lipverify.certify.sharded import shard
+
+    one = [(s, min(s + batch, n)) for s in range(0, n, batch)]
+    rows, got = [], []
+    for r in range(world):
+        sl = shard(n, r, world, batch)
+        rows += list(range(n))[sl]
+        got += [(s, min(s + batch, sl.stop)) for s in range(sl.start, sl.stop, batch)]
+    assert rows == list(range(n)) and got == one
+    with pytest.raises(ValueError):
+        shard(n, 0, world, 0)
 
 
 def test_auto_batch_size_and_streamed_batches():

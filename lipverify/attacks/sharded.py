@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from lipverify.attacks.evaluate import RobustnessReport
+from lipverify.data.dataset import whole_batches
 
 __all__ = ["shard", "gather"]
 
@@ -24,10 +25,7 @@ __all__ = ["shard", "gather"]
 def shard(n: int, rank: int, world: int, batch_size: int) -> slice:
     """The slice of ``n`` inputs that rank ``rank`` of ``world`` attacks: a contiguous run of whole
     batches of ``batch_size`` (the last batch may be short)."""
-    batches = -(-n // batch_size) if n else 0
-    lo = (batches * rank) // world
-    hi = (batches * (rank + 1)) // world
-    return slice(min(lo * batch_size, n), min(hi * batch_size, n))
+    return whole_batches(n, rank, world, batch_size)
 
 
 def gather(rep: RobustnessReport, world: int) -> RobustnessReport:

@@ -2,17 +2,22 @@
 
 ``torchrun --nproc_per_node N -m lipverify certify ...``: every rank loads the model and computes the
 constants itself (they are the same on every rank), certifies the contiguous slice
-:func:`shard` of the inputs, and :func:`gather` collects the per-input tensors of all ranks in rank
+:func:`shard` of the inputs -- whole batches of the batch size one process would use (rank 0's
+choice when none is given; when that gives fewer batches than ranks, ``ceil(n / ranks)`` rows each),
+so each rank runs the same batches as one process -- and :func:`gather` collects the per-input tensors of all ranks in rank
 order (``all_gather_object`` over the default process group: gloo on CPUs, NCCL on GPUs) and
 recomputes the summary with :func:`lipverify.certify.rules.summarise`, so rank 0 holds the result of
 one process over all inputs: the same JSON, the same certificates.
 
 Warnings
 --------
-Each rank certifies with its own batches; a forward pass of a batch can round differently from the
-same rows in another batch composition (BLAS blocking).  With ``--precision float64`` margins and
-radii agree to the last few bits; with float32 logits (the default) they agree within the proven
-rounding bound, and every decision is the same (inputs near a decision are recomputed in float64).
+With ``--precision float64`` every rank runs the batches of one process (unless there were fewer
+batches than ranks, see above: then the last bits may differ), so margins and radii are
+the same numbers as long as the kernels round a batch the same way with one thread per rank as with
+the threads of one process (the benchmark and the tests check it on CPUs).  With float32 logits (the
+default) each rank probes its own first inputs and recomputes its own open inputs in float64 (other
+batches, which round differently in the last bits): radii agree within the proven rounding bound,
+and every decision is the same.
 """
 
 from __future__ import annotations
@@ -20,15 +25,15 @@ from __future__ import annotations
 import torch
 
 from lipverify.certify.rules import CertifyResult, summarise
+from lipverify.data.dataset import whole_batches
 
 __all__ = ["shard", "gather"]
 
 
-def shard(n: int, rank: int, world: int) -> slice:
-    """The contiguous slice of ``n`` inputs that rank ``rank`` of ``world`` certifies."""
-    lo = (n * rank) // world
-    hi = (n * (rank + 1)) // world
-    return slice(lo, hi)
+def shard(n: int, rank: int, world: int, batch_size: int) -> slice:
+    """The slice of ``n`` inputs that rank ``rank`` of ``world`` certifies: whole batches of
+    ``batch_size`` (:func:`lipverify.data.dataset.whole_batches`)."""
+    return whole_batches(n, rank, world, batch_size)
 
 
 def gather(res: CertifyResult, world: int) -> CertifyResult:

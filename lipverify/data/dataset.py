@@ -103,6 +103,18 @@ def as_index(idx, n: int) -> torch.Tensor:
     return torch.where(t < 0, t + n, t)
 
 
+def whole_batches(n: int, rank: int, world: int, batch_size: int) -> slice:
+    """The slice of ``n`` inputs that rank ``rank`` of ``world`` processes (``torchrun``): a contiguous
+    run of whole batches of ``batch_size`` (the last batch may be short), so every rank runs exactly
+    the batches one process would run."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    batches = -(-n // batch_size) if n else 0
+    lo = (batches * rank) // world
+    hi = (batches * (rank + 1)) // world
+    return slice(min(lo * batch_size, n), min(hi * batch_size, n))
+
+
 def fmt_shape(shape) -> str:
     return str(tuple(int(d) for d in shape))
 
