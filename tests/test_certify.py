@@ -377,6 +377,17 @@ def test_shards_are_whole_batches_of_one_process(n, world, batch):
         shard(n, 0, world, 0)
 
 
+def test_sharded_batch_is_the_one_process_batch_unless_a_rank_would_idle():
+    from lipverify.certify.sharded import batch_size_for, shard
+
+    assert batch_size_for(2000, 2, 1024) == 1024 and batch_size_for(15, 2, 4) == 4
+    for n, world, auto in [(203, 2, 203), (5, 4, 256), (1, 2, 16)]:
+        b = batch_size_for(n, world, auto)
+        sizes = [len(range(n)[shard(n, r, world, b)]) for r in range(world)]
+        assert sum(sizes) == n and max(sizes) <= 2 * -(-n // world)
+        assert min(sizes) >= 1 or n < world  # every rank works when there are as many inputs as ranks
+
+
 def test_auto_batch_size_and_streamed_batches():
     from lipverify.certify.batching import CPU_CAP, CPU_WORKING_SET, auto_batch_size, free_memory, stream
 

@@ -2,10 +2,9 @@
 
 ``torchrun --nproc_per_node N -m lipverify certify ...``: every rank loads the model and computes the
 constants itself (they are the same on every rank), certifies the contiguous slice
-:func:`shard` of the inputs -- whole batches of the batch size one process would use (rank 0's
-choice when none is given; when that gives fewer batches than ranks, ``ceil(n / ranks)`` rows each),
-so each rank runs the same batches as one process -- and :func:`gather` collects the per-input tensors of all ranks in rank
-order (``all_gather_object`` over the default process group: gloo on CPUs, NCCL on GPUs) and
+:func:`shard` of the inputs -- whole batches of the batch size one process would use
+(:func:`batch_size_for`), so each rank runs the same batches as one process -- and :func:`gather`
+collects the per-input tensors of all ranks in rank order (``all_gather_object`` over the default process group: gloo on CPUs, NCCL on GPUs) and
 recomputes the summary with :func:`lipverify.certify.rules.summarise`, so rank 0 holds the result of
 one process over all inputs: the same JSON, the same certificates.
 
@@ -27,7 +26,16 @@ import torch
 from lipverify.certify.rules import CertifyResult, summarise
 from lipverify.data.dataset import whole_batches
 
-__all__ = ["shard", "gather"]
+__all__ = ["batch_size_for", "shard", "gather"]
+
+
+def batch_size_for(n: int, world: int, auto: int) -> int:
+    """The batch of a sharded run without ``--batch-size``: ``auto``, the one one process would pick
+    (rank 0's choice, the same on every rank), so the ranks run the one-process batches; when that
+    gives fewer batches than ranks, ``n // world`` instead (at least ``world`` batches, so that every
+    rank works; its batches then differ from one process's, and float64 results may differ in the last
+    bits)."""
+    return auto if -(-n // auto) >= world else max(1, n // world)
 
 
 def shard(n: int, rank: int, world: int, batch_size: int) -> slice:

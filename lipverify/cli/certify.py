@@ -63,13 +63,11 @@ def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check
         total = len(ds)
         if ctx.enabled and not (ds.properties is not None and not eps_list):
             from lipverify.certify.batching import auto_batch_size
-            from lipverify.certify.sharded import shard
+            from lipverify.certify.sharded import batch_size_for, shard
 
-            # the batch one process would use (rank 0's choice from its free memory), whole batches per rank;
-            # when that is fewer batches than ranks, the rows are split evenly instead (every rank works)
-            if not batch_size:
-                b = ctx.broadcast_object(auto_batch_size(lm.graph, lm.device, len(ds.y)) if ctx.is_main else None)
-                batch_size = b if -(-len(ds.y) // b) >= ctx.world else max(1, -(-len(ds.y) // ctx.world))
+            if not batch_size:  # rank 0's automatic choice (from its free memory) on every rank
+                auto = ctx.broadcast_object(auto_batch_size(lm.graph, lm.device, len(ds.y)) if ctx.is_main else None)
+                batch_size = batch_size_for(len(ds.y), ctx.world, auto)
             sl = shard(len(ds.y), ctx.rank, ctx.world, batch_size)
             total = sl.stop - sl.start  # rank 0's bar follows its own shard
         with progress_bar(total, "certifying", quiet or not ctx.is_main) as advance:
