@@ -532,3 +532,72 @@ def certify_like_float64(lm, x, y, eps, batch, path, share):
     for e in eps:
         assert torch.equal(a.certified_at[e], b.certified_at[e])
     assert bool((a.radius <= b.radius * (1 + 1e-12)).all())
+
+
+class TwoBranch(nn.Module):
+    """Residual additions whose fresh input is the first, the second or neither, ReLUs on sums, on convs,
+    on a bias-less conv read twice and on the input (which a conv reads too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c3 = nn.Conv2d(4, 4, 1, bias=False)
+        self.skip = nn.Conv2d(2, 4, 1)
+        self.fc = nn.Linear(4 * 3 * 3, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        g = self.c3(h)
+        h = torch.relu(self.c2(h) + h)  # the fresh input first
+        h = torch.relu(g + torch.relu(g) + h)  # g read twice: its buffer is never reused
+        h = torch.relu(self.skip(torch.relu(x)) + h)  # the ReLU of the input itself: never in place
+        return self.fc(F.max_pool2d(h, 2, ceil_mode=True).flatten(1))
+
+
+def test_buffer_reuse_changes_no_value_and_no_input():
+    """The passes compute ReLUs and residual additions into buffers read once (the same operations):
+    the logits and bounds equal those of the passes with new tensors everywhere, bit for bit, the bounds
+    hold against exact rationals, and the caller's input is never written to."""
+    torch.manual_seed(11)
+    net = TwoBranch().eval()
+    lm = lipverify.load(net, input_shape=(2, 5, 5))
+    x = torch.randn(6, 2, 5, 5)
+    keep = x.clone()
+    rf = RoundedForward(lm.graph, lm.node_constants("2"), "2", torch.float32)
+    assert rf.in_place  # the net has steps that reuse buffers
+    run = RunningError(rf)
+    assert any(i is not None for i in run.into) and run.zero_input_ok is False  # a ReLU reads the input
+    got = [rf(x), run(x)]
+    from lipverify.bounds.domain import DomainForward
+
+    dom = DomainForward(rf, float(x.min()), float(x.max()))
+    got.append(dom(x))
+    assert torch.equal(x, keep)
+    saved = rf.in_place
+    rf.in_place = {}
+    ref = [rf(x), run(x, trace=True)[:2], dom(x)]  # trace: no reuse in the running pass either
+    rf.in_place = saved
+    for (l1, d1), (l2, d2) in zip(got, ref):
+        assert torch.equal(l1, l2) and torch.equal(d1, d2)
+    for running in (False, True):
+        check_against_exact(lm, x, running=running)
+    # a ReLU net whose input only linear steps read: the running pass skips the zero input error
+    lm2 = lipverify.load(mlp(5), input_shape=(7,))
+    run2 = lm2.running_error("2")
+    assert run2.zero_input_ok
+    x2 = torch.randn(5, 7)
+    keep2 = x2.clone()
+    l_a, d_a = run2(x2)
+    l_b, d_b = run2(x2, input_error=torch.zeros_like(x2))
+    assert torch.equal(x2, keep2) and torch.equal(l_a, l_b) and bool((d_a <= d_b).all())
+    check_against_exact(lm2, x2, running=True)
+    # an input read by a ReLU alone: its buffer is the caller's, never reused
+    torch.manual_seed(12)
+    lm3 = lipverify.load(nn.Sequential(nn.ReLU(), nn.Linear(7, 4), nn.ReLU(), nn.Linear(4, 3)).eval(),
+                         input_shape=(7,))
+    x3 = torch.randn(9, 7)
+    keep3 = x3.clone()
+    lm3.rounded_forward("2")(x3), lm3.running_error("2")(x3)
+    lm3.certify(x3, torch.zeros(9, dtype=torch.long), eps=0.01, precision="float32")
+    assert torch.equal(x3, keep3)

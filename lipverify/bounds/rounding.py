@@ -541,6 +541,7 @@ class RoundedForward:
             for i in st.inputs:
                 last_use[i] = j
         self.last_use = last_use
+        self.in_place = self.in_place_steps()
         self.margin_factor = (math.sqrt(2.0) if self.p == "2" else 2.0) * BOUND_FACTOR
         with torch.no_grad(), trusted_kernels():  # the per-example shapes of every step
             vals = self.run(torch.zeros((1,) + self.input_shape, dtype=self.dtype, device=self.device), keep=True)
@@ -557,6 +558,33 @@ class RoundedForward:
         self.from_input: list[bool] = []
         for j, st in enumerate(self.steps):
             self.from_input.append(j == 0 or (st.role == "reshape" and self.from_input[st.inputs[0]]))
+
+    def in_place_steps(self) -> dict:
+        """Steps that may compute into the buffer of their first input, ``step -> fn(values)``: a ReLU whose
+        input, or a residual addition ``x_1 + x_2`` one of whose inputs, is a fresh tensor (a linear step's, a sum's of
+        several terms, a bias's; never the model input or a view of it) that no other step reads.  The same floating-point operation, so the same value and
+        error model; by then every bound term of the input has been taken (:meth:`run` calls
+        ``on_value`` as each value is computed)."""
+        readers: dict[int, int] = {}
+        for st in self.steps[: self.output + 1]:
+            for i in st.inputs:
+                readers[i] = readers.get(i, 0) + 1
+        def own(i):
+            src = self.steps[i]
+            fresh = src.role in ("linear", "bias") or (src.role == "sum" and len(src.inputs) > 1)
+            return i not in (0, self.output) and readers.get(i) == 1 and fresh
+
+        out = {}
+        for j, st in enumerate(self.steps[: self.output + 1]):
+            if st.role == "activation" and st.label == "relu" and own(st.inputs[0]):
+                out[j] = (lambda vals, i=st.inputs[0]: torch.relu_(vals[i]))
+            elif st.role == "sum" and list(st.data.get("coefs", ())) == [1.0, 1.0] and st.inputs[0] != st.inputs[1]:
+                mine = [i for i in st.inputs if own(i)]
+                if mine:  # x_1 + x_2 = x_2 + x_1 exactly: into whichever buffer is free
+                    i = mine[0]
+                    k = st.inputs[1] if i == st.inputs[0] else st.inputs[0]
+                    out[j] = (lambda vals, i=i, k=k: vals[i].add_(vals[k]))
+        return out
 
     # -- the element-wise bound -------------------------------------------------------------------
     def back(self, st: Step, h: torch.Tensor) -> list[torch.Tensor]:
@@ -765,9 +793,13 @@ class RoundedForward:
         fused GEMMs compute for the bound (:meth:`plain_fn`)."""
         vals: list = [None] * len(self.steps)
         vals[0] = x
+        reuse = self.in_place if not keep else ()
         for j, st in enumerate(self.steps[: self.output + 1]):
             if j:
-                vals[j] = (self.plain_fn(j) if plain else st.fn)([vals[i] for i in st.inputs])
+                if j in reuse:  # the input's buffer is this step's alone (its bound terms are taken)
+                    vals[j] = reuse[j](vals)
+                else:
+                    vals[j] = (self.plain_fn(j) if plain else st.fn)([vals[i] for i in st.inputs])
                 if not keep:
                     for i in st.inputs:
                         if self.last_use[i] == j and i != self.output:

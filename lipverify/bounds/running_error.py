@@ -11,7 +11,8 @@ Rules (``u`` the unit roundoff, ``lambda`` the smallest normal number, the model
 :mod:`lipverify.bounds.rounding`: ``fl(a op b) = (a op b)(1 + d)``, ``|d| <= u``, plus ``lambda`` per
 operation for underflow; an ``n``-term dot product in any order within ``gamma_n |w| . |x|``):
 
-* input: ``E = 0`` (the input as given; inputs the conversion changes get no bound).
+* input: ``E = 0`` (the input as given; inputs the conversion changes get no bound).  Where only
+  linear steps read it, no zero tensor is made: their error is ``(|A|^ gamma) |x^|`` in one kernel.
 * linear step ``y = A x + b`` computed as ``fl(A32 x^ + b32)``, ``A32`` the weights rounded once or
   twice into float32: ``|y^ - y| <= |A| E + gamma_{n+3} (|A| |x^| + |b|)``, computed as
   ``|A|^ (E + gamma |x^|) + gamma |b|`` with ``|A|^ >= |A|`` (rounded up) and the whole float32
@@ -19,11 +20,21 @@ operation for underflow; an ``n``-term dot product in any order within ``gamma_n
   loses at most a factor ``1 - u``, the dot product ``1 - gamma_n``), plus ``lambda`` terms.
 * ReLU: ``E_out = min(E, max(x^ + E, 0))``: ``|relu(a) - relu(b)| <= |a - b|``, and where ``x^ < 0``
   the computed output is 0 and the exact one at most ``max(x^ + E, 0)`` (0 where ``x^ < -E``: the
-  exact value is negative too).  Clipping, absolute value: ``E``.
+  exact value is negative too).  Computed as ``min(E', max(fl(x^ + E'), 0))`` with ``E' = c E``,
+  ``c = 1 / (1 - u)^2`` taken into the factor of the linear step, sum or bias that produced ``E``:
+  where ``x^ >= 0`` that is ``E' >= E``; where ``x^ < 0 < x^ + E``, ``fl(x^ + E') >= (x^ + c E)(1 - u)
+  >= x^ + E + u (E - x^) / (1 - u) > x^ + E`` (a subnormal sum is exact); elsewhere it is ``>= 0``.
+  After any other step the product by ``c`` is explicit.  Clipping, absolute value: ``E``.
   Leaky ReLU / PReLU (the slope rounded to float32, then the product): ``L E + gamma_2 |y^|``.
 * max pooling: ``|max a^ - max a| <= max |a^ - a|``: the max pooling of ``E``.  MinMax: per pair, the
-  larger of the two errors.  Sums ``sum c_k x_k``: ``sum |c_k| (E_k + gamma_{2K+1} |x^_k|)``.
-  Concatenation and reshapes: exact.
+  larger of the two errors.  Sums ``sum c_k x_k``: ``sum |c_k| (E_k + gamma_{2K+1} |x^_k|)``; a
+  residual addition ``x_1 + x_2`` rounds once, ``|fl(a + b) - (a + b)| <= u |a + b| + lambda``, so
+  ``E_1 + E_2 + gamma_1 |y^| + 2 lambda``.  Concatenation and reshapes: exact.
+
+Buffers: a ReLU or residual addition whose input tensor no other step reads (and that its producer
+made, not a view of another) is computed into that tensor's value and error buffers -- the same
+floating-point operations, so the same values and bounds with fewer new tensors; never into the
+caller's input, and not when the pass keeps every tensor (``trace``).
 * logits: ``|(f^_j - f^_i) - (f_j - f_i)| <= E_j + E_i`` (times ``1 + 1e-6`` for the float64 sum).
 
 It costs one more pass of every linear layer (with ``|A|``) over the error tensors, about twice the
@@ -60,7 +71,37 @@ class RunningError:
             raise UnsupportedRounding(rounded.reason)
         self.rf = rounded
         self.dtype, self.u, self.lam = rounded.dtype, rounded.u, rounded.lam
-        self.rules = [self.rule(j, st) for j, st in enumerate(rounded.steps)]
+        steps = rounded.steps
+        ns = len(steps)
+        self.readers: list[list[int]] = [[] for _ in range(ns)]
+        for j, st in enumerate(steps[: rounded.output + 1]):
+            for i in st.inputs:
+                self.readers[i].append(j)
+        # steps whose value and error tensors are their own (fresh, no view of another step's) and read by
+        # exactly one step: that reader may overwrite them (buffer reuse; never the input or the logits)
+        self.owned = [j not in (0, rounded.output) and len(self.readers[j]) == 1 and fresh(st)
+                      for j, st in enumerate(steps)]
+        # producers whose error bound is raised by the ReLU rule's factor ``c``, so that the ReLU reading
+        # them needs no product (:meth:`rule`)
+        self.raised = {st.inputs[0] for st in steps[: rounded.output + 1]
+                       if st.role == "activation" and st.label == "relu"
+                       and steps[st.inputs[0]].role in ("linear", "sum", "bias")}
+        self.c_relu = self.up(1.0 / (1.0 - self.u) ** 2)
+        # the model input's error is 0 unless given: linear steps reading it then skip the zero tensor
+        self.zero_input_ok = all(steps[j].role == "linear" and not isinstance(steps[j].data["op"], Scale)
+                                 for j in self.readers[0])
+        self.reuse = True
+        # per step, the input whose value and error buffers it computes into when that input is its alone
+        # (None: new tensors): ReLU (its rule reads x^ and E only, so it runs first) and residual additions
+        # (x_1 + x_2 = x_2 + x_1 exactly; the rule reads y^ and the errors)
+        self.into: list = [None] * ns
+        for j, st in enumerate(steps[: rounded.output + 1]):
+            if st.role == "activation" and st.label == "relu" and self.owned[st.inputs[0]]:
+                self.into[j] = st.inputs[0]
+            elif st.role == "sum" and list(st.data.get("coefs", ())) == [1.0, 1.0] and \
+                    st.inputs[0] != st.inputs[1]:
+                self.into[j] = next((i for i in st.inputs if self.owned[i]), None)
+        self.rules = [self.rule(j, st) for j, st in enumerate(steps)]
 
     def up(self, value: float) -> float:
         """A float32 factor ``>= value``."""
@@ -86,10 +127,15 @@ class RunningError:
             return pair_max
         if role == "activation":
             if st.label == "relu":
+                if st.inputs[0] in self.raised:
+                    # the producer's bound E' is c E (c >= 1 / (1 - u)^2): min(E', max(fl(x^ + E'), 0)) is at
+                    # least min(E, max(x^ + E, 0)) (class docstring), two passes and one new tensor
+                    zero = torch.zeros((), dtype=self.dtype, device=self.rf.device)
+                    return lambda xs, es, y: torch.clamp(torch.add(xs[0], es[0]), zero, es[0])
                 # min(E, max(x^ + E, 0)), with fl(x^ + E) raised by c >= 1 / (1 - u)^2 (its own rounding
                 # and the product's; a sum that is subnormal is exact, and rounding is monotone);
                 # element-wise float arithmetic only (a selection by a mask costs several times more)
-                c = self.up(1.0 / (1.0 - u) ** 2)
+                c = self.c_relu
                 return lambda xs, es, y: torch.minimum(torch.relu_(torch.add(xs[0], es[0]).mul_(c)), es[0])
             if st.rel == 0.0:  # clipping, absolute value: 1-Lipschitz and exact
                 return lambda xs, es, y: es[0]
@@ -101,7 +147,22 @@ class RunningError:
             cs = [abs(c) for c in st.data["coefs"]]
             k = len(cs)
             g = self.up(gamma(2 * k + 1, u))
-            f = self.up(inverse(gamma(4 * k + 6, u)))
+            f = self.up(inverse(gamma(4 * k + 6, u)) * (self.c_relu if j in self.raised else 1.0))
+            if list(st.data["coefs"]) == [1.0, 1.0]:
+                # a residual addition y^ = fl(x^_1 + x^_2): one rounding, |y^ - (x^_1 + x^_2)| <= u |x^_1 +
+                # x^_2| + lambda <= gamma_1 |y^| + 2 lambda; E_1 + E_2 + gamma_1 |y^| + 7 lambda evaluated in
+                # four roundings of non-negative terms (f undoes them); E_1's buffer reused when it is its own
+                g1 = self.up(gamma(1, u))
+
+                def residual_add(xs, es, y):
+                    mine = self.into[j]
+                    if mine is not None and self.reuse:  # into the error buffer that is this step's alone
+                        a = st.inputs.index(mine)
+                        t = es[a].add_(es[1 - a])
+                    else:
+                        t = torch.add(es[0], es[1])
+                    return t.add_(y.abs(), alpha=g1).add_(lam * (2 * k + 3)).mul_(f)
+                return residual_add
             ab = [c if c == 1.0 else self.up(c) for c in cs]  # 1 is exact: no product
             nonneg = [self.rf.nonneg[i] for i in st.inputs]
 
@@ -122,13 +183,13 @@ class RunningError:
             g = gamma(2, u)
             gb = as_upper((b * g).to(self.rf.device), self.dtype)
             gg = self.up(g)
-            f = self.up(inverse(gamma(8, u)))
+            f = self.up(inverse(gamma(8, u)) * (self.c_relu if j in self.raised else 1.0))
             return lambda xs, es, y: (es[0] + gg * xs[0].abs() + gb + 2 * lam) * f
         if role == "linear":
-            return self.linear_rule(st)
+            return self.linear_rule(j, st)
         raise UnsupportedRounding(f"no running error rule for {st.label}")
 
-    def linear_rule(self, st: Step):
+    def linear_rule(self, j: int, st: Step):
         """``|A|^ (E + rel |x^|) + rel_b |b| + lambda terms``, the whole float32 evaluation scaled by ``f =
         1 / (1 - gamma_{n+8})``.  Dense and convolution layers: ``f`` goes into ``|A|^`` and the constant
         terms into the kernel's bias (rounded up): the kernel sums ``n + 1`` non-negative terms, and with
@@ -137,7 +198,7 @@ class RunningError:
         u, lam = self.u, self.lam
         op, n = st.data["op"], int(st.data["n"])
         rel = self.up(st.rel)
-        f = self.up(inverse(gamma(n + 8, u)))
+        f = self.up(inverse(gamma(n + 8, u)) * (self.c_relu if j in self.raised else 1.0))
         if isinstance(op, Scale):
             rows = float(op.scale.detach().double().abs().max()) if op.scale.numel() else 0.0
         else:
@@ -150,9 +211,12 @@ class RunningError:
         b64 = None
         if "bias" in st.data:
             b64 = st.data["bias"].to(dev, torch.float64) * st.data.get("bias_rel", st.rel)
-        nonneg = self.rf.nonneg[st.inputs[0]]
+        src = st.inputs[0]
+        nonneg = self.rf.nonneg[src]
 
         def z_of(xs, es):
+            if nonneg and self.reuse and self.owned[src]:  # E of the input is this step's alone
+                return es[0].add_(xs[0], alpha=rel)
             return torch.add(es[0], xs[0] if nonneg else xs[0].abs(), alpha=rel)
 
         if isinstance(op, Scale):
@@ -169,12 +233,22 @@ class RunningError:
         a.weight = as_upper(op.weight.detach().double().abs().to(dev) * f, self.dtype)
         consts = (b64 if b64 is not None else torch.zeros(op.out_shape, dtype=torch.float64, device=dev)) + lam_term
         vec = channel_vector(consts.reshape(op.out_shape), op)
-        k = self.rf.kernel(a, None if vec is None else as_upper(vec * f, self.dtype))
+        bias_up = None if vec is None else as_upper(vec * f, self.dtype)
+        k = self.rf.kernel(a, bias_up)
         rest = None if vec is not None else as_upper(consts.reshape(op.out_shape) * f, self.dtype)
+        k0 = None
+        if src == 0:  # the model input, whose error is 0 unless given: |A|^ rel |x| in the kernel's weights
+            a0 = copy.copy(op)
+            a0.weight = as_upper(op.weight.detach().double().abs().to(dev) * (f * rel), self.dtype)
+            k0 = self.rf.kernel(a0, bias_up)
 
         def linear(xs, es, y):
-            t = k([z_of(xs, es)])
-            return t if rest is None else t + rest
+            if es[0] is None:  # E = 0: one rounding of E + rel |x^| fewer, within f
+                x = xs[0]
+                t = k0([x if bool(x.amin() >= 0) else x.abs()])  # (a NaN takes |x|)
+            else:
+                t = k([z_of(xs, es)])
+            return t if rest is None else t.add_(rest)
         return linear
 
     def __call__(self, x: torch.Tensor, input_error: torch.Tensor | None = None, trace: bool = False):
@@ -189,13 +263,29 @@ class RunningError:
         errs: list = [None] * len(steps)
         with trusted_kernels(), torch.no_grad():
             vals[0] = xin
-            errs[0] = torch.zeros_like(xin) if input_error is None else \
-                as_upper(input_error.to(xin.device, torch.float64), self.dtype).reshape(xin.shape)
+            if input_error is not None:
+                errs[0] = as_upper(input_error.to(xin.device, torch.float64), self.dtype).reshape(xin.shape)
+            elif not self.zero_input_ok:
+                errs[0] = torch.zeros_like(xin)  # (else None: the linear steps reading it know E = 0)
+            self.reuse = not trace  # buffers of tensors read once are overwritten by their reader
             for j in range(1, rf.output + 1):
                 st = steps[j]
                 xs = [vals[i] for i in st.inputs]
-                vals[j] = rf.plain_fn(j)(xs)
-                errs[j] = self.rules[j](xs, [errs[i] for i in st.inputs], vals[j])
+                es = [errs[i] for i in st.inputs]
+                mine = self.into[j] if self.reuse else None
+                if mine is not None:
+                    # the value into that input's buffer (the same operation): a ReLU's rule reads x^ and E,
+                    # so it runs first; a residual addition's reads y^ and the errors
+                    if st.role == "activation":
+                        errs[j] = self.rules[j](xs, es, None)
+                        vals[j] = torch.relu_(xs[0])
+                    else:
+                        a = st.inputs.index(mine)
+                        vals[j] = xs[a].add_(xs[1 - a])
+                        errs[j] = self.rules[j](xs, es, vals[j])
+                else:
+                    vals[j] = rf.plain_fn(j)(xs)
+                    errs[j] = self.rules[j](xs, es, vals[j])
                 if not trace:
                     for i in st.inputs:
                         if rf.last_use[i] == j and i != rf.output:
@@ -206,6 +296,15 @@ class RunningError:
         delta = e.gather(1, pred[:, None]) + e
         res = rf.guard(out, delta, inexact)
         return (res[0], res[1], vals, errs) if trace else res
+
+
+def fresh(st: Step) -> bool:
+    """Whether step ``st`` computes its value and its error bound into tensors of its own (or into the
+    buffers of inputs that were its own): linear steps, sums, biases, ReLU and the rounded activations
+    (clipping and absolute value pass their input's error tensor on, data movement passes views)."""
+    if st.role == "activation":
+        return st.label == "relu" or st.rel > 0
+    return st.role in ("linear", "bias") or (st.role == "sum" and len(st.inputs) > 1)
 
 
 def inverse(g: float) -> float:
