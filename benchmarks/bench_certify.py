@@ -10,8 +10,11 @@ set), against the same float32 inference at ``--batch``.  Also printed: the frac
 recomputed in float64, the median bound on the margin error, how much lower the float32-proven
 radii are than the float64 ones (median, relative), and which bound the probe took (``range``: the
 one bound over the inputs' range, :mod:`lipverify.bounds.domain`; ``sensitivity``, ``running``, or
-the sensitivity bound with the running bound as a second stage).  The timings of the contenders are interleaved
-and the best of ``--repeats`` is kept (the machine is shared).
+the sensitivity bound with the running bound as a second stage).  The last two columns split the
+cost: ``plain/infer``, the float32 pass over the Lipschitz graph with no bound work (what certifying
+would cost with a free bound and a free rule: the ceiling of ``cert/infer32``), and ``pass/infer``,
+that pass with the bound the probe took, alone.  The timings of the contenders are interleaved and the
+best of ``--repeats`` is kept (the machine is shared).
 
     python benchmarks/bench_certify.py [--data ../shared/data] [--batch 256] [--repeats 7] [--n 1000]
 
@@ -34,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import lipverify  # noqa: E402
+from lipverify.bounds.domain import DomainForward  # noqa: E402
+from lipverify.bounds.rounding import trusted_kernels  # noqa: E402
 
 
 def best_time(fn, repeats):
@@ -75,7 +80,7 @@ def main():
                       xc, yc))
     print(f"{'model':22s} {'n':>5s} {'infer32/s':>10s} {'cert/s':>10s} {'cert/infer32':>12s} "
           f"{'f64/infer32':>11s} {'auto batch':>10s} {'fallback':>8s} {'delta med':>9s} {'radius low':>10s} "
-          f"{'K once (s)':>10s} {'bound':>13s}")
+          f"{'K once (s)':>10s} {'bound':>13s} {'plain/infer':>11s} {'pass/infer':>10s}")
     for name, lm, x, y in cases:
         reps = -(-args.n // len(x))
         x, y = x.repeat(reps, *([1] * (x.dim() - 1)))[:args.n], y.repeat(reps)[:args.n]
@@ -84,19 +89,31 @@ def main():
         lm.rounded_forward("2")
         tk = time.perf_counter() - t0
         m32 = lm.module
+        rf = lm.rounded_forward("2")
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        passes = {"plain": lambda xb: rf.run(rf.converted(xb)[0], plain=True), "sensitivity": rf,
+                  "running": lm.running_error("2"), "range": DomainForward(rf, lo, hi, check=False)}
 
         def infer():
             with torch.no_grad():
                 for s in range(0, len(x), args.batch):
                     m32(x[s:s + args.batch])
 
-        best = {"infer": math.inf, "auto": math.inf, "float64": math.inf, "auto batch": math.inf}
+        def one_pass(fn):
+            with torch.no_grad(), trusted_kernels():
+                for s in range(0, len(x), args.batch):
+                    fn(x[s:s + args.batch])
+
+        best = {"infer": math.inf, "auto": math.inf, "float64": math.inf, "auto batch": math.inf,
+                **{k: math.inf for k in passes}}
         res = {}
         for _ in range(args.repeats):
             for key in best:
                 t0 = time.perf_counter()
                 if key == "infer":
                     infer()
+                elif key in passes:
+                    one_pass(passes[key])
                 elif key == "auto batch":  # the batch certify picks from free memory
                     lm.certify(x, y, eps=[0.1, 0.3])
                 else:
@@ -114,10 +131,13 @@ def main():
         pos = b.radius > 0
         low = float(((b.radius - a.radius)[pos] / b.radius[pos]).median()) if bool(pos.any()) else 0.0
         n = len(x)
+        bound_pass = passes["running" if used == "running" else "range" if used == "range" else "sensitivity"]
+        bound_key = next(k for k, v in passes.items() if v is bound_pass)
         print(f"{name:22s} {n:5d} {n / best['infer']:10.0f} {n / best['auto']:10.0f} "
               f"{best['infer'] / best['auto']:12.3f} {best['infer'] / best['float64']:11.3f} "
               f"{best['infer'] / best['auto batch']:10.3f} {fallback:8.1%} "
-              f"{delta:>9s} {low:10.2%} {tk:10.3f} {used:>13s}")
+              f"{delta:>9s} {low:10.2%} {tk:10.3f} {used:>13s} {best['infer'] / best['plain']:11.3f} "
+              f"{best['infer'] / best[bound_key]:10.3f}")
 
 
 if __name__ == "__main__":

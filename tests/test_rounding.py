@@ -601,3 +601,39 @@ def test_buffer_reuse_changes_no_value_and_no_input():
     lm3.rounded_forward("2")(x3), lm3.running_error("2")(x3)
     lm3.certify(x3, torch.zeros(9, dtype=torch.long), eps=0.01, precision="float32")
     assert torch.equal(x3, keep3)
+
+
+def test_norm_bound_and_nonzero_count_against_exact_arithmetic():
+    """The per-example norms the sensitivity bound multiplies (one reduction each, no temporary) are at
+    least the exact norms of the float32 tensors, computed with fractions, on rows of many terms, wide
+    dynamic range, subnormals, signed zeros and sums of huge and tiny squares; within the worst-case ``gamma_m`` of them
+    (not vacuous); a NaN gives inf, squares that overflow still a bound.  The non-zero counts are exact."""
+    from lipverify.bounds.rounding import count_nonzero
+
+    torch.manual_seed(13)
+    lm = lipverify.load(mlp(0), input_shape=(7,))
+    rows = [torch.rand(5000), torch.randn(3000) * torch.logspace(-30, 18, 3000),
+            torch.full((4000,), 1e-42), torch.tensor([0.0, -0.0, 3e-39, -1e18, 7.0] * 50)]
+    width = max(len(r) for r in rows)
+    t = torch.zeros(len(rows), width)
+    for k, r in enumerate(rows):
+        t[k, :len(r)] = r
+    for p in ("2", "inf"):
+        rf = RoundedForward(lm.graph, lm.node_constants(p), p, torch.float32)
+        bound = rf.norm_upper(t)
+        for k in range(len(rows)):
+            vals = [Fraction(float(v)) for v in t[k].tolist()]
+            b = Fraction(float(bound[k]))
+            if p == "2":
+                exact_sq = sum((v * v for v in vals), Fraction(0))
+                assert b * b >= exact_sq
+                if exact_sq > Fraction(2.0 ** -90):  # (where the underflow allowance is not all of it)
+                    assert float(b * b / exact_sq) < 1 + 3 * width * 2.0 ** -24  # gamma_m: not vacuous
+            else:
+                top = max(abs(v) for v in vals)
+                assert top <= b and float(b - top) <= 2.0 ** -126
+        bad = torch.tensor([[1.0, float("nan")], [3e30, 3e30]])  # squares beyond the float32 range
+        nb = rf.norm_upper(bad)
+        assert bool(torch.isinf(nb[0])) and float(nb[1]) >= float(bad[1, 0]) * (math.sqrt(2) if p == "2" else 1)
+    nnz = count_nonzero(t.abs())
+    assert nnz.tolist() == [float(sum(1 for v in t[k].tolist() if v != 0)) for k in range(len(rows))]
