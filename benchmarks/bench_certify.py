@@ -86,10 +86,9 @@ def main():
         x, y = x.repeat(reps, *([1] * (x.dim() - 1)))[:args.n], y.repeat(reps)[:args.n]
         t0 = time.perf_counter()
         lm.margin_constants("2")
-        lm.rounded_forward("2")
+        rf = lm.rounded_forward("2")
         tk = time.perf_counter() - t0
         m32 = lm.module
-        rf = lm.rounded_forward("2")
         lo, hi = (float(v) for v in torch.aminmax(x))
         passes = {"plain": lambda xb: rf.run(rf.converted(xb)[0], plain=True), "sensitivity": rf,
                   "running": lm.running_error("2"), "range": DomainForward(rf, lo, hi, check=False)}
@@ -131,8 +130,7 @@ def main():
         pos = b.radius > 0
         low = float(((b.radius - a.radius)[pos] / b.radius[pos]).median()) if bool(pos.any()) else 0.0
         n = len(x)
-        bound_pass = passes["running" if used == "running" else "range" if used == "range" else "sensitivity"]
-        bound_key = next(k for k, v in passes.items() if v is bound_pass)
+        bound_key = used if used in ("running", "range") else "sensitivity"
         print(f"{name:22s} {n:5d} {n / best['infer']:10.0f} {n / best['auto']:10.0f} "
               f"{best['infer'] / best['auto']:12.3f} {best['infer'] / best['float64']:11.3f} "
               f"{best['infer'] / best['auto batch']:10.3f} {fallback:8.1%} "

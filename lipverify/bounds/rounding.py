@@ -541,7 +541,7 @@ class RoundedForward:
             for i in st.inputs:
                 last_use[i] = j
         self.last_use = last_use
-        self.in_place = self.in_place_steps()
+        self.buffer_owners()
         self.margin_factor = (math.sqrt(2.0) if self.p == "2" else 2.0) * BOUND_FACTOR
         with torch.no_grad(), trusted_kernels():  # the per-example shapes of every step
             vals = self.run(torch.zeros((1,) + self.input_shape, dtype=self.dtype, device=self.device), keep=True)
@@ -559,32 +559,33 @@ class RoundedForward:
         for j, st in enumerate(self.steps):
             self.from_input.append(j == 0 or (st.role == "reshape" and self.from_input[st.inputs[0]]))
 
-    def in_place_steps(self) -> dict:
-        """Steps that may compute into the buffer of their first input, ``step -> fn(values)``: a ReLU whose
-        input, or a residual addition ``x_1 + x_2`` one of whose inputs, is a fresh tensor (a linear step's, a sum's of
-        several terms, a bias's; never the model input or a view of it) that no other step reads.  The same floating-point operation, so the same value and
-        error model; by then every bound term of the input has been taken (:meth:`run` calls
-        ``on_value`` as each value is computed)."""
-        readers: dict[int, int] = {}
+    def buffer_owners(self) -> None:
+        """Which steps may compute into the buffers of their inputs (fewer new tensors, each of which costs
+        its page faults).  ``owned[j]``: step ``j``'s tensors are its own (:func:`fresh`) and exactly one
+        step reads them -- never the model input, a view of it, or the logits.  ``into[j]``: the input
+        whose buffer step ``j`` computes into, or None: a ReLU of an owned tensor, and a residual
+        addition ``x_1 + x_2`` with an owned input (``x_1 + x_2 = x_2 + x_1`` exactly).  The same
+        floating-point operations, so the same values and error model; by then every bound term of the
+        input has been taken (:meth:`run` calls ``on_value`` as each value is computed).  The running
+        error bound uses the same choice for its error tensors."""
+        readers = [0] * len(self.steps)
         for st in self.steps[: self.output + 1]:
             for i in st.inputs:
-                readers[i] = readers.get(i, 0) + 1
-        def own(i):
-            src = self.steps[i]
-            fresh = src.role in ("linear", "bias") or (src.role == "sum" and len(src.inputs) > 1)
-            return i not in (0, self.output) and readers.get(i) == 1 and fresh
-
-        out = {}
+                readers[i] += 1
+        self.owned = [j not in (0, self.output) and readers[j] == 1 and fresh(st) for j, st in enumerate(self.steps)]
+        self.into: list = [None] * len(self.steps)
         for j, st in enumerate(self.steps[: self.output + 1]):
-            if st.role == "activation" and st.label == "relu" and own(st.inputs[0]):
-                out[j] = (lambda vals, i=st.inputs[0]: torch.relu_(vals[i]))
+            if st.role == "activation" and st.label == "relu" and self.owned[st.inputs[0]]:
+                self.into[j] = st.inputs[0]
             elif st.role == "sum" and list(st.data.get("coefs", ())) == [1.0, 1.0] and st.inputs[0] != st.inputs[1]:
-                mine = [i for i in st.inputs if own(i)]
-                if mine:  # x_1 + x_2 = x_2 + x_1 exactly: into whichever buffer is free
-                    i = mine[0]
-                    k = st.inputs[1] if i == st.inputs[0] else st.inputs[0]
-                    out[j] = (lambda vals, i=i, k=k: vals[i].add_(vals[k]))
-        return out
+                self.into[j] = next((i for i in st.inputs if self.owned[i]), None)
+
+    def in_place(self, j: int, vals: list):
+        """Step ``j`` computed into the buffer of its input ``into[j]`` (:meth:`buffer_owners`)."""
+        st, i = self.steps[j], self.into[j]
+        if st.role == "activation":
+            return torch.relu_(vals[i])
+        return vals[i].add_(vals[st.inputs[1] if i == st.inputs[0] else st.inputs[0]])
 
     # -- the element-wise bound -------------------------------------------------------------------
     def back(self, st: Step, h: torch.Tensor) -> list[torch.Tensor]:
@@ -803,11 +804,10 @@ class RoundedForward:
         fused GEMMs compute for the bound (:meth:`plain_fn`)."""
         vals: list = [None] * len(self.steps)
         vals[0] = x
-        reuse = self.in_place if not keep else ()
         for j, st in enumerate(self.steps[: self.output + 1]):
             if j:
-                if j in reuse:  # the input's buffer is this step's alone (its bound terms are taken)
-                    vals[j] = reuse[j](vals)
+                if not keep and self.into[j] is not None:  # an input's buffer, this step's alone
+                    vals[j] = self.in_place(j, vals)
                 else:
                     vals[j] = (self.plain_fn(j) if plain else st.fn)([vals[i] for i in st.inputs])
                 if not keep:
@@ -927,6 +927,16 @@ class RoundedForward:
         self.fuse_dense()
         self.fused_inputs = set(self.fused.values())
         return self.guard(out, delta, inexact)
+
+
+def fresh(st: Step) -> bool:
+    """Whether step ``st`` computes its value (and its running error bound) into tensors of its own, or
+    into the buffers of inputs that were its own: linear steps, sums of several terms, biases, ReLU and
+    the rounded activations (clipping and absolute value pass their input's error tensor on, a sum of
+    one term its input, data movement views)."""
+    if st.role == "activation":
+        return st.label == "relu" or st.rel > 0
+    return st.role in ("linear", "bias") or (st.role == "sum" and len(st.inputs) > 1)
 
 
 def count_nonzero(a: torch.Tensor) -> torch.Tensor:
