@@ -11,6 +11,32 @@ def _num(v: float) -> float | None:
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
 
 
+def json_safe(v: Any) -> Any:
+    """``v`` with every number strict JSON can hold: a float that is not finite becomes ``None``
+    (``null``: an infinite radius or constant, e.g. of a model whose decision cannot change; or NaN),
+    numpy scalars and arrays and torch tensors become Python numbers and lists, tuples and sets lists."""
+    if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k) if not isinstance(k, (str, int, float, bool)) else k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set)):
+        return [json_safe(x) for x in v]
+    tolist = getattr(v, "tolist", None)  # numpy scalars and arrays, torch tensors
+    if callable(tolist):
+        return json_safe(tolist())
+    return str(v)
+
+
+def dumps(v: Any, **kw) -> str:
+    """Strict JSON (``allow_nan=False``) of ``v`` after :func:`json_safe`: ``Infinity`` and ``NaN``
+    never appear."""
+    import json
+
+    return json.dumps(json_safe(v), allow_nan=False, **kw)
+
+
 @dataclass
 class LayerRow:
     name: str

@@ -49,6 +49,8 @@ def parse_eps(text: str | float | Sequence[float] | None) -> list[float]:
                 continue
             try:
                 vals.append(float(Fraction(part)))
+            except OverflowError:
+                raise UserInputError(f"--eps values must be finite and >= 0, got {part!r} (too large)") from None
             except (ValueError, ZeroDivisionError):
                 raise UserInputError(f"--eps must be numbers or fractions like 36/255, got {part!r}") from None
     for v in vals:

@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
-import json
 
 import click
 
+from lipverify.results import dumps
+
 from lipverify.cli.common import (
+    check_outputs,
     clip_option,
     data_options,
     handle_errors,
     load_dataset,
     load_model,
     model_options,
+    require_decision,
 )
 from lipverify.errors import UserInputError
 from lipverify.report.progress import progress_bar
@@ -72,11 +75,8 @@ def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
            limit, batch_size, quiet, eps, norm, clip, strength, seed, as_json, out_csv, save_npz):
     """Empirical robustness: an adversarial radius per input and the robust accuracy per eps."""
     from lipverify.certify import parse_eps
-    from lipverify.data.atomic import check_not_input
-
-    for out in (out_csv, save_npz):
-        if out:
-            check_not_input(out, model, data_path)
+    check_outputs((model, data_path), files={"--out": out_csv, "--save": save_npz})
+    eps_list = sorted(set(parse_eps(eps)))  # arguments are checked before any work
     import torch
 
     from lipverify.importers.loader import resolve_device
@@ -87,8 +87,8 @@ def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
         if ctx.enabled:
             device = str(ctx.device)
         lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
+        require_decision(lm, "attack")
         ds = load_dataset(lm, data_path, layout, limit, mean, std)
-        eps_list = sorted(set(parse_eps(eps)))
         box, exact_box = _attack_box(lm, ds, clip)
         if exact_box and not ds.labelled:
             if ctx.is_main:  # general output properties: searched whole by rank 0
@@ -140,7 +140,7 @@ def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
         # witnesses of each specification's own output condition (checked in float64 and float32)
         out["counterexamples_found"] = len(found)
     if as_json:
-        click.echo(json.dumps(out, default=str))
+        click.echo(dumps(out))
         return
     from lipverify.report.text import print_attack
 
@@ -167,7 +167,7 @@ def _attack_properties(lm, ds, box, strength, seed, as_json, save_npz, quiet):
         write_counterexamples(save_npz, ds, found)
         out["counterexample_files"] = len(found)
     if as_json:
-        click.echo(json.dumps(out, default=str))
+        click.echo(dumps(out))
         return
     from lipverify.report.text import print_property_attack
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import click
 
 from lipverify.cli.common import (
+    check_outputs,
     clip_option,
     data_options,
     handle_errors,
     load_dataset,
     load_model,
     model_options,
+    require_decision,
 )
 from lipverify.errors import SoundnessViolation
 
@@ -35,17 +37,19 @@ def audit(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, 
     from pathlib import Path
 
     from lipverify.certify import parse_eps
-    from lipverify.data.atomic import atomic_write_bytes, check_not_input
+    from lipverify.data.atomic import check_not_input, staged_outputs
     from lipverify.report.audit import run_audit
-    from lipverify.report.files import render
+    from lipverify.report.files import REPORT_FILES, render
 
+    check_outputs((model, data_path), folders={"--out": out_dir})
+    eps_list = sorted(set(parse_eps(eps)))  # arguments are checked before any work
     out = Path(out_dir)
-    for name in ("report.md", "report.html", "report.json"):
+    for name in REPORT_FILES:
         check_not_input(out / name, model, data_path)
     lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
+    require_decision(lm, "audit")
     ds = load_dataset(lm, data_path, layout, limit if limit is not None else 200, mean, std,
                       need_labels=True)
-    eps_list = sorted(set(parse_eps(eps)))
     box = clip_option(clip, ds.x)
     if box is not None:
         lm.set_domain(*box)
@@ -59,8 +63,9 @@ def audit(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, 
                     method=method)
     res.notes = res.notes + ds.notes
     files = render(res)
-    for name, data in files.items():
-        atomic_write_bytes(out / name, data)
+    with staged_outputs(out, last="report.json") as stage:  # the report's files appear together or not at all
+        for name, data in files.items():
+            (stage / name).write_bytes(data)
     con = Console()
     if res.violations:
         con.print(f"[bold red]SOUNDNESS VIOLATION on {len(res.violations)} input(s)[/bold red]")

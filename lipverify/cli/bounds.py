@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import click
+
+from lipverify.results import dumps
 
 from lipverify.cli.common import domain_option, handle_errors, load_model, model_options
 
@@ -40,7 +41,7 @@ def bounds(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
         report = lm.bounds(norm=norm, method=method)
     report.time_s = time.perf_counter() - t0
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(dumps(report.to_dict(), indent=2))
         return
     from lipverify.report.text import print_bounds
 

@@ -3,18 +3,23 @@
 
 from __future__ import annotations
 
-import json
 
 import click
+
+from lipverify.results import dumps
 import torch
 
 from lipverify.cli.common import (
+    accuracy_warning,
+    check_outputs,
     data_options,
     handle_errors,
     load_dataset,
     load_model,
     domain_option,
     model_options,
+    require_decision,
+    warn,
 )
 from lipverify.errors import UserInputError
 from lipverify.report.progress import progress_bar
@@ -38,11 +43,8 @@ def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check
             limit, batch_size, quiet, eps, norm, method, clip, precision, as_json, out_csv, plot_png):
     """Certified radius per input (global GloRo rule, or IBP-masked local bounds)."""
     from lipverify.certify import parse_eps
-    from lipverify.data.atomic import check_not_input
-
-    for out in (out_csv, plot_png):
-        if out:
-            check_not_input(out, model, data_path)
+    check_outputs((model, data_path), files={"--out": out_csv, "--plot": plot_png})
+    eps_list = parse_eps(eps)  # arguments are checked before any work
     from lipverify.importers.loader import resolve_device
     from lipverify.train.distributed import process_group
 
@@ -51,9 +53,9 @@ def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check
         if ctx.enabled:
             device = str(ctx.device)  # under torchrun with CUDA: this rank's GPU
         lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
+        require_decision(lm, "certify")
         domain_option(lm, clip)
         ds = load_dataset(lm, data_path, layout, limit, mean, std)
-        eps_list = parse_eps(eps)
         eps_arg = eps_list if eps_list or ds.eps is None else ds.eps
         if ds.eps is not None and not eps_list and norm != "inf":
             raise UserInputError("VNN-LIB specifications are l-inf boxes: use --norm inf (or give --eps)", data_path)
@@ -88,11 +90,16 @@ def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check
     if not ctx.is_main:
         return
     res.notes = list(lm.notes) + list(ds.notes) + res.notes
+    if ds.labelled:
+        chance = accuracy_warning(res.clean_accuracy, res.n, lm.n_classes)
+        if chance:
+            res.notes.append(chance)
+            warn(chance)
     _write_certify_outputs(res, out_csv, plot_png)
     if as_json:
         d = res.to_dict()
         d["model"] = lm.name
-        click.echo(json.dumps(d))
+        click.echo(dumps(d))
         return
     from lipverify.report.text import print_certify
 

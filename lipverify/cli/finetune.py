@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from lipverify.cli.common import handle_errors, model_options
+from lipverify.cli.common import NONNEGATIVE, POSITIVE, handle_errors, model_options
 from lipverify.train.finetune import EXIT_SIGNAL, FINETUNE_DEFAULTS, finite_json, json_default
 from lipverify.train.finetune import finetune as finetune_job
 from lipverify.train.losses import LOSSES
@@ -33,21 +33,21 @@ def training_option_list(per_arch: bool = False) -> list:
         click.option("--eps", required=True, help="Certification radius (l2, in the model's input units; pixel "
                                                   "space with --mean/--std), e.g. 0.3 or 36/255."),
         click.option("--eval-eps", default=None, help="Radii for the report, comma-separated (default: --eps)."),
-        click.option("--eps-mult", type=float, default=d(1.0), show_default=not per_arch,
+        click.option("--eps-mult", type=POSITIVE, default=d(1.0), show_default=not per_arch,
                      help="Training eps = mult x eps (GloRo trains slightly above the test radius)."),
         click.option("--eps-schedule", type=click.Choice(list(EPS_SCHEDULES)), default=None,
                      help="Ramp of the training eps: linear / log (GloRo) / liresnet (0.1 eps -> 1.5 eps); default: "
                           "liresnet for --loss emma, log otherwise (each loss's paper)."),
-        click.option("--eps-ramp-epochs", type=float, default=None, help="Length of the eps ramp (default: half the run)."),
+        click.option("--eps-ramp-epochs", type=NONNEGATIVE, default=None, help="Length of the eps ramp (default: half the run)."),
         click.option("--trades-lambda", default="1.0", show_default=True, help="TRADES weight: x or start,end,epochs."),
         click.option("--epochs", type=int, default=d(10), show_default=not per_arch),
         click.option("--batch-size", type=int, default=256, show_default=True, help="Global batch size."),
-        click.option("--lr", type=float, default=None,
+        click.option("--lr", type=POSITIVE, default=None,
                      help="Adam learning rate (default: 5e-3 for finetune; train: the architecture's)."),
-        click.option("--warmup-epochs", type=float, default=None, help="Linear warm-up (default: 5% of the run, <= 2)."),
-        click.option("--min-lr-factor", type=float, default=0.0, show_default=True,
+        click.option("--warmup-epochs", type=NONNEGATIVE, default=None, help="Linear warm-up (default: 5% of the run, <= 2)."),
+        click.option("--min-lr-factor", type=NONNEGATIVE, default=0.0, show_default=True,
                      help="Cosine decay ends at this fraction of --lr."),
-        click.option("--weight-decay", type=float, default=0.0, show_default=True),
+        click.option("--weight-decay", type=NONNEGATIVE, default=0.0, show_default=True),
         click.option("--power-iters", type=int, default=2, show_default=True,
                      help="Power iterations per step (warm-started vectors)."),
         click.option("--activation", type=click.Choice(["keep", "minmax"]), default="keep", show_default=True,
@@ -56,7 +56,7 @@ def training_option_list(per_arch: bool = False) -> list:
         click.option("--augment", default="", help="Data augmentation for images: crop (random shifts with zero "
                      "padding H/8; crop:P pads P pixels) and/or flip (horizontal), e.g. crop:2,flip."),
         click.option("--amp", is_flag=True, help="Mixed precision for the network forward pass (never for the bound)."),
-        click.option("--sparsity-weight", type=float, default=0.01, show_default=True,
+        click.option("--sparsity-weight", type=NONNEGATIVE, default=0.01, show_default=True,
                      help="--loss local: weight of the sparsity loss."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--threads", type=int, default=None,

@@ -5,6 +5,8 @@ pixel-space wrapper, and folding the normalisation into the front of a Lipschitz
 
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import torch
@@ -42,12 +44,15 @@ class PixelSpaceModel(nn.Module):
 def parse_floats(text: str | Sequence[float] | None, what: str) -> list[float] | None:
     if text is None:
         return None
-    if isinstance(text, (list, tuple)):
-        return [float(v) for v in text]
     try:
-        return [float(v) for v in str(text).split(",") if v.strip() != ""]
-    except ValueError:
+        parts = text if isinstance(text, (list, tuple)) else [v for v in str(text).split(",") if v.strip() != ""]
+        vals = [float(v) for v in parts]
+    except (TypeError, ValueError):
         raise UserInputError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    bad = [v for v in vals if not math.isfinite(v)]
+    if bad:
+        raise UserInputError(f"{what} values must be finite numbers, got {bad[0]!r}")
+    return vals
 
 
 def parse_shape(text: str | Sequence[int] | None) -> tuple[int, ...] | None:

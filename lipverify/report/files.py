@@ -9,6 +9,10 @@ import json
 import numpy as np
 
 from lipverify.report import plots
+from lipverify.results import dumps
+
+#: every file :func:`render` writes
+REPORT_FILES = ("scatter.png", "accuracy.png", "layers.png", "report.md", "report.html", "report.json")
 
 
 def figures(res) -> dict[str, bytes]:
@@ -102,7 +106,7 @@ def render(res) -> dict[str, bytes]:
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;font-size:90%}"
             "img{max-width:100%}strong{color:#b00}</style></head><body>" + body + "</body></html>")
     files["report.html"] = page.encode()
-    files["report.json"] = json.dumps(res.to_dict(), indent=2).encode()
+    files["report.json"] = dumps(res.to_dict(), indent=2).encode()
     return files
 
 

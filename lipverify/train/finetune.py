@@ -125,11 +125,7 @@ def run_finetune(o: dict, echo=None) -> dict:
     checkpoint when stopped by a signal."""
     import lipverify
     from lipverify.certify import parse_eps, repr_eps
-    from lipverify.data.atomic import (
-        atomic_write_bytes,
-        atomic_write_text,
-        check_not_input,
-    )
+    from lipverify.data.atomic import check_not_input, check_output, staged_outputs
     from lipverify.importers.normalize import PixelSpaceModel
     from lipverify.train import checkpoint as ckpt_mod
     from lipverify.train import distributed, report, surgery
@@ -145,14 +141,9 @@ def run_finetune(o: dict, echo=None) -> dict:
     echo = echo or (lambda msg: print(msg, file=sys.stderr))
     t_job = time.perf_counter()
 
-    out_dir = Path(o["out_dir"])
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserInputError("--out must be a folder", str(out_dir))
+    out_dir = check_output(o["out_dir"], o.get("model"), o.get("data_path"), o.get("eval_data"), folder=True)
     for name in OUTPUT_FILES:
         check_not_input(out_dir / name, o.get("model"), o.get("data_path"), o.get("eval_data"))
-    for inp in (o.get("model"), o.get("data_path"), o.get("eval_data")):
-        if inp and Path(inp).exists() and Path(inp).resolve() == out_dir.resolve():
-            raise UserInputError("--out is one of the inputs", str(out_dir))
 
     eps_list = parse_eps(o["eps"])
     if len(eps_list) != 1 or eps_list[0] <= 0:
@@ -210,6 +201,9 @@ def run_finetune(o: dict, echo=None) -> dict:
     lm = lipverify.load(o.get("model") or lipverify.BUILTIN_DEFAULT, input_shape=o.get("input_shape"),
                         mean=o.get("mean"), std=o.get("std"), arch=o.get("arch"), trust_pickle=bool(o.get("trust_pickle")),
                         fidelity_check=not o.get("no_fidelity_check"), device=str(dev))
+    if lm.n_classes < 2:
+        raise UserInputError(f"the model has {lm.n_classes} output; fine-tuning needs a classifier with at least two "
+                             "logits", lm.name)
     special = lm.graph.domain_nodes()
     if special:
         names = ", ".join(lm.graph.nodes[i].describe() + " at " + lm.graph.nodes[i].name for i in special[:3])
@@ -346,76 +340,72 @@ def run_finetune(o: dict, echo=None) -> dict:
     for m in gm_cpu.modules():
         m.training = False
     onnx_bytes = report.export_onnx_bytes(gm_cpu, lm.input_shape)
-    verify_path = out_dir / ".model.verify.onnx"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(verify_path, onnx_bytes)
-    try:
+    # staged: the verified model, the state dict, the plots and report.json appear together or not at all;
+    # an interruption (Ctrl-C, SIGTERM) removes the staging folder and the model being verified
+    with staged_outputs(out_dir, last="report.json") as stage:
+        verify_path = stage / "model.onnx"
+        verify_path.write_bytes(onnx_bytes)
         lm_after = lipverify.load(str(verify_path), mean=o.get("mean"), std=o.get("std"),
                                   fidelity_inputs=eval_x[:32].cpu() if o.get("mean") is None and o.get("std") is None
                                   else None, device=str(dev), name=str(out_dir / "model.onnx"))
-    except Exception:
-        verify_path.unlink(missing_ok=True)
-        raise
-    fmt = _input_format(o.get("model"), o.get("arch"))
-    sd_bytes = report.state_dict_bytes(gm_cpu)
-    pt_check = _check_state_dict(o, gm_cpu, plan, lm_after, eval_x[:64])
-    export_s = time.perf_counter() - t0
-    echo(f"re-verifying the exported model with the sound bound on {len(eval_y)} inputs ...")
-    with progress_bar(len(eval_y), "certifying (after)", o["quiet"]) as adv:
-        after = report.sound_evaluation(lm_after, eds.x, eds.y, eval_eps, cfg.norm, progress=adv)
-    after_local = None
-    if cfg.loss == "local":
-        after_local = report.sound_evaluation(lm_after, eds.x, eds.y, eval_eps, cfg.norm, method="local")
-        est = report.local_estimate_vra(lm_after, eds.x, eds.y, eval_eps, cfg.norm)
-        after_local["vra_estimate"] = est
-        after_local["estimate_gap"] = {k: est[k] - after_local["vra"].get(k, 0.0) for k in est}
-    verify_path.replace(out_dir / "model.onnx")  # verified: now it is the output
-    atomic_write_bytes(out_dir / "model.pt", sd_bytes)
+        fmt = _input_format(o.get("model"), o.get("arch"))
+        sd_bytes = report.state_dict_bytes(gm_cpu)
+        pt_check = _check_state_dict(o, gm_cpu, plan, lm_after, eval_x[:64])
+        export_s = time.perf_counter() - t0
+        echo(f"re-verifying the exported model with the sound bound on {len(eval_y)} inputs ...")
+        with progress_bar(len(eval_y), "certifying (after)", o["quiet"]) as adv:
+            after = report.sound_evaluation(lm_after, eds.x, eds.y, eval_eps, cfg.norm, progress=adv)
+        after_local = None
+        if cfg.loss == "local":
+            after_local = report.sound_evaluation(lm_after, eds.x, eds.y, eval_eps, cfg.norm, method="local")
+            est = report.local_estimate_vra(lm_after, eds.x, eds.y, eval_eps, cfg.norm)
+            after_local["vra_estimate"] = est
+            after_local["estimate_gap"] = {k: est[k] - after_local["vra"].get(k, 0.0) for k in est}
+        (stage / "model.pt").write_bytes(sd_bytes)
 
-    eps_keys = [repr_eps(e) for e in eval_eps]
-    curves = report.curves_png(trainer.history, eps)
-    atomic_write_bytes(out_dir / "curves.png", curves)
-    atomic_write_bytes(out_dir / "certified_accuracy.png",
-                       report.before_after_png(before, after, cfg.norm, eval_eps))
-    mean_epoch = train_s / max(len(trainer.history), 1)
-    rep = {
-        "tool": "lipverify finetune",
-        "model": str(o.get("model") or lipverify.BUILTIN_DEFAULT),
-        "input_format": fmt,
-        "outputs": {
-            "primary": "model.pt" if fmt == "state_dict" else "model.onnx",
-            "model.onnx": "fine-tuned network, ONNX opset 17, re-imported and re-verified by lipverify.load",
-            "model.pt": _pt_description(fmt, plan),
-            "input_convention": ("same as the input model: raw inputs"
-                                 if o.get("mean") is None and o.get("std") is None else
-                                 f"same as the input model: normalise outside with mean {o.get('mean')} "
-                                 f"std {o.get('std')} (not part of the exported network)"),
-            "state_dict_check": pt_check,
-        },
-        "data": {"train": o["data_path"], "n_train": len(train_y),
-                 "eval": o.get("eval_data") or o["data_path"], "n_eval": len(eval_y)},
-        "eps": eps, "eval_eps": eval_eps, "norm": cfg.norm,
-        "config": run_id,
-        "plan": plan, "lln": lln_path,
-        "before": report.public(before),
-        "after": report.public(after),
-        "after_local": report.public(after_local),
-        "training_estimates": {
-            "note": "power-iteration estimates used by the training loss; not certificates",
-            "global_bound_before": estimate0,
-            "global_bound_after": trainer.history[-1]["global_bound_estimate"] if trainer.history else None,
-            "sound_over_estimate": (after["global_bound"] / trainer.history[-1]["global_bound_estimate"]
-                                    if trainer.history and trainer.history[-1]["global_bound_estimate"] else None),
-        },
-        "history": trainer.history,
-        "time_s": {"load": load_s, "before_eval": before.get("time_s") if before else None,
-                   "train": train_s, "per_epoch": mean_epoch, "export": export_s, "after_eval": after["time_s"],
-                   "total_this_run": time.perf_counter() - t_job},
-        "device": str(dev), "processes": ctx.world,
-        "notes": notes + list(lm_after.notes),
-    }
-    atomic_write_text(out_dir / "report.json", json.dumps(finite_json(rep), indent=2, default=json_default,
-                                                          allow_nan=False))
+        eps_keys = [repr_eps(e) for e in eval_eps]
+        curves = report.curves_png(trainer.history, eps)
+        (stage / "curves.png").write_bytes(curves)
+        (stage / "certified_accuracy.png").write_bytes(report.before_after_png(before, after, cfg.norm, eval_eps))
+        mean_epoch = train_s / max(len(trainer.history), 1)
+        rep = {
+            "tool": "lipverify finetune",
+            "model": str(o.get("model") or lipverify.BUILTIN_DEFAULT),
+            "input_format": fmt,
+            "outputs": {
+                "primary": "model.pt" if fmt == "state_dict" else "model.onnx",
+                "model.onnx": "fine-tuned network, ONNX opset 17, re-imported and re-verified by lipverify.load",
+                "model.pt": _pt_description(fmt, plan),
+                "input_convention": ("same as the input model: raw inputs"
+                                     if o.get("mean") is None and o.get("std") is None else
+                                     f"same as the input model: normalise outside with mean {o.get('mean')} "
+                                     f"std {o.get('std')} (not part of the exported network)"),
+                "state_dict_check": pt_check,
+            },
+            "data": {"train": o["data_path"], "n_train": len(train_y),
+                     "eval": o.get("eval_data") or o["data_path"], "n_eval": len(eval_y)},
+            "eps": eps, "eval_eps": eval_eps, "norm": cfg.norm,
+            "config": run_id,
+            "plan": plan, "lln": lln_path,
+            "before": report.public(before),
+            "after": report.public(after),
+            "after_local": report.public(after_local),
+            "training_estimates": {
+                "note": "power-iteration estimates used by the training loss; not certificates",
+                "global_bound_before": estimate0,
+                "global_bound_after": trainer.history[-1]["global_bound_estimate"] if trainer.history else None,
+                "sound_over_estimate": (after["global_bound"] / trainer.history[-1]["global_bound_estimate"]
+                                        if trainer.history and trainer.history[-1]["global_bound_estimate"] else None),
+            },
+            "history": trainer.history,
+            "time_s": {"load": load_s, "before_eval": before.get("time_s") if before else None,
+                       "train": train_s, "per_epoch": mean_epoch, "export": export_s, "after_eval": after["time_s"],
+                       "total_this_run": time.perf_counter() - t_job},
+            "device": str(dev), "processes": ctx.world,
+            "notes": notes + list(lm_after.notes),
+        }
+        (stage / "report.json").write_text(json.dumps(finite_json(rep), indent=2, default=json_default,
+                                                     allow_nan=False))
     rep["_table"] = report.table(before, after, eps_keys, _extra_rows(after_local, eps_keys, mean_epoch,
                                                                      len(trainer.history)))
     return rep
@@ -443,19 +433,14 @@ def _extra_rows(after_local, eps_keys, mean_epoch, n_epochs):
 
 
 def finite_json(v):
-    """Non-finite floats become ``None`` (strict JSON)."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: finite_json(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [finite_json(x) for x in v]
-    return v
+    """Strict-JSON form of a report (:func:`lipverify.results.json_safe`: non-finite floats become
+    ``None``)."""
+    from lipverify.results import json_safe
+
+    return json_safe(v)
 
 
 def json_default(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
     if isinstance(v, torch.Tensor):
         return v.tolist()
     if isinstance(v, (tuple, set)):

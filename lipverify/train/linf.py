@@ -128,7 +128,8 @@ def train_linf_dist(arch: str, data_path, eps, out_dir, *, input_shape=None, epo
     import lipverify
     from lipverify.certify import parse_eps, repr_eps
     from lipverify.data import load_data
-    from lipverify.data.atomic import atomic_write_bytes, atomic_write_text
+    from lipverify.data.atomic import check_output, staged_outputs
+    from lipverify.train.finetune import finite_json
     from lipverify.importers.loader import resolve_device
     from lipverify.models.linf_dist import LinfDistNet
     from lipverify.report.progress import progress_bar
@@ -145,7 +146,7 @@ def train_linf_dist(arch: str, data_path, eps, out_dir, *, input_shape=None, epo
     if len(eps_v) != 1 or not eps_v[0] > 0:
         raise UserInputError("--eps must be one positive radius")
     eps_v = eps_v[0]
-    out = Path(out_dir)
+    out = check_output(out_dir, data_path, eval_data, folder=True)
     ckpt_path = out / ckpt_mod.NAME
     if ckpt_path.exists() and not (resume or force):
         raise UserInputError("the --out folder has a checkpoint: --resume to continue or --force to start over",
@@ -215,9 +216,9 @@ def train_linf_dist(arch: str, data_path, eps, out_dir, *, input_shape=None, epo
     t0 = time.perf_counter()
     after = report.sound_evaluation(lm, eds.x, eds.y, [eps_v], norm="inf")
     sd = report.state_dict_bytes(cpu)
-    atomic_write_bytes(out / "model.pt", sd)
-    atomic_write_text(out / "arch.py", "from lipverify.models.linf_dist import LinfDistNet\n\n\ndef build():\n"
-                      f"    return LinfDistNet({int(torch.Size(shape).numel())}, {depth}, {width}, {n_classes})\n")
+    builder = ("from lipverify.models.linf_dist import LinfDistNet\n\n\ndef build():\n"
+               f"    return LinfDistNet({int(torch.Size(shape).numel())}, {depth}, {width}, {n_classes})\n")
+    files = {"model.pt": sd, "arch.py": builder.encode()}
     rep = {"tool": "lipverify train", "architecture": {"name": arch, "family": "linf-dist", "depth": depth,
                                                         "width": width, "input_shape": list(shape),
                                                         "classes": n_classes},
@@ -226,7 +227,10 @@ def train_linf_dist(arch: str, data_path, eps, out_dir, *, input_shape=None, epo
            "outputs": {"model.pt": "state dict; lipverify certify model.pt --arch arch.py:build --input-shape "
                                    + ",".join(map(str, shape)) + " --norm inf", "arch.py": "the builder"},
            "certified_by": "margin > 2 eps (every layer 1-Lipschitz in l-inf, p = inf, evaluation mode)"}
-    atomic_write_text(out / "report.json", json.dumps(rep, indent=2, default=str))
+    files["report.json"] = json.dumps(finite_json(rep), indent=2, default=str, allow_nan=False).encode()
+    with staged_outputs(out, last="report.json") as stage:  # together or not at all
+        for name, data in files.items():
+            (stage / name).write_bytes(data)
     key = repr_eps(eps_v)
     rep["_table"] = (f"clean accuracy {100 * after['clean_accuracy']:.1f}%, certified (l-inf, eps {key}) "
                      f"{100 * after['vra'][key]:.1f}% on {after['n']} inputs")

@@ -117,7 +117,7 @@ def train(arch: str, data_path, eps, out_dir, *, input_shape=None, echo=None, **
     ``options`` are those of :func:`lipverify.train.finetune.finetune` except ``model`` and ``arch``;
     ``None`` (or absent) takes the architecture's default.  Returns the job's report.
     """
-    from lipverify.data.atomic import atomic_write_bytes
+    from lipverify.data.atomic import atomic_write_bytes, check_output
     from lipverify.importers.onnx import export_to_onnx
     from lipverify.train.finetune import FINETUNE_DEFAULTS, finetune
     from lipverify.train.linf import LINF_RE, train_linf_dist
@@ -137,7 +137,7 @@ def train(arch: str, data_path, eps, out_dir, *, input_shape=None, echo=None, **
     shape = architecture_shape(arch, shape)
     n_classes = _n_classes(data_path, shape, options.get("layout") or "nchw")
     net, family, shape = build_architecture(arch, shape, n_classes, options.get("seed") or 0)
-    out = Path(out_dir)
+    out = check_output(out_dir, data_path, options.get("eval_data"), folder=True)
     out.mkdir(parents=True, exist_ok=True)
     init = out / "init.onnx"
     data = export_to_onnx(net, shape, None)
