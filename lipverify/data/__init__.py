@@ -2,7 +2,11 @@
 
 * :mod:`~lipverify.data.load` — :func:`load_data` (dispatch by format) and :func:`load_for_model`;
 * :mod:`~lipverify.data.npz`, :mod:`~lipverify.data.folders`, :mod:`~lipverify.data.vnnlib` — the
-  formats; :mod:`~lipverify.data.dataset` — the :class:`Dataset` they return and the shared checks;
+  formats (VNN-LIB text is parsed by :mod:`~lipverify.data.vnnlib_parse` and
+  :mod:`~lipverify.data.vnnlib_dnf`, without recursion and in linear time);
+  :mod:`~lipverify.data.dataset` — the :class:`Dataset` they return and the shared checks;
+* :mod:`~lipverify.data.files` — listing data folders without following links out of them or
+  touching devices and FIFOs;
 * :mod:`~lipverify.data.atomic` — atomic writes, and the rule that no input is ever overwritten;
 * :mod:`~lipverify.data.counterexamples` — competition-format counterexample files.
 

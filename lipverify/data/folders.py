@@ -8,19 +8,39 @@ Folder of images
     does not match the model input is refused. Channels are placed as the model input shape says
     (channel-first ``(C, H, W)`` unless the shape is channel-last ``(H, W, C)``; a flat input shape
     receives the channel-first image flattened row-major).
+
+Every image may come from a stranger. An entry of the folder or of a class sub-folder that is a
+symbolic link leaving the data folder is refused (never followed), as are devices, FIFOs and sockets
+with an image name (:mod:`lipverify.data.files`); each image is opened with :func:`lipverify.limits.open_regular`. The
+memory of the whole data set (``N x input size x 4`` bytes) is checked against the memory limit
+before the first image is decoded, and each image's size is read from its header and compared with
+the model input before its pixels are decoded, so only images of the model's size are ever
+decompressed. An image over Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) is
+refused on its header; Pillow's warning is never printed.
+
+Warnings
+--------
+Raises :class:`~lipverify.errors.UserInputError` naming the folder or the image for: no class
+sub-folders, two sub-folders naming the same class, no images, a symbolic link leaving the folder,
+a special file with an image name, an image that cannot be read (or is truncated), a decompression
+bomb, an image of another size than the model input (images are never resized), 16-bit or float
+images, a data set larger than the memory limit, and labels outside ``[0, n_classes)``.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lipverify.data.dataset import Dataset, check_labels, fmt_shape, oneline
+from lipverify.data.files import check_wanted, list_folder
 from lipverify.errors import UserInputError
+from lipverify.limits import check_alloc, open_regular
 
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm", ".pnm"}
@@ -37,12 +57,21 @@ def image_plan(shape: tuple[int, ...]):
 
 
 def load_image_folder(path: Path, shape, n_classes, limit) -> Dataset:
+    """The images of a folder of class sub-folders (module docstring); ``limit`` keeps the first.
+
+    Warnings
+    --------
+    Raises :class:`~lipverify.errors.UserInputError` naming the folder or the image for every
+    problem the module docstring lists; the memory of the whole set is checked before decoding.
+    """
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - Pillow is a dependency of torchvision
         raise UserInputError("reading image folders needs Pillow (pip install pillow)", path=str(path)) from None
 
-    class_dirs = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    base = path.resolve()
+    entries = list_folder(path, base, path)
+    class_dirs = [e.path for e in entries if e.kind == "dir" and not e.path.name.startswith(".")]
     if not class_dirs:
         raise UserInputError(
             "unsupported data format: the folder holds neither .vnnlib files nor one image "
@@ -67,11 +96,11 @@ def load_image_folder(path: Path, shape, n_classes, limit) -> Dataset:
     files: list[tuple[Path, int]] = []
     ignored = 0
     for label, d in pairs:
-        for f in sorted(d.iterdir()):
-            if f.name.startswith(".") or not f.is_file():
+        for e in list_folder(d, base, path):
+            if e.path.name.startswith(".") or e.kind == "dir":
                 continue
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                files.append((f, label))
+            if e.path.suffix.lower() in IMAGE_SUFFIXES:
+                files.append((check_wanted(e, "image file"), label))
             else:
                 ignored += 1
     if ignored:
@@ -82,23 +111,58 @@ def load_image_folder(path: Path, shape, n_classes, limit) -> Dataset:
         files = files[:limit]
 
     arrangement, channels, height, width = image_plan(shape)
-    if channels is None:
-        count = math.prod(shape)
-    elif len(shape) == 3 and channels not in (1, 3):  # pragma: no cover - excluded by image_plan
+    count = math.prod(shape)
+    if len(shape) == 3 and channels is not None and channels not in (1, 3):  # pragma: no cover
         raise UserInputError("image folders support 1 (grayscale) or 3 (RGB) channels", path=str(path))
-
-    images = []
+    n = len(files)
+    # the data set, plus one decoded image in uint8 and float32
+    check_alloc(4.0 * n * count + 8 * count, f"decoding {n} image(s) of {count} values each", str(path))
+    x = np.empty((n, count), dtype=np.float32)
     names = []
-    for f, _ in files:
-        rel = f.relative_to(path).as_posix()
-        try:
-            with Image.open(f) as im:
-                im.load()
-                if im.mode in ("I", "F") or im.mode.startswith("I;"):
-                    raise UserInputError(
-                        f"image mode {im.mode} (16-bit or float) is not supported; save 8-bit images",
-                        path=str(f),
-                    )
+    for k, (f, _) in enumerate(files):
+        arr, channels, height, width = _decode(Image, f, shape, channels, height, width)
+        # arr: (H, W, C) float32 in [0, 1]
+        if arrangement == "hwc":
+            x[k] = arr.reshape(-1)
+        else:
+            x[k] = arr.transpose(2, 0, 1).reshape(-1)  # channel-first, flattened row-major
+        names.append(f.relative_to(path).as_posix())
+
+    if arrangement == "flat" and (channels, height, width) != shape and not (channels == 1
+                                                                             and shape == (height, width)):
+        notes.append(f"each {channels}x{height}x{width} (C x H x W) image flattened row-major to "
+                     f"{fmt_shape(shape)}")
+    x = x.reshape((n, *shape))
+    y = np.array([label for _, label in files], dtype=np.int64)
+    notes.append("pixels scaled to [0, 1] (divided by 255)")
+    check_labels(y, names, n_classes, path)
+    return Dataset(
+        x=torch.from_numpy(x),
+        y=torch.from_numpy(y),
+        eps=None,
+        targets=None,
+        names=names,
+        notes=notes,
+        source=str(path),
+    )
+
+
+def _decode(Image, f: Path, shape, channels, height, width):
+    """One image as float32 ``(H, W, C)`` in [0, 1]; its size is checked on its header, before
+    decoding. Returns the array and the (possibly just decided) channels, height and width."""
+    count = math.prod(shape)
+    try:
+        with open_regular(f, "image file") as fh, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                im = Image.open(fh)
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                raise UserInputError(
+                    f"the image header declares more than {Image.MAX_IMAGE_PIXELS} pixels (Pillow's "
+                    "decompression-bomb limit); refused without decoding it",
+                    path=str(f),
+                ) from None
+            with im:
                 w_img, h_img = im.size
                 if channels is None:  # flat model input: decide from the first image's size
                     if count == w_img * h_img:
@@ -118,38 +182,18 @@ def load_image_folder(path: Path, shape, n_classes, limit) -> Dataset:
                         f"{width}x{height}; images are not resized",
                         path=str(f),
                     )
+                if im.mode in ("I", "F") or im.mode.startswith("I;"):
+                    raise UserInputError(
+                        f"image mode {im.mode} (16-bit or float) is not supported; save 8-bit images",
+                        path=str(f),
+                    )
+                im.load()
                 arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32)
-        except UserInputError:
-            raise
-        except Exception as exc:  # PIL.UnidentifiedImageError, OSError, truncated files, ...
-            raise UserInputError(f"cannot read image ({oneline(exc)})", path=str(f)) from None
-        arr = arr / np.float32(255.0)
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        images.append(arr)  # (H, W, C)
-        names.append(rel)
-
-    x = np.stack(images)  # (N, H, W, C)
-    if arrangement == "hwc":
-        pass
-    else:
-        x = x.transpose(0, 3, 1, 2)  # (N, C, H, W)
-        if arrangement == "flat" and tuple(x.shape[1:]) != shape:
-            if not (channels == 1 and shape == (height, width)):
-                notes.append(
-                    f"each {channels}x{height}x{width} (C x H x W) image flattened row-major to {fmt_shape(shape)}"
-                )
-            x = x.reshape((x.shape[0], *shape))
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    y = np.array([label for _, label in files], dtype=np.int64)
-    notes.append("pixels scaled to [0, 1] (divided by 255)")
-    check_labels(y, names, n_classes, path)
-    return Dataset(
-        x=torch.from_numpy(x),
-        y=torch.from_numpy(y),
-        eps=None,
-        targets=None,
-        names=names,
-        notes=notes,
-        source=str(path),
-    )
+    except UserInputError:
+        raise
+    except Exception as exc:  # PIL.UnidentifiedImageError, OSError, truncated files, ...
+        raise UserInputError(f"cannot read image ({oneline(exc)})", path=str(f)) from None
+    arr = arr / np.float32(255.0)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return arr, channels, height, width

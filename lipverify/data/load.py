@@ -14,6 +14,19 @@ Each module's docstring has the details.
   :mod:`lipverify.data.vnnlib`.
 
 Every problem the user can fix raises :class:`~lipverify.errors.UserInputError` naming the file.
+
+Hostile files
+-------------
+Every data file may come from a stranger. A file given as data must be a regular file (a device such
+as ``/dev/zero``, a FIFO, ``/dev/stdin`` on a pipe or a socket is refused by what it is, also behind
+a symbolic link); each format's module checks sizes and memory before allocating (see their
+docstrings and :mod:`lipverify.limits`).
+
+Warnings
+--------
+Raises :class:`~lipverify.errors.UserInputError` for: a missing path, a special file, an empty file,
+an unknown format, a bad ``layout``, ``limit`` or class count, and everything the format loaders
+refuse.
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ from lipverify.data.folders import load_image_folder
 from lipverify.data.npz import load_npz
 from lipverify.data.vnnlib import load_vnnlib, vnnlib_files
 from lipverify.errors import UserInputError
+from lipverify.limits import check_regular
 
 
 def load_data(
@@ -64,6 +78,7 @@ def load_data(
         if specs:
             return load_vnnlib(path, specs, shape, layout, n_classes, limit)
         return load_image_folder(path, shape, n_classes, limit)
+    check_regular(path, "data file")
     name = path.name.lower()
     if name.endswith(".npz"):
         return load_npz(path, shape, layout, n_classes, limit)

@@ -59,26 +59,35 @@ class OutputProperty:
         index: dict[tuple, int] = {}
         disjuncts = []
         for conj in dnf:
-            ids = []
+            ids = set()
             for c, d in conj:
                 key = (tuple(float(v) for v in c), float(d))
                 if key not in index:
                     index[key] = len(rows)
                     rows.append((np.asarray(c, dtype=np.float64), float(d)))
-                if index[key] not in ids:
-                    ids.append(index[key])
+                ids.add(index[key])
             disjuncts.append(sorted(ids))
         n_y = len(rows[0][0])
         C = np.stack([c for c, _ in rows]) if rows else np.zeros((0, n_y))
         d = np.asarray([v for _, v in rows], dtype=np.float64)
+        return cls.from_rows(C, d, disjuncts)
+
+    @classmethod
+    def from_rows(cls, C: np.ndarray, d: np.ndarray, disjuncts: list[list[int]]) -> "OutputProperty":
+        """Build from distinct rows ``C``/``d`` and the sorted row indices of each disjunct; detects
+        the robustness and targeted-conjunction forms (vectorised: linear in the size of ``C``)."""
         prop = cls(C, d, disjuncts)
-        pairs = [_pair(C[k], d[k]) for k in range(len(rows))]
-        if all(p is not None for p in pairs):
-            smalls = {s for _, s in pairs}
-            bigs = {b for b, _ in pairs}
-            if all(len(D) == 1 for D in disjuncts) and len(smalls) == 1:
+        if not len(d):
+            return prop
+        ones, minus = C == 1.0, C == -1.0
+        pair = (d == 0) & ((C != 0).sum(axis=1) == 2) & (ones.sum(axis=1) == 1) & (minus.sum(axis=1) == 1)
+        if pair.all():
+            bigs_of = np.argmax(ones, axis=1)
+            smalls = set(np.argmax(minus, axis=1).tolist())
+            bigs = set(bigs_of.tolist())
+            if len(smalls) == 1 and all(len(D) == 1 for D in disjuncts):
                 prop.label = smalls.pop()
-                prop.targets = sorted({pairs[D[0]][0] for D in disjuncts})
+                prop.targets = sorted({int(bigs_of[D[0]]) for D in disjuncts})
                 prop.kind = "targeted" if len(prop.targets) == 1 else "untargeted"
             elif len(disjuncts) == 1 and len(bigs) == 1:
                 prop.kind = "targeted conjunction"
@@ -105,15 +114,3 @@ class OutputProperty:
             return f"{self.kind} (label {self.label}, targets {self.targets})"
         return f"{self.kind} ({len(self.disjuncts)} disjunct(s), {len(self.d)} linear constraint(s))"
 
-
-def _pair(c: np.ndarray, d: float):
-    """(big, small) when ``c . y >= d`` reads ``y_big - y_small >= 0``, else None."""
-    nz = np.flatnonzero(c)
-    if d != 0 or len(nz) != 2:
-        return None
-    a, b = int(nz[0]), int(nz[1])
-    if c[a] == 1.0 and c[b] == -1.0:
-        return a, b
-    if c[a] == -1.0 and c[b] == 1.0:
-        return b, a
-    return None

@@ -22,81 +22,61 @@ VNN-LIB robustness specifications
     that boxes built with per-channel radii (normalisation with a per-channel std outside the
     network) and per-channel valid ranges are recovered exactly; ``eps`` reported per example is
     the largest radius over all channels, and ``lower``/``upper`` keep the exact box.
+
+Every file may come from a stranger: it is read only if it is a regular file (a device, FIFO or
+socket is refused by what it is, also behind a symbolic link), of at most
+:data:`~lipverify.limits.MAX_SPEC_BYTES` on disk and after ``.gz`` decompression (a bomb is refused
+after that many bytes of output); in a folder, files and sub-folders reached through symbolic links
+that leave the folder are refused (:mod:`lipverify.data.files`). The text is parsed without recursion
+and in time linear in its size (:mod:`lipverify.data.vnnlib_parse`). The declared variables are
+compared with the model's input size and class count before anything sized by them is allocated,
+and the memory of the boxes and of the constraint matrix is checked against the memory limit
+(:func:`lipverify.limits.check_alloc`) before it is allocated.
+
+Warnings
+--------
+Every problem raises :class:`~lipverify.errors.UserInputError` naming the file, on one line: a
+missing, empty, special, oversized or non-text file, a ``.gz`` that is not gzip or decompresses past
+the limit, a symbolic link leaving the folder, a syntax error or an unsupported form (see
+:mod:`lipverify.data.vnnlib_parse`), more declared inputs/outputs than the model has (or fewer), gaps
+in the numbering, bounds or output conditions on undeclared variables, a missing or non-finite bound,
+an empty box, no output condition, and a spec or folder of specs too large for the memory limit.
 """
 
 from __future__ import annotations
 
-import gzip
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lipverify.data.dataset import Dataset, check_labels, fmt_shape, oneline
+from lipverify.data.dataset import Dataset, check_labels, fmt_shape
+from lipverify.data.files import walk_files
 from lipverify.data.properties import OutputProperty
+from lipverify.data.vnnlib_parse import scan
 from lipverify.errors import UserInputError
+from lipverify.limits import MAX_CLASSES, MAX_SPEC_BYTES, check_alloc, gunzip_capped, read_capped
 
-_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-
-
-_COMMENT_RE = re.compile(r";[^\n]*")
+SPEC_SUFFIXES = (".vnnlib", ".vnnlib.gz")
 
 
-_NEG_RE = re.compile(rf"\(\s*-\s+({_NUM})\s*\)")
-
-
-_DECL_RE = re.compile(r"\(\s*declare-const\s+([XY])_(\d+)\s+Real\s*\)")
-
-
-_BOUND_VAR_FIRST_RE = re.compile(rf"\(\s*assert\s+\(\s*(<=|>=)\s+X_(\d+)\s+({_NUM})\s*\)\s*\)")
-
-
-_BOUND_CONST_FIRST_RE = re.compile(rf"\(\s*assert\s+\(\s*(<=|>=)\s+({_NUM})\s+X_(\d+)\s*\)\s*\)")
-
-
-_TOKEN_RE = re.compile(r"\(|\)|[^\s()]+")
-
-
-_VAR_RE = re.compile(r"([XY])_(\d+)")
-
-
-_NUM_RE = re.compile(_NUM)
-
-
-_CMP = {"<=", ">=", "<", ">"}
-
-
-_IGNORED_FORMS = {"check-sat", "exit", "set-logic", "set-info", "set-option"}
-
-
-_MAX_DISJUNCTS = 10_000
+def is_spec_name(name: str) -> bool:
+    return name.lower().endswith(SPEC_SUFFIXES)
 
 
 def vnnlib_files(folder: Path) -> list[Path]:
-    found = [
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and (p.name.lower().endswith(".vnnlib") or p.name.lower().endswith(".vnnlib.gz"))
-    ]
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
-
-
-def _negate_literal(m: re.Match) -> str:
-    v = m.group(1)
-    if v.startswith("-"):
-        return v[1:]
-    return "-" + (v[1:] if v.startswith("+") else v)
+    """The ``.vnnlib``/``.vnnlib.gz`` files under ``folder``, sorted by relative path; special files
+    and symbolic links leaving the folder are refused (:func:`lipverify.data.files.walk_files`)."""
+    return walk_files(folder, is_spec_name, "VNN-LIB file")
 
 
 def read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-        if path.name.lower().endswith(".gz"):
-            raw = gzip.decompress(raw)
-    except Exception as exc:
-        raise UserInputError(f"cannot read the file ({oneline(exc)})", path=str(path)) from None
+    """The text of a spec: a regular file of at most ``MAX_SPEC_BYTES``, decompressed (to at most
+    ``MAX_SPEC_BYTES``) when its name ends in ``.gz``."""
+    raw = read_capped(path, MAX_SPEC_BYTES, "VNN-LIB file")
+    if path.name.lower().endswith(".gz"):
+        raw = gunzip_capped(raw, MAX_SPEC_BYTES, path, "VNN-LIB file")
     if not raw.strip():
         raise UserInputError("the file is empty", path=str(path))
     try:
@@ -105,111 +85,60 @@ def read_text(path: Path) -> str:
         raise UserInputError("not a text file (VNN-LIB is plain text)", path=str(path)) from None
 
 
-def _sexprs(text: str, path: Path) -> list:
-    """Parse the (small) remainder of a spec into nested lists of string atoms."""
-    stack: list[list] = [[]]
-    for tok in _TOKEN_RE.findall(text):
-        if tok == "(":
-            stack.append([])
-        elif tok == ")":
-            if len(stack) == 1:
-                raise UserInputError("syntax error: unbalanced ')'", path=str(path))
-            done = stack.pop()
-            stack[-1].append(done)
-        else:
-            stack[-1].append(tok)
-    if len(stack) != 1:
-        raise UserInputError("syntax error: unbalanced '(' (file truncated?)", path=str(path))
-    return stack[0]
-
-
-def _show(expr) -> str:
-    if isinstance(expr, list):
-        text = "(" + " ".join(_show(e) for e in expr) + ")"
-    else:
-        text = str(expr)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _atom_kind(a):
-    """('X'|'Y', index) for a variable, ('c', value) for a number, None otherwise."""
-    if not isinstance(a, str):
-        return None
-    m = _VAR_RE.fullmatch(a)
-    if m:
-        return m.group(1), int(m.group(2))
-    if _NUM_RE.fullmatch(a):
-        return "c", float(a)
-    return None
-
-
 class _Spec:
     __slots__ = ("n_x", "n_y", "lb", "ub", "label", "targets", "prop")
 
 
-def parse_vnnlib(path: Path, text: str) -> _Spec:
-    text = _COMMENT_RE.sub(" ", text)
-    text = _NEG_RE.sub(_negate_literal, text)
+def parse_vnnlib(path: Path, text: str, shape: tuple[int, ...] | None = None,
+                 n_classes: int | None = None) -> _Spec:
+    """Parse a spec's ``text``: its box and its output property.
 
-    xs: set[int] = set()
-    ys: set[int] = set()
-    for kind, idx in _DECL_RE.findall(text):
-        (xs if kind == "X" else ys).add(int(idx))
-    rest = _DECL_RE.sub(" ", text)
+    ``shape`` (the model's input shape) and ``n_classes``, when given, bound the declared variables:
+    a spec declaring more inputs or outputs than the model has is refused before anything sized by
+    them is allocated (fewer are refused by :func:`load_vnnlib`). Without them the box and the
+    constraint matrix are still checked against the memory limit.
 
-    bound_idx: list[int] = []
-    bound_val: list[float] = []
-    bound_upper: list[bool] = []
-    for op, idx, val in _BOUND_VAR_FIRST_RE.findall(rest):
-        bound_idx.append(int(idx))
-        bound_val.append(float(val))
-        bound_upper.append(op == "<=")
-    for op, val, idx in _BOUND_CONST_FIRST_RE.findall(rest):
-        bound_idx.append(int(idx))
-        bound_val.append(float(val))
-        bound_upper.append(op == ">=")
-    rest = _BOUND_VAR_FIRST_RE.sub(" ", rest)
-    rest = _BOUND_CONST_FIRST_RE.sub(" ", rest)
+    Warnings
+    --------
+    Raises :class:`~lipverify.errors.UserInputError` naming ``path`` for every problem the module
+    docstring lists (syntax, declarations past the model's sizes, gaps, undeclared variables,
+    missing or non-finite bounds, an empty box, no output condition, memory).
+    """
+    path = Path(path)
+    where = str(path)
+    max_x = None if shape is None else math.prod(shape)
+    max_y = MAX_CLASSES if n_classes is None else n_classes
 
-    if not xs:
-        raise UserInputError("declares no input variables (declare-const X_i Real)", path=str(path))
-    if not ys:
-        raise UserInputError("declares no output variables (declare-const Y_j Real)", path=str(path))
-    n_y_decl = max(ys) + 1
-    outputs: list[list[list[tuple[np.ndarray, float]]]] = []  # one DNF per output assert
-    for form in _sexprs(rest, path):
-        if not isinstance(form, list):
-            raise UserInputError(f"syntax error: unexpected text {_show(form)!r}", path=str(path))
-        if not form:
-            raise UserInputError("syntax error: empty '()'", path=str(path))
-        head = form[0]
-        if head in _IGNORED_FORMS:
-            continue
-        if head == "declare-const":
-            raise UserInputError(
-                f"unsupported declaration {_show(form)!r}: only 'X_i Real' and 'Y_j Real' are understood",
-                path=str(path),
-            )
-        if head != "assert" or len(form) != 2:
-            raise UserInputError(f"syntax error: unexpected form {_show(form)!r}", path=str(path))
-        dnf = _interpret_assert(form[1], path, n_y_decl, bound_idx, bound_val, bound_upper)
-        if dnf is not None:
-            outputs.append(dnf)
+    def declare(kind: str, i: int) -> None:  # refused on the first declaration past the model's sizes
+        if kind == "X" and max_x is not None and i >= max_x:
+            raise UserInputError(f"the spec declares X_{i} (at least {i + 1} inputs) but the model input has shape "
+                                 f"{fmt_shape(shape)} ({max_x} values)", path=where)
+        if kind == "Y" and i >= max_y:
+            model = f"the model has {n_classes} classes" if n_classes is not None else \
+                f"at most {MAX_CLASSES} outputs are supported"
+            raise UserInputError(f"the spec declares Y_{i} (at least {i + 1} outputs) but {model}", path=where)
 
-    n_x = max(xs) + 1
-    n_y = max(ys) + 1
-    if len(xs) != n_x:
-        raise UserInputError(f"input variables are not numbered X_0 .. X_{n_x - 1} without gaps", path=str(path))
-    if len(ys) != n_y:
-        raise UserInputError(f"output variables are not numbered Y_0 .. Y_{n_y - 1} without gaps", path=str(path))
+    s = scan(text, path, declare)
+    if not s.xs:
+        raise UserInputError("declares no input variables (declare-const X_i Real)", path=where)
+    if not s.ys:
+        raise UserInputError("declares no output variables (declare-const Y_j Real)", path=where)
+    n_x, n_y = max(s.xs) + 1, max(s.ys) + 1
+    if s.max_y >= n_y:
+        raise UserInputError(f"output condition uses undeclared output Y_{s.max_y}", path=where)
+    if len(s.xs) != n_x:
+        raise UserInputError(f"input variables are not numbered X_0 .. X_{n_x - 1} without gaps", path=where)
+    if len(s.ys) != n_y:
+        raise UserInputError(f"output variables are not numbered Y_0 .. Y_{n_y - 1} without gaps", path=where)
 
-    idx = np.asarray(bound_idx, dtype=np.int64)
-    val = np.asarray(bound_val, dtype=np.float64)
-    upper = np.asarray(bound_upper, dtype=bool)
+    idx = np.frombuffer(s.bound_idx, dtype=np.int64) if len(s.bound_idx) else np.zeros(0, np.int64)
+    val = np.frombuffer(s.bound_val, dtype=np.float64) if len(s.bound_val) else np.zeros(0)
+    upper = np.frombuffer(bytes(s.bound_upper), dtype=np.uint8).astype(bool)
     if idx.size and int(idx.max()) >= n_x:
-        raise UserInputError(f"bound on undeclared input X_{int(idx.max())}", path=str(path))
+        raise UserInputError(f"bound on undeclared input X_{int(idx.max())}", path=where)
     if not np.isfinite(val).all():
-        raise UserInputError("an input bound is not a finite number", path=str(path))
+        raise UserInputError("an input bound is not a finite number", path=where)
+    check_alloc(4 * 8 * n_x, "the input box of the spec", where)
     lb = np.full(n_x, -np.inf)
     ub = np.full(n_x, np.inf)
     np.maximum.at(lb, idx[~upper], val[~upper])
@@ -218,179 +147,47 @@ def parse_vnnlib(path: Path, text: str) -> _Spec:
         missing = np.flatnonzero(~np.isfinite(arr))
         if missing.size:
             more = f" and {missing.size - 1} more" if missing.size > 1 else ""
-            raise UserInputError(f"no {side} bound for X_{int(missing[0])}{more}", path=str(path))
+            raise UserInputError(f"no {side} bound for X_{int(missing[0])}{more}", path=where)
     empty = np.flatnonzero(lb > ub)
     if empty.size:
         i = int(empty[0])
-        raise UserInputError(
-            f"empty box: X_{i} has lower bound {lb[i]!r} above upper bound {ub[i]!r}", path=str(path)
-        )
+        raise UserInputError(f"empty box: X_{i} has lower bound {lb[i]!r} above upper bound {ub[i]!r}", path=where)
+    if s.dnf is None:
+        raise UserInputError("no output condition (assert over Y_j)", path=where)
 
-    if not outputs:
-        raise UserInputError("no output condition (assert over Y_j)", path=str(path))
-    dnf = outputs[0]
-    for more in outputs[1:]:  # several asserts are a conjunction: distribute over the disjuncts
-        dnf = _conjoin(dnf, more, path)
-    prop = OutputProperty.from_dnf(dnf)
-    label = prop.label
-    targets = prop.targets
-
+    prop = _property(s, n_y, where)
     spec = _Spec()
-    spec.n_x, spec.n_y, spec.lb, spec.ub, spec.label, spec.targets = n_x, n_y, lb, ub, label, targets
+    spec.n_x, spec.n_y, spec.lb, spec.ub, spec.label, spec.targets = n_x, n_y, lb, ub, prop.label, prop.targets
     spec.prop = prop
     return spec
 
 
-def _interpret_assert(body, path: Path, n_y: int, bound_idx, bound_val, bound_upper):
-    """Input bounds (top-level comparisons of ``X_i`` with a number, also inside a top-level ``and``)
-    are appended to the bound lists; the rest of the assertion is returned as a DNF of output
-    constraints ``(c, d)`` meaning ``c . Y >= d`` (None when the assertion has no output part)."""
-    items = body[1:] if isinstance(body, list) and body and body[0] == "and" else [body]
-    dnf: list[list[tuple[np.ndarray, float]]] | None = None
-    for item in items:
-        bound = _input_bound(item)
-        if bound is not None:
-            bound_idx.append(bound[0])
-            bound_val.append(bound[1])
-            bound_upper.append(bound[2])
-            continue
-        part = _dnf(item, path, n_y)
-        dnf = part if dnf is None else _conjoin(dnf, part, path)
-    return dnf
-
-
-def _conjoin(a: list, b: list, path: Path) -> list:
-    """The DNF of ``A and B`` from the DNFs of ``A`` and ``B`` (every pair of disjuncts), size-capped."""
-    if len(a) * len(b) > _MAX_DISJUNCTS:
-        raise UserInputError(f"the output condition expands to more than {_MAX_DISJUNCTS} disjuncts", path=str(path))
-    return [x + y for x in a for y in b]
-
-
-def _input_bound(expr):
-    """(i, value, is_upper) for ``(<= X_i v)`` / ``(>= v X_i)`` and the like; None otherwise."""
-    if not (isinstance(expr, list) and len(expr) == 3 and expr[0] in _CMP):
-        return None
-    op, a, b = expr
-    ka, kb = _atom_kind(a), _atom_kind(b)
-    if ka is None or kb is None:
-        return None
-    ge = op in (">=", ">")
-    if ka[0] == "X" and kb[0] == "c":
-        return ka[1], kb[1], not ge
-    if ka[0] == "c" and kb[0] == "X":
-        return kb[1], ka[1], ge
-    return None
-
-
-def _dnf(expr, path: Path, n_y: int) -> list[list[tuple[np.ndarray, float]]]:
-    """Disjunctive normal form of an output condition built from ``or``, ``and`` and linear comparisons."""
-    if not (isinstance(expr, list) and expr):
-        raise UserInputError(f"unsupported assertion {_show(expr)!r}", path=str(path))
-    head = expr[0]
-    if head == "or":
-        if len(expr) == 1:
-            raise UserInputError("unsupported output condition: empty (or)", path=str(path))
-        out = []
-        for d in expr[1:]:
-            out.extend(_dnf(d, path, n_y))
-            if len(out) > _MAX_DISJUNCTS:
-                raise UserInputError(
-                    f"the output condition has more than {_MAX_DISJUNCTS} disjuncts", path=str(path)
-                )
-        return out
-    if head == "and":
-        out: list[list[tuple[np.ndarray, float]]] = [[]]
-        for c in expr[1:]:
-            if _input_bound(c) is not None:
-                raise UserInputError(
-                    f"unsupported condition {_show(expr)!r}: input bounds inside an output disjunction "
-                    "(several input regions in one file) are not supported; write one file per region",
-                    path=str(path),
-                )
-            out = _conjoin(out, _dnf(c, path, n_y), path)
-        return out
-    if head in _CMP:
-        if len(expr) != 3:
-            raise UserInputError(f"syntax error in {_show(expr)!r}", path=str(path))
-        if _input_bound(expr) is not None:
-            raise UserInputError(
-                f"unsupported condition {_show(expr)!r}: input bounds inside an output disjunction are "
-                "not supported",
-                path=str(path),
-            )
-        if any(_atom_kind(a) is None for a in _atoms(expr[1:])):
-            raise UserInputError(f"syntax error in {_show(expr)!r}", path=str(path))
-        la, ca = _linear(expr[1], path, n_y, expr)
-        lb_, cb = _linear(expr[2], path, n_y, expr)
-        # a >= b  <=>  (a - b) >= 0 ; a <= b  <=>  (b - a) >= 0
-        c, const = (la - lb_, ca - cb) if head in (">=", ">") else (lb_ - la, cb - ca)
-        if not np.any(c):
-            raise UserInputError(
-                f"output condition {_show(expr)!r} does not depend on any output (it compares Y_j with itself "
-                "or numbers with numbers)",
-                path=str(path),
-            )
-        return [[(c, -float(const))]]
-    raise UserInputError(
-        f"unsupported assertion {_show(expr)!r}: expected input bounds, or output conditions made of "
-        "(or ...), (and ...) and linear comparisons of Y_j",
-        path=str(path),
-    )
-
-
-def _atoms(expr):
-    """The operand atoms of a term (the function symbol at the head of a list is skipped)."""
-    for e in expr:
-        if isinstance(e, list):
-            yield from _atoms(e[1:])
-        else:
-            yield e
-
-
-def _linear(expr, path: Path, n_y: int, whole) -> tuple[np.ndarray, float]:
-    """``(coefficients over Y, constant)`` of a linear term: ``Y_j``, numbers, ``+``, ``-``, ``*`` by a number."""
-    if isinstance(expr, str):
-        k = _atom_kind(expr)
-        if k is None:
-            raise UserInputError(f"syntax error in {_show(whole)!r}", path=str(path))
-        c = np.zeros(n_y)
-        if k[0] == "c":
-            return c, float(k[1])
-        if k[0] == "X":
-            raise UserInputError(
-                f"unsupported comparison {_show(whole)!r}: output conditions may use only Y_j "
-                "(an input variable appears)",
-                path=str(path),
-            )
-        if k[1] >= n_y:
-            raise UserInputError(f"output condition uses undeclared output Y_{k[1]}", path=str(path))
-        c[k[1]] = 1.0
-        return c, 0.0
-    if not expr or expr[0] not in ("+", "-", "*"):
-        raise UserInputError(
-            f"unsupported expression {_show(whole)!r}: terms may be Y_j, numbers, +, - and * by a number",
-            path=str(path),
-        )
-    op, args = expr[0], [_linear(a, path, n_y, whole) for a in expr[1:]]
-    if not args:
-        raise UserInputError(f"syntax error in {_show(whole)!r}", path=str(path))
-    if op == "+":
-        return sum(a[0] for a in args), float(sum(a[1] for a in args))
-    if op == "-":
-        if len(args) == 1:
-            return -args[0][0], -args[0][1]
-        return args[0][0] - sum(a[0] for a in args[1:]), args[0][1] - float(sum(a[1] for a in args[1:]))
-    coef, const = np.zeros(n_y), 1.0
-    varying = [a for a in args if np.any(a[0])]
-    if len(varying) > 1:
-        raise UserInputError(f"unsupported expression {_show(whole)!r}: a product of outputs is not linear",
-                             path=str(path))
-    for a in args:
-        if not np.any(a[0]):
-            const *= a[1]
-    if varying:
-        return varying[0][0] * const, varying[0][1] * const
-    return coef, const
+def _property(s, n_y: int, where: str) -> OutputProperty:
+    """The :class:`OutputProperty` of a scan: rows numbered in order of first use in the DNF."""
+    order: dict[int, int] = {}
+    disjuncts = []
+    for conj in s.dnf:
+        ids = set()
+        for r in conj:
+            k = order.get(r)
+            if k is None:
+                k = order[r] = len(order)
+            ids.add(k)
+        disjuncts.append(sorted(ids))
+    m = len(order)
+    check_alloc(8.0 * m * (n_y + 1), f"the {m} x {n_y} constraint matrix of the output condition", where)
+    C = np.zeros((m, n_y))
+    d = np.empty(m)
+    rows_i, cols, vals = [], [], []
+    for r, k in order.items():
+        key = s.rows[r]  # (d, j1, c1, j2, c2, ...)
+        d[k] = key[0]
+        for t in range(1, len(key), 2):
+            rows_i.append(k)
+            cols.append(key[t])
+            vals.append(key[t + 1])
+    C[rows_i, cols] = vals
+    return OutputProperty.from_rows(C, d, disjuncts)
 
 
 def recover_clean_input(lb: np.ndarray, ub: np.ndarray, shape: tuple[int, ...]):
@@ -424,16 +221,34 @@ def recover_clean_input(lb: np.ndarray, ub: np.ndarray, shape: tuple[int, ...]):
 
 
 def load_vnnlib(source: Path, files: list[Path], shape, layout, n_classes, limit) -> Dataset:
+    """One example per spec file (module docstring); ``limit`` keeps the first files. The boxes of
+    all files are checked against the memory limit before the first file is read.
+
+    Warnings
+    --------
+    Raises :class:`~lipverify.errors.UserInputError` naming the file for anything
+    :func:`read_text` or :func:`parse_vnnlib` refuses, a spec whose inputs or outputs do not match
+    the model, labels outside ``[0, n_classes)``, and boxes too large for the memory limit.
+    """
     if limit is not None:
         files = files[:limit]
+    if not files:  # pragma: no cover - callers pass at least one file
+        raise UserInputError("the data set is empty (0 examples)", path=str(source))
     count = math.prod(shape)
+    n = len(files)
+    # per example: lower/upper float64, the clean input in float64 and float32, the bounds being merged
+    check_alloc(float(n) * count * (8 + 8 + 8 + 4) + 4 * 8 * count,
+                f"the boxes of {n} VNN-LIB spec(s) of {count} inputs each", str(source))
     notes: list[str] = []
     if layout != "nchw":
         notes.append("layout ignored for VNN-LIB: X_i always follows the model's own input layout")
-    xs, lbs, ubs, eps_list, labels, targets, names, props = [], [], [], [], [], [], [], []
+    lower = np.empty((n, count))
+    upper = np.empty((n, count))
+    xs = np.empty((n, count), dtype=np.float32)
+    eps_list, labels, targets, names, props = [], [], [], [], []
     per_channel: dict[tuple, int] = {}
-    for f in files:
-        spec = parse_vnnlib(f, read_text(f))
+    for k, f in enumerate(files):
+        spec = parse_vnnlib(f, read_text(f), shape, n_classes)
         if spec.n_x != count:
             raise UserInputError(
                 f"the spec declares {spec.n_x} inputs but the model input has shape {fmt_shape(shape)} "
@@ -448,9 +263,9 @@ def load_vnnlib(source: Path, files: list[Path], shape, layout, n_classes, limit
         if len(radii) > 1 and max(radii) - min(radii) > 1e-3 * max(radii):
             key = tuple(float(f"{r:.6g}") for r in radii)
             per_channel[key] = per_channel.get(key, 0) + 1
-        xs.append(x)
-        lbs.append(spec.lb)
-        ubs.append(spec.ub)
+        xs[k] = x
+        lower[k] = spec.lb
+        upper[k] = spec.ub
         eps_list.append(eps)
         labels.append(-1 if spec.label is None else spec.label)
         targets.append(spec.targets)
@@ -461,8 +276,6 @@ def load_vnnlib(source: Path, files: list[Path], shape, layout, n_classes, limit
             f"{k} spec(s) use per-channel l-inf radii {list(key)} (model input units); eps is the "
             "largest, lower/upper hold the exact box"
         )
-    if not xs:  # pragma: no cover - callers pass at least one file
-        raise UserInputError("the data set is empty (0 examples)", path=str(source))
     y = np.asarray(labels, dtype=np.int64)
     if n_classes is not None:
         labelled = y >= 0
@@ -473,16 +286,15 @@ def load_vnnlib(source: Path, files: list[Path], shape, layout, n_classes, limit
             f"{unlabelled} spec(s) state a general output property (no single label): certify and attack "
             "report whether the property holds, not a robustness radius"
         )
-    n = len(xs)
     return Dataset(
-        x=torch.from_numpy(np.stack(xs).astype(np.float32).reshape((n, *shape))),
+        x=torch.from_numpy(xs.reshape((n, *shape))),
         y=torch.from_numpy(y),
         eps=torch.tensor(eps_list, dtype=torch.float64),
         targets=targets,
         names=names,
         notes=notes,
         source=str(source),
-        lower=torch.from_numpy(np.stack(lbs).reshape((n, *shape))),
-        upper=torch.from_numpy(np.stack(ubs).reshape((n, *shape))),
+        lower=torch.from_numpy(lower.reshape((n, *shape))),
+        upper=torch.from_numpy(upper.reshape((n, *shape))),
         properties=props,
     )

@@ -159,13 +159,9 @@ def train_linf_dist(arch: str, data_path, eps, out_dir, *, input_shape=None, epo
     if input_shape is None:
         if not str(data_path).lower().endswith(".npz"):
             raise UserInputError("give --input-shape for data that is not an .npz file", str(data_path))
-        import numpy as np
+        from lipverify.data.npz import npz_input_shape
 
-        try:
-            with np.load(str(data_path)) as f:
-                input_shape = tuple(int(v) for v in f["x"].shape[1:])
-        except Exception as exc:
-            raise UserInputError(f"cannot read x from the file ({exc})", str(data_path)) from None
+        input_shape = npz_input_shape(data_path)  # from the header: nothing is decompressed
     shape = tuple(int(v) for v in input_shape)
     ds = load_data(data_path, shape, layout=layout, limit=limit)
     if not ds.labelled:
@@ -185,8 +181,8 @@ def train_linf_dist(arch: str, data_path, eps, out_dir, *, input_shape=None, epo
         saved = ckpt_mod.load(ckpt_path)
         if saved.get("config") != run_id:
             raise UserInputError("--resume with different settings than the checkpoint", str(ckpt_path))
-        trainer.load_state_dict(saved)
-        ckpt_mod.set_rng_state(saved["rng"])
+        trainer.load_state_dict(saved, ckpt_path)
+        ckpt_mod.set_rng_state(saved["rng"], ckpt_path)
 
     def save_checkpoint():
         st = trainer.state_dict()

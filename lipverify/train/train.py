@@ -135,9 +135,9 @@ def train(arch: str, data_path, eps, out_dir, *, input_shape=None, echo=None, **
             raise TypeError(f"train() sets {bad} itself")
         options.pop(bad, None)
     shape = architecture_shape(arch, shape)
+    out = check_output(out_dir, data_path, options.get("eval_data"), folder=True)  # before any work
     n_classes = _n_classes(data_path, shape, options.get("layout") or "nchw")
     net, family, shape = build_architecture(arch, shape, n_classes, options.get("seed") or 0)
-    out = check_output(out_dir, data_path, options.get("eval_data"), folder=True)
     out.mkdir(parents=True, exist_ok=True)
     init = out / "init.onnx"
     data = export_to_onnx(net, shape, None)
