@@ -163,8 +163,17 @@ def open_regular(path: str | os.PathLike, what: str = "file", max_bytes: int | N
 def read_capped(path: str | os.PathLike, max_bytes: int, what: str = "file") -> bytes:
     """The bytes of a regular file of at most ``max_bytes`` (a file that grows while read is cut off
     and refused)."""
+    chunks, total = [], 0
     with open_regular(path, what, max_bytes) as fh:
-        data = fh.read(max_bytes + 1)
+        want = min(max_bytes, os.fstat(fh.fileno()).st_size) + 1  # read(n) allocates n bytes up front
+        while total <= max_bytes:
+            chunk = fh.read(min(want, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            want = 1 << 20
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if len(data) > max_bytes:
         raise UserInputError(f"the {what} is over the limit of {fmt_bytes(max_bytes)}", str(path))
     return data

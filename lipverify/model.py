@@ -7,6 +7,7 @@ delegate to the pure functions in :mod:`lipverify.bounds` and friends.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn as nn
 
 from lipverify.bounds.global_bound import (
     TAIL_MAX_ENTRIES,
+    check_margin_size,
     margin_constants,
     propagate,
     property_constants,
@@ -149,6 +151,7 @@ class LipModel:
         """``K`` (float64, m x m) bounding the Lipschitz constants of the logit margins."""
         key = ("margin", norm, method)
         if key not in self._cache:
+            check_margin_size(math.prod(self.graph.nodes[self.graph.output].out_shape), self.name)  # tail: as large
             with no_tf32(), torch.no_grad():
                 small = tail_size(self.graph) <= TAIL_MAX_ENTRIES
                 self._cache[key] = margin_constants(self.graph, self.node_constants(norm, method), norm,

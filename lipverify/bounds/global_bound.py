@@ -39,6 +39,7 @@ from lipverify.graph import LipschitzGraph, Node
 from lipverify.graph.domain import attention_constant, interval_bounds, normalization_constants, product_factors
 from lipverify.graph.linear_ops import Bound
 from lipverify.graph.operator_norms import SOUND_FACTOR
+from lipverify.limits import check_alloc
 
 
 @dataclass
@@ -194,6 +195,7 @@ def tail_matrix(graph: LipschitzGraph) -> tuple[torch.Tensor, int] | None:
     if out.kind != "linear":
         return None
     m = int(math.prod(out.out_shape))
+    check_alloc(8 * m * (m + out.op.in_dim), f"the affine tail of the {m} logits (an {m} x {m} float64 identity)")
     op = out.op.to_double_copy()
     with torch.no_grad():
         eye = torch.eye(m, dtype=torch.float64, device=op._device())
@@ -256,6 +258,13 @@ def pairwise_distances(rows: torch.Tensor, p: str, max_entries: int = 2 ** 24) -
         return (sq.clamp_min(0) + err).sqrt() * (1 + 4 * u)
 
 
+def check_margin_size(m: int, name: str | None = None) -> None:
+    """Refuse (exit 2, naming the model ``name``) ``m`` classes whose ``m x m`` margin constants (and
+    the temporaries computing them) exceed the memory limit (:func:`lipverify.limits.check_alloc`)."""
+    check_alloc(4 * m * m * 8, f"the margin constants K ({m} x {m} float64, with the temporaries computing them)",
+                name)
+
+
 def margin_constants(graph: LipschitzGraph, consts: list[NodeConstant], p: str,
                      tail: tuple[torch.Tensor, int] | None = None) -> MarginConstants:
     """``K_ij`` from the affine tail ``f = T h + b``: ``||T_i - T_j||_2 L_2(h)`` (``_1`` / ``L_inf`` for
@@ -265,6 +274,7 @@ def margin_constants(graph: LipschitzGraph, consts: list[NodeConstant], p: str,
     ``sqrt(2)`` (2 for l-inf) times the global bound."""
     out = graph.nodes[graph.output]
     m = int(math.prod(out.out_shape))
+    check_margin_size(m)
     split = None
     if tail is None and tail_size(graph) > TAIL_MAX_ENTRIES:
         split = last_dense_split(graph)

@@ -95,6 +95,7 @@ from lipverify.graph.domain import (
     normalization_interval,
     product_factors_batched,
 )
+from lipverify.limits import check_alloc
 
 __all__ = [
     "LocalBoundResult",
@@ -690,6 +691,7 @@ def _combine(ctx: _Context, norms, masks, bounds=None):
             L[i] = float(ctx.consts[i].constant.value) * L[n.inputs[0]]
     out = g.nodes[g.output]
     m = int(math.prod(out.out_shape))
+    check_alloc(3 * B * m * m * 8, f"the local margin constants ({B} x {m} x {m} float64, with temporaries)")
     if out.kind == "linear":
         h = out.inputs[0]
         T = ctx.tail_matrix()

@@ -6,6 +6,11 @@
 * nodes that no longer feed the output are dropped.
 
 The norm of a merged operator is at most the product of its parts and is often far smaller.
+
+Each pass is linear in the number of nodes: a whole run of linear nodes becomes one :class:`Chain`
+at once (its offset is computed once), and the residual sums are merged in one walk in graph order
+(an inner sum merged first is a linear node for the sums around it).  The passes repeat only while a
+residual merge happened, which the graph's nesting depth bounds.
 """
 
 from __future__ import annotations
@@ -23,48 +28,75 @@ def _merged_name(a: str, b: str) -> str:
 def simplify(graph: LipschitzGraph) -> LipschitzGraph:
     nodes = list(graph.nodes)
     out = graph.output
-    changed = True
-    while changed:
-        changed = False
-        cons = _consumers(nodes)
-        # 1. chains of linear nodes
-        for i, n in enumerate(nodes):
-            if n is None or n.kind != "linear":
-                continue
-            j = n.inputs[0]
-            p = nodes[j]
-            if p.kind == "linear" and len(cons[j]) == 1 and j != out:
-                nodes[i] = Node(_merged_name(p.name, n.name), "linear", list(p.inputs), n.out_shape,
-                                Chain([p.op, n.op]), p.sources + n.sources)
-                nodes[j] = None
-                changed = True
-                break
-        if changed:
-            nodes, out = _compact(nodes, out)
-            continue
-        # 2. linear residual sums
-        for i, n in enumerate(nodes):
-            if n is None or n.kind != "add":
-                continue
-            walks = [_walk_linear(nodes, cons, j, out) for j in n.inputs]
-            srcs = {w[0] for w in walks}
-            if len(srcs) != 1:
-                continue
-            src = walks[0][0]
-            branches = []
-            for _, ops, _names in walks:
-                if not ops:
-                    branches.append(identity_select(nodes[src].out_shape))
-                else:
-                    branches.append(ops[0] if len(ops) == 1 else Chain(ops))
-            sources = [s for w in walks for s in w[2]] + n.sources
-            nodes[i] = Node(n.name, "linear", [src], n.out_shape, Residual(branches, list(n.op)), sources)
-            changed = True
+    while True:
+        nodes, out = _merge_chains(nodes, out)
+        nodes, out, merged = _merge_residuals(nodes, out)
+        if not merged:
             break
-        if changed:
-            nodes, out = _prune(nodes, out)
     nodes, out = _prune(nodes, out)
     return LipschitzGraph(nodes, out, graph.notes)
+
+
+def _merge_chains(nodes, out):
+    """Every maximal run of linear nodes, each the single consumer of the one before (none of them
+    the output but the last), as one node."""
+    cons = _consumers(nodes)
+
+    def feeds_linear(j):  # j's value goes into one linear node only, and is not the output
+        n = nodes[j]
+        return (n is not None and n.kind == "linear" and j != out and len(cons[j]) == 1
+                and nodes[cons[j][0]].kind == "linear")
+
+    changed = False
+    for i, n in enumerate(nodes):
+        if n is None or n.kind != "linear" or feeds_linear(i):
+            continue
+        run = [i]
+        j = n.inputs[0]
+        while feeds_linear(j):
+            run.append(j)
+            j = nodes[j].inputs[0]
+        if len(run) == 1:
+            continue
+        run.reverse()
+        first, last = nodes[run[0]], nodes[run[-1]]
+        nodes[i] = Node(_merged_name(first.name, last.name), "linear", list(first.inputs), last.out_shape,
+                        Chain([nodes[k].op for k in run]), [s for k in run for s in nodes[k].sources])
+        for k in run[:-1]:
+            nodes[k] = None
+        changed = True
+    return _compact(nodes, out) if changed else (nodes, out)
+
+
+def _merge_residuals(nodes, out):
+    """Every ``add`` whose inputs reach one node through single-consumer linear nodes, as one
+    :class:`Residual` node (in graph order; the branch nodes are dropped at once)."""
+    cons = _consumers(nodes)
+    changed = False
+    for i, n in enumerate(nodes):
+        if n is None or n.kind != "add":
+            continue
+        walks = [_walk_linear(nodes, cons, j, out) for j in n.inputs]
+        srcs = {w[0] for w in walks}
+        if len(srcs) != 1:
+            continue
+        src = walks[0][0]
+        branches = []
+        for _, ops, _names, _seen in walks:
+            if not ops:
+                branches.append(identity_select(nodes[src].out_shape))
+            else:
+                branches.append(ops[0] if len(ops) == 1 else Chain(ops))
+        sources = [s for w in walks for s in w[2]] + n.sources
+        nodes[i] = Node(n.name, "linear", [src], n.out_shape, Residual(branches, list(n.op)), sources)
+        dead = {k for w in walks for k in w[3]}
+        for k in dead:  # they fed this sum only
+            nodes[k] = None
+        cons[src] = [c for c in cons[src] if c not in dead and c != i] + [i]
+        changed = True
+    if changed:
+        nodes, out = _prune(nodes, out)
+    return nodes, out, changed
 
 
 def _consumers(nodes):
@@ -80,13 +112,15 @@ def _consumers(nodes):
 def _walk_linear(nodes, cons, j, out):
     """Walk back from node j through linear nodes that have a single consumer.
 
-    Returns (source index, list of ops from source to j, merged source names)."""
-    ops, names = [], []
+    Returns (source index, list of ops from source to j, merged source names, indices walked)."""
+    ops, names, seen = [], [], []
     while nodes[j].kind == "linear" and len(cons[j]) == 1 and j != out:
-        ops.insert(0, nodes[j].op)
-        names = nodes[j].sources + names
+        ops.append(nodes[j].op)
+        names.append(nodes[j].sources)
+        seen.append(j)
         j = nodes[j].inputs[0]
-    return j, ops, names
+    ops.reverse()
+    return j, ops, [s for part in reversed(names) for s in part], seen
 
 
 def _compact(nodes, out):

@@ -3,6 +3,10 @@
 * :mod:`~lipverify.importers.loader` — the public :func:`load` (dispatch by source, outside
   normalisation, fidelity check, the graph-reproduces-model check) and :func:`resolve_device`;
 * :mod:`~lipverify.importers.onnx` — ONNX files (onnx2torch) and exporting to ONNX;
+  :mod:`~lipverify.importers.onnx_safety` — the checks of an untrusted file (size, nodes, external
+  data confined to the model's folder, finite weights, inputs and outputs);
+  :mod:`~lipverify.importers.onnx_memory` — the activations' memory from shape inference;
+  :mod:`~lipverify.importers.onnx_convert` — onnx2torch's converter in linear time;
   :mod:`~lipverify.importers.fidelity` — the comparison with onnxruntime;
 * :mod:`~lipverify.importers.torchfile` — state dicts with ``--arch``, TorchScript, ``.pt2``, pickles;
 * :mod:`~lipverify.importers.fx` — fx graphs to Lipschitz graphs; :mod:`~lipverify.importers.aten` —

@@ -2,6 +2,12 @@
 onnx2torch (put in eval mode; every node onnx2torch cannot convert is listed at once), and exporting
 torch modules to ONNX (opset 17, dynamic batch) for the programs that are analysed through ONNX.
 
+Every file may be hostile: :func:`read_onnx` runs the checks of
+:mod:`lipverify.importers.onnx_safety` (regular file, size and node limits, no control flow,
+external data read only from the model's own folder and attached, finite weights, one float32 input
+and one output) before the ONNX checker, and :func:`convert_onnx` converts with
+:func:`lipverify.importers.onnx_convert.convert` (onnx2torch's converter in linear time).
+
 :func:`normalise_onnx` runs before conversion, with the onnx library's own tools only:
 
 * ``Identity`` nodes go: one whose input is an initializer becomes a copy of that initializer under
@@ -14,7 +20,8 @@ torch modules to ONNX (opset 17, dynamic batch) for the programs that are analys
   ``0`` there ("copy the input's batch size"), so that the model runs on batches;
 * shape inference annotates the result.
 
-The fidelity check still compares the converted module against onnxruntime on the **original** file.
+The fidelity check still compares the converted module against onnxruntime on the **original** model
+(with its external data attached), not the normalised one.
 """
 
 from __future__ import annotations
@@ -28,33 +35,36 @@ import torch
 import torch.nn as nn
 
 from lipverify.errors import UnsupportedOpError, UserInputError
+from lipverify.importers.onnx_safety import check_io, check_structure, read_model
+from lipverify.limits import check_regular
 
 
 def check_file(path: Path) -> None:
-    if not path.exists():
-        raise UserInputError("no such file", str(path))
-    if path.is_dir():
-        raise UserInputError("is a directory, expected a model file", str(path))
-    if path.stat().st_size == 0:
-        raise UserInputError("the file is empty", str(path))
+    """A model path must name a non-empty regular file (:func:`lipverify.limits.check_regular`:
+    devices such as ``/dev/zero``, FIFOs, ``/dev/stdin`` and directories are refused by what they are,
+    exit 2)."""
+    check_regular(path, "model file")
 
 
 def read_onnx(path: Path):
+    """The checked model of ``path``, its self-contained serialised bytes (external data attached, for
+    onnxruntime) and the largest weight ``(magnitude, label)``: the checks of
+    :mod:`lipverify.importers.onnx_safety`, then the ONNX checker and :func:`check_io`.
+
+    Warnings
+    --------
+    Refuses (exit 2) everything :func:`lipverify.importers.onnx_safety.read_model` refuses, models
+    the ONNX checker rejects, and models without exactly one float32 input and one output.
+    """
     import onnx
 
-    data = path.read_bytes()
-    try:
-        model = onnx.load_from_string(data)
-    except Exception:
-        raise UserInputError("not a valid ONNX file (could not parse the protobuf; truncated or not ONNX?)",
-                             str(path)) from None
-    if len(model.graph.node) == 0:
-        raise UserInputError("not a valid ONNX file (no graph nodes; truncated or not ONNX?)", str(path))
+    model, data, largest = read_model(path)
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
         raise UserInputError(f"invalid ONNX model: {_name_checker_node(model, str(exc))}", str(path)) from None
-    return model, data
+    check_io(model, path)
+    return model, data, largest
 
 
 def _name_checker_node(model, msg: str) -> str:
@@ -73,12 +83,10 @@ def _name_checker_node(model, msg: str) -> str:
 
 
 def onnx_input_shape(model, path) -> tuple[Any, ...]:
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise UserInputError(f"the model has {len(inputs)} inputs; lipverify needs exactly one", str(path))
+    """The declared input shape, batch dimension first; None for symbolic or unset dimensions."""
+    inp, _ = check_io(model, path)
     dims = []
-    for d in inputs[0].type.tensor_type.shape.dim:
+    for d in inp.type.tensor_type.shape.dim:
         dims.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None)
     return tuple(dims)
 
@@ -244,8 +252,9 @@ def explain_run_failure(gm, x: torch.Tensor) -> str:
 def convert_onnx(model, path, notes: list | None = None):
     """onnx2torch module (eval mode) of the normalised ``model``; notes on the normalisation go to
     ``notes``."""
-    import onnx2torch
+    from lipverify.importers.onnx_convert import convert
 
+    check_structure(model, path)  # also for models exported in memory
     model, more = normalise_onnx(model)
     if notes is not None:
         notes.extend(more)
@@ -255,7 +264,7 @@ def convert_onnx(model, path, notes: list | None = None):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            gm = onnx2torch.convert(model)
+            gm = convert(model)
     except Exception as exc:
         raise UserInputError(f"could not convert the ONNX graph: {_explain_conversion_error(model, exc)}",
                              str(path)) from None
