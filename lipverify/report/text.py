@@ -23,6 +23,10 @@ def _sound(s: bool) -> str:
     return "[green]yes[/green]" if s else "[yellow]no (estimate)[/yellow]"
 
 
+#: layer rows printed by ``bounds`` (the first ones and the last 20 of a longer graph; ``--json`` has all)
+MAX_LAYER_ROWS = 200
+
+
 def print_bounds(report: BoundsReport, console: Console | None = None) -> None:
     c = console or Console()
     c.print(f"[bold]lipverify bounds[/bold]  model {report.model}  norm l{report.norm}  "
@@ -34,7 +38,12 @@ def print_bounds(report: BoundsReport, console: Console | None = None) -> None:
     t = Table(show_lines=False)
     for col in ("layer", "op", "in", "out", "constant", "method", "sound"):
         t.add_column(col, overflow="fold")
-    for r in report.layers:
+    layers = list(report.layers)
+    head, tail = (layers, []) if len(layers) <= MAX_LAYER_ROWS else (layers[:MAX_LAYER_ROWS - 20], layers[-20:])
+    for k, r in enumerate(head + tail):
+        if tail and k == len(head):
+            t.add_row(f"... {len(layers) - len(head) - len(tail)} more layers (every one in --json)", "", "", "", "",
+                      "", "")
         t.add_row(r.name, r.op, "x".join(map(str, r.in_shape)), "x".join(map(str, r.out_shape)),
                   _fmt(r.lipschitz), r.method, _sound(r.sound) if r.lipschitz is not None else "")
     c.print(t)
