@@ -287,8 +287,8 @@ def run_finetune(o: dict, echo=None) -> dict:
     trainer = Trainer(wrapped, train_x, train_y, cfg, ctx, eval_x if ctx.is_main else None,
                       eval_y if ctx.is_main else None)
     if saved is not None:
-        trainer.load_state_dict(saved)
-        ckpt_mod.set_rng_state(saved["rng"])
+        trainer.load_state_dict(saved, ckpt_path)
+        ckpt_mod.set_rng_state(saved["rng"], ckpt_path)
         echo(f"resumed from {ckpt_path} at epoch {trainer.epoch}" + (f", step {trainer.step}" if trainer.step else ""))
     estimate0 = saved.get("estimate_before") if saved else bound.global_estimate()
 

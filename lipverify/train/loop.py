@@ -221,7 +221,25 @@ class Trainer:
             st["local_vectors"] = self.inner.local.vector_state()
         return st
 
-    def load_state_dict(self, st: dict) -> None:
+    def load_state_dict(self, st: dict, path=None) -> None:
+        """Restore a checkpoint's state (:func:`lipverify.train.checkpoint.load` read it weights-only).
+
+        Warnings
+        --------
+        An entry missing or of the wrong shape (a damaged or edited checkpoint) raises
+        :class:`~lipverify.errors.UserInputError` (exit 2, one line) instead of a traceback.
+        """
+        try:
+            self._load_state_dict(st)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            from lipverify.errors import UserInputError
+
+            text = str(exc).strip().splitlines()
+            raise UserInputError("the checkpoint does not fit this run (damaged, or written for another network): "
+                                 f"{type(exc).__name__}: {text[0][:200] if text else ''}",
+                                 None if path is None else str(path)) from None
+
+    def _load_state_dict(self, st: dict) -> None:
         self.inner.load_state_dict(st["train_state"])
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
