@@ -326,7 +326,7 @@ def _good_pt2(tmp_path) -> Path:
 def test_inspect_refuses_what_torch_would_import_or_link(tmp_path):
     """Parts of an archive that do not create a file by themselves but reach code: AOTInductor libraries,
     tree specs that import modules, custom objects, higher-order operators, duplicate entries."""
-    from lipverify.importers.torchfile import inspect_pt2
+    from lipverify.importers.pt2_check import inspect_pt2
 
     good = _good_pt2(tmp_path)
     inspect_pt2(good.read_bytes(), good)

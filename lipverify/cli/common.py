@@ -141,8 +141,6 @@ def check_outputs(inputs: tuple, files: dict | None = None, folders: dict | None
     """Check every output location before the work (:func:`lipverify.data.atomic.check_output`):
     ``files``/``folders`` map an option name to its value (None: not given).  Two outputs at one
     path are refused too."""
-    from pathlib import Path
-
     from lipverify.data.atomic import check_output
 
     seen: dict = {}

@@ -188,6 +188,7 @@ def staged_outputs(folder: str | os.PathLike, last: str | None = None):
 
     Yields a temporary folder inside ``folder`` (created if needed); files written there are moved
     into ``folder`` when the block ends normally, with SIGINT and SIGTERM held back during the moves
+    (:func:`signals_deferred`)
     (``last``, e.g. ``report.json``, moves last), so a signal leaves either all of them or none of
     them from this run.  On any exception or signal the temporary folder and its files are removed.
 
@@ -206,18 +207,46 @@ def staged_outputs(folder: str | os.PathLike, last: str | None = None):
             if last in names:
                 names.remove(last)
                 names.append(last)
-            blockable = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
-            held = {signal.SIGINT, signal.SIGTERM}
-            old = signal.pthread_sigmask(signal.SIG_BLOCK, held) if blockable else None
-            try:
+            with signals_deferred():
                 for name in names:
                     os.chmod(stage / name, 0o666 & ~_umask())
                     os.replace(stage / name, out / name)
-            finally:
-                if blockable:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Within the block SIGINT, SIGTERM and SIGHUP are recorded, not acted on; the first one recorded
+    is raised when the block ends (:class:`KeyboardInterrupt` or :class:`Stopped`).  A Python-level
+    handler rather than a signal mask: in a process with other threads (torch's, a test runner's) the
+    kernel may deliver the signal to any thread that does not block it, and CPython then acts on it in
+    the main thread anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+
+    def _record(signum, frame):
+        got.append(signum)
+
+    saved = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            try:
+                saved[sig] = signal.signal(sig, _record)
+            except (ValueError, OSError):
+                pass
+    try:
+        yield
+    finally:
+        for sig, h in saved.items():
+            signal.signal(sig, h)
+    if got:
+        if got[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Stopped(got[0])
 
 
 def _umask() -> int:

@@ -25,7 +25,6 @@ import json
 import math
 import re
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn

@@ -27,7 +27,6 @@ are described there).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 
