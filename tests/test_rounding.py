@@ -598,7 +598,9 @@ def test_buffer_reuse_changes_no_value_and_no_input():
     keep2 = x2.clone()
     l_a, d_a = run2(x2)
     l_b, d_b = run2(x2, input_error=torch.zeros_like(x2))
-    assert torch.equal(x2, keep2) and torch.equal(l_a, l_b) and bool((d_a <= d_b).all())
+    # skipping the zero input error is never looser, up to the float32 rounding of the bound's own
+    # arithmetic (the skip path sums |A| |x| gamma in another kernel: the two differ by an ulp or two)
+    assert torch.equal(x2, keep2) and torch.equal(l_a, l_b) and bool((d_a <= d_b * (1 + 4 * 2.0 ** -24)).all())
     check_against_exact(lm2, x2, running=True)
     # an input read by a ReLU alone: its buffer is the caller's, never reused
     torch.manual_seed(12)

@@ -155,31 +155,34 @@ class Stopped(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def signals_raise():
-    """Within the block SIGTERM (and SIGHUP) raise :class:`KeyboardInterrupt` like SIGINT does, so that
-    ``finally`` clauses remove temporary files whatever stops the process (main thread only; a no-op
-    elsewhere)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum, frame):
-        raise Stopped(signum)
-
+def signal_handlers(names, handler):
+    """Within the block ``handler`` handles the signals named (``"SIGINT"``, ...); the previous
+    handlers come back after it.  Python runs signal handlers in the main thread only: elsewhere this
+    does nothing."""
     saved = {}
-    for name in ("SIGTERM", "SIGHUP"):
-        sig = getattr(signal, name, None)
-        if sig is None:
-            continue
-        try:
-            saved[sig] = signal.signal(sig, _raise)
-        except (ValueError, OSError):
-            pass
+    if threading.current_thread() is threading.main_thread():
+        for name in names:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                saved[sig] = signal.signal(sig, handler)
+            except (ValueError, OSError):
+                pass
     try:
         yield
     finally:
         for sig, h in saved.items():
             signal.signal(sig, h)
+
+
+def signals_raise():
+    """Within the block SIGTERM (and SIGHUP) raise :class:`Stopped`, a :class:`KeyboardInterrupt`,
+    like SIGINT does, so that ``finally`` clauses remove temporary files whatever stops the process."""
+    def _raise(signum, frame):
+        raise Stopped(signum)
+
+    return signal_handlers(("SIGTERM", "SIGHUP"), _raise)
 
 
 @contextlib.contextmanager
@@ -222,27 +225,9 @@ def signals_deferred():
     handler rather than a signal mask: in a process with other threads (torch's, a test runner's) the
     kernel may deliver the signal to any thread that does not block it, and CPython then acts on it in
     the main thread anyway."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     got: list[int] = []
-
-    def _record(signum, frame):
-        got.append(signum)
-
-    saved = {}
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        sig = getattr(signal, name, None)
-        if sig is not None:
-            try:
-                saved[sig] = signal.signal(sig, _record)
-            except (ValueError, OSError):
-                pass
-    try:
+    with signal_handlers(("SIGINT", "SIGTERM", "SIGHUP"), lambda signum, frame: got.append(signum)):
         yield
-    finally:
-        for sig, h in saved.items():
-            signal.signal(sig, h)
     if got:
         if got[0] == signal.SIGINT:
             raise KeyboardInterrupt

@@ -147,21 +147,13 @@ class Interrupted(Exception):
 @contextlib.contextmanager
 def catch_signals(trainer: "Trainer"):
     """SIGINT / SIGTERM set a flag; the loop checkpoints at the next step boundary and stops."""
-    old = {}
+    from lipverify.data.atomic import signal_handlers
 
     def handler(signum, frame):
         trainer.stop_signal = signum
 
-    for s in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old[s] = signal.signal(s, handler)
-        except ValueError:  # not in the main thread
-            pass
-    try:
+    with signal_handlers(("SIGINT", "SIGTERM"), handler):
         yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 @dataclass
