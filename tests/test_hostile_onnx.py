@@ -375,3 +375,80 @@ def test_onnxruntime_errors_are_one_line_without_its_log(tmp_path, capfd):
     assert len(lines) == 1 and "gather.onnx" in lines[0] and "onnxruntime fails to run" in lines[0], lines
     assert "Gather" in lines[0]
     assert "onnxruntime:" not in fd.err + fd.out and "\x1b[" not in fd.err + fd.out, fd.err[-500:]
+
+
+# -- B1: sizes computed from the input's shape are known before running -----------------------------
+def pad_chain(blocks: int = 12, from_values: bool = False, batch_scale: int = 0):
+    """``blocks`` Pads in a row, each widening its input by an amount computed from its shape, as
+    swin's window padding is (the batch dimension symbolic): width = prod(shape) / batch, pad =
+    width % 3 + 1 (+ (batch - 1) * ``batch_scale``); each Pad's amount thus needs the previous Pad's
+    size.  ``from_values``: the amount is computed from the input's values (max(x)) instead."""
+    nodes, cur = [], "x"
+    for k in range(blocks):
+        if from_values:
+            nodes += [h.make_node("ReduceMax", [cur], [f"mx{k}"], keepdims=0),
+                      h.make_node("Cast", [f"mx{k}"], [f"w{k}"], to=T.INT64)]
+        else:
+            nodes += [h.make_node("Shape", [cur], [f"s{k}"]),
+                      h.make_node("ReduceProd", [f"s{k}"], [f"n{k}"], keepdims=0),
+                      h.make_node("Gather", [f"s{k}", "zero"], [f"b{k}"], axis=0),
+                      h.make_node("Div", [f"n{k}", f"b{k}"], [f"w{k}"])]
+        nodes += [h.make_node("Mod", [f"w{k}", "three"], [f"r{k}"]),
+                  h.make_node("Add", [f"r{k}", "one"], [f"a{k}"])]
+        if batch_scale:
+            nodes += [h.make_node("Sub", [f"b{k}", "one"], [f"bm{k}"]),
+                      h.make_node("Mul", [f"bm{k}", "scale"], [f"bs{k}"]),
+                      h.make_node("Add", [f"a{k}", f"bs{k}"], [f"ab{k}"])]
+        nodes += [h.make_node("Unsqueeze", [f"ab{k}" if batch_scale else f"a{k}", "zero1"], [f"u{k}"]),
+                  h.make_node("Concat", ["zeros3", f"u{k}"], [f"p{k}"], axis=0),
+                  h.make_node("Pad", [cur, f"p{k}"], [f"h{k}"])]
+        cur = f"h{k}"
+    nodes += [h.make_node("ReduceMean", [cur], ["m"], axes=[1], keepdims=1),
+              h.make_node("Gemm", ["m", "W"], ["y"], transB=1)]
+    inits = [nh.from_array(np.array(v, np.int64), name) for name, v in
+             [("zero", 0), ("one", 1), ("three", 3), ("scale", batch_scale), ("zero1", [0]), ("zeros3", [0, 0, 0])]]
+    return model(nodes, inits + [nh.from_array(W34[:, :1], "W")])
+
+
+def test_pad_sized_from_the_inputs_shape_passes_and_from_its_values_is_refused(tmp_path, monkeypatch):
+    """The regression of swin_t's window padding (twelve Pads, each sized from the previous one's
+    shape: an estimator that re-inferred the whole graph once per Pad gave up after eight)."""
+    import lipverify
+    from lipverify.errors import UserInputError
+    from lipverify.importers.onnx_memory import estimate_memory
+
+    monkeypatch.setenv("LIPVERIFY_MAX_MEMORY", "2G")
+    runs = [(2, "importing the model", True), (8, "the fidelity check", False)]
+    shaped = pad_chain()
+    width = 4
+    for _ in range(12):
+        width += width % 3 + 1
+    # per example: the input, 12 x (Pad output), ReduceMean and Gemm outputs, float32; the shape arithmetic
+    # (int64 scalars and pads) is counted too, so only a lower bound is exact
+    assert estimate_memory(shaped, None, (4,), "m.onnx", runs) >= 4 * (4 + width + 1 + 3)
+    path = save(shaped, tmp_path / "shape" / "model.onnx")
+    lm = lipverify.load(path)  # converted, run and checked against onnxruntime
+    assert lm.fidelity is not None and lm.fidelity.passed
+    assert lm.bounds("2").global_bound.sound
+
+    valued = pad_chain(from_values=True)
+    with pytest.raises(UserInputError, match=r"node h0 \(Pad\) cannot be determined before running it"):
+        estimate_memory(valued, None, (4,), "m.onnx", runs)
+    path = save(valued, tmp_path / "values" / "model.onnx")
+    with pytest.raises(UserInputError, match="Pad.*cannot be determined"):
+        lipverify.load(path)
+
+
+def test_sizes_from_the_batch_are_those_of_each_runs_batch(monkeypatch):
+    """A Pad of (batch - 1) x 10^8 columns: nothing at batch 1, 21 GiB at the fidelity check's 8."""
+    from lipverify.errors import UserInputError
+    from lipverify.importers.onnx_memory import estimate_memory
+
+    monkeypatch.setenv("LIPVERIFY_MAX_MEMORY", "2G")
+    m = pad_chain(blocks=1, batch_scale=10**8)
+    assert estimate_memory(m, None, (4,), "m.onnx", [(1, "one example", True)]) < 1000
+    with pytest.raises(UserInputError, match="the fidelity check: 8 examples, 2 x .* memory limit"):
+        estimate_memory(m, None, (4,), "m.onnx", [(2, "importing the model", True), (8, "the fidelity check", False)])
+    # a batch fixed in the file: its sizes, scaled to the run's batch
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    assert estimate_memory(m, 1, (4,), "m.onnx", [(8, "the fidelity check", False)]) < 1000

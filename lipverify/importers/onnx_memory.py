@@ -1,13 +1,18 @@
 """How much memory an ONNX model's activations need, known before anything is converted or run.
 
 :func:`estimate_memory` runs ONNX shape inference on a light copy of the model (large initializers
-replaced by typed inputs) with the per-example input shape fixed.  Where the size of an output of an
-op whose size is set by values (:data:`SIZE_FROM_VALUES`: ``Expand``, ``Tile``, ``ConstantOfShape``,
-``Pad``, ``Resize``, ...) is still unknown, the small constant subgraphs exporters use to compute
-pads, shapes and scales are evaluated with onnx's reference evaluator (only nodes whose outputs shape
-inference knows to be small), ``Shape``/``Size`` of statically shaped values become constants, and
-shape inference runs again.  The activations of every value are then summed and compared with the
-memory limit (:func:`lipverify.limits.check_alloc`) for each batch the import runs.
+replaced by typed inputs) with the input's shape fixed: the per-example shape, and the batch of the
+run the estimate is for (when the file's batch dimension is symbolic; else the file's own).  Where a
+size is still unknown (ONNX's inference does not compute ``Mod``, ``Div``, ``ReduceProd``, ... of
+shapes, so that the window padding of a Swin transformer, say, stays unknown), one pass over the
+graph in its order completes it: ``Shape``/``Size`` of a value whose shape is static are constants,
+the small shape arithmetic (:data:`_FOLDED`: ``Gather``, ``Concat``, ``Mod``, ``Where``, ...) on
+constants is evaluated (numpy, or onnx's reference implementation; at most ``_SMALL`` elements), and
+each node whose output shape is unknown is inferred alone with its constant inputs' values.  So every
+size that follows from the input's shape is known, however many ``Pad``\ s depend on earlier ones;
+sizes that follow from the input's values (or from large initializers) never are.  The activations
+of every value are then summed and compared with the memory limit (:func:`lipverify.limits.check_alloc`)
+for each batch the import runs.
 
 Warnings
 --------
@@ -15,7 +20,8 @@ Refused with :class:`~lipverify.errors.UserInputError` (exit 2, one line naming 
 inference failing, activations over the memory limit, and an output of an op in
 :data:`SIZE_FROM_VALUES` whose size is still unknown (computed from the input's values, say: an
 allocation bomb cannot be told from a legitimate model before it runs).  Unknown sizes of other ops,
-which follow from their inputs' sizes, are not counted.
+which follow from their inputs' sizes, are not counted.  Local functions and ops of other domains
+keep what inference of the whole graph says about them.
 """
 
 from __future__ import annotations
@@ -82,100 +88,194 @@ def _infer(skel, path):
                              "the model needs", str(path)) from None
 
 
-def _value_shapes(inferred):
-    """``(producer node or None, name, dims or None, elem_type)`` of the input and of every value a
-    node produces (dims None: not known statically)."""
-    g = inferred.graph
-    info = {v.name: v for v in list(g.input[:1]) + list(g.value_info) + list(g.output)}
-    names = [g.input[0].name] if len(g.input) else []
-    producer = {}
-    for n in g.node:
-        for o in n.output:
-            if o and o not in producer:
-                producer[o] = n
-                names.append(o)
-    for name in names:
-        v = info.get(name)
-        tt = v.type.tensor_type if v is not None and v.type.HasField("tensor_type") else None
-        dims = None
-        if tt is not None and tt.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-            dims = None if any(d is None for d in dims) else dims
-        yield producer.get(name), name, dims, (tt.elem_type if tt is not None else 0)
+def _static(tp):
+    """The dimensions of a ``TypeProto``'s tensor type when all are known (None otherwise)."""
+    if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for d in tp.tensor_type.shape.dim:
+        if not d.HasField("dim_value") or d.dim_value < 0:
+            return None
+        dims.append(d.dim_value)
+    return dims
 
 
-def _value_sized_unknown(inferred) -> bool:
-    return any(dims is None and n is not None and n.op_type in SIZE_FROM_VALUES
-               for n, _, dims, _ in _value_shapes(inferred))
+#: ops evaluated on constants (small initializers and ``Constant`` nodes, ``Shape``/``Size`` of values whose
+#: shape is static): the shape arithmetic exporters write to compute pads, shapes, scales and indices
+_FOLDED = frozenset({
+    "Constant", "Identity", "Shape", "Size", "Gather", "GatherElements", "GatherND", "Slice", "Concat", "Split",
+    "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Cast", "CastLike", "Add", "Sub", "Mul", "Div",
+    "Mod", "Pow", "Neg", "Abs", "Sign", "Floor", "Ceil", "Round", "Sqrt", "Reciprocal", "Clip", "Relu", "Min",
+    "Max", "Sum", "Mean", "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or",
+    "Xor", "Where", "ReduceProd", "ReduceSum", "ReduceMin", "ReduceMax", "ReduceMean", "ArgMax", "ArgMin",
+    "ConstantOfShape", "Range", "Expand", "Tile", "Pad", "ScatterND", "ScatterElements", "CumSum", "Trilu",
+})
 
 
-#: never evaluated while folding constants (their values are not constants)
-_NOT_FOLDED = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                         "Bernoulli", "Dropout"})
+def _int_axes(v):
+    return tuple(int(a) for a in np.ravel(v))
 
 
-def _fold_and_infer(skel, inferred, path, rounds: int = 8):
-    """Evaluate the small constant part of ``skel`` (nodes whose inputs are small constants and whose
-    outputs shape inference knows to have at most ``_SMALL`` elements: the pads, shapes and scales
-    exporters compute with ``ConstantOfShape``, ``Concat``, ``Transpose``, ``Where``, ...) with onnx's
-    reference evaluator, and ``Shape``/``Size`` of values whose shape is static (the input's is fixed
-    here) from that shape; replace them by initializers and infer again, for at most ``rounds`` rounds."""
-    from onnx import helper, numpy_helper
+def _fast(op, n, args):
+    """The outputs of the commonest shape-arithmetic ops, computed with numpy (None: use onnx's
+    reference implementation)."""
+    from onnx import helper
+
+    at = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+    x = args[0] if args else None
+    with np.errstate(all="ignore"):
+        if op == "Identity":
+            return [x]
+        if op == "Unsqueeze":
+            axes = args[1] if len(args) > 1 else at.get("axes")
+            return None if axes is None else [np.expand_dims(x, _int_axes(axes))]
+        if op == "Squeeze":
+            axes = args[1] if len(args) > 1 else at.get("axes")
+            return [np.squeeze(x, axis=None if axes is None else _int_axes(axes))]
+        if op == "Concat" and "axis" in at and len({a.dtype for a in args}) == 1:
+            return [np.concatenate(args, axis=at["axis"])]
+        if op == "Gather" and args[1].dtype.kind == "i":
+            return [np.take(x, args[1], axis=at.get("axis", 0))]
+        if op == "Cast" and at.get("to") in _CAST and len(at) == 1:
+            return [x.astype(_CAST[at["to"]])]
+        if op in _BINARY and x.dtype == args[1].dtype and x.dtype.kind in "iu":
+            return [np.asarray(_BINARY[op](x, args[1]))]
+    return None
+
+
+#: ``Cast`` targets computed with numpy: float, int32, int64, bool, float16, double
+_CAST = {1: np.float32, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16, 11: np.float64}
+_BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}
+_CONSTANT_ATTRS = {"value": None, "value_int": np.int64, "value_ints": np.int64, "value_float": np.float32,
+                   "value_floats": np.float32}
+
+
+def _propagate(skel, inferred):
+    """Static dimensions and element types of the values of ``skel`` (the input's shape fixed): those
+    of ``inferred`` (ONNX shape inference of the whole graph), completed in one pass in graph order
+    where a shape is unknown there.
+
+    Each node of the default domain whose output shape is unknown is inferred alone, given its
+    inputs' types and the values of those of its inputs that are constants; a node of :data:`_FOLDED`
+    whose inputs are all constants and whose outputs have at most ``_SMALL`` elements is evaluated
+    (numpy, or onnx's reference implementation), and ``Shape``/``Size`` of a value with a static shape
+    is that shape.  Constants are thus the small initializers and ``Constant`` nodes and what follows
+    from them and from shapes: never from the input's values, nor from large initializers (typed
+    inputs here)."""
+    from onnx import defs, helper, numpy_helper, shape_inference
     from onnx.reference import ReferenceEvaluator
 
-    for _ in range(rounds):
-        shapes = {name: dims for _, name, dims, _ in _value_shapes(inferred)}
-        for v in inferred.graph.input:
-            d = [x.dim_value if x.HasField("dim_value") else None for x in v.type.tensor_type.shape.dim]
-            shapes[v.name] = None if any(x is None for x in d) else d
-        small = {name for name, dims in shapes.items() if dims is not None and math.prod(dims) <= _SMALL}
-        avail = {t.name for t in skel.graph.initializer}
-        fold, folded, known = [], set(), []
-        for k, n in enumerate(skel.graph.node):
-            if n.op_type in ("Shape", "Size") and n.domain in ("", "ai.onnx") and n.input \
-                    and shapes.get(n.input[0]) is not None:  # the input's shape is static: a constant
-                dims = shapes[n.input[0]]
-                if n.op_type == "Size":
-                    value = np.array(math.prod(dims), np.int64)
-                else:
-                    at = {a.name: a.i for a in n.attribute}
-                    value = np.array(dims[at.get("start", 0):at.get("end", len(dims))] if "end" in at
-                                     else dims[at.get("start", 0):], np.int64)
-                known.append(numpy_helper.from_array(value, n.output[0]))
-                folded.add(k)
-                avail.add(n.output[0])
-                continue
-            if n.op_type in _NOT_FOLDED or n.domain not in ("", "ai.onnx") or has_subgraph(n):
-                continue
-            if all(i == "" or i in avail for i in n.input) and all(o in small for o in n.output if o):
-                fold.append(n)
-                folded.add(k)
-                avail.update(o for o in n.output if o)
-        if not folded:
-            break
-        outs = [o for n in fold for o in n.output if o]
-        values = []
-        if fold:
-            g = helper.make_graph(fold, "constants", [], [helper.make_empty_tensor_value_info(o) for o in outs],
-                                  list(skel.graph.initializer) + known)
+    g = inferred.graph
+    types = {}
+    for t in skel.graph.initializer:
+        types[t.name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
+    for v in list(g.input) + list(g.value_info) + list(g.output):
+        if v.type.HasField("tensor_type"):
+            types[v.name] = v.type
+    dims = {name: _static(tp) for name, tp in types.items()}
+    protos = {t.name: t for t in skel.graph.initializer}  # constants as TensorProto (inference's input data)
+    arrays = {}  # constants as numpy arrays (the evaluators' inputs)
+
+    def array(name):
+        if name not in arrays:
+            arrays[name] = numpy_helper.to_array(protos[name])
+        return arrays[name]
+
+    def proto(name):
+        if name not in protos:
+            protos[name] = numpy_helper.from_array(arrays[name], name)
+        return protos[name]
+
+    opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in skel.opset_import}
+    schemas = {}
+    for n in skel.graph.node:
+        if n.domain not in ("", "ai.onnx") or has_subgraph(n):
+            continue  # local functions and other domains: what inference of the whole graph says
+        op = n.op_type
+        ins = [i for i in n.input if i]
+        outs = [o for o in n.output if o]
+        if any(dims.get(o) is None for o in outs) and all(i in types for i in ins):
+            if op not in schemas:
+                try:
+                    schemas[op] = defs.get_schema(op, opsets.get("", 1), "")
+                except Exception:
+                    schemas[op] = None
+            if schemas[op] is not None:
+                try:
+                    got = shape_inference.infer_node_outputs(
+                        schemas[op], n, {i: types[i] for i in ins},
+                        {i: proto(i) for i in ins if i in protos or i in arrays},
+                        opset_imports=skel.opset_import, ir_version=skel.ir_version)
+                except Exception:
+                    got = {}
+                for o, tp in got.items():
+                    if dims.get(o) is None and tp.HasField("tensor_type"):
+                        types[o], dims[o] = tp, _static(tp)
+        if op in ("Shape", "Size") and ins and dims.get(ins[0]) is not None:
+            d = dims[ins[0]]
+            if op == "Size":
+                values = [np.array(math.prod(d), np.int64)]
+            else:
+                at = {a.name: a.i for a in n.attribute}
+                values = [np.array(d[at.get("start", 0):at["end"]] if "end" in at else d[at.get("start", 0):],
+                                   np.int64)]
+        elif op == "Constant" and len(n.attribute) == 1 and n.attribute[0].name in _CONSTANT_ATTRS:
+            a = n.attribute[0]
+            values = [numpy_helper.to_array(a.t) if a.name == "value" else
+                      np.array(helper.get_attribute_value(a), _CONSTANT_ATTRS[a.name])]
+        elif op in _FOLDED and all(i in protos or i in arrays for i in ins) \
+                and all(dims.get(o) is not None and math.prod(dims[o]) <= _SMALL for o in outs):
             try:
-                values = ReferenceEvaluator(helper.make_model(g, opset_imports=skel.opset_import,
-                                                              ir_version=skel.ir_version)).run(None, {})
+                args = [array(i) for i in ins]
+                values = (_fast(op, n, args) if len(ins) == len(n.input) else None) \
+                    or ReferenceEvaluator(n, opsets=opsets).run(None, dict(zip(ins, args)))
             except Exception:
-                break
-        kept = []
-        for k, n in enumerate(skel.graph.node):
-            if k not in folded:
-                kept.append(type(n)())
-                kept[-1].CopyFrom(n)  # detached from the field cleared below
-        del skel.graph.node[:]
-        skel.graph.node.extend(kept)
-        skel.graph.initializer.extend(known)
-        skel.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), o) for o, v in zip(outs, values))
-        inferred = _infer(skel, path)
-        if not _value_sized_unknown(inferred):
-            break
-    return inferred
+                continue
+        else:
+            continue
+        for o, v in zip(n.output, values):
+            v = np.asarray(v)
+            if not o or v.size > _SMALL:
+                continue
+            if dims.get(o) != list(v.shape):
+                try:
+                    types[o] = helper.make_tensor_type_proto(helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+                except Exception:  # strings, objects: not a size
+                    continue
+                dims[o] = list(v.shape)
+            arrays[o] = v
+            protos.pop(o, None)
+    return types, dims
+
+
+def _activations(skel, path):
+    """``(total, largest)`` bytes of the input's and the nodes' output values of ``skel`` (the input's
+    shape fixed); refuses an output of an op in :data:`SIZE_FROM_VALUES` whose size is unknown."""
+    inferred = _infer(skel, path)
+    g = inferred.graph
+    types = {v.name: v.type for v in list(g.input[:1]) + list(g.value_info) + list(g.output)}
+    names = [(None, g.input[0].name)] if len(g.input) else []
+    names += [(n, o) for n in skel.graph.node for o in n.output if o]
+    dims = {name: _static(tp) for name, tp in types.items()}
+    if any(dims.get(name) is None for _, name in names):
+        types, dims = _propagate(skel, inferred)
+    total = largest = 0
+    seen = set()
+    for n, name in names:
+        if name in seen:
+            continue
+        seen.add(name)
+        d = dims.get(name)
+        if d is None:
+            if n is not None and n.op_type in SIZE_FROM_VALUES:
+                raise UserInputError(f"the size of the output of node {n.name or name} ({n.op_type}) cannot be "
+                                     "determined before running it; lipverify refuses to allocate it blindly",
+                                     str(path))
+            continue
+        size = packed_nbytes(math.prod(d), itemsize_bits(types[name].tensor_type.elem_type) or 32)
+        total += size
+        largest = max(largest, size)
+    return total, largest
 
 
 def estimate_memory(model, declared_batch, per_example, path, runs) -> int:
@@ -183,34 +283,39 @@ def estimate_memory(model, declared_batch, per_example, path, runs) -> int:
     ``(batch, what, keep_all)``, where ``keep_all`` means every activation is kept at once (the fx
     import), else the largest two at a time (a plain forward pass).  Returns the bytes per example.
 
+    The sizes are those of the batch of each run when the model's batch dimension is symbolic (every
+    size computed from the input's shape, its batch included, is then a constant), else those of the
+    model's own batch, scaled to the run's.
+
     Warnings
     --------
     Refuses a model for which shape inference fails, and one where it cannot tell the size of an
     output of an op in :data:`SIZE_FROM_VALUES`; unknown sizes of other ops (which follow from their
     inputs' sizes) are not counted.
     """
-    b0 = declared_batch if isinstance(declared_batch, int) and declared_batch > 0 else 1
-    skel = _skeleton(model, (b0,) + tuple(per_example))
-    inferred = _infer(skel, path)
-    if _value_sized_unknown(inferred):
-        inferred = _fold_and_infer(skel, inferred, path)
-    total = largest = 0
-    for n, name, dims, elem_type in _value_shapes(inferred):
-        if dims is None:
-            if n is not None and n.op_type in SIZE_FROM_VALUES:
-                raise UserInputError(f"the size of the output of node {n.name or name} ({n.op_type}) cannot be "
-                                     "determined before running it; lipverify refuses to allocate it blindly",
-                                     str(path))
-            continue
-        size = packed_nbytes(math.prod(dims), itemsize_bits(elem_type) or 32)
-        total += size
-        largest = max(largest, size)
-    per_total, per_largest = total / b0, largest / b0
+    fixed = declared_batch if isinstance(declared_batch, int) and declared_batch > 0 else None
+    skel = _skeleton(model, (fixed or 1,) + tuple(per_example))
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [v for v in skel.graph.input if v.name not in inits]
+    measured = {}
+
+    def at(batch):  # (total, largest) bytes of the activations of a batch of `batch` examples
+        b = fixed or batch
+        if b not in measured:
+            for v in inputs:
+                v.type.tensor_type.shape.dim[0].dim_value = b
+            measured[b] = _activations(skel, path)
+        total, largest = measured[b]
+        return total * batch / b, largest * batch / b
+
+    per = None
     for batch, what, keep_all in runs:
-        need = batch * (per_total if keep_all else 2 * per_largest)
-        per = f"{fmt_bytes(per_total)} of activations" if keep_all else f"2 x {fmt_bytes(per_largest)} (largest)"
-        check_alloc(need, f"{what}: {batch} examples x {per} (ONNX shape inference)", path)
-    return int(per_total)
+        total, largest = at(batch)
+        per = total / batch if per is None else per
+        size = f"{fmt_bytes(total)} of activations" if keep_all else f"2 x {fmt_bytes(largest)} (the largest)"
+        check_alloc(total if keep_all else 2 * largest, f"{what}: {batch} examples, {size} (ONNX shape inference)",
+                    path)
+    return int(at(fixed or 1)[0] / (fixed or 1) if per is None else per)
 
 
 __all__ = ["SIZE_FROM_VALUES", "estimate_memory"]
