@@ -691,7 +691,8 @@ def _combine(ctx: _Context, norms, masks, bounds=None):
             L[i] = float(ctx.consts[i].constant.value) * L[n.inputs[0]]
     out = g.nodes[g.output]
     m = int(math.prod(out.out_shape))
-    check_alloc(3 * B * m * m * 8, f"the local margin constants ({B} x {m} x {m} float64, with temporaries)")
+    check_alloc(3 * B * m * m * 8, f"the local margin constants of a batch ({B} x {m} x {m} float64, with "
+                "temporaries; a smaller --batch-size needs less)")
     if out.kind == "linear":
         h = out.inputs[0]
         T = ctx.tail_matrix()
