@@ -26,9 +26,19 @@ class UnsupportedOpError(UserInputError):
     ``nodes`` lists every offending ``(op_type, node_name)`` pair, not only the first one.
     """
 
+    #: nodes named in the message; the rest are counted (``nodes`` keeps every one)
+    SHOWN = 4
+
     def __init__(self, nodes: list[tuple[str, str]], path: str | None = None):
         self.nodes = list(nodes)
-        listing = ", ".join(f"{op} (node {name})" for op, name in self.nodes)
+        counts: dict[str, int] = {}
+        for op, _ in self.nodes:
+            counts[op] = counts.get(op, 0) + 1
+        listing = ", ".join(f"{op} (node {name})" for op, name in self.nodes[:self.SHOWN])
+        more = len(self.nodes) - self.SHOWN
+        if more > 0:
+            kinds = ", ".join(f"{op} x{k}" for op, k in sorted(counts.items(), key=lambda kv: -kv[1])[:6])
+            listing += f" and {more} more ({kinds}{', ...' if len(counts) > 6 else ''})"
         super().__init__(
             f"cannot bound {len(self.nodes)} operator(s) soundly: {listing}", path=path
         )

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from lipverify.errors import UnsupportedOpError, UserInputError
+from lipverify.importers.names import record_onnx_names
 from lipverify.importers.onnx_safety import check_io, check_structure, read_model
 from lipverify.limits import check_regular
 
@@ -269,6 +270,7 @@ def convert_onnx(model, path, notes: list | None = None):
         raise UserInputError(f"could not convert the ONNX graph: {_explain_conversion_error(model, exc)}",
                              str(path)) from None
     _repair_layer_norms(gm, notes)
+    record_onnx_names(gm, model)  # messages name modules by the exporter's scope (importers.names)
     return gm.eval()
 
 

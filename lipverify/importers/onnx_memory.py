@@ -9,7 +9,7 @@ graph in its order completes it: ``Shape``/``Size`` of a value whose shape is st
 the small shape arithmetic (:data:`_FOLDED`: ``Gather``, ``Concat``, ``Mod``, ``Where``, ...) on
 constants is evaluated (numpy, or onnx's reference implementation; at most ``_SMALL`` elements), and
 each node whose output shape is unknown is inferred alone with its constant inputs' values.  So every
-size that follows from the input's shape is known, however many ``Pad``\ s depend on earlier ones;
+size that follows from the input's shape is known, however many Pad nodes depend on earlier ones;
 sizes that follow from the input's values (or from large initializers) never are.  The activations
 of every value are then summed and compared with the memory limit (:func:`lipverify.limits.check_alloc`)
 for each batch the import runs.
