@@ -9,7 +9,7 @@ import sys
 import click
 
 from lipverify.cli.common import NONNEGATIVE, POSITIVE, handle_errors, model_options
-from lipverify.train.finetune import EXIT_SIGNAL, FINETUNE_DEFAULTS, finite_json, json_default
+from lipverify.train.finetune import EXIT_DIVERGED, EXIT_SIGNAL, FINETUNE_DEFAULTS, finite_json, json_default
 from lipverify.train.finetune import finetune as finetune_job
 from lipverify.train.losses import LOSSES
 from lipverify.train.schedules import EPS_SCHEDULES
@@ -24,9 +24,14 @@ def training_option_list(per_arch: bool = False) -> list:
     return [
         click.option("--data", "data_path", required=True, help="Training data: .npz (x, y), image folder, or VNN-LIB."),
         click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True),
-        click.option("--limit", type=int, default=None, help="Use only the first N training examples."),
+        click.option("--limit", type=int, default=None,
+                     help="Use N training examples drawn at random (seeded by --seed; the whole file is read "
+                          "first, so a class-sorted file still gives every class). The l-inf distance nets of "
+                          "train take the first N."),
         click.option("--eval-data", default=None, help="Held-out data for the before/after report (default: --data)."),
-        click.option("--eval-limit", type=int, default=None, help="Use only the first N evaluation examples."),
+        click.option("--eval-limit", type=int, default=None,
+                     help="Use only the first N evaluation examples (the first N, not a random subset: shuffle a "
+                          "class-sorted file first)."),
         click.option("--out", "out_dir", required=True, help="Output folder (model, report, plots, checkpoint)."),
         click.option("--loss", type=click.Choice(list(LOSSES)), default=d("gloro"), show_default=not per_arch,
                      help="gloro: CE over [f, y_bot]; trades: GloRo-TRADES; emma: EMMA; local: local Lipschitz bounds."),
@@ -48,6 +53,13 @@ def training_option_list(per_arch: bool = False) -> list:
         click.option("--min-lr-factor", type=NONNEGATIVE, default=0.0, show_default=True,
                      help="Cosine decay ends at this fraction of --lr."),
         click.option("--weight-decay", type=NONNEGATIVE, default=0.0, show_default=True),
+        click.option("--grad-clip", type=NONNEGATIVE, default=None,
+                     help="Clip the global gradient norm to this (after AMP unscaling; default 1000: far above a "
+                          "healthy run's norms, far below a blow-up's; 0 disables). Steps with a non-finite loss or "
+                          "gradient are skipped either way."),
+        click.option("--keep-last", is_flag=True,
+                     help="Export the last epoch's network instead of restoring the best epoch (highest eval VRA "
+                          "estimate, then accuracy; chosen on the evaluation data)."),
         click.option("--power-iters", type=int, default=2, show_default=True,
                      help="Power iterations per step (warm-started vectors)."),
         click.option("--activation", type=click.Choice(["keep", "minmax"]), default="keep", show_default=True,
@@ -88,6 +100,15 @@ def finetune(**o):
     exports the result in the input's format plus ONNX, re-imports the ONNX file and recomputes the
     before/after table with the sound bound.  Distributed: torchrun --nproc_per_node N -m lipverify
     finetune ...
+
+    Guards: the global gradient norm is clipped (--grad-clip), steps with a non-finite loss are
+    skipped, the best epoch (eval VRA estimate, then accuracy) is kept and exported unless
+    --keep-last, and a run whose loss explodes or whose accuracy falls to chance stops early.
+
+    Exit codes: 0 done; 2 a problem with the input; 4 the run diverged (the loss exploded or became
+    non-finite, the accuracy collapsed to chance, or the exported model's sound clean accuracy is at
+    chance): the outputs are still written, from the best epoch kept, and report.json says
+    "diverged": true with the reason; 130 / 143 interrupted by Ctrl-C / SIGTERM (checkpoint written).
     """
     run_job(lambda echo: finetune_job(o["data_path"], o["eps"], o["out_dir"], echo=echo,
                                       **{k: v for k, v in o.items() if k in FINETUNE_DEFAULTS}), o)
@@ -114,7 +135,15 @@ def run_job(job, o) -> None:
     if o["as_json"]:
         click.echo(json.dumps(finite_json({k: v for k, v in rep.items() if not k.startswith("_")}),
                               default=json_default, allow_nan=False))
-        return
-    click.echo(rep["_table"])
-    click.echo(f"\nnumbers in 'after' are re-verified with the sound bound on {o['out_dir']}/model.onnx; "
-               f"outputs in {o['out_dir']}")
+    else:
+        click.echo(rep["_table"])
+        click.echo(f"\nnumbers in 'after' are re-verified with the sound bound on {o['out_dir']}/model.onnx; "
+                   f"outputs in {o['out_dir']}")
+    if rep.get("diverged"):
+        rc = (rep.get("recipe") or {}).get("restored_epoch")
+        kept = ("the input model (no trained epoch was usable)" if rc == 0 else
+                f"the best epoch ({rc})" if rc is not None else "the last epoch")
+        click.echo("\n" + "!" * 78 + f"\nlipverify: THE RUN DIVERGED: {rep.get('divergence')}\n"
+                   f"  the outputs in {o['out_dir']} hold {kept}; try a smaller --lr, a smaller --eps (or a "
+                   "longer --eps-ramp-epochs), or --grad-clip 1\n" + "!" * 78, err=True)
+        sys.exit(EXIT_DIVERGED)

@@ -48,8 +48,9 @@ from lipverify.limits import MAX_MODEL_BYTES, check_alloc, fmt_bytes, open_regul
 #: format 2: only tensors, numbers, strings and plain containers (format 1 pickled numpy arrays)
 VERSION = 2
 NAME = "checkpoint.pt"
-#: largest checkpoint read: the network, Adam's two moment buffers and the power-iteration vectors
-MAX_CHECKPOINT_BYTES = 4 * MAX_MODEL_BYTES
+#: largest checkpoint read: the network, Adam's two moment buffers, the power-iteration vectors and the best
+#: epoch's copy of the network
+MAX_CHECKPOINT_BYTES = 5 * MAX_MODEL_BYTES
 
 
 def file_fingerprint(path) -> str | None:
@@ -203,7 +204,8 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
 
 RESUME_KEYS = ("loss", "eps", "eps_mult", "eps_schedule", "eps_ramp", "trades_lambda", "epochs", "batch_size",
                "lr", "warmup", "min_lr_factor", "weight_decay", "power_iters", "seed", "activation", "lln",
-               "augment", "norm", "sparsity_weight", "amp", "limit", "data", "model", "mean", "std")
+               "augment", "norm", "sparsity_weight", "amp", "limit", "limit_sampling", "data", "model", "mean", "std",
+               "grad_clip")
 
 
 def check_resume_config(saved: dict, now: dict) -> None:

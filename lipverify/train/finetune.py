@@ -32,6 +32,8 @@ from lipverify.importers.torchfile import Unregistered
 from lipverify.report.progress import progress_bar
 
 EXIT_SIGNAL = {2: 130, 15: 143}
+#: exit code of ``finetune`` / ``train`` when the run diverged (outputs written from the best epoch)
+EXIT_DIVERGED = 4
 OUTPUT_FILES = ("model.onnx", "model.pt", "report.json", "curves.png", "certified_accuracy.png", "checkpoint.pt")
 
 
@@ -87,6 +89,7 @@ FINETUNE_DEFAULTS = {
     "warmup_epochs": None, "min_lr_factor": 0.0, "weight_decay": 0.0, "power_iters": 2, "activation": "keep",
     "lln": False, "augment": "", "amp": False, "sparsity_weight": 0.01, "seed": 0, "threads": None, "norm": "2",
     "resume": False, "force": False, "stop_after_epochs": None, "quiet": False,
+    "grad_clip": None, "keep_last": False,
 }
 
 
@@ -157,6 +160,13 @@ def run_finetune(o: dict, echo=None) -> dict:
     o = {**o, **{k: v for k, v in loss_defaults(o["loss"]).items() if o.get(k) is None}}
     if not (o["lr"] > 0):
         raise UserInputError("--lr must be positive")
+    from lipverify.train import recipe as recipe_mod
+
+    grad_clip = recipe_mod.DEFAULT_GRAD_CLIP if o.get("grad_clip") is None else float(o["grad_clip"])
+    if not (grad_clip >= 0):
+        raise UserInputError("--grad-clip must be 0 (no clipping) or positive")
+    if o.get("limit") is not None and int(o["limit"]) < 1:
+        raise UserInputError(f"--limit must be at least 1, got {o['limit']}")
     if o.get("stop_after_epochs") is not None and o["stop_after_epochs"] < 1:
         raise UserInputError("--stop-after-epochs must be at least 1")
     augment = _parse_augment(o.get("augment"))
@@ -175,10 +185,11 @@ def run_finetune(o: dict, echo=None) -> dict:
                       batch_size=o["batch_size"], lr=o["lr"], warmup=o["warmup_epochs"],
                       min_lr_factor=o["min_lr_factor"], weight_decay=o["weight_decay"], power_iters=o["power_iters"],
                       seed=o["seed"], augment=augment, amp=o["amp"], sparsity_weight=o["sparsity_weight"],
-                      norm=o["norm"])
+                      norm=o["norm"], grad_clip=grad_clip)
     cfg.eps_at()  # validates the schedule
     cfg.lam_at()
     run_id = {**cfg.to_dict(), "activation": o["activation"], "lln": bool(o["lln"]), "limit": o.get("limit"),
+              "limit_sampling": "random" if o.get("limit") else None,
               "data": str(Path(o["data_path"]).resolve()), "model": str(o.get("model") or lipverify.BUILTIN_DEFAULT),
               "mean": o.get("mean"), "std": o.get("std")}
     saved = None
@@ -205,13 +216,20 @@ def run_finetune(o: dict, echo=None) -> dict:
                              "logits", lm.name)
     special = lm.graph.domain_nodes()
     if special:
-        names = ", ".join(lm.graph.nodes[i].describe() + " at " + lm.graph.nodes[i].name for i in special[:3])
-        raise UserInputError(f"fine-tuning needs a graph with global constants; {names}"
-                             f"{' ...' if len(special) > 3 else ''} are bounded on an input domain only",
-                             str(o.get("model") or ""))
+        from lipverify.importers.names import describe_nodes
+
+        where = describe_nodes(lm.module.model, [lm.graph.nodes[i] for i in special])
+        raise UserInputError(f"fine-tuning needs global Lipschitz constants, and {len(special)} node(s) have none "
+                             f"(bounded on an input domain only): {where}; products (gates), normalisations and "
+                             "attention cannot be fine-tuned yet", str(o.get("model") or ""))
     outside = o.get("mean") is not None or o.get("std") is not None
-    ds = load_for_model(lm, o["data_path"], layout=o["layout"], limit=o.get("limit"), outside_normalisation=outside,
+    # --limit: a random subset seeded by --seed (a file sorted by class would give a few classes); the
+    # whole file is read first (load_data's own limit reads only the first rows)
+    ds = load_for_model(lm, o["data_path"], layout=o["layout"], limit=None, outside_normalisation=outside,
                         need_labels=True)
+    sub = recipe_mod.random_subset_index(len(ds.y), o.get("limit"), o["seed"])
+    if sub is not None:
+        ds = ds.subset(sub)
     if o.get("eval_data"):
         eds = load_for_model(lm, o["eval_data"], layout=o["layout"], limit=o.get("eval_limit"),
                              outside_normalisation=outside, need_labels=True)
@@ -232,7 +250,7 @@ def run_finetune(o: dict, echo=None) -> dict:
     seen = int(torch.unique(ds.y).numel())
     if seen < lm.n_classes:
         msg = (f"the training data covers only {seen} of the model's {lm.n_classes} classes"
-               + (" (--limit keeps the first examples of the file; is it sorted by class?)" if o.get("limit") else ""))
+               + (f" (--limit {o['limit']} drew a random subset)" if o.get("limit") else ""))
         notes.append(msg)
         if ctx.is_main:
             echo(f"warning: {msg}")
@@ -254,6 +272,10 @@ def run_finetune(o: dict, echo=None) -> dict:
     calib = train_x[:256]
     if normalizer is not None:
         calib = normalizer(calib)
+    from lipverify.train.convert import fold_batchnorm
+
+    conversion = fold_batchnorm(gm, calib[:64])  # function-preserving; BatchNorm scales into their layers
+    notes += conversion["notes"]
     if o["activation"] == "minmax":
         plan += surgery.swap_relu(gm, "minmax", calib)
     if cfg.loss == "local":
@@ -290,13 +312,37 @@ def run_finetune(o: dict, echo=None) -> dict:
         ckpt_mod.set_rng_state(saved["rng"], ckpt_path)
         echo(f"resumed from {ckpt_path} at epoch {trainer.epoch}" + (f", step {trainer.step}" if trainer.step else ""))
     estimate0 = saved.get("estimate_before") if saved else bound.global_estimate()
+    restore_best = not o.get("keep_last")
+    if ctx.is_main and restore_best:
+        trainer.snapshot_start()  # the fallback when every epoch diverged (a resumed run keeps its own)
+    diverged = saved.get("diverged") if saved else None
+    chance = recipe_mod.chance_level(lm.n_classes, ds.y, eds.y)
+    start_acc = before.get("clean_accuracy") if before else None
+    hopeless = recipe_mod.hopeless_eps(before, eps) if before else None
+    if hopeless is not None and hopeless["hopeless"]:
+        msg = recipe_mod.hopeless_message(hopeless, eps)
+        notes.append(msg)
+        echo(f"warning: {msg}")
+    recipe = {"grad_clip": grad_clip, "grad_clip_note": "global gradient norm, after AMP unscaling; 0 = off",
+              "nonfinite_steps": "skipped (no update); "
+                                 f"{recipe_mod.MAX_CONSECUTIVE_SKIPS} in a row or half an epoch stops the run",
+              "restore_best": restore_best,
+              "best_by": "eval VRA estimate at eps, then eval accuracy estimate (on the evaluation data)",
+              "collapse_stop": f"accuracy <= {100 * recipe_mod.collapse_line(chance):.1f}% (chance "
+                               f"{100 * chance:.1f}%) after starting above "
+                               f"{100 * (recipe_mod.collapse_line(chance) + recipe_mod.CLEARLY_ABOVE):.1f}%, a "
+                               f"non-finite loss, or a loss > {recipe_mod.EXPLODE_LOSS:g} and "
+                               f"{recipe_mod.EXPLODE_FACTOR:g}x the best earlier epoch's",
+              "limit": (f"random subset of {o['limit']} (seed {o['seed']})" if o.get("limit") else None),
+              "eval_limit": "first N examples" if o.get("eval_limit") else None}
 
     def save_checkpoint():
         if not ctx.is_main:
             return
         st = trainer.state_dict()
         st.update({"config": run_id, "before": before, "estimate_before": estimate0, "world": ctx.world,
-                   "model_sha256": ckpt_mod.file_fingerprint(o.get("model")), "plan": plan, "lln_path": lln_path})
+                   "model_sha256": ckpt_mod.file_fingerprint(o.get("model")), "plan": plan, "lln_path": lln_path,
+                   "diverged": diverged})
         ckpt_mod.save(ckpt_path, st)
 
     # -- training -------------------------------------------------------------------------------------------
@@ -308,14 +354,23 @@ def run_finetune(o: dict, echo=None) -> dict:
         echo(f"fine-tuning: loss {cfg.loss}, eps {eps:g} (training eps {cfg.eps_schedule}, target "
              f"{cfg.eps_at().target:g}), {cfg.epochs} epochs x {trainer.steps_per_epoch} steps, batch "
              f"{trainer.global_batch}, {len(trainable)} parameter tensors trained, device {dev}")
+        echo(f"recipe: gradient clip {grad_clip:g} (global norm{'' if grad_clip else ': off'}), non-finite steps "
+             f"skipped, {'best epoch (eval VRA estimate) kept and restored' if restore_best else 'last epoch kept'}, "
+             f"stop on divergence or collapse to chance (<= {100 * recipe_mod.collapse_line(chance):.1f}% accuracy)")
     with catch_signals(trainer):
-        while trainer.epoch < cfg.epochs:
+        while trainer.epoch < cfg.epochs and not diverged:
             e = trainer.epoch
             total = trainer.steps_per_epoch
             with progress_bar(total, f"epoch {e + 1}/{cfg.epochs}", o["quiet"] or not ctx.is_main) as adv:
                 if trainer.step:
                     adv(trainer.step)
                 rec = trainer.train_epoch(adv, save_checkpoint)
+            reason = None
+            if ctx.is_main:
+                reason = recipe_mod.divergence_reason(rec, trainer.history[:-1], start_acc, chance)
+                if reason is None and restore_best and trainer.consider_best(rec):
+                    rec["best_so_far"] = True
+            diverged = ctx.broadcast_object(reason)
             save_checkpoint()
             ctx.barrier()
             if ctx.is_main:
@@ -324,13 +379,32 @@ def run_finetune(o: dict, echo=None) -> dict:
                 echo(f"epoch {rec['epoch']}/{cfg.epochs}: loss {rec['loss']:.4f}, train acc "
                      f"{100 * rec['train_accuracy']:.1f}% VRA {100 * rec['train_vra_estimate']:.1f}%{ev} (estimates), "
                      f"bound ~{rec['global_bound_estimate']:.4g}, eps_train {rec['eps_train']:.4g}, "
-                     f"{rec['time_s']:.1f}s")
+                     f"{rec['time_s']:.1f}s" + (f", {rec['skipped_steps']} non-finite steps skipped"
+                                                if rec.get("skipped_steps") else ""))
+            if diverged:
+                break
             done_now += 1
             if stop_after is not None and done_now >= stop_after and trainer.epoch < cfg.epochs:
                 raise Interrupted(0)
     train_s = sum(h["time_s"] for h in trainer.history)
     if not ctx.is_main:
         return {}
+
+    # -- the best epoch ------------------------------------------------------------------------------------
+    restored = trainer.restore_best() if restore_best else None
+    final_epoch = restored if restored is not None else trainer.epoch
+    recipe.update({"diverged": bool(diverged), "divergence": diverged, "epochs_done": trainer.epoch,
+                   "best_epoch": trainer.best["epoch"] if trainer.best else None,
+                   "restored_epoch": restored, "exported_epoch": final_epoch})
+    if diverged:
+        notes.append(f"the run diverged ({diverged}); training stopped after epoch {trainer.epoch}")
+        echo(f"TRAINING DIVERGED: {diverged}; stopped after epoch {trainer.epoch}")
+    if restored is not None:
+        msg = (f"restored the state after epoch {restored} (the best eval VRA / accuracy estimate; the last epoch, "
+               f"{trainer.epoch}, was worse)" if restored else
+               "restored the input model (epoch 0): no trained epoch was usable")
+        notes.append(msg)
+        echo(msg)
 
     # -- export and sound re-verification ------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -367,6 +441,16 @@ def run_finetune(o: dict, echo=None) -> dict:
         (stage / "curves.png").write_bytes(curves)
         (stage / "certified_accuracy.png").write_bytes(report.before_after_png(before, after, cfg.norm, eval_eps))
         mean_epoch = train_s / max(len(trainer.history), 1)
+        line = recipe_mod.collapse_line(chance)
+        if (not diverged and start_acc is not None and start_acc >= line + recipe_mod.CLEARLY_ABOVE
+                and after["clean_accuracy"] <= line):
+            diverged = (f"the exported model's sound clean accuracy is {100 * after['clean_accuracy']:.1f}%, at chance "
+                        f"level ({100 * chance:.1f}%; the input model had {100 * start_acc:.1f}%)")
+            recipe.update({"diverged": True, "divergence": diverged})
+            notes.append(f"the run diverged: {diverged}")
+            echo(f"warning: {diverged}")
+        exported_rec = trainer.history[final_epoch - 1] if 0 < final_epoch <= len(trainer.history) else None
+        bound_after = exported_rec["global_bound_estimate"] if exported_rec else estimate0
         rep = {
             "tool": "lipverify finetune",
             "model": str(o.get("model") or lipverify.BUILTIN_DEFAULT),
@@ -385,18 +469,19 @@ def run_finetune(o: dict, echo=None) -> dict:
                      "eval": o.get("eval_data") or o["data_path"], "n_eval": len(eval_y)},
             "eps": eps, "eval_eps": eval_eps, "norm": cfg.norm,
             "config": run_id,
-            "plan": plan, "lln": lln_path,
+            "plan": plan, "lln": lln_path, "conversion": conversion,
             "before": report.public(before),
             "after": report.public(after),
             "after_local": report.public(after_local),
             "training_estimates": {
                 "note": "power-iteration estimates used by the training loss; not certificates",
                 "global_bound_before": estimate0,
-                "global_bound_after": trainer.history[-1]["global_bound_estimate"] if trainer.history else None,
-                "sound_over_estimate": (after["global_bound"] / trainer.history[-1]["global_bound_estimate"]
-                                        if trainer.history and trainer.history[-1]["global_bound_estimate"] else None),
+                "global_bound_after": bound_after,
+                "sound_over_estimate": after["global_bound"] / bound_after if bound_after else None,
             },
             "history": trainer.history,
+            "recipe": recipe,
+            "diverged": bool(diverged), "divergence": diverged,
             "time_s": {"load": load_s, "before_eval": before.get("time_s") if before else None,
                        "train": train_s, "per_epoch": mean_epoch, "export": export_s, "after_eval": after["time_s"],
                        "total_this_run": time.perf_counter() - t_job},
@@ -405,8 +490,11 @@ def run_finetune(o: dict, echo=None) -> dict:
         }
         (stage / "report.json").write_text(json.dumps(finite_json(rep), indent=2, default=json_default,
                                                      allow_nan=False))
-    rep["_table"] = report.table(before, after, eps_keys, _extra_rows(after_local, eps_keys, mean_epoch,
-                                                                     len(trainer.history)))
+    rows = _extra_rows(after_local, eps_keys, mean_epoch, len(trainer.history))
+    rows.append(("exported epoch", "-", f"{final_epoch}" + (" (best, restored)" if restored is not None else "")))
+    if diverged:
+        rows.append(("DIVERGED", "-", "yes (see notes)"))
+    rep["_table"] = report.table(before, after, eps_keys, rows)
     return rep
 
 

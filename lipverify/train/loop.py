@@ -19,12 +19,14 @@ import contextlib
 import math
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 
 from lipverify.train.losses import LOSSES, gloro_predict, robust_loss
+from lipverify.train.recipe import MAX_CONSECUTIVE_SKIPS
 from lipverify.train.schedules import EpsSchedule, LinearRamp, lr_factor
 
 
@@ -48,6 +50,7 @@ class TrainConfig:
     amp: bool = False
     sparsity_weight: float = 0.01
     norm: str = "2"
+    grad_clip: float = 0.0  # global gradient-norm clip (0: none); finetune's default is recipe.DEFAULT_GRAD_CLIP
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -163,6 +166,11 @@ class EpochStats:
     cert: float = 0.0
     n: float = 0.0
     sparsity: float = 0.0
+    skipped: float = 0.0  # steps not taken: non-finite loss or gradient
+    run: float = 0.0  # consecutive skipped steps at the end so far
+    clipped: float = 0.0  # steps whose gradient norm was clipped
+    gnorm_max: float = 0.0  # largest finite gradient norm (before clipping)
+    gnorm_log: float = 0.0  # sum of log10 of the finite gradient norms (their geometric mean)
 
     def tensor(self, device):
         return torch.tensor([self.loss, self.correct, self.cert, self.n, self.sparsity], dtype=torch.float64,
@@ -183,6 +191,8 @@ class Trainer:
     step: int = 0  # steps done inside the current epoch
     partial: dict = field(default_factory=dict)
     stop_signal: int | None = None
+    #: the best epoch so far (rank 0): {"epoch", "score": [vra, acc] or None, "state": CPU state dict}
+    best: dict | None = None
 
     def __post_init__(self):
         self.inner = getattr(self.step_module, "module", self.step_module)
@@ -211,6 +221,8 @@ class Trainer:
             st["scaler"] = self.scaler.state_dict()
         if self.inner.local is not None:
             st["local_vectors"] = self.inner.local.vector_state()
+        if self.best is not None:
+            st["best"] = self.best
         return st
 
     def load_state_dict(self, st: dict, path=None) -> None:
@@ -242,6 +254,11 @@ class Trainer:
             self.scaler.load_state_dict(st["scaler"])
         if self.inner.local is not None and "local_vectors" in st:
             self.inner.local.load_vector_state(st["local_vectors"])
+        best = st.get("best")
+        if best is not None:
+            best = {"epoch": int(best["epoch"]), "score": None if best.get("score") is None else
+                    [float(v) for v in best["score"]], "state": dict(best["state"])}
+        self.best = best
 
     # -- batches --------------------------------------------------------------------------------------
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -266,6 +283,7 @@ class Trainer:
     def train_epoch(self, progress=None, save_fn=None) -> dict:
         e = self.epoch
         perm = self._perm(e)
+        aborted = False
         st = EpochStats(**{k: v for k, v in self.partial.items() if not k.startswith("_")})
         t_start = time.perf_counter() - float(self.partial.get("_time", 0.0))
         test_eps = self.cfg.eps
@@ -278,22 +296,29 @@ class Trainer:
             eps_t = self.eps_sched(t)
             lam_t = self.lam_sched(t)
             loss, logits, K = self.step_module(x, y, eps_t, lam_t, idx, self.ctx if self.ctx.enabled else None)
-            self.opt.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.opt)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.opt.step()
-            self.sched.step()
+            taken, clipped, gnorm = self._optimizer_step(loss)
+            with warnings.catch_warnings():  # a skipped step leaves the optimiser unstepped: expected
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                self.sched.step()
             with torch.no_grad():
                 b = len(y)
-                st.loss += float(loss) * b
+                if taken:
+                    st.loss += float(loss) * b
+                    st.run = 0.0
+                else:
+                    st.skipped += 1
+                    st.run += 1
+                st.clipped += float(clipped)
+                if taken and gnorm > 0:
+                    st.gnorm_max = max(st.gnorm_max, gnorm)
+                    st.gnorm_log += math.log10(gnorm)
                 st.correct += float((logits.argmax(1) == y).sum())
                 st.cert += float((gloro_predict(logits, K, test_eps) == y).sum())
                 st.n += b
             self.step += 1
+            if st.run >= MAX_CONSECUTIVE_SKIPS:  # the same on every rank: the skip decision is all-reduced
+                aborted = True
+                break
             if progress is not None:
                 progress(1)
             if self._should_stop():
@@ -305,7 +330,12 @@ class Trainer:
                                                  self.train_x.device.type == "cpu" else self.train_x.device)).cpu()
         loss_sum, correct, cert, n, _ = tot.tolist()
         self.inner.bound.converge(tol=1e-5, max_iter=100)
-        rec = {"epoch": e + 1, "loss": loss_sum / max(n, 1), "train_accuracy": correct / max(n, 1),
+        n_taken = n - st.skipped * (n / max(self.step, 1))  # examples of the steps taken (equal batches)
+        rec = {"epoch": e + 1, "loss": loss_sum / n_taken if n_taken > 0 else float("nan"),
+               "train_accuracy": correct / max(n, 1),
+               "steps": self.step, "skipped_steps": int(st.skipped), "clipped_steps": int(st.clipped),
+               "grad_norm_max": st.gnorm_max,
+               "grad_norm_geomean": 10 ** (st.gnorm_log / (self.step - st.skipped)) if self.step > st.skipped else None,
                "train_vra_estimate": cert / max(n, 1), "eps_train": self.eps_sched(self.progress_t(e, self.steps_per_epoch)),
                "lr": self.opt.param_groups[0]["lr"], "global_bound_estimate": self.inner.bound.global_estimate()}
         if self.ctx.enabled:
@@ -316,12 +346,89 @@ class Trainer:
                 raise LipverifyError(f"internal error: DDP ranks diverged by {rec['rank_divergence']:.3g}")
         if self.eval_x is not None and self.ctx.is_main:
             rec.update(self.evaluate_estimate(self.eval_x, self.eval_y))
+        if aborted:
+            rec["aborted_nonfinite"] = True
         rec["time_s"] = time.perf_counter() - t_start
         self.history.append(rec)
         self.epoch += 1
         self.step = 0
         self.partial = {}
         return rec
+
+    def _optimizer_step(self, loss: torch.Tensor) -> tuple[bool, bool, float]:
+        """Backward, clip the global gradient norm to ``cfg.grad_clip`` (after unscaling under AMP) and
+        step -- unless the loss or the gradient is not finite on any rank: then no update at all (the
+        learning-rate schedule still advances).  Returns (step taken, gradient clipped, gradient norm before
+        clipping)."""
+        self.opt.zero_grad(set_to_none=True)
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        with torch.no_grad():
+            norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+                    if grads else torch.zeros((), device=loss.device))
+            bad = torch.stack([(~torch.isfinite(loss.detach().float())).float(),
+                               (~torch.isfinite(norm)).float()]).max().reshape(1)
+            if self.ctx.enabled:  # every rank skips the same steps (DDP keeps the weights identical)
+                if self.train_x.device.type != "cpu":
+                    bad = bad.to(self.train_x.device)
+                self.ctx.all_reduce_max(bad)
+            skip = float(bad) > 0
+            clip = float(self.cfg.grad_clip or 0.0)
+            clipped = (not skip) and clip > 0 and float(norm) > clip
+            if clipped:
+                scale = clip / (float(norm) + 1e-6)
+                for g in grads:
+                    g.mul_(scale)
+        if self.scaler is not None:
+            if skip:  # no step; update() still adjusts the scale from the inf checks unscale_ recorded
+                self.opt.zero_grad(set_to_none=True)
+                if grads:
+                    self.scaler.update()
+                return False, False, 0.0
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            return not skip, clipped, float(norm)
+        if not skip:
+            self.opt.step()
+        else:
+            self.opt.zero_grad(set_to_none=True)
+        return not skip, clipped, (0.0 if skip else float(norm))
+
+    # -- best epoch ---------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict:
+        """A CPU copy of the trained module's state dict (weights and power-iteration vectors)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.inner.state_dict().items()}
+
+    def snapshot_start(self) -> None:
+        """Keep the starting state as the fallback 'best' (epoch 0, no score): any scored epoch that is not
+        discarded as diverged replaces it."""
+        if self.best is None:
+            self.best = {"epoch": self.epoch, "score": None, "state": self.trainable_state()}
+
+    def consider_best(self, rec: dict) -> bool:
+        """Keep the state after epoch ``rec`` if its (eval VRA, eval accuracy) estimate is at least as good
+        as the best so far (a tie goes to the later, more trained epoch).  Returns whether it was kept."""
+        from lipverify.train.recipe import better, score
+
+        sc = score(rec)
+        old = None if self.best is None else self.best.get("score")
+        if sc is None or (old is not None and better(old, sc)):  # a tie goes to the later epoch
+            return False
+        self.best = {"epoch": int(rec["epoch"]), "score": list(sc), "state": self.trainable_state()}
+        return True
+
+    def restore_best(self) -> int | None:
+        """Load the best state into the trained module if it is not the current one; returns its epoch
+        (``None`` when nothing was restored)."""
+        if self.best is None or self.best["epoch"] == self.epoch:
+            return None
+        self.inner.load_state_dict(self.best["state"])
+        return int(self.best["epoch"])
 
     @torch.no_grad()
     def _rank_divergence(self) -> float:

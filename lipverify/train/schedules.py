@@ -59,7 +59,11 @@ class EpsSchedule:
             return (frac * 1.4 + 0.1) * self.eps
         # log (GloRo's _log_interp from 0.01 * target to target)
         start, end = 0.01 * self.target, self.target
-        return math.log((math.exp(end) - math.exp(start)) * frac + math.exp(start))
+        if end < 700:
+            return math.log((math.exp(end) - math.exp(start)) * frac + math.exp(start))
+        # the same in a form that does not overflow exp() for radii above ~709
+        inner = frac * -math.expm1(start - end) + math.exp(start - end)
+        return end + math.log(inner) if inner > 0 else start
 
 
 @dataclass(frozen=True)
