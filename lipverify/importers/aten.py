@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lipverify.importers.optable import SELECT_FUNCS
 
 
-def _batch_norm_no_training(x, weight, bias, mean, var, momentum, eps):
+def batch_norm_no_training(x, weight, bias, mean, var, momentum, eps):
     """aten's eval-mode batch norm returns (out, save_mean, save_var); only ``out`` is used."""
     return (F.batch_norm(x, mean, var, weight, bias, False, momentum, eps), mean, var)
 
@@ -43,7 +43,7 @@ def aten_equivalents() -> dict:
         "sigmoid_.default": torch.sigmoid, "tanh_.default": torch.tanh, "mish.default": F.mish,
         "selu.default": F.selu, "celu.default": F.celu, "softplus.default": F.softplus,
         "mean.dim": torch.mean, "sum.dim_IntList": torch.sum,
-        "_native_batch_norm_legit_no_training.default": _batch_norm_no_training,
+        "_native_batch_norm_legit_no_training.default": batch_norm_no_training,
         "conv_transpose2d.input": F.conv_transpose2d,
         "relu6.default": F.relu6, "dropout_.default": F.dropout, "prelu.default": F.prelu, "_prelu_kernel.default": F.prelu,
     }

@@ -42,8 +42,8 @@ _CONV_FUNCS = (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.c
 
 def _aten_bn_no_training():
     try:
-        from lipverify.importers.aten import _batch_norm_no_training
-        return _batch_norm_no_training
+        from lipverify.importers.aten import batch_norm_no_training
+        return batch_norm_no_training
     except ImportError:  # pragma: no cover
         return None
 
