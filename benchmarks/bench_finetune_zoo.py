@@ -115,8 +115,8 @@ def run_cli(args, threads: int, timeout: float) -> tuple[int, str, float, float]
                        capture_output=True, text=True, env=env, timeout=timeout)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     peak = next((int(ln.split()[1]) / (1 << 20) for ln in lines if ln.startswith("PEAK_KIB")), float("nan"))
-    last = [ln for ln in lines if not ln.startswith("PEAK_KIB")]
-    return p.returncode, (last[-1] if last else ""), time.perf_counter() - t0, peak
+    said = [ln for ln in lines if ln.startswith("lipverify: ")]  # the refusal or the divergence line
+    return p.returncode, (said[-1] if said else ""), time.perf_counter() - t0, peak
 
 
 def main():
@@ -166,7 +166,8 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
     # the reference: a certifiable architecture trained from scratch on the same data and epochs
-    rc, last, wall, peak = run_cli(["train", "--arch", "6c2f", *common, "--out", work / "train_6c2f"], args.threads,
+    rc, last, wall, peak = run_cli(["train", "--arch", "6c2f", "--input-shape", "1,28,28", *common, "--out",
+                                    work / "train_6c2f"], args.threads,
                                    args.timeout)
     ref = {"family": "train --arch 6c2f", "exit": rc, "message": last, "wall_s": wall, "peak_gib": peak}
     rep = work / "train_6c2f" / "report.json"
