@@ -207,3 +207,46 @@ def test_limit_draws_a_seeded_random_subset(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["data"]["n_train"] == 8 and "random subset of 8" in rep["recipe"]["limit"]
     assert not any("covers only 2" in n or "covers only 3" in n for n in rep["notes"])
+
+
+# -- the warm start (--warm-start-epochs) --------------------------------------------------------------------
+
+def test_warm_start_loss_is_ce_plus_weighted_log_bound():
+    from lipverify.train.loop import TrainConfig
+    from lipverify.train.losses import warm_start_loss
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(5, 4, requires_grad=True), torch.tensor([0, 1, 2, 3, 0])
+    K = (torch.rand(4, 4) * 1e6 + 1.0).fill_diagonal_(0.0).requires_grad_()
+    loss = warm_start_loss(logits, y, K, 0.25)
+    want = torch.nn.functional.cross_entropy(logits, y) + 0.25 * math.log(float(K.detach().max()))
+    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+    loss.backward()  # the log term pulls on the largest margin constant only, with weight w / K_max
+    g = K.grad.clone()
+    i = int(K.detach().argmax())
+    assert float(g.view(-1)[i]) == pytest.approx(0.25 / float(K.max()), rel=1e-5)
+    assert float(g.view(-1).abs().sum() - g.view(-1)[i].abs()) == 0.0
+    # the phase: warm before warm_start epochs, then the certified loss with its eps ramp shifted
+    cfg = TrainConfig(loss="emma", eps=0.3, eps_schedule="linear", eps_ramp=2.0, epochs=5, warm_start=1.0)
+    assert cfg.in_warm_start(0.0) and cfg.in_warm_start(0.99) and not cfg.in_warm_start(1.0)
+    assert cfg.eps_at()(cfg.robust_t(0.5)) == 0.0 and cfg.eps_at()(cfg.robust_t(2.0)) == pytest.approx(0.15)
+    off = TrainConfig(loss="emma", eps=0.3, epochs=5)
+    assert not off.in_warm_start(0.0) and off.robust_t(1.5) == 1.5
+
+
+def test_warm_start_run_records_the_phase_and_resumes_exactly(samples, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    extra = ("--eps", "1.0", "--epochs", "3", "--warm-start-epochs", "1", "--warm-start-weight", "0.2", "--loss", "emma",
+             "--eval-limit", "8", "--quiet")
+    assert invoke(ft(samples, a, *extra)).exit_code == 0
+    res = invoke(ft(samples, b, *extra, "--stop-after-epochs", "1"))
+    assert res.exit_code == 0, res.output
+    assert invoke(ft(samples, b, *extra, "--resume")).exit_code == 0
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
+    assert [h["warm_start"] for h in ra["history"]] == [True, False, False]
+    assert ra["history"][0]["eps_train"] == 0.0 or ra["history"][0]["eps_train"] < 0.3
+    assert [h["loss"] for h in ra["history"]] == [h["loss"] for h in rb["history"]]
+    assert ra["after"]["vra"] == rb["after"]["vra"]
+    sa = torch.load(a / "model.pt", map_location="cpu", weights_only=True)
+    sb = torch.load(b / "model.pt", map_location="cpu", weights_only=True)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -57,6 +57,12 @@ def training_option_list(per_arch: bool = False) -> list:
                      help="Clip the global gradient norm to this (after AMP unscaling; default 1000: far above a "
                           "healthy run's norms, far below a blow-up's; 0 disables). Steps with a non-finite loss or "
                           "gradient are skipped either way."),
+        click.option("--warm-start-epochs", type=NONNEGATIVE, default=None,
+                     help="Epochs of cross-entropy + --warm-start-weight x log(bound) before the certified loss "
+                          "(its eps ramp starts after them): brings the huge bound of a normally trained network "
+                          "down without losing its accuracy. Default 0."),
+        click.option("--warm-start-weight", type=NONNEGATIVE, default=None,
+                     help="Weight of log(bound) in the warm start (default 0.1)."),
         click.option("--keep-last", is_flag=True,
                      help="Export the last epoch's network instead of restoring the best epoch (highest eval VRA "
                           "estimate, then accuracy; chosen on the evaluation data)."),

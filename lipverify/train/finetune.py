@@ -89,7 +89,7 @@ FINETUNE_DEFAULTS = {
     "warmup_epochs": None, "min_lr_factor": 0.0, "weight_decay": 0.0, "power_iters": 2, "activation": "keep",
     "lln": False, "augment": "", "amp": False, "sparsity_weight": 0.01, "seed": 0, "threads": None, "norm": "2",
     "resume": False, "force": False, "stop_after_epochs": None, "quiet": False,
-    "grad_clip": None, "keep_last": False,
+    "grad_clip": None, "keep_last": False, "warm_start_epochs": 0.0, "warm_start_weight": 0.1,
 }
 
 
@@ -185,7 +185,8 @@ def run_finetune(o: dict, echo=None) -> dict:
                       batch_size=o["batch_size"], lr=o["lr"], warmup=o["warmup_epochs"],
                       min_lr_factor=o["min_lr_factor"], weight_decay=o["weight_decay"], power_iters=o["power_iters"],
                       seed=o["seed"], augment=augment, amp=o["amp"], sparsity_weight=o["sparsity_weight"],
-                      norm=o["norm"], grad_clip=grad_clip)
+                      norm=o["norm"], grad_clip=grad_clip, warm_start=float(o.get("warm_start_epochs") or 0.0),
+                      warm_weight=float(o["warm_start_weight"] if o.get("warm_start_weight") is not None else 0.1))
     cfg.eps_at()  # validates the schedule
     cfg.lam_at()
     run_id = {**cfg.to_dict(), "activation": o["activation"], "lln": bool(o["lln"]), "limit": o.get("limit"),

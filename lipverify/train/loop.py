@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
-from lipverify.train.losses import LOSSES, gloro_predict, robust_loss
+from lipverify.train.losses import LOSSES, gloro_predict, robust_loss, warm_start_loss
 from lipverify.train.recipe import MAX_CONSECUTIVE_SKIPS
 from lipverify.train.schedules import EpsSchedule, LinearRamp, lr_factor
 
@@ -51,6 +51,8 @@ class TrainConfig:
     sparsity_weight: float = 0.01
     norm: str = "2"
     grad_clip: float = 0.0  # global gradient-norm clip (0: none); finetune's default is recipe.DEFAULT_GRAD_CLIP
+    warm_start: float = 0.0  # epochs of CE + warm_weight * log(max K) before the certified loss (0: none)
+    warm_weight: float = 0.1
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -67,6 +69,13 @@ class TrainConfig:
 
     def eps_at(self) -> EpsSchedule:
         return EpsSchedule(self.eps, self.eps_schedule, self.eps_mult, self.ramp)
+
+    def in_warm_start(self, t: float) -> bool:
+        return self.loss != "local" and t < float(self.warm_start or 0.0)
+
+    def robust_t(self, t: float) -> float:
+        """Progress of the certified phase: the eps (and TRADES) schedules start after the warm start."""
+        return max(t - float(self.warm_start or 0.0), 0.0) if self.loss != "local" else t
 
     def lam_at(self) -> LinearRamp:
         return LinearRamp.parse(self.trades_lambda)
@@ -99,7 +108,7 @@ class TrainStep(nn.Module):
         self.local = local
         self.cfg = cfg
 
-    def forward(self, x, y, eps: float, lam: float, idx=None, ctx=None):
+    def forward(self, x, y, eps: float, lam: float, idx=None, ctx=None, warm: float = 0.0):
         self.bound.power_step()
         if self.cfg.loss == "local":
             loss, logits, Ky, sp = self.local(x, y, eps, idx, ctx)
@@ -114,7 +123,10 @@ class TrainStep(nn.Module):
             logits = self.bound(x)
         logits = logits.float()
         K = self.bound.margin_constants()  # float32, never under autocast
-        loss = robust_loss(self.cfg.loss, logits, y, K, eps, lam)
+        if warm > 0:
+            loss = warm_start_loss(logits, y, K, warm)
+        else:
+            loss = robust_loss(self.cfg.loss, logits, y, K, eps, lam)
         return loss, logits.detach(), K.detach()
 
 
@@ -293,9 +305,11 @@ class Trainer:
             t = self.progress_t(e, s)
             if hasattr(self.inner, "set_progress"):  # schedules inside the model (l-inf distance nets' p)
                 self.inner.set_progress(t)
-            eps_t = self.eps_sched(t)
-            lam_t = self.lam_sched(t)
-            loss, logits, K = self.step_module(x, y, eps_t, lam_t, idx, self.ctx if self.ctx.enabled else None)
+            eps_t = self.eps_sched(self.cfg.robust_t(t))
+            lam_t = self.lam_sched(self.cfg.robust_t(t))
+            warm = float(self.cfg.warm_weight) if self.cfg.in_warm_start(t) else 0.0
+            loss, logits, K = self.step_module(x, y, eps_t, lam_t, idx, self.ctx if self.ctx.enabled else None,
+                                               **({"warm": warm} if warm else {}))
             taken, clipped, gnorm = self._optimizer_step(loss)
             with warnings.catch_warnings():  # a skipped step leaves the optimiser unstepped: expected
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
@@ -336,7 +350,9 @@ class Trainer:
                "steps": self.step, "skipped_steps": int(st.skipped), "clipped_steps": int(st.clipped),
                "grad_norm_max": st.gnorm_max,
                "grad_norm_geomean": 10 ** (st.gnorm_log / (self.step - st.skipped)) if self.step > st.skipped else None,
-               "train_vra_estimate": cert / max(n, 1), "eps_train": self.eps_sched(self.progress_t(e, self.steps_per_epoch)),
+               "train_vra_estimate": cert / max(n, 1),
+               "eps_train": self.eps_sched(self.cfg.robust_t(self.progress_t(e, self.steps_per_epoch))),
+               "warm_start": self.cfg.in_warm_start(self.progress_t(e, self.steps_per_epoch - 1)),
                "lr": self.opt.param_groups[0]["lr"], "global_bound_estimate": self.inner.bound.global_estimate()}
         if self.ctx.enabled:
             rec["rank_divergence"] = self._rank_divergence()

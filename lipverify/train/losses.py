@@ -93,6 +93,14 @@ def worst_case_ce(logits: torch.Tensor, y: torch.Tensor, Ky: torch.Tensor, eps: 
     return F.cross_entropy(logits + eps * Ky.to(logits.dtype) * not_y, y)
 
 
+def warm_start_loss(logits: torch.Tensor, y: torch.Tensor, K: torch.Tensor, weight: float) -> torch.Tensor:
+    """The warm-start phase of a fine-tuning run: ``CE(f, y) + weight * log(max K)``.  Cross-entropy
+    keeps the pre-trained accuracy while the log of the largest margin constant brings the (often huge)
+    bound of a normally trained network down by orders of magnitude; the log makes the pull the same
+    at K = 1e7 as at K = 10, where ``eps * K`` in a certified loss would swamp the cross-entropy."""
+    return F.cross_entropy(logits, y) + weight * torch.log(K.max().clamp_min(1e-12))
+
+
 def robust_loss(kind: str, logits, y, K, eps, lam: float = 1.0):
     """Dispatch for the global-bound losses."""
     if kind == "gloro":

@@ -73,7 +73,8 @@ def divergence_reason(rec: dict, earlier: list[dict], start_accuracy: float | No
         return f"epoch {e}: {skipped} of {steps} steps had a non-finite loss or gradient (skipped)"
     if not _finite(loss):
         return f"epoch {e}: the training loss is not finite"
-    prev = [h["loss"] for h in earlier if _finite(h.get("loss"))]
+    # the warm-start epochs train another loss (CE + w log K): not comparable with the certified one
+    prev = [h["loss"] for h in earlier if _finite(h.get("loss")) and bool(h.get("warm_start")) == bool(rec.get("warm_start"))]
     if prev and loss > EXPLODE_LOSS and loss > EXPLODE_FACTOR * min(prev):
         return f"epoch {e}: the training loss exploded to {loss:.3g} (it was {min(prev):.3g})"
     line = collapse_line(chance)
