@@ -33,8 +33,10 @@ def check_not_input(out: str | os.PathLike, *inputs) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
+    tmp = None
     try:
+        with signals_deferred():  # the temporary file is owned (and removed on failure) from its creation
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -44,10 +46,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600: give outputs the usual permissions
         os.replace(tmp, p)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         raise
 
 
@@ -202,8 +205,10 @@ def staged_outputs(folder: str | os.PathLike, last: str | None = None):
     """
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".lipverify-staging.", dir=str(out)))
+    stage = None
     try:
+        with signals_deferred():  # a signal between creating the folder and owning it would leave it behind
+            stage = Path(tempfile.mkdtemp(prefix=".lipverify-staging.", dir=str(out)))
         with signals_raise():
             yield stage
             names = sorted(p.name for p in stage.iterdir())
@@ -215,7 +220,8 @@ def staged_outputs(folder: str | os.PathLike, last: str | None = None):
                     os.chmod(stage / name, 0o666 & ~_umask())
                     os.replace(stage / name, out / name)
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 @contextlib.contextmanager
