@@ -190,3 +190,29 @@ def test_finetune_state_dict_with_batchnorm_reports_conversion(tmp_path):
     with torch.no_grad():
         a, b = fresh(x[:8]), lm.module(x[:8])
     assert float((a - b).abs().max()) <= 1e-4 * max(1.0, float(a.abs().max()))
+
+
+def test_steep_activations_counted_with_their_published_slopes():
+    """Hardswish's largest slope is 1.5 (at x -> 3-), GELU's 1.1289 and SiLU's 1.0998 (the maxima of
+    their derivatives, found here by brute force on a fine grid); ReLU and Tanh (slope <= 1) are not
+    counted."""
+    from lipverify.train.convert import steep_activations
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Hardswish(), torch.nn.Linear(8, 8), torch.nn.GELU(),
+                              torch.nn.Linear(8, 8), torch.nn.SiLU(), torch.nn.Linear(8, 8), torch.nn.Hardswish(),
+                              torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Tanh(), torch.nn.Linear(8, 3)).eval()
+    lm = lipverify.load(net, input_shape=(4,))
+    found, notes = steep_activations(lm.graph)
+    grid = torch.linspace(-8, 8, 2_000_001, dtype=torch.float64, requires_grad=True)
+    oracle = {}
+    for name, fn in (("hardswish", torch.nn.functional.hardswish), ("gelu", torch.nn.functional.gelu),
+                     ("silu", torch.nn.functional.silu)):
+        (g,) = torch.autograd.grad(fn(grid).sum(), grid)
+        oracle[name] = float(g.max())
+    assert set(found) == {"hardswish", "gelu", "silu"}, found
+    assert found["hardswish"]["count"] == 2 and found["gelu"]["count"] == 1 and found["silu"]["count"] == 1
+    for name, slope in oracle.items():
+        # the bound's slope is sound (never below the true maximum) and tight (within 1e-3)
+        assert slope - 1e-9 <= found[name]["slope"] <= slope + 1e-3, (name, found[name], slope)
+    assert abs(found["hardswish"]["factor"] - found["hardswish"]["slope"] ** 2) < 1e-12
+    assert len(notes) == 3 and all("slope" in n for n in notes)

@@ -258,3 +258,22 @@ def fold_batchnorm(gm: fx.GraphModule, example: torch.Tensor) -> dict:
         notes.append(f"{len(kept)} BatchNorm layer(s) left as per-channel scales (not foldable: "
                      f"{kept[0]['reason']}{'; see conversion.kept' if len(kept) > 1 else ''}): {names}")
     return {"folded": folded, "kept": kept, "max_logit_change": diff, "relative_change": rel, "notes": notes}
+
+
+def steep_activations(graph) -> tuple[dict, list[str]]:
+    """Activations whose slope exceeds 1 (Hardswish 1.5, GELU 1.13, SiLU 1.10), counted per kind:
+    ``({name: {"count": n, "slope": s, "factor": s ** n}}, notes)``.  They are kept: each multiplies
+    the global bound by its slope, so a network with many of them starts from a larger bound (the
+    factor is the most they can contribute along one path)."""
+    found: dict[str, dict] = {}
+    for n in graph.nodes:
+        if n.kind != "activation" or n.op.lipschitz <= 1.0:
+            continue
+        rec = found.setdefault(n.op.name, {"count": 0, "slope": float(n.op.lipschitz)})
+        rec["count"] += 1
+        rec["slope"] = max(rec["slope"], float(n.op.lipschitz))
+    for rec in found.values():
+        rec["factor"] = rec["slope"] ** rec["count"]
+    notes = [f"kept {r['count']} {name} activation(s) of slope {r['slope']:.4g} > 1 (up to x{r['factor']:.3g} in the "
+             "global bound)" for name, r in sorted(found.items())]
+    return found, notes

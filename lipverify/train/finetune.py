@@ -273,10 +273,11 @@ def run_finetune(o: dict, echo=None) -> dict:
     calib = train_x[:256]
     if normalizer is not None:
         calib = normalizer(calib)
-    from lipverify.train.convert import fold_batchnorm
+    from lipverify.train.convert import fold_batchnorm, steep_activations
 
     conversion = fold_batchnorm(gm, calib[:64])  # function-preserving; BatchNorm scales into their layers
-    notes += conversion["notes"]
+    conversion["steep_activations"], steep_notes = steep_activations(lm.graph)
+    notes += conversion["notes"] + steep_notes
     if o["activation"] == "minmax":
         plan += surgery.swap_relu(gm, "minmax", calib)
     if cfg.loss == "local":
