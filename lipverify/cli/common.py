@@ -153,7 +153,6 @@ def check_outputs(inputs: tuple, files: dict | None = None, folders: dict | None
             if key in seen:
                 raise UserInputError(f"{option} and {seen[key]} name the same path", str(value))
             seen[key] = option
-    return None
 
 
 def load_dataset(lm, data_path, layout, limit, mean, std, need_labels=False):

@@ -19,9 +19,8 @@ itself is raised as is, for the caller to explain (:func:`lipverify.importers.on
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import re
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch

@@ -143,7 +143,7 @@ def load(source: str | os.PathLike | nn.Module = BUILTIN_DEFAULT, *, input_shape
         if calls > MAX_NODES:
             raise UserInputError(f"the model has {calls:,} operations, over the limit of {MAX_NODES:,}",
                                  path_str or label)
-        _check_finite_outputs(gm, shape, path_str or label, weight_hint(_largest_weight(gm)), explain=False)
+        _check_finite_outputs(gm, shape, path_str or label, lambda: weight_hint(_largest_weight(gm)), explain=False)
     graph = build_graph(gm, shape, path_str or label)
     check_classes(graph, path_str or label)
     gm = strip_to_logits(gm, graph.logits_fx_node)
@@ -219,9 +219,10 @@ def _load_onnx(path: Path, shape, fidelity_check: bool, fidelity_inputs, toleran
     return module, shape, fidelity
 
 
-def _check_finite_outputs(module, shape, path_str: str, hint: str, explain: bool = True) -> None:
+def _check_finite_outputs(module, shape, path_str: str, hint, explain: bool = True) -> None:
     """Run ``module`` on two inputs in [0, 1]; refuse non-finite outputs, and (``explain``) a module
-    that fails, naming the node (else the failure is left to the graph import, which names it)."""
+    that fails, naming the node (else the failure is left to the graph import, which names it).
+    ``hint`` (text, or a function giving it, computed only on a refusal) names the largest weight."""
     from lipverify.importers.fidelity import not_finite_message
     from lipverify.importers.fx import TRACE_BATCH
 
@@ -235,7 +236,7 @@ def _check_finite_outputs(module, shape, path_str: str, hint: str, explain: bool
         raise UserInputError("the module onnx2torch converted the file to does not run: "
                              f"{explain_run_failure(module, x)}", path_str) from None
     if isinstance(out, torch.Tensor) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
-        raise UserInputError(not_finite_message("inputs in [0,1]", hint), path_str)
+        raise UserInputError(not_finite_message("inputs in [0,1]", hint() if callable(hint) else hint), path_str)
 
 
 def _largest_weight(module: nn.Module) -> tuple[float, str] | None:

@@ -51,7 +51,7 @@ import torch.nn as nn
 from lipverify.errors import UserInputError
 from lipverify.importers.pt2_check import check_program_ops, first_line, inspect_pt2, quiet_torch
 from lipverify.importers.torchscript_check import check_torchscript_graphs, inspect_torchscript_archive
-from lipverify.limits import MAX_MODEL_BYTES, check_alloc, fmt_bytes, open_regular
+from lipverify.limits import MAX_MODEL_BYTES, check_alloc, check_regular, fmt_bytes, open_regular, read_capped
 
 class Unregistered(nn.Module):
     """Wraps a module that refuses ``train()``/``eval()`` (a ``torch.export`` program) for tracing."""
@@ -140,14 +140,9 @@ def _open_model(path: Path):
 
 def _read_model(path: Path) -> bytes:
     """The bytes of a model file (checks of :func:`_open_model`, plus the memory limit)."""
-    with _open_model(path) as fh:
-        size = os.fstat(fh.fileno()).st_size
-        check_alloc(size, f"reading the model file ({fmt_bytes(size)})", path)
-        # read(n) allocates n bytes up front: ask for the size checked above (plus one, to see growth)
-        data = fh.read(size + 1)
-    if len(data) > size:
-        raise UserInputError("the model file grew while it was read; refusing", str(path))
-    return data
+    size = check_regular(path, "model file").st_size
+    check_alloc(size, f"reading the model file ({fmt_bytes(size)})", path)
+    return read_capped(path, MAX_MODEL_BYTES, "model file")
 
 
 # -- finite weights -------------------------------------------------------------------------------------
