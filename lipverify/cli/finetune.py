@@ -63,6 +63,9 @@ def training_option_list(per_arch: bool = False) -> list:
                           "down without losing its accuracy. Default 0."),
         click.option("--warm-start-weight", type=NONNEGATIVE, default=None,
                      help="Weight of log(bound) in the warm start (default 0.1)."),
+        click.option("--residual-scale", type=POSITIVE, default=None,
+                     help="Scale every residual branch so its block's bound starts near (1 + this) x its "
+                          "shortcut's (LiResNet-style; not function-preserving, the accuracy cost is reported)."),
         click.option("--keep-last", is_flag=True,
                      help="Export the last epoch's network instead of restoring the best epoch (highest eval VRA "
                           "estimate, then accuracy; chosen on the evaluation data)."),
@@ -147,9 +150,15 @@ def run_job(job, o) -> None:
                    f"outputs in {o['out_dir']}")
     if rep.get("diverged"):
         rc = (rep.get("recipe") or {}).get("restored_epoch")
-        kept = ("the input model (no trained epoch was usable)" if rc == 0 else
+        scaled = bool(((rep.get("conversion") or {}).get("residual_scale") or {}).get("blocks"))
+        start = ("the network after --residual-scale, before training" if scaled else "the input model")
+        kept = (f"{start} (no trained epoch was usable)" if rc == 0 else
                 f"the best epoch ({rc})" if rc is not None else "the last epoch")
+        hint = "try a smaller --lr, a smaller --eps (or a longer --eps-ramp-epochs), or --grad-clip 1"
+        if any("hopeless" in str(n) for n in rep.get("notes") or []) and not o.get("warm_start_epochs"):
+            hint = ("the starting bound was hopeless for this eps: try a fine-tuning learning rate and a warm "
+                    "start, e.g. --lr 3e-4 --batch-size 64 --warm-start-epochs 6 --warm-start-weight 1"
+                    + ("" if scaled else " (and --residual-scale 0.1 for a residual network)"))
         click.echo("\n" + "!" * 78 + f"\nlipverify: THE RUN DIVERGED: {rep.get('divergence')}\n"
-                   f"  the outputs in {o['out_dir']} hold {kept}; try a smaller --lr, a smaller --eps (or a "
-                   "longer --eps-ramp-epochs), or --grad-clip 1\n" + "!" * 78, err=True)
+                   f"  the outputs in {o['out_dir']} hold {kept}; {hint}\n" + "!" * 78, err=True)
         sys.exit(EXIT_DIVERGED)

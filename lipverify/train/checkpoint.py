@@ -205,7 +205,7 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
 RESUME_KEYS = ("loss", "eps", "eps_mult", "eps_schedule", "eps_ramp", "trades_lambda", "epochs", "batch_size",
                "lr", "warmup", "min_lr_factor", "weight_decay", "power_iters", "seed", "activation", "lln",
                "augment", "norm", "sparsity_weight", "amp", "limit", "limit_sampling", "data", "model", "mean", "std",
-               "grad_clip")
+               "grad_clip", "residual_scale")
 
 
 def check_resume_config(saved: dict, now: dict) -> None:

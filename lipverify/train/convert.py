@@ -152,7 +152,7 @@ def _shared(gm: fx.GraphModule, owners: list) -> bool:
     return False
 
 
-def _shapes(gm: fx.GraphModule, example: torch.Tensor) -> dict:
+def node_shapes(gm: fx.GraphModule, example: torch.Tensor) -> dict:
     vals = {}
 
     class _Rec(fx.Interpreter):
@@ -171,7 +171,7 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().double()
 
 
-def _logits(gm, x):
+def logits_f64(gm, x):
     with torch.no_grad():
         out = gm(x)
     if isinstance(out, (tuple, list)):
@@ -187,8 +187,8 @@ def fold_batchnorm(gm: fx.GraphModule, example: torch.Tensor) -> dict:
     if not isinstance(gm, fx.GraphModule):
         return {"folded": [], "kept": [], "max_logit_change": 0.0, "relative_change": 0.0, "notes": []}
     example = example[:64]
-    shapes = _shapes(gm, example)
-    ref = _logits(gm, example)
+    shapes = node_shapes(gm, example)
+    ref = logits_f64(gm, example)
     folded, kept, undo = [], [], []
     for node in list(gm.graph.nodes):
         parts = _bn_parts(gm, node)
@@ -233,7 +233,7 @@ def fold_batchnorm(gm: fx.GraphModule, example: torch.Tensor) -> dict:
             gamma.fill_(math.sqrt(1.0 + eps))
             beta.copy_(shift.to(beta.device, beta.dtype))
         folded.append({"batchnorm": node.name, "into": src.name, "kind": kind})
-    got = _logits(gm, example) if folded else ref
+    got = logits_f64(gm, example) if folded else ref
     diff = float((got - ref).abs().max()) if ref.numel() else 0.0
     rel = diff / max(1.0, float(ref.abs().max())) if ref.numel() else 0.0
     notes = []

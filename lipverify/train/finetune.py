@@ -90,6 +90,7 @@ FINETUNE_DEFAULTS = {
     "lln": False, "augment": "", "amp": False, "sparsity_weight": 0.01, "seed": 0, "threads": None, "norm": "2",
     "resume": False, "force": False, "stop_after_epochs": None, "quiet": False,
     "grad_clip": None, "keep_last": False, "warm_start_epochs": 0.0, "warm_start_weight": 0.1,
+    "residual_scale": None,
 }
 
 
@@ -190,6 +191,7 @@ def run_finetune(o: dict, echo=None) -> dict:
     cfg.eps_at()  # validates the schedule
     cfg.lam_at()
     run_id = {**cfg.to_dict(), "activation": o["activation"], "lln": bool(o["lln"]), "limit": o.get("limit"),
+              "residual_scale": o.get("residual_scale"),
               "limit_sampling": "random" if o.get("limit") else None,
               "data": str(Path(o["data_path"]).resolve()), "model": str(o.get("model") or lipverify.BUILTIN_DEFAULT),
               "mean": o.get("mean"), "std": o.get("std")}
@@ -278,6 +280,14 @@ def run_finetune(o: dict, echo=None) -> dict:
     conversion = fold_batchnorm(gm, calib[:64])  # function-preserving; BatchNorm scales into their layers
     conversion["steep_activations"], steep_notes = steep_activations(lm.graph)
     notes += conversion["notes"] + steep_notes
+    if o.get("residual_scale"):  # also on --resume (deterministic; the checkpoint then sets the weights)
+        from lipverify.train.residual import scale_residual_branches
+
+        rs = scale_residual_branches(gm, calib, float(o["residual_scale"]), train_y[:256])
+        conversion["residual_scale"] = {k: v for k, v in rs.items() if k != "notes"}
+        notes += rs["notes"]
+        for line in rs["notes"]:
+            echo(line)
     if o["activation"] == "minmax":
         plan += surgery.swap_relu(gm, "minmax", calib)
     if cfg.loss == "local":
@@ -320,6 +330,9 @@ def run_finetune(o: dict, echo=None) -> dict:
     diverged = saved.get("diverged") if saved else None
     chance = recipe_mod.chance_level(lm.n_classes, ds.y, eds.y)
     start_acc = before.get("clean_accuracy") if before else None
+    converted_acc = conversion.get("residual_scale", {}).get("accuracy_after")
+    if converted_acc is not None and start_acc is not None:
+        start_acc = min(start_acc, converted_acc)  # the conversion changed the function: judge from there
     hopeless = recipe_mod.hopeless_eps(before, eps) if before else None
     if hopeless is not None and hopeless["hopeless"]:
         msg = recipe_mod.hopeless_message(hopeless, eps)
