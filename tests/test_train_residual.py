@@ -121,3 +121,52 @@ def test_no_residual_adds_is_a_no_op():
     rep = scale_residual_branches(gm, x, 0.1)
     assert rep["blocks"] == [] and rep["notes"] == []
     torch.testing.assert_close(gm(x), before)
+
+
+class TinyRes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.stem = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 14 * 14, 10)
+        with torch.no_grad():  # a branch far above the shortcut, as in a normally trained network
+            self.c1.weight.mul_(20)
+            self.c2.weight.mul_(20)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.c2(torch.relu(self.c1(h))))
+        return self.fc(h.flatten(1))
+
+
+def test_finetune_cli_residual_scale_reports_conversion_and_exports(tmp_path):
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+
+    from lipverify.cli import main
+    from lipverify.models.zoo import default_samples
+
+    x, y = default_samples()
+    data = tmp_path / "samples.npz"
+    np.savez(data, x=x.numpy(), y=y.numpy())
+    net = TinyRes().eval()
+    src = tmp_path / "res.onnx"
+    torch.onnx.export(net, (x[:1],), str(src), dynamo=False, opset_version=17, input_names=["x"],
+                      dynamic_axes={"x": {0: "b"}})
+    before = lipverify.load(str(src)).bounds().global_bound.value
+    out = tmp_path / "ft"
+    res = CliRunner().invoke(main, [str(a) for a in [
+        "finetune", src, "--data", data, "--eps", "0.3", "--epochs", "1", "--batch-size", "16",
+        "--residual-scale", "0.5", "--lr", "1e-4", "--out", out, "--quiet"]], catch_exceptions=False)
+    assert res.exit_code in (0, 4), res.output
+    rep = json.loads((out / "report.json").read_text())
+    rs = rep["conversion"]["residual_scale"]
+    assert len(rs["blocks"]) == 1 and rs["blocks"][0]["alpha"] < 0.01
+    assert "accuracy_after" in rs and any("residual branch scales" in n for n in rep["notes"])
+    assert rep["config"]["residual_scale"] == 0.5
+    # the exported (re-imported, sound) bound is far below the input model's: the branch was scaled
+    assert rep["after"]["global_bound"] < before / 10
