@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -130,6 +131,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=7200)
     ap.add_argument("--quick", action="store_true", help="resnet18 and mobilenet_v2, 2 epochs, eval on 300")
+    ap.add_argument("--finetune-args", default="",
+                    help="extra finetune options, e.g. \"--residual-scale 0.1 --lr 3e-4 --batch-size 64 "
+                         "--warm-start-epochs 6 --warm-start-weight 1\" (default: none, the defaults are measured)")
     args = ap.parse_args()
     if args.quick:
         args.families, args.epochs, args.eval_limit = "resnet18,mobilenet_v2", 2, 300
@@ -153,7 +157,8 @@ def main():
             torch.onnx.export(net.eval(), torch.zeros(1, 1, 28, 28), str(path), dynamo=False, opset_version=17,
                               input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "b"}, "logits": {0: "b"}})
         out = work / f"ft_{fam}"
-        rc, last, wall, peak = run_cli(["finetune", path, *common, "--out", out, "--loss", "emma"], args.threads,
+        rc, last, wall, peak = run_cli(["finetune", path, *common, "--out", out, "--loss", "emma",
+                                        *shlex.split(args.finetune_args)], args.threads,
                                        args.timeout)
         row = {"family": fam, "pretrained_acc": acc0, "pretrain_epochs": ep0, "pretrain_s": t_pre, "exit": rc,
                "message": last, "wall_s": wall, "peak_gib": peak}
