@@ -90,7 +90,7 @@ FINETUNE_DEFAULTS = {
     "lln": False, "augment": "", "amp": False, "sparsity_weight": 0.01, "seed": 0, "threads": None, "norm": "2",
     "resume": False, "force": False, "stop_after_epochs": None, "quiet": False,
     "grad_clip": None, "keep_last": False, "warm_start_epochs": 0.0, "warm_start_weight": 0.1,
-    "residual_scale": None,
+    "residual_scale": None, "from_scratch": False,
 }
 
 
@@ -329,7 +329,8 @@ def run_finetune(o: dict, echo=None) -> dict:
         trainer.snapshot_start()  # the fallback when every epoch diverged (a resumed run keeps its own)
     diverged = saved.get("diverged") if saved else None
     chance = recipe_mod.chance_level(lm.n_classes, ds.y, eds.y)
-    start_acc = before.get("clean_accuracy") if before else None
+    # a network at random initialisation (lipverify train) has no accuracy to fall from
+    start_acc = before.get("clean_accuracy") if before and not o.get("from_scratch") else None
     converted_acc = conversion.get("residual_scale", {}).get("accuracy_after")
     if converted_acc is not None and start_acc is not None:
         start_acc = min(start_acc, converted_acc)  # the conversion changed the function: judge from there

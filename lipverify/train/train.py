@@ -151,6 +151,7 @@ def train(arch: str, data_path, eps, out_dir, *, input_shape=None, echo=None, **
     opts.update({k: v for k, v in options.items() if v is not None and k in FINETUNE_DEFAULTS})
     if family == "liresnet":
         opts["lln"] = True  # the LLN head is part of the architecture (the CLI flag's False is no choice here)
+    opts["from_scratch"] = True
     rep = finetune(data_path, eps, out_dir, echo=echo, model=str(init), **opts)
     if rep:
         rep["architecture"] = {"name": arch, "family": family, "input_shape": list(shape), "classes": n_classes,
