@@ -81,3 +81,38 @@ def test_json_diff_ignores_times_and_finds_a_changed_radius():
     assert dc.json_diff(dc.strip_times(a), dc.strip_times(c)) == ["/inputs[0]/radius: 0.25 vs 0.2500001"]
     d = {"vra": {"0.3": 0.5}, "inputs": [{"radius": 0.25, "certified": False}]}
     assert dc.json_diff(dc.strip_times(a), dc.strip_times(d)) == ["/inputs[0]/certified: True vs False"]
+
+
+def test_converted_shape_node_exports_after_torchvision_import(tmp_path):
+    """Found by the device check: once torchvision was imported, exporting an onnx2torch module with a
+    Shape node failed (onnx2torch asks torch.onnx.symbolic_helper for the export opset)."""
+    pytest.importorskip("torchvision")
+    code = f"""
+import torch, torchvision, warnings
+import torch.nn as nn
+import lipverify
+from lipverify.importers.onnx import export_to_onnx
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4, 3)
+    def forward(self, x):
+        h = torch.relu(self.c(x)).mean(dim=(2, 3), keepdim=True)
+        return self.fc(h.reshape(h.shape[0], -1))  # a Shape node with a dynamic batch
+
+p = {str(tmp_path / 'net.onnx')!r}
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.onnx.export(Net().eval(), (torch.zeros(1, 1, 6, 6),), p, dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={{"x": {{0: "b"}}}})
+lm = lipverify.load(p)
+data = export_to_onnx(lm.module.model, (1, 6, 6), None)
+again = lipverify.load({str(tmp_path / 'again.onnx')!r} if open({str(tmp_path / 'again.onnx')!r}, 'wb').write(data) else None)
+x = torch.rand(3, 1, 6, 6)
+print("DIFF", float((again(x) - lm(x)).abs().max()))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "DIFF" in r.stdout, r.stderr[-2000:]
+    assert float(r.stdout.split("DIFF")[1]) < 1e-5

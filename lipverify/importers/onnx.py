@@ -289,7 +289,24 @@ def _repair_layer_norms(gm: nn.Module, notes) -> None:
                      "from the scale")
 
 
+def _expose_export_opset() -> None:
+    """onnx2torch's modules ask ``torch.onnx.symbolic_helper`` for the opset being exported, through a
+    ``GLOBALS`` object that newer torch keeps only in its TorchScript exporter (without it, exporting a
+    converted Squeeze / Reduce / Shape fails with an AttributeError once torchvision has registered its
+    ONNX ops).  Point the old name at that same object (the real, current opset)."""
+    from torch.onnx import symbolic_helper
+
+    if hasattr(symbolic_helper, "GLOBALS"):
+        return
+    try:
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:  # an older torch: GLOBALS is where onnx2torch looks, or the old attribute is
+        return
+    symbolic_helper.GLOBALS = GLOBALS
+
+
 def export_to_onnx(module: nn.Module, input_shape, path) -> bytes:
+    _expose_export_opset()
     buf = io.BytesIO()
     example = torch.zeros((1,) + tuple(input_shape))
     try:
