@@ -125,10 +125,16 @@ class Step:
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's, cumulative
         self.info.update(seconds=round(time.perf_counter() - self.t0, 3), peak_memory_mib=round(peak / 2 ** 20, 1))
-        if et is not None:
+        if et is not None and issubclass(et, Exception):
             self.checks.append({"check": "ran without an exception", "ok": False,
                                 "error": f"{et.__name__}: {ev}"[:500]})
-        return True  # record the failure and go on with the next step
+            return True  # record the failure and go on with the next step (Ctrl-C still stops)
+        return False
+
+    def has_data(self, data) -> bool:
+        """False (a failed check) when the shared data folder is missing."""
+        return data is not None or self.check("shared data present", False,
+                                               why="../shared/data not found (set LIPVERIFY_REALDATA)")
 
     def to_dict(self) -> dict:
         return {"step": self.name, "ok": all(c["ok"] for c in self.checks) and bool(self.checks),
@@ -256,8 +262,7 @@ def _compare_certs(st, what, a, b):
 
 def step_certify(dev, data, reduced, results):
     with Step("certify", dev) as st:
-        if data is None:
-            st.check("shared data present", False, why="../shared/data not found (LIPVERIFY_REALDATA)")
+        if not st.has_data(data):
             results.append(st.to_dict())
             return
         n_g, n_l = (100, 20) if reduced else (1000, 100)
@@ -299,8 +304,7 @@ def step_certify(dev, data, reduced, results):
 
 def step_attack(dev, data, reduced, results):
     with Step("attack", dev) as st:
-        if data is None:
-            st.check("shared data present", False, why="../shared/data not found")
+        if not st.has_data(data):
             results.append(st.to_dict())
             return
         n = 30 if reduced else 100
@@ -343,8 +347,7 @@ def _job(kind: str, dev: str, out: Path, data: Path, amp: bool, epochs: int, lim
 
 def step_training(kind, dev, data, work, reduced, results):
     with Step(kind, dev) as st:
-        if data is None:
-            st.check("shared data present", False, why="../shared/data not found")
+        if not st.has_data(data):
             results.append(st.to_dict())
             return
         epochs = 1 if kind == "train" else 2
@@ -379,8 +382,7 @@ def _cli(args: list, env=None, timeout=600) -> subprocess.CompletedProcess:
 
 def step_torchrun(dev, data, work, reduced, results):
     with Step("torchrun", dev) as st:
-        if data is None:
-            st.check("shared data present", False, why="../shared/data not found")
+        if not st.has_data(data):
             results.append(st.to_dict())
             return
         n_dev = torch.cuda.device_count() if dev.type == "cuda" else 1
@@ -398,7 +400,7 @@ def step_torchrun(dev, data, work, reduced, results):
         st.check("finetune (single process) ran", ft1.returncode == 0, stderr=ft1.stderr[-400:])
         for p in procs:
             run = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", p]
-            got = _cli(run + cert[0:1] + cert[1:])
+            got = _cli(run + cert)
             ok = got.returncode == 0 and single.returncode == 0
             diff = (json_diff(strip_times(json.loads(single.stdout)), strip_times(json.loads(got.stdout)))
                     if ok else ["did not run"])

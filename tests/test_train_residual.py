@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import lipverify
-from lipverify.train.residual import layer_norm_estimate, residual_blocks, scale_residual_branches
+from lipverify.train.residual import layer_operator_norm, residual_blocks, scale_residual_branches
 
 
 def dense_matrix(conv: nn.Conv2d, in_shape) -> torch.Tensor:
@@ -69,15 +69,19 @@ def test_alpha_matches_exact_norms_and_function_is_shortcut_plus_alpha_branch(pr
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_conv_norm_estimate_is_the_exact_norm_with_stride_and_groups():
+def test_layer_norm_is_an_upper_bound_on_the_exact_norm_with_stride_groups_and_same_padding():
     torch.manual_seed(0)
     for conv, shape in ((nn.Conv2d(4, 6, 3, stride=2, padding=1), (4, 7, 7)),
                         (nn.Conv2d(6, 6, 3, padding=1, groups=6), (6, 6, 6)),
-                        (nn.Conv2d(2, 3, 5, padding=0, dilation=1), (2, 9, 8))):
+                        (nn.Conv2d(2, 3, 5, padding=0), (2, 9, 8)),
+                        (nn.Conv2d(3, 4, 4, padding="same"), (3, 6, 6)),
+                        (nn.Conv2d(16, 16, 3, padding=1), (16, 12, 12))):
         exact = torch.linalg.matrix_norm(dense_matrix(conv, shape), 2).item()
-        est = layer_norm_estimate(conv, shape, iters=200)
-        assert est == pytest.approx(exact, rel=1e-4)
-        assert est <= exact * (1 + 1e-9)  # power iteration approaches from below
+        bound = layer_operator_norm(conv, shape)
+        assert exact * (1 - 1e-9) <= bound <= exact * 1.1
+    lin = nn.Linear(7, 5)
+    assert layer_operator_norm(lin, (7,)) == pytest.approx(torch.linalg.svdvals(lin.weight.double())[0].item())
+    assert layer_operator_norm(nn.ReLU(), (3,)) is None
 
 
 def test_torchvision_resnet18_blocks_branches_and_bound():

@@ -7,9 +7,9 @@ its output formatting; the work is done by the API (:func:`lipverify.load`, :cla
 
 from __future__ import annotations
 
-import click
-
 import importlib
+
+import click
 
 __all__ = ["EXIT_INTERNAL", "EXIT_UNSOUND", "EXIT_USER", "handle_errors", "main"]
 
@@ -30,7 +30,7 @@ def __getattr__(name):  # the shared helpers, without importing torch for `lipve
         from lipverify.cli import common
 
         return getattr(common, name)
-    raise AttributeError(name)
+    raise AttributeError(f"module 'lipverify.cli' has no attribute {name!r}")
 
 
 class _Group(click.Group):

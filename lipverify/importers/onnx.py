@@ -291,16 +291,16 @@ def _repair_layer_norms(gm: nn.Module, notes) -> None:
 
 def _expose_export_opset() -> None:
     """onnx2torch's modules ask ``torch.onnx.symbolic_helper`` for the opset being exported, through a
-    ``GLOBALS`` object that newer torch keeps only in its TorchScript exporter (without it, exporting a
-    converted Squeeze / Reduce / Shape fails with an AttributeError once torchvision has registered its
-    ONNX ops).  Point the old name at that same object (the real, current opset)."""
+    ``GLOBALS`` object that torch 2.14 keeps only in its TorchScript exporter (without it, exporting a
+    converted Shape / Squeeze / Reduce node can fail with an AttributeError; seen once torchvision was
+    imported).  Point the old name at that same object (the real, current opset)."""
     from torch.onnx import symbolic_helper
 
     if hasattr(symbolic_helper, "GLOBALS"):
         return
     try:
         from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
-    except ImportError:  # an older torch: GLOBALS is where onnx2torch looks, or the old attribute is
+    except ImportError:  # an older torch, which still has the name onnx2torch reads
         return
     symbolic_helper.GLOBALS = GLOBALS
 

@@ -9,8 +9,8 @@ that a block's bound starts near ``K_S``.
 
 :func:`scale_residual_branches` does the same to an imported network: for every residual add it finds
 the branch (the longer of the two paths from the block's input), estimates ``K_F`` and ``K_S`` as the
-products of the l2 operator norms of their affine layers (power iteration; activations taken as
-1-Lipschitz: an estimate that only sets the starting scale, not a bound that certifies anything), and
+products of the sound l2 operator norms of their affine layers (activations taken as 1-Lipschitz, and
+parallel paths multiplied: a rough figure that only sets the starting scale, certifying nothing), and
 multiplies the weight and bias of the branch's last affine layer by ``alpha = min(1, delta K_S / K_F)``,
 so the block's bound starts at about ``(1 + delta) K_S``.  The branch stays a trainable part of the
 network (its last layer's weights carry the scale), so training can grow it back where the loss asks
@@ -34,8 +34,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
+from lipverify.graph.linear_ops import Conv
 from lipverify.importers.optable import binary_kind
 from lipverify.train.convert import logits_f64, node_shapes
 
@@ -52,11 +52,10 @@ def _is_bn(m) -> bool:
 
 
 @torch.no_grad()
-def layer_norm_estimate(m: nn.Module, in_shape: tuple, iters: int = 500, seed: int = 0,
-                        tol: float = 1e-7) -> float | None:
-    """l2 operator norm of the linear part of ``m`` at input shape ``in_shape`` (no batch axis), by
-    power iteration (an estimate from below; stops when it changes by at most ``tol``, relative);
-    ``None`` when ``m`` is not an affine layer."""
+def layer_operator_norm(m: nn.Module, in_shape: tuple) -> float | None:
+    """Sound upper bound of the l2 operator norm of the linear part of ``m`` at input shape ``in_shape``
+    (no batch axis): exact for dense layers and BatchNorm scales, :meth:`Conv.norm` for convolutions
+    (exact SVD when small, the FFT bound otherwise); ``None`` when ``m`` is not an affine layer."""
     if _is_bn(m):
         s = m.weight.detach().double() / torch.sqrt(m.running_var.detach().double() + m.eps)
         return float(s.abs().max())
@@ -64,30 +63,12 @@ def layer_norm_estimate(m: nn.Module, in_shape: tuple, iters: int = 500, seed: i
         return float(torch.linalg.matrix_norm(m.weight.detach().double(), 2))
     if not isinstance(m, (nn.Conv1d, nn.Conv2d)) or m.padding_mode != "zeros":
         return None
-    conv = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
-    w = m.weight.detach().double()
-
-    def apply(u):
-        return conv(u, w, None, m.stride, m.padding, m.dilation, m.groups)
-
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn((1,) + tuple(in_shape), generator=g, dtype=torch.float64)
-    u = u / u.norm()
-    s = 0.0
-    for _ in range(iters):
-        u.requires_grad_(True)
-        with torch.enable_grad():
-            v = apply(u)
-            (g_u,) = torch.autograd.grad(v, u, grad_outputs=v)
-        prev, s = s, float(v.norm())
-        if abs(s - prev) <= tol * s:
-            return s
-        u = g_u.detach()
-        n = float(u.norm())
-        if n == 0.0:
-            return 0.0
-        u = u / n
-    return s
+    one_d = isinstance(m, nn.Conv1d)
+    rp = m._reversed_padding_repeated_twice  # (left, right[, top, bottom]), also for padding="same"
+    padding = (rp[0], rp[1]) if one_d else (rp[2], rp[3], rp[0], rp[1])
+    op = Conv(m.weight.detach().double(), tuple(in_shape), tuple(m.stride), padding, tuple(m.dilation), m.groups,
+              one_d=one_d)
+    return float(op.norm("2").value)
 
 
 def _ancestors(gm: fx.GraphModule) -> dict:
@@ -149,7 +130,7 @@ def _path_norm(gm, nodes, shapes, cache) -> float:
         if n not in cache:
             src = n.all_input_nodes[0] if n.all_input_nodes else None
             shp = shapes.get(src.name) if src is not None else None
-            cache[n] = layer_norm_estimate(m, shp[1:]) if shp is not None else None
+            cache[n] = layer_operator_norm(m, shp[1:]) if shp is not None else None
         if cache[n] is not None:
             k *= cache[n]
     return k
