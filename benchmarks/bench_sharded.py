@@ -53,7 +53,7 @@ def run(args: list[str], procs: int) -> tuple[float, dict]:
 
 def agree(a: dict, b: dict, exact: bool) -> str:
     """How the two results compare (``identical``, ``radii within ...``, or the first difference)."""
-    skip = {"time_s", "notes", "inputs", "median_radius"}
+    skip = {"time_s", "total_time_s", "time_label", "notes", "inputs", "median_radius"}
     for k in sorted(set(a) | set(b)):
         if k not in skip and a.get(k) != b.get(k):
             return f"differs in {k}"

@@ -22,7 +22,7 @@ from lipverify.bounds.global_bound import (
     tail_matrix,
     tail_size,
 )
-from lipverify.errors import LipverifyError
+from lipverify.errors import LipverifyError, UserInputError
 from lipverify.graph import LipschitzGraph
 from lipverify.results import BoundsReport, LayerRow, MarginSummary, ValueWithMethod
 
@@ -87,8 +87,12 @@ class LipModel:
             n *= s
         return n
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, m)`` of the model for raw inputs ``(B, *input_shape)``."""
+    def __call__(self, x) -> torch.Tensor:
+        """Logits ``(B, m)`` of the model for raw inputs ``(B, *input_shape)`` (tensor or NumPy array)."""
+        if not isinstance(x, torch.Tensor):
+            from lipverify.arguments import as_inputs
+
+            x = as_inputs(x, None, self.input_shape)[0]
         out = self.module(x.to(self.device))
         return out.reshape(out.shape[0], -1)
 
@@ -116,28 +120,155 @@ class LipModel:
             self._cache["module64"] = m
         return self._cache["module64"]
 
-    def certify(self, x, y, eps=(), norm: str = "2", method: str = "global", **kw):
-        """Certified radius per input (see :func:`lipverify.certify.certify`)."""
+    def certify(self, x, y, eps=(), norm="2", method: str = "global", *, clip="auto", precision: str = "auto",
+                batch_size: int | None = None, progress=None, names=None, local_options: dict | None = None):
+        """Certified radius per input: the largest ``r`` with a proof that no perturbation of norm
+        ``<= r`` changes the prediction (see :func:`lipverify.certify.rules.certify`).
+
+        Same defaults as ``lipverify certify``.
+
+        Parameters
+        ----------
+        x, y:
+            Inputs ``(N, *input_shape)`` (NumPy array or torch tensor, floating dtype) and integer
+            labels ``(N,)`` (:func:`lipverify.arguments.as_inputs`).
+        eps:
+            Radii for the verified-robust accuracy: a float, a list/tuple, ``"8/255,16/255"``
+            (:func:`lipverify.arguments.parse_eps`), or a torch tensor ``(N,)`` of per-example radii (a
+            NumPy array is always a list of radii).
+        norm:
+            ``2``/``"2"``/``"l2"``/``"L2"`` or ``inf``/``"inf"``/``"linf"``/``"l_inf"``
+            (:func:`lipverify.arguments.parse_norm`).
+        method:
+            ``"global"`` (the GloRo rule with the global margin constants) or ``"local"`` (global first,
+            then local constants by bisection for the inputs it leaves uncertified).
+        clip:
+            The input domain the constants of products and normalisations hold on.  ``"auto"``: the
+            model's domain (:meth:`set_domain`, else ``[0, 1]`` for graphs that need one), as the
+            command without ``--clip``; ``(lo, hi)`` or ``"LO,HI"``: that domain (it stays set, like
+            :meth:`set_domain`); ``None``/``"none"``: no domain, refused for graphs that need one.
+            Certificates of other graphs hold on the whole ball, so the box changes nothing there.
+        precision, batch_size, progress, names, local_options:
+            See :func:`lipverify.certify.rules.certify` (``progress(k)`` is advanced by
+            :func:`lipverify.certify.rules.progress_total` in all).
+
+        Returns
+        -------
+        :class:`lipverify.results.CertifyResult` (float eps keys: ``res.vra[0.5]``).
+
+        Warnings
+        --------
+        Bad arguments raise :class:`~lipverify.errors.UserInputError`: integer (uint8) ``x`` (scale
+        it by 1/255), wrong shapes, float labels, an unknown norm, negative eps, an invalid box.
+        """
+        from lipverify.arguments import as_inputs, parse_norm
         from lipverify.certify import certify
 
-        return certify(self, x, y, eps=eps, norm=norm, method=method, **kw)
+        norm = parse_norm(norm)
+        x, y = as_inputs(x, y, self.input_shape, self.n_classes)
+        self._certify_domain(clip)
+        return certify(self, x, y, eps=eps, norm=norm, method=method, batch_size=batch_size, progress=progress,
+                       names=names, local_options=local_options, precision=precision)
 
-    def certify_properties(self, x, properties, lower, upper, norm: str = "inf", method: str = "global", **kw):
-        """Prove output properties on boxes (see :func:`lipverify.certify.properties.certify_properties`)."""
+    def _certify_domain(self, clip) -> None:
+        """Apply ``clip`` of :meth:`certify` to the model's domain."""
+        from lipverify.arguments import parse_box
+
+        if isinstance(clip, str) and clip.strip().lower() == "auto":
+            return
+        if clip is None or isinstance(clip, str) and clip.strip().lower() == "none":
+            if self.graph.domain_nodes():
+                raise UserInputError("this model's constants (products/normalisations) hold on a bounded input "
+                                     "domain only: give clip=(lo, hi) or leave clip='auto' ([0, 1])")
+            return
+        lo, hi = parse_box(clip) if isinstance(clip, str) else clip
+        if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
+            self.set_domain(lo, hi)
+            return
+        lo, hi = float(lo), float(hi)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise UserInputError(f"clip must be (lo, hi) with finite lo < hi, got {clip!r}")
+        same = self.domain is not None and not any(isinstance(v, torch.Tensor) for v in self.domain) \
+            and (float(self.domain[0]), float(self.domain[1])) == (lo, hi)
+        if not same:
+            self.set_domain(lo, hi)
+
+    def certify_properties(self, x, properties, lower, upper, norm="inf", method: str = "global", *,
+                           batch_size: int = 256, progress=None, names=None, local_options: dict | None = None):
+        """Prove output properties on boxes (VNN-LIB specifications): ``properties[i]`` on
+        ``[lower[i], upper[i]]`` around ``x[i]`` (see
+        :func:`lipverify.certify.properties.certify_properties`).
+
+        ``x``, ``lower``, ``upper``: NumPy arrays or tensors ``(N, *input_shape)`` (floating dtype);
+        ``norm``: any spelling of :func:`lipverify.arguments.parse_norm` (default ``inf``: boxes);
+        ``method``: ``"global"`` or ``"local"``.  Returns a :class:`lipverify.results.CertifyResult`
+        with per-example eps (``vra``: the fraction of specifications proven).
+
+        Warnings
+        --------
+        Certificates hold on the boxes only.  Bad arguments raise
+        :class:`~lipverify.errors.UserInputError`.
+        """
+        from lipverify.arguments import as_inputs, parse_norm
         from lipverify.certify.properties import certify_properties
 
-        return certify_properties(self, x, properties, lower, upper, norm=norm, method=method, **kw)
+        norm = parse_norm(norm)
+        x, _ = as_inputs(x, None, self.input_shape)
+        lower = torch.as_tensor(lower, dtype=torch.float64) if not isinstance(lower, torch.Tensor) else lower
+        upper = torch.as_tensor(upper, dtype=torch.float64) if not isinstance(upper, torch.Tensor) else upper
+        return certify_properties(self, x, properties, lower, upper, norm=norm, method=method, batch_size=batch_size,
+                                  progress=progress, names=names, local_options=local_options)
 
-    def attack(self, x, y, eps=(), norm: str = "2", clip=None, strength: str = "standard", **kw):
+    def attack(self, x, y, eps=(), norm="2", *, clip="auto", strength="standard", batch_size: int = 256,
+               seed: int = 0, max_eps=None, progress=None, names=None, index_offset: int = 0):
         """Adversarial radius per input and robust accuracy per eps (see
-        :func:`lipverify.attacks.evaluate.evaluate_robustness`); points judged by the float64 model."""
+        :func:`lipverify.attacks.evaluate.evaluate_robustness`); every point is judged by the float64
+        model.  Same defaults as ``lipverify attack``.
+
+        Parameters
+        ----------
+        x, y:
+            Inputs ``(N, *input_shape)`` (NumPy array or torch tensor, floating dtype; converted to the
+            model's dtype) and integer labels ``(N,)``.
+        eps:
+            Radii for the robust accuracy: a float, a list/tuple or ``"8/255,16/255"``.
+        norm:
+            Any spelling of :func:`lipverify.arguments.parse_norm` (``2``, ``"l2"``, ``"inf"``, ...).
+        clip:
+            The box every adversarial point stays in.  ``"auto"`` (default, as the command):
+            ``[0, 1]`` when every input lies in ``[0, 1]``, else no box
+            (:func:`lipverify.arguments.default_box`); ``(lo, hi)`` floats or ``"LO,HI"``; ``(lo, hi)``
+            tensors of the shape of ``x``: a box per input; ``None`` or ``"none"``: no box.
+        strength:
+            ``"fast"``, ``"standard"`` or ``"thorough"`` (:mod:`lipverify.attacks.strength`).
+        batch_size, seed, max_eps, progress, names, index_offset:
+            See :func:`lipverify.attacks.evaluate.evaluate_robustness` (results depend on
+            ``batch_size`` and ``seed``: the command's defaults are 256 and 0).
+
+        Returns
+        -------
+        :class:`lipverify.attacks.evaluate.RobustnessReport` (``robust_accuracy[0.5]``: float keys).
+
+        Warnings
+        --------
+        Attacks give upper bounds on the robust radius; they never prove robustness.  Bad arguments
+        raise :class:`~lipverify.errors.UserInputError` (uint8 ``x``: scale it by 1/255).
+        """
+        from lipverify.arguments import as_inputs, parse_norm, resolve_box
         from lipverify.attacks.evaluate import evaluate_robustness
 
+        norm = parse_norm(norm)
+        x, y = as_inputs(x, y, self.input_shape, self.n_classes)
+        param = next(self.module.parameters(), None)
+        if param is not None and param.is_floating_point() and x.dtype != param.dtype:
+            x = x.to(param.dtype)
+        clip = resolve_box(clip, x)
         x = x.to(self.device)
         if clip is not None and isinstance(clip[0], torch.Tensor):
             clip = (clip[0].to(self.device), clip[1].to(self.device))
         return evaluate_robustness(self.module, x, y.to(self.device), eps, norm=norm, clip=clip, strength=strength,
-                                   forward64=self.module_double(), **kw)
+                                   batch_size=batch_size, seed=seed, forward64=self.module_double(),
+                                   max_eps=max_eps, progress=progress, names=names, index_offset=index_offset)
 
     # -- bounds -----------------------------------------------------------------------------------
     def node_constants(self, norm: str = "2", method: str = "sound"):
@@ -195,17 +326,35 @@ class LipModel:
             return property_constants(self.graph, self.node_constants(norm, method), norm,
                                       torch.as_tensor(C, dtype=torch.float64), tail=self.tail_matrix())
 
-    def bounds(self, norm: str = "2", method: str = "sound") -> BoundsReport:
+    def bounds(self, norm="2", method: str = "sound") -> BoundsReport:
         """Per-layer constants, the global bound and the margin constants.
 
-        ``method="sound"``: proven upper bounds (float64).  ``method="power"``: power-iteration
-        estimates for linear operators (labelled ``sound: false``).
+        ``norm``: any spelling of :func:`lipverify.arguments.parse_norm`.  ``method="sound"``: proven
+        upper bounds (float64).  ``method="power"``: power-iteration estimates for linear operators
+        (labelled ``sound: false``).  Each :class:`~lipverify.results.LayerRow` carries the node's own
+        constant and ``cumulative``, the sound bound from the input to the node's output.
+
+        Warnings
+        --------
+        LipSDP and ECLipsE are not methods of this call: ``method="lipsdp"``/``"eclipse"``/
+        ``"eclipse-fast"`` raise :class:`~lipverify.errors.UserInputError` saying how to call them
+        (:func:`lipverify.bounds.lipsdp_graph.lipsdp_report` and
+        :func:`~lipverify.bounds.lipsdp_graph.chain_report`, or ``lipverify bounds --method lipsdp``).
         """
-        norm = str(norm)
-        if norm not in ("2", "inf"):
-            raise ValueError("norm must be '2' or 'inf'")
+        from lipverify.arguments import parse_norm
+
+        norm = parse_norm(norm)
+        if method == "lipsdp":
+            raise UserInputError("LipSDP is not a method of LipModel.bounds: call "
+                                 "lipverify.bounds.lipsdp_graph.lipsdp_report(model, norm='2') (l2 only; the "
+                                 "same as 'lipverify bounds --method lipsdp')")
+        if method in ("eclipse", "eclipse-fast"):
+            raise UserInputError(f"{method} is not a method of LipModel.bounds: call "
+                                 f"lipverify.bounds.lipsdp_graph.chain_report(model, norm='2', method={method!r}) "
+                                 f"(l2 only; the same as 'lipverify bounds --method {method}')")
         if method not in ("sound", "power"):
-            raise ValueError("method must be 'sound' or 'power'")
+            raise UserInputError(f"method must be 'sound' or 'power' (LipSDP: "
+                                 f"lipverify.bounds.lipsdp_graph.lipsdp_report), got {method!r}")
         t0 = time.perf_counter()
         consts = self.node_constants(norm, method)
         mc = self.margin_constants(norm, method)
@@ -213,12 +362,13 @@ class LipModel:
         for c in consts:
             if c.kind == "input":
                 continue
+            cum = None if c.cumulative is None else float(c.cumulative.value)
             if c.constant is None:
                 rows.append(LayerRow(c.name, c.op, c.kind, c.in_shape, c.out_shape, None,
-                                     "combines branches (bounded in the global propagation)", True))
+                                     "combines branches (bounded in the global propagation)", True, cum))
             else:
                 rows.append(LayerRow(c.name, c.op, c.kind, c.in_shape, c.out_shape, c.constant.value,
-                                     c.constant.method, c.constant.sound))
+                                     c.constant.method, c.constant.sound, cum))
         out = consts[self.graph.output].cumulative
         gmethod = ("product of layer constants along the graph (sums over residual branches)"
                    if method == "sound" else "product of power-iteration estimates (not a bound)")

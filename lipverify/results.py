@@ -1,4 +1,14 @@
-"""Result dataclasses returned by the Python API; ``to_dict()`` gives the documented JSON."""
+"""Result dataclasses returned by the Python API; ``to_dict()`` gives the documented JSON.
+
+* :class:`BoundsReport` (``LipModel.bounds``) with its :class:`LayerRow` per node;
+* :class:`CertifyResult` and :class:`InputCertificate` (``LipModel.certify``, defined in
+  :mod:`lipverify.certify.rules`, importable from here too);
+* :class:`RobustnessReport` (``LipModel.attack``, defined in :mod:`lipverify.attacks.evaluate`).
+
+Radii (eps) are float keys in every Python result (``res.vra[0.5]``) and strings of
+:func:`lipverify.arguments.eps_key` in the JSON (``"0.5"``; ``float(key) == eps``).  ``repr()`` of a
+result is one line of summary (never whole tensors).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +19,14 @@ from typing import Any
 
 def _num(v: float) -> float | None:
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
+
+
+def short_number(v) -> str:
+    """``v`` with 6 significant digits for a one-line ``repr`` (``None`` as ``None``)."""
+    try:
+        return f"{float(v):.6g}"
+    except (TypeError, ValueError):
+        return repr(v)
 
 
 def json_safe(v: Any) -> Any:
@@ -37,8 +55,29 @@ def dumps(v: Any, **kw) -> str:
     return json.dumps(json_safe(v), allow_nan=False, **kw)
 
 
+_LAZY = {"CertifyResult": "lipverify.certify.rules", "InputCertificate": "lipverify.certify.rules",
+         "RobustnessReport": "lipverify.attacks.evaluate"}
+
+
+def __getattr__(name):
+    """``CertifyResult``, ``InputCertificate`` and ``RobustnessReport`` on first use (their modules
+    import torch and the analyses; this one stays light)."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lipverify.results' has no attribute {name!r}")
+
+
 @dataclass
 class LayerRow:
+    """One node of the graph.  ``lipschitz``: the node's own constant (None for nodes that combine
+    branches); ``cumulative``: the graph's sound bound on the Lipschitz constant from the input to this
+    node's output (the propagation's running product, sums over residual branches; None where the
+    propagation has none)."""
+
     name: str
     op: str
     kind: str
@@ -47,11 +86,12 @@ class LayerRow:
     lipschitz: float | None
     method: str
     sound: bool
+    cumulative: float | None = None
 
     def to_dict(self) -> dict:
         return {"name": self.name, "op": self.op, "kind": self.kind, "in_shape": list(self.in_shape),
                 "out_shape": list(self.out_shape), "lipschitz": _num(self.lipschitz),
-                "method": self.method, "sound": self.sound}
+                "method": self.method, "sound": self.sound, "cumulative": _num(self.cumulative)}
 
 
 @dataclass
@@ -103,6 +143,15 @@ class BoundsReport:
     notes: list[str] = field(default_factory=list)
     time_s: float = 0.0
     domain: list | None = None  # [lo, hi] the bounds hold on (None: every input)
+    #: seconds including loading the model (the command's whole run; None from the API)
+    total_time_s: float | None = None
+
+    def __repr__(self) -> str:
+        name = self.model if len(str(self.model)) <= 60 else "..." + str(self.model)[-57:]
+        return (f"BoundsReport(model={name!r}, norm={self.norm!r}, method={self.method!r}, "
+                f"layers={len(self.layers)}, global_bound={short_number(self.global_bound.value)}, "
+                f"margin_max={short_number(self.margin.max)}, "
+                f"sound={self.global_bound.sound})")
 
     def to_dict(self) -> dict:
         return {
@@ -118,4 +167,11 @@ class BoundsReport:
             "notes": list(self.notes),
             "time_s": self.time_s,
             "domain": self.domain,
+            **({} if self.total_time_s is None else {"total_time_s": self.total_time_s}),
         }
+
+
+def time_label(total_s: float, load_s: float, what: str, analysis_s: float) -> str:
+    """The labelled time line of a command: ``time 19.9 s (load 15.2 s, certify 4.7 s)``.  ``total_s``
+    runs from the start of the command (loading included); ``analysis_s`` is the result's ``time_s``."""
+    return f"time {total_s:.3g} s (load {load_s:.3g} s, {what} {analysis_s:.3g} s)"

@@ -283,6 +283,6 @@ def test_torchrun_two_processes_attack_like_one_process(tmp_path):
     two = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = json.loads(one.stdout), json.loads(two.stdout)
-    for k in set(a) - {"time_s", "notes"}:
+    for k in set(a) - {"time_s", "total_time_s", "time_label", "notes"}:
         assert a[k] == b[k], k
     assert len(b["inputs"]) == 21 and any("2 processes" in n for n in b["notes"])

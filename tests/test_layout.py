@@ -108,4 +108,4 @@ def test_every_subpackage_says_what_it_holds():
 
 def test_no_module_left_at_the_top_but_the_api():
     top = sorted(p.name for p in ROOT.glob("*.py"))
-    assert top == ["__init__.py", "__main__.py", "errors.py", "limits.py", "model.py", "results.py"], top
+    assert top == ["__init__.py", "__main__.py", "arguments.py", "errors.py", "limits.py", "model.py", "results.py"], top

@@ -491,6 +491,7 @@ def min_norm_radius(
     bisection_iters: int | None = None,
     generator: torch.Generator | None = None,
     forward64: Forward | None = None,
+    progress=None,
 ) -> MinNormResult:
     """Smallest adversarial perturbation found per example (an upper bound on the robust radius).
 
@@ -542,6 +543,9 @@ def min_norm_radius(
         ``<= 0``); ``inf`` when nothing was found up to ``max_eps``.  ``found_by`` names the attack
         behind each radius, ``tried`` lists what ran.
 
+    ``progress``: optional ``progress(name)`` called after each stage (``"fmn"``, ``"fab-t"``,
+    ``"ddn"``, ``"pgd-bisection"``, ``"box-search"``; a stage that does not run is not named).
+
     Warnings
     --------
     These radii are *upper* bounds on the true robust radius: a smaller adversarial example may exist.
@@ -592,6 +596,8 @@ def min_norm_radius(
                                       targets=0, absolute_step=1.0)
                 tried.append(f"fmn, l2-normalised steps ({fsteps} steps)")
                 offer("fmn", todo, z_f)
+            if progress:
+                progress("fmn")
         if method in ("auto", "fab"):
             sf = st if steps is None or method == "auto" else Strength(**{**st.__dict__, "fab_steps": steps})
             if method == "fab" and sf.fab_steps == 0:
@@ -600,6 +606,8 @@ def min_norm_radius(
                 r_b, z_b = _fab_stage(forward, xs, ys, norm, cs, sf, generator)
                 tried.append(f"fab-t ({sf.fab_steps} steps, {sf.fab_targets} targets)")
                 offer("fab-t", todo, z_b)
+                if progress:
+                    progress("fab-t")
         if method in ("auto", "ddn") and norm == "2":
             dsteps = st.ddn_steps if steps is None or method == "auto" else steps
             if method == "ddn" and dsteps == 0:
@@ -608,6 +616,8 @@ def min_norm_radius(
                 r_d, z_d = ddn_attack(forward, xs, ys, clip=cs, steps=dsteps)
                 tried.append(f"ddn ({dsteps} steps)")
                 offer("ddn", todo, z_d)
+                if progress:
+                    progress("ddn")
         if method in ("auto", "bisection"):
             if method == "bisection":
                 bsteps = 100 if steps is None else steps
@@ -622,6 +632,8 @@ def min_norm_radius(
             tried.append(f"pgd bisection ({bsteps} steps x {brest} restarts, {biters} bisection steps)")
             improved = r_p < hi
             offer("pgd-bisection", todo[improved], z_p[improved])
+            if progress:
+                progress("pgd-bisection")
         if method == "auto":
             miss = todo[~torch.isfinite(best_r[todo])]
             if miss.numel():
@@ -634,6 +646,8 @@ def min_norm_radius(
                 best_z[miss[ok]] = z_s[ok]
                 for i in miss[ok].tolist():
                     src[i] = "box-search"
+                if progress:
+                    progress("box-search")
 
     best_r[clean_bad] = 0.0
     best_z[clean_bad] = x[clean_bad]

@@ -42,10 +42,13 @@ def _local_ok(model, xs, pred, diffs, mask, eps, norm, warm, opts, decide: bool 
 
 def local_certify(model, x, pred, diffs, mask, radius, targets, norm, cert_at, eps_list, per_example,
                   bisection_steps: int = 8, batch_size: int = 64, tol: float = 1e-3, max_iter: int = 2000,
-                  exact_max_entries: int = 250_000):
+                  exact_max_entries: int = 250_000, progress=None):
     """Local certificates for the inputs the global rule left uncertified.
 
     Returns ``{index: (radius, sound, {eps_key: certified})}`` for every input it examined.
+    ``progress``: optional ``progress(k)`` advanced by ``len(x)`` in all: at once by the inputs not
+    examined, then for each batch by its size in equal fractions per bound computation (one per
+    requested eps, one for the upper end, one per bisection step), the last when the batch is done.
     """
     n = len(x)
     opts = {"tol": tol, "max_iter": max_iter, "exact_max_entries": exact_max_entries}
@@ -59,6 +62,20 @@ def local_certify(model, x, pred, diffs, mask, radius, targets, norm, cert_at, e
     else:
         todo = [i for i in range(n) if margin[i] > 0]
     out = {}
+    if progress:
+        progress(n - len(todo))
+    n_calls = (1 if per_example else len(eps_list)) + 1 + bisection_steps
+
+    calls = [0]
+
+    def step(k):
+        """One of the batch's ``n_calls`` bound computations done: whole inputs, ``k`` after the last."""
+        c = calls[0] = calls[0] % n_calls + 1
+        if progress:
+            done = k * c // n_calls - k * (c - 1) // n_calls
+            if done:
+                progress(done)
+
     for s in range(0, len(todo), batch_size):
         idx = torch.tensor(todo[s:s + batch_size])
         xs = x[idx].to(model.device, torch.float64)
@@ -71,11 +88,13 @@ def local_certify(model, x, pred, diffs, mask, radius, targets, norm, cert_at, e
             ok, snd, _ = _local_ok(model, xs, p, d, mk, e, norm, warm, opts)
             for k, i in enumerate(idx.tolist()):
                 at[i][key] = bool(ok[k] and snd[k])
+            step(len(idx))
         # largest certified radius by bisection
         lo = radius[idx].double().clone()
         lo_sound = torch.ones(len(idx), dtype=torch.bool)
         base = torch.where(lo > 0, lo, torch.full_like(lo, 1e-9))
         _, snd0, Kj0 = _local_ok(model, xs, p, d, mk, base, norm, warm, opts, decide=False)
+        step(len(idx))
         with torch.no_grad():
             ratio = torch.where(Kj0 > 0, d / Kj0, torch.full_like(d, math.inf))
         hi = torch.where(mk, ratio, torch.full_like(ratio, math.inf)).min(1).values
@@ -86,6 +105,7 @@ def local_certify(model, x, pred, diffs, mask, radius, targets, norm, cert_at, e
             lo = torch.where(ok, mid, lo)
             lo_sound = torch.where(ok, snd, lo_sound)
             hi = torch.where(ok, hi, mid)
+            step(len(idx))
         for k, i in enumerate(idx.tolist()):
             out[i] = (float(lo[k]), bool(lo_sound[k]), at[i])
     return out

@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from lipverify.arguments import parse_norm
 from lipverify.bounds.global_bound import describe_domain
 from lipverify.certify.rules import CertifyResult, InputCertificate, check_certifiable, inside_domain
 
@@ -63,7 +64,7 @@ def certify_properties(model, x: torch.Tensor, properties: Sequence, lower: torc
     the fraction of specifications proven.
     """
     t0 = time.perf_counter()
-    norm = str(norm)
+    norm = parse_norm(norm)
     if method not in ("global", "local"):
         raise ValueError("method must be 'global' or 'local'")
     check_certifiable(model, norm)

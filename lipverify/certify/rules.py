@@ -23,40 +23,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Callable, Sequence
 
 import torch
 
+from lipverify.arguments import eps_key, parse_eps, parse_norm
 from lipverify.bounds.domain import DomainForward
 from lipverify.bounds.global_bound import describe_domain
 from lipverify.errors import UserInputError
-
-
-def parse_eps(text: str | float | Sequence[float] | None) -> list[float]:
-    """``"36/255,72/255"`` -> ``[0.1411..., 0.2823...]`` (fractions, decimals, lists)."""
-    if text is None:
-        return []
-    if isinstance(text, (int, float)):
-        vals = [float(text)]
-    elif isinstance(text, (list, tuple)):
-        vals = [float(v) for v in text]
-    else:
-        vals = []
-        for part in str(text).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                vals.append(float(Fraction(part)))
-            except OverflowError:
-                raise UserInputError(f"--eps values must be finite and >= 0, got {part!r} (too large)") from None
-            except (ValueError, ZeroDivisionError):
-                raise UserInputError(f"--eps must be numbers or fractions like 36/255, got {part!r}") from None
-    for v in vals:
-        if not math.isfinite(v) or v < 0:
-            raise UserInputError(f"--eps values must be finite and >= 0, got {v}")
-    return vals
 
 
 @dataclass
@@ -80,7 +54,8 @@ class InputCertificate:
 
 
 def repr_eps(e) -> str:
-    return e if isinstance(e, str) else f"{e:.6g}"
+    """The JSON key of a radius (:func:`lipverify.arguments.eps_key`: shortest round-trip decimal)."""
+    return eps_key(e)
 
 
 #: certificate methods by code in :attr:`CertifyResult.method_code`
@@ -113,6 +88,15 @@ RULE_BLOCK_ENTRIES = 1 << 22
 class CertifyResult:
     """Per-input radii plus the summary the CLI prints (VRA counts sound certificates only).
 
+    Radii are float keys: ``vra[0.5]``, ``vra_with_estimates[0.5]``, ``certified_at[0.5]`` (JSON:
+    :func:`lipverify.arguments.eps_key` strings).  ``vra[e]`` is the fraction of inputs that are
+    correctly classified *and* soundly certified at ``e``.  ``counts`` (JSON ``certified_by``) counts,
+    per certificate method, the correctly classified inputs certified at the largest eps (or at each
+    one's own eps; with no eps: radius > 0), so ``sum(counts.values()) == vra[max(eps)] * n``;
+    ``stable_misclassified`` counts the inputs whose (wrong) prediction is certified there: stable, but
+    not robust, and in no VRA.  ``certified`` (per input) says whether the prediction is certified,
+    correct or not.
+
     The per-input results are tensors (``pred``, ``label``, ``margin``, ``radius``, ``sound``,
     ``method_code`` into :data:`METHODS`, ``certified_at``: eps -> bool tensor, ``certified``: at the
     largest eps or each example's own eps); :attr:`inputs` builds the per-input records from them on
@@ -142,6 +126,19 @@ class CertifyResult:
     certified: torch.Tensor | None = None
     all_certified_at: dict = field(default_factory=dict, repr=False)  # eps -> bool; -1.0: per-example eps
     names: list | None = None
+    #: inputs whose wrong prediction is certified at the largest eps (not counted in ``counts``)
+    stable_misclassified: int = 0
+    #: seconds including loading the model and data (set by the command line; None from the API)
+    total_time_s: float | None = None
+    #: the labelled time line of the command (``time 19.9 s (load 15.2 s, certify 4.7 s)``)
+    time_label: str | None = None
+
+    def __repr__(self) -> str:
+        vra = ", ".join(f"{_eps_short(k)}: {v:.4g}" for k, v in list(self.vra.items())[:4])
+        more = ", ..." if len(self.vra) > 4 else ""
+        return (f"CertifyResult(n={self.n}, norm={self.norm!r}, method={self.method!r}, "
+                f"clean_accuracy={self.clean_accuracy:.4g}, vra={{{vra}{more}}}, "
+                f"median_radius={self.median_radius:.6g}, certified_by={self.counts}, time_s={self.time_s:.3g})")
 
     @property
     def certified_at(self) -> dict:
@@ -167,8 +164,11 @@ class CertifyResult:
                 "clean_accuracy": self.clean_accuracy, "vra": {repr_eps(k): v for k, v in self.vra.items()},
                 "vra_with_estimates": {repr_eps(k): v for k, v in self.vra_with_estimates.items()},
                 "median_radius": self.median_radius, "certified_by": self.counts,
-                "per_example_eps": self.per_example_eps, "time_s": self.time_s, "notes": self.notes,
-                "inputs": [c.to_dict() for c in self.inputs]}
+                "stable_misclassified": self.stable_misclassified,
+                "per_example_eps": self.per_example_eps, "time_s": self.time_s,
+                **({} if self.total_time_s is None else {"total_time_s": self.total_time_s}),
+                **({} if self.time_label is None else {"time_label": self.time_label}),
+                "notes": self.notes, "inputs": [c.to_dict() for c in self.inputs]}
 
 
 def global_radii(logits: torch.Tensor, K: torch.Tensor, delta: torch.Tensor | None = None):
@@ -246,6 +246,11 @@ def inside_domain(t: torch.Tensor, dom, like: torch.Tensor) -> torch.Tensor:
     return ok.reshape(len(like), -1).all(1)
 
 
+def progress_total(n: int, method: str = "global") -> int:
+    """The total that :func:`certify` advances its ``progress`` callback by for ``n`` inputs."""
+    return 2 * n if method == "local" else n
+
+
 def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float] | torch.Tensor = (),
             norm: str = "2", method: str = "global", batch_size: int | None = None,
             progress: Callable | None = None, names: Sequence[str] | None = None, local_options: dict | None = None,
@@ -257,6 +262,11 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     points global leaves uncertified).  ``batch_size``: None picks one from the device's free memory
     (:func:`lipverify.certify.batching.auto_batch_size`); batches reach the device through
     :func:`lipverify.certify.batching.stream` (pinned memory, copied one batch ahead on CUDA).
+
+    ``progress``: a callable ``progress(k)`` advanced by the inputs done, :func:`progress_total` in all
+    (``n`` for ``"global"``: per batch of the forward pass; ``2 n`` for ``"local"``: the global pass,
+    then per input of the local stage in fractions of a bisection step); it reaches its total when the
+    work is done.
 
     ``precision``: ``"float32"`` computes the logits in float32 with a proven bound on their rounding
     error (:mod:`lipverify.bounds.rounding`): an input is decided in float32 when every decision (the
@@ -283,9 +293,13 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     of the model taken as exact (a note says so); ``precision="float32"`` refuses such a graph.
     """
     t0 = time.perf_counter()
-    norm = str(norm)
+    norm = parse_norm(norm)
     if method not in ("global", "local"):
-        raise ValueError("method must be 'global' or 'local'")
+        raise UserInputError(f"method must be 'global' or 'local', got {method!r}")
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        from lipverify.arguments import as_inputs
+
+        x, y = as_inputs(x, y, model.input_shape, model.n_classes)
     if precision not in ("auto", "float32", "float64"):
         raise UserInputError(f"precision must be auto, float32 or float64, got {precision!r}")
     check_certifiable(model, norm)
@@ -527,7 +541,7 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
 
         targets = eps_check if per_example else (max(eps_list) if eps_list else None)
         loc = local_certify(model, x, pred, diffs, mask, radius, targets, norm, cert_at, eps_list,
-                            per_example, **(local_options or {}))
+                            per_example, progress=progress, **(local_options or {}))
         for i, (r_loc, snd, at) in loc.items():
             if r_loc > radius[i]:
                 radius[i] = r_loc
@@ -560,15 +574,23 @@ def summarise(norm, method, eps_list, per_example, pred, y, margin, radius, soun
     for e in (eps_list if method == "local" else []):
         est = (radius > e) & correct
         vra_est[e] = float(est.double().mean())
+    # only correctly classified inputs count as certified: the counts add up to the VRA at ``primary``
     counts = {METHODS[k]: int(c)
-              for k, c in enumerate(torch.bincount(method_code[primary_t], minlength=len(METHODS)).tolist()) if c}
+              for k, c in enumerate(torch.bincount(method_code[primary_t & correct],
+                                                   minlength=len(METHODS)).tolist()) if c}
     rc = radius[correct]
     med = float(rc.median()) if len(rc) else 0.0
     res = CertifyResult(n, norm, method, eps_list if not per_example else [], float(correct.double().mean()), vra,
                         None, counts, med, time_s, per_example, notes, vra_est,
                         pred=pred, label=y, margin=margin, radius=radius, sound=sound, method_code=method_code,
                         certified=primary_t, all_certified_at=dict(cert_at),
-                        names=list(names) if names is not None else None)
+                        names=list(names) if names is not None else None,
+                        stable_misclassified=int((primary_t & ~correct).sum()))
     if per_example:
         res.vra = {"per-example": float((cert_at[-1.0] & correct).double().mean())}
     return res
+
+
+def _eps_short(k) -> str:
+    """A radius in a one-line ``repr`` (4 significant digits; the keys stay exact floats)."""
+    return k if isinstance(k, str) else f"{k:.4g}"

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import click
 
-from lipverify.results import dumps
+import time
+
+from lipverify.arguments import eps_key
+from lipverify.results import dumps, time_label
 
 from lipverify.cli.common import (
     check_outputs,
@@ -16,6 +19,7 @@ from lipverify.cli.common import (
     load_dataset,
     load_model,
     model_options,
+    norm_option,
     require_decision,
 )
 from lipverify.errors import UserInputError
@@ -61,8 +65,9 @@ def _property_search(lm, ds, box, strength, seed, rows=None):
 @model_options
 @data_options
 @click.option("--eps", default=None, help="Radius or list for the robust accuracy, e.g. 0.3 or 8/255,16/255.")
-@click.option("--norm", type=click.Choice(["2", "inf"]), default="2", show_default=True)
-@click.option("--clip", default=None, help="Input domain LO,HI (default 0,1 when the data lies in [0,1]; 'none').")
+@norm_option("2")
+@click.option("--clip", default=None, help="Input domain LO,HI (default 0,1 when the data lies in [0,1]; 'none': "
+                                           "no box).")
 @click.option("--strength", type=click.Choice(["fast", "standard", "thorough"]), default="standard",
               show_default=True, help="Attack effort (standard: sized like AutoAttack's standard version).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -74,6 +79,7 @@ def _property_search(lm, ds, box, strength, seed, rows=None):
 def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device, debug, data_path, layout,
            limit, batch_size, quiet, eps, norm, clip, strength, seed, as_json, out_csv, save_npz):
     """Empirical robustness: an adversarial radius per input and the robust accuracy per eps."""
+    t_start = time.perf_counter()
     from lipverify.certify import parse_eps
     check_outputs((model, data_path), files={"--out": out_csv, "--save": save_npz})
     eps_list = sorted(set(parse_eps(eps)))  # arguments are checked before any work
@@ -90,9 +96,10 @@ def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
         require_decision(lm, "attack")
         ds = load_dataset(lm, data_path, layout, limit, mean, std)
         box, exact_box = _attack_box(lm, ds, clip)
+        t_loaded = time.perf_counter()
         if exact_box and not ds.labelled:
             if ctx.is_main:  # general output properties: searched whole by rank 0
-                _attack_properties(lm, ds, box, strength, seed, as_json, save_npz, quiet)
+                _attack_properties(lm, ds, box, strength, seed, as_json, save_npz, quiet, t_start, t_loaded)
             return
         if exact_box and norm != "inf":
             raise UserInputError("VNN-LIB specifications are l-inf boxes: use --norm inf", data_path)
@@ -133,6 +140,8 @@ def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
         points, _ = _property_search(lm, ds, box, strength, seed, [i for i in range(len(ds)) if i not in found])
         found.update(check_witnesses(lm, ds, points))
     _write_attack_outputs(rep, ds, out_csv, save_npz, found)
+    rep.total_time_s = time.perf_counter() - t_start
+    rep.time_label = time_label(rep.total_time_s, t_loaded - t_start, "attack", rep.time_s)
     out = rep.to_dict()
     out["model"] = lm.name
     if exact_box:
@@ -145,12 +154,11 @@ def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
     from lipverify.report.text import print_attack
 
     print_attack(out, exact_box)
+    click.echo(rep.time_label)
 
 
-def _attack_properties(lm, ds, box, strength, seed, as_json, save_npz, quiet):
+def _attack_properties(lm, ds, box, strength, seed, as_json, save_npz, quiet, t_start=None, t_loaded=None):
     """``attack`` on specifications without a single label: a counterexample search per property."""
-    import time
-
     from lipverify.data.counterexamples import check_witnesses, spec_property, write_counterexamples
 
     t0 = time.perf_counter()
@@ -166,12 +174,17 @@ def _attack_properties(lm, ds, box, strength, seed, as_json, save_npz, quiet):
     if save_npz:
         write_counterexamples(save_npz, ds, found)
         out["counterexample_files"] = len(found)
+    if t_start is not None:
+        out["total_time_s"] = time.perf_counter() - t_start
+        out["time_label"] = time_label(out["total_time_s"], t_loaded - t_start, "attack", out["time_s"])
     if as_json:
         click.echo(dumps(out))
         return
     from lipverify.report.text import print_property_attack
 
     print_property_attack(out)
+    if t_start is not None:
+        click.echo(out["time_label"])
 
 
 def _short(prop) -> str:
@@ -184,7 +197,7 @@ def _write_attack_outputs(rep, ds, out_csv, save_npz, found):
     from lipverify.data.atomic import atomic_write_bytes, atomic_write_text
 
     if out_csv:
-        keys = [f"{e:.6g}" for e in rep.eps]
+        keys = [eps_key(e) for e in rep.eps]
         lines = ["index,label,pred,r_adv,found_by" + "".join(f",broken@{k}" for k in keys)]
         for c in rep.inputs():
             r = c["r_adv"] if isinstance(c["r_adv"], str) else f"{c['r_adv']:.9g}"

@@ -7,14 +7,14 @@ import time
 
 import click
 
-from lipverify.results import dumps
+from lipverify.results import dumps, time_label
 
-from lipverify.cli.common import domain_option, handle_errors, load_model, model_options
+from lipverify.cli.common import domain_option, handle_errors, load_model, model_options, norm_option
 
 
 @click.command()
 @model_options
-@click.option("--norm", type=click.Choice(["2", "inf"]), default="2", show_default=True)
+@norm_option("2")
 @click.option("--method", type=click.Choice(["sound", "power", "lipsdp", "eclipse-fast", "eclipse"]), default="sound",
               show_default=True,
               help="sound: proven bounds; power: power-iteration estimates; lipsdp: LipSDP-Neuron; eclipse-fast: "
@@ -29,6 +29,7 @@ def bounds(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
     t0 = time.perf_counter()
     lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
     domain_option(lm, clip)
+    t_loaded = time.perf_counter()
     if method == "lipsdp":
         from lipverify.bounds.lipsdp_graph import lipsdp_report
 
@@ -39,10 +40,15 @@ def bounds(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
         report = chain_report(lm, norm, method)
     else:
         report = lm.bounds(norm=norm, method=method)
-    report.time_s = time.perf_counter() - t0
+    report.time_s = time.perf_counter() - t_loaded  # the analysis (loading excluded)
+    report.total_time_s = time.perf_counter() - t0
+    label = time_label(report.total_time_s, t_loaded - t0, "bounds", report.time_s)
     if as_json:
-        click.echo(dumps(report.to_dict(), indent=2))
+        d = report.to_dict()
+        d["time_label"] = label
+        click.echo(dumps(d, indent=2))
         return
     from lipverify.report.text import print_bounds
 
     print_bounds(report)
+    click.echo(label)

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import click
 
-from lipverify.results import dumps
+import time
+
 import torch
 
+from lipverify.results import dumps, time_label
+
 from lipverify.cli.common import (
-    accuracy_warning,
     check_outputs,
     data_options,
     handle_errors,
@@ -18,8 +20,8 @@ from lipverify.cli.common import (
     load_model,
     domain_option,
     model_options,
+    norm_option,
     require_decision,
-    warn,
 )
 from lipverify.errors import UserInputError
 from lipverify.report.progress import progress_bar
@@ -29,7 +31,7 @@ from lipverify.report.progress import progress_bar
 @model_options
 @data_options
 @click.option("--eps", default=None, help="Radius or list: 0.3 | 36/255,72/255 (default: VNN-LIB eps, else none).")
-@click.option("--norm", type=click.Choice(["2", "inf"]), default="2", show_default=True)
+@norm_option("2")
 @click.option("--method", type=click.Choice(["global", "local"]), default="global", show_default=True)
 @click.option("--clip", default=None, help="Input domain LO,HI for products/normalisations (default 0,1).")
 @click.option("--precision", type=click.Choice(["auto", "float32", "float64"]), default="auto", show_default=True,
@@ -42,6 +44,7 @@ from lipverify.report.progress import progress_bar
 def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device, debug, data_path, layout,
             limit, batch_size, quiet, eps, norm, method, clip, precision, as_json, out_csv, plot_png):
     """Certified radius per input (global GloRo rule, or IBP-masked local bounds)."""
+    t_start = time.perf_counter()
     from lipverify.certify import parse_eps
     check_outputs((model, data_path), files={"--out": out_csv, "--plot": plot_png})
     eps_list = parse_eps(eps)  # arguments are checked before any work
@@ -62,6 +65,7 @@ def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check
         if eps_list and not ds.labelled:
             raise UserInputError("these VNN-LIB specs state general output properties (no single label): they are "
                                  "certified on their own boxes, drop --eps", data_path)
+        t_loaded = time.perf_counter()
         total = len(ds)
         if ctx.enabled and not (ds.properties is not None and not eps_list):
             from lipverify.certify.batching import auto_batch_size
@@ -72,6 +76,10 @@ def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check
                 batch_size = batch_size_for(len(ds.y), ctx.world, auto)
             sl = shard(len(ds.y), ctx.rank, ctx.world, batch_size)
             total = sl.stop - sl.start  # rank 0's bar follows its own shard
+        if not (ds.properties is not None and not eps_list):
+            from lipverify.certify.rules import progress_total
+
+            total = progress_total(total, method)  # local: the global pass, then the local stage
         with progress_bar(total, "certifying", quiet or not ctx.is_main) as advance:
             if ds.properties is not None and not eps_list:
                 lo, hi = ds.box()
@@ -90,12 +98,9 @@ def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check
     if not ctx.is_main:
         return
     res.notes = list(lm.notes) + list(ds.notes) + res.notes
-    if ds.labelled:
-        chance = accuracy_warning(res.clean_accuracy, res.n, lm.n_classes)
-        if chance:
-            res.notes.append(chance)
-            warn(chance)
     _write_certify_outputs(res, out_csv, plot_png)
+    res.total_time_s = time.perf_counter() - t_start
+    res.time_label = time_label(res.total_time_s, t_loaded - t_start, "certify", res.time_s)
     if as_json:
         d = res.to_dict()
         d["model"] = lm.name
@@ -104,6 +109,10 @@ def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check
     from lipverify.report.text import print_certify
 
     print_certify(res, lm.name)
+    if res.stable_misclassified:
+        click.echo(f"certified but misclassified (stable, in no VRA, not in 'certified by'): "
+                   f"{res.stable_misclassified}")
+    click.echo(res.time_label)
 
 
 def _write_certify_outputs(res, out_csv, plot_png):

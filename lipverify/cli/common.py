@@ -15,6 +15,7 @@ import warnings
 
 import click
 
+from lipverify.arguments import parse_box
 from lipverify.data import load_for_model
 from lipverify.data.atomic import signals_raise
 from lipverify.errors import SoundnessViolation, UserInputError
@@ -155,10 +156,55 @@ def check_outputs(inputs: tuple, files: dict | None = None, folders: dict | None
             seen[key] = option
 
 
-def load_dataset(lm, data_path, layout, limit, mean, std, need_labels=False):
-    """The command's ``--data`` for ``lm`` (see :func:`lipverify.data.load_for_model`)."""
-    return load_for_model(lm, data_path, layout=layout, limit=limit, outside_normalisation=mean is not None or
-                          std is not None, need_labels=need_labels)
+def load_dataset(lm, data_path, layout, limit, mean, std, need_labels=False, *, clip=None, batch_size=None,
+                 allow_low_accuracy=None):
+    """The command's ``--data`` for ``lm`` (see :func:`lipverify.data.load_for_model`), checked against
+    the model it is to judge (:func:`lipverify.data.sanity.check_for_model`; for audit, certify and
+    attack, never for training data).
+
+    ``.npz`` inputs that are whole numbers in [0, 255] are divided by 255, as image folders are (a note
+    says so; ``--clip`` above 1 or ``--mean`` above 1 keeps them as stored).  Inputs outside the
+    ``--clip`` box (default [0, 1]) and a clean accuracy under 0.5 give one warning line each on
+    stderr (also kept in ``ds.notes``).  ``clip``, ``batch_size`` and ``allow_low_accuracy`` default
+    to the command's ``--clip``, ``--batch-size`` and ``--allow-low-accuracy``.
+
+    Warnings
+    --------
+    Raises :class:`~lipverify.errors.UserInputError` (exit 2) for labels outside the model's classes
+    (naming the label range and the class count) and for a clean accuracy at or below chance, unless
+    ``--allow-low-accuracy``.
+    """
+    from pathlib import Path
+
+    import torch
+
+    from lipverify.data import load_data
+    from lipverify.data.sanity import check_for_model
+    from lipverify.importers.normalize import parse_floats
+
+    ctx = click.get_current_context(silent=True)
+    params = ctx.params if ctx is not None else {}
+    clip = params.get("clip") if clip is None else clip
+    batch_size = params.get("batch_size") if batch_size is None else batch_size
+    if allow_low_accuracy is None:
+        allow_low_accuracy = bool(ctx.meta.get("lipverify.allow_low_accuracy")) if ctx is not None else False
+    outside = mean is not None or std is not None
+    p = Path(data_path)
+    if p.name.lower().endswith(".npz") and not p.is_dir():
+        # labels are checked against the model below, with their range and the class count
+        ds = load_data(p, lm.input_shape, layout=layout, limit=limit)
+    else:
+        ds = load_for_model(lm, data_path, layout=layout, limit=limit, outside_normalisation=outside,
+                            need_labels=need_labels)
+    box = None if clip is None or str(clip).lower() == "none" else parse_box(clip)
+    for msg in check_for_model(lm, ds, str(data_path), layout=layout, clip=box, clip_given=clip is not None,
+                               mean=parse_floats(mean, "--mean"), normalised_outside=outside,
+                               batch_size=batch_size, allowed=allow_low_accuracy):
+        ds.notes.append(msg)
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_rank() != 0):  # under torchrun: said once, by rank 0
+            warn(msg)
+    return ds
 
 
 def load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device, fidelity_inputs=None):
@@ -180,6 +226,11 @@ def data_options(fn):
                      help="Examples per batch (default: certify picks one from the free memory of the device; "
                           "256 elsewhere)."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.option("--allow-low-accuracy", is_flag=True, expose_value=False,
+                     callback=lambda ctx, param, value: ctx.meta.__setitem__("lipverify.allow_low_accuracy", value),
+                     help="Run even when the model's clean accuracy on --data is at or below chance (by default "
+                          "that stops with exit 2 and the likely causes: missing --mean/--std, 0..255 data, "
+                          "--layout, label order)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -191,32 +242,39 @@ def domain_option(lm, text) -> None:
     products and normalisations hold on (default [0, 1])."""
     if text is None:
         return
-    lm.set_domain(*_parse_clip(text))
-
-
-def _parse_clip(text: str) -> tuple[float, float]:
-    """``LO,HI`` with finite LO < HI (exit 2 otherwise)."""
-    import math
-
-    vals = [v.strip() for v in str(text).split(",")]
-    try:
-        lo, hi = (float(v) for v in vals) if len(vals) == 2 else (None, None)
-    except ValueError:
-        lo = hi = None
-    if lo is None or not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise UserInputError(f"--clip must be LO,HI with finite LO < HI, got {text!r}")
-    return lo, hi
+    lm.set_domain(*parse_box(text))
 
 
 def clip_option(text, x):
-    """``--clip lo,hi``; default (0, 1) when every input lies in [0, 1], else no box."""
-    if text is not None:
-        if text.lower() == "none":
-            return None
-        return _parse_clip(text)
-    if float(x.min()) >= 0.0 and float(x.max()) <= 1.0:
-        return (0.0, 1.0)
-    return None
+    """``--clip LO,HI`` of ``attack`` and ``audit``: the box perturbed inputs must stay in.  Not given:
+    ``[0, 1]`` when every input lies in it, else no box; ``none``: no box
+    (:func:`lipverify.arguments.resolve_box`, the same rule as ``LipModel.attack(clip="auto")``)."""
+    from lipverify.arguments import resolve_box
+
+    return resolve_box("auto" if text is None else text, x)
+
+
+class NormType(click.ParamType):
+    """``--norm``: every spelling :func:`lipverify.arguments.parse_norm` accepts (2, l2, L2, inf, linf,
+    Linf, l_inf, ...), converted to ``"2"`` or ``"inf"``."""
+
+    name = "norm"
+
+    def convert(self, value, param, ctx):
+        from lipverify.arguments import parse_norm
+
+        try:
+            return parse_norm(value)
+        except UserInputError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def norm_option(default: str = "2"):
+    """The ``--norm`` option (:class:`NormType`) with ``default``."""
+    from lipverify.arguments import norm_help
+
+    return click.option("--norm", type=NormType(), default=default, show_default=True,
+                        help=f"Norm of the perturbations: {norm_help()}.")
 
 
 def require_decision(lm, command: str) -> None:
@@ -225,19 +283,6 @@ def require_decision(lm, command: str) -> None:
     if lm.n_classes < 2:
         raise UserInputError(f"the model has {lm.n_classes} output; {command} needs a classifier with at least two "
                              "logits (use 'lipverify bounds' for the Lipschitz constant of a scalar function)", lm.name)
-
-
-def accuracy_warning(accuracy: float, n: int, n_classes: int) -> str | None:
-    """A warning when the clean accuracy is no better than guessing (at least 10 inputs): the data,
-    its labels, its layout or its normalisation probably do not match the model."""
-    if n < 10 or n_classes < 2 or accuracy is None:
-        return None
-    chance = 1.0 / n_classes
-    if accuracy <= chance:
-        return (f"clean accuracy {accuracy:.3f} is no better than chance ({chance:.3f} for {n_classes} classes): do the "
-                "data, labels, --layout and --mean/--std match the model? Radii of misclassified inputs certify the "
-                "wrong class")
-    return None
 
 
 def warn(msg: str | None) -> None:

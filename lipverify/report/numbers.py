@@ -50,10 +50,15 @@ def ratio(r) -> str:
 
 
 def pct(f, digits: int = 1) -> str:
-    """A fraction in [0, 1] as a percentage: ``0.123`` -> ``12.3%``; ``-`` for None."""
+    """A fraction in [0, 1] as a percentage: ``0.123`` -> ``12.3%``; ``-`` for None (at most 11 characters
+    for any float: far outside [0, 1] in scientific notation)."""
     if f is None:
         return "-"
-    return f"{100 * float(f):.{digits}f}%"
+    v = 100 * float(f)
+    if not math.isfinite(v):
+        return num(v)
+    s = f"{v:.{digits}f}%"
+    return s if len(s) <= NUM_WIDTH else f"{v:.2e}%"
 
 
 def eps(e, norm: str | None = None) -> str:
