@@ -193,9 +193,10 @@ def as_inputs(x, y=None, input_shape=None, n_classes: int | None = None):
     """``x`` (float32 tensor ``(N, *input_shape)``) and ``y`` (int64 tensor ``(N,)``) from NumPy arrays
     or torch tensors.
 
-    ``x``: any floating dtype (float16, bfloat16, float32, float64), converted to float32 (the dtype
-    of the imported models; the data loaders of the command line give float32 too), so NumPy and
-    torch inputs give identical results.  ``y``: any integer dtype, shape ``(N,)`` (or ``(N, 1)``),
+    ``x``: any floating dtype.  float32 and float64 are kept as given (certificates speak of the input
+    as given: a float64 input float32 cannot represent is decided in float64, never rounded first);
+    float16 and bfloat16 are widened to float32 (exactly).  A NumPy array and a torch tensor of the
+    same dtype give identical results.  ``y``: any integer dtype, shape ``(N,)`` (or ``(N, 1)``),
     values in ``[0, n_classes)``.  ``y=None`` returns ``(x, None)``.
 
     Warnings
@@ -223,7 +224,8 @@ def as_inputs(x, y=None, input_shape=None, n_classes: int | None = None):
         hint = (" (uint8 images: scale them by 1/255 first, e.g. x.astype('float32') / 255)"
                 if dt in ("uint8", "int8", "int16", "int32", "int64") else "")
         raise UserInputError(f"x must be a floating-point array, got dtype {dt}{hint}")
-    xt = xt.to(torch.float32)
+    if xt.dtype not in (torch.float32, torch.float64):
+        xt = xt.to(torch.float32)
     if input_shape is not None:
         shape = tuple(int(s) for s in input_shape)
         if tuple(xt.shape[1:]) != shape:

@@ -23,6 +23,7 @@ import re
 
 import numpy as np
 
+from lipverify.arguments import eps_key
 from lipverify.report import plots
 from lipverify.report.numbers import eps as fmt_eps
 from lipverify.report.numbers import num, pct, ratio
@@ -66,14 +67,23 @@ def _accuracy_rows(res) -> list[dict]:
     n = max(res.n, 1)
     table = dict(res.accuracy_at_eps)
     for e in res.eps:
-        v = table.get(f"{e:.6g}")
+        v = table.get(eps_key(e))
         if v is None:  # keys written some other way: match the value
             v = next((w for k, w in table.items() if _same(k, e)), None)
         if v is None:
             continue
         rows.append({"eps": fmt_eps(e, res.norm), "certified": v["certified"], "empirical": v["empirical"],
-                     "n_cert": int(round(v["certified"] * n)), "n_emp": int(round(v["empirical"] * n))})
+                     "n_cert": int(round(v["certified"] * n)),
+                     "n_emp": None if v["empirical"] is None else int(round(v["empirical"] * n))})
     return rows
+
+
+def _emp(a: dict, n: int) -> str:
+    return "not run" if a["empirical"] is None else f"{pct(a['empirical'])} ({a['n_emp']}/{n})"
+
+
+def _gap(a: dict) -> str:
+    return "-" if a["empirical"] is None else f"{100 * (a['empirical'] - a['certified']):.1f} points"
 
 
 def _same(key, e) -> bool:
@@ -136,7 +146,8 @@ def _tiles(res) -> list[dict]:
     tiles.append({"title": "Certified (VRA)", "rows": [(f"ε = {a['eps']}", pct(a["certified"])) for a in shown],
                   "sub": "proven: no perturbation of size ε can change the prediction" + more,
                   "tip": "verified robust accuracy: correct and certified at eps (sound)"})
-    tiles.append({"title": "Empirically robust", "rows": [(f"ε = {a['eps']}", pct(a["empirical"])) for a in shown],
+    tiles.append({"title": "Empirically robust", "rows": [(f"ε = {a['eps']}", pct(a["empirical"]) if a["empirical"]
+                                                            is not None else "not run") for a in shown],
                   "sub": "attacks failed to change the prediction — an estimate (not a bound)" + more,
                   "tip": "correct and no adversarial example found within eps; an upper limit for VRA"})
     lo = res.lipschitz_lower
@@ -254,9 +265,9 @@ def _violation_text(res) -> str:
             "adversarial radius. This is a bug in lipverify; do not trust these certificates.")
 
 
-def figures(res) -> dict[str, bytes]:
+def make_figures(res) -> dict[str, bytes]:
     r_cert = np.array([i["r_cert"] for i in res.inputs], dtype=float)
-    r_adv = np.array([i["r_adv"] for i in res.inputs], dtype=float)
+    r_adv = np.array([np.nan if i["r_adv"] is None else i["r_adv"] for i in res.inputs], dtype=float)
     correct = _correct(res)
     rows, _ = layer_rows(res.bounds)
     return {
@@ -307,14 +318,15 @@ def markdown(res, images: dict[str, str]) -> str:
     L.append("| eps | certified (VRA) | empirically robust | gap |")
     L.append("|---|---|---|---|")
     for a in _accuracy_rows(res):
-        L.append(f"| {a['eps']} | {pct(a['certified'])} ({a['n_cert']}/{res.n}) | {pct(a['empirical'])} "
-                 f"({a['n_emp']}/{res.n}) | {100 * (a['empirical'] - a['certified']):.1f} points |")
-    L.append(f"\n![certified and empirically robust accuracy against eps]({images['accuracy.png']})\n")
-    L.append(f"![certified radius against adversarial radius, per input]({images['scatter.png']})\n")
+        L.append(f"| {a['eps']} | {pct(a['certified'])} ({a['n_cert']}/{res.n}) | {_emp(a, res.n)} | {_gap(a)} |")
+    if images:
+        L.append(f"\n![certified and empirically robust accuracy against eps]({images['accuracy.png']})\n")
+        L.append(f"![certified radius against adversarial radius, per input]({images['scatter.png']})\n")
     rows, how = layer_rows(res.bounds)
     L.append("## Layers\n")
     L.append(f"Running product: {how}. ★ marks the layers that make the bound grow most.\n")
-    L.append(f"![per-layer constants and running product]({images['layers.png']})\n")
+    if images:
+        L.append(f"![per-layer constants and running product]({images['layers.png']})\n")
     L.append("| # | layer | op | constant | running product | share of growth | method | constant is |")
     L.append("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -429,9 +441,9 @@ def html_page(res, images: dict[str, str]) -> str:
     acc = _accuracy_rows(res)
     P.append(_table(["eps", "certified (VRA)", "empirically robust", "gap"],
                     [[_h(a["eps"]), f"{pct(a['certified'])} ({a['n_cert']}/{res.n})",
-                      f"{pct(a['empirical'])} ({a['n_emp']}/{res.n})",
-                      f"{100 * (a['empirical'] - a['certified']):.1f} points"] for a in acc], num_cols=(1, 2, 3)))
-    P.append("<div class='figs'>"
+                      _emp(a, res.n), _gap(a)] for a in acc], num_cols=(1, 2, 3)))
+    if images:
+        P.append("<div class='figs'>"
              f"<img alt='certified and empirically robust accuracy against eps' src='{images['accuracy.png']}' "
              "style='width:560px'>"
              f"<img alt='certified radius against adversarial radius, per input' src='{images['scatter.png']}' "
@@ -453,7 +465,8 @@ def html_page(res, images: dict[str, str]) -> str:
     if dom:
         P.append("<p>The bound grows most in " + ", ".join(
             f"<b>{_h(r['name'])}</b> ({_h(r['op'])}, ×{num(r['constant'])})" for r in dom) + ".</p>")
-    P.append(f"<img class='wide' alt='per-layer constants and running product' src='{images['layers.png']}'>")
+    if images:
+        P.append(f"<img class='wide' alt='per-layer constants and running product' src='{images['layers.png']}'>")
     P.append(f"<details id='layer-table'><summary>Per-layer table ({len(rows)} layers; ★ = dominates the bound)"
              "</summary>")
     P.append(f"<p class='note'>Running product: {_h(how)}. Share of growth: the layer's part of the log of the "
@@ -486,9 +499,10 @@ def html_page(res, images: dict[str, str]) -> str:
             + "\n".join(P) + "</body></html>")
 
 
-def render(res) -> dict[str, bytes]:
-    """All report files: report.md (with PNGs beside it), report.html (images embedded), report.json."""
-    figs = figures(res)
+def render(res, figures: bool = True) -> dict[str, bytes]:
+    """All report files: report.md (with PNGs beside it), report.html (images embedded), report.json.
+    ``figures=False``: no PNGs (the quick partial report written after each audit step)."""
+    figs = make_figures(res) if figures else {}
     files = dict(figs)
     files["report.md"] = markdown(res, {k: k for k in figs}).encode()
     data_uris = {k: "data:image/png;base64," + base64.b64encode(v).decode() for k, v in figs.items()}

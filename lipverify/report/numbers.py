@@ -50,7 +50,8 @@ def ratio(r) -> str:
 
 
 def pct(f, digits: int = 1) -> str:
-    """A fraction in [0, 1] as a percentage: ``0.123`` -> ``12.3%``; ``-`` for None (at most 11 characters
+    """A fraction in [0, 1] as a percentage: ``0.123`` -> ``12.3%``; a small non-zero fraction is
+    never ``0.0%`` (``3e-10`` -> ``3.0e-08%``); ``-`` for None (at most 11 characters
     for any float: far outside [0, 1] in scientific notation)."""
     if f is None:
         return "-"
@@ -58,6 +59,8 @@ def pct(f, digits: int = 1) -> str:
     if not math.isfinite(v):
         return num(v)
     s = f"{v:.{digits}f}%"
+    if v != 0 and float(s[:-1]) == 0:  # a small non-zero fraction never prints as 0.0%
+        return f"{v:.2g}%" if abs(v) >= 1e-4 else f"{v:.1e}%"
     return s if len(s) <= NUM_WIDTH else f"{v:.2e}%"
 
 

@@ -73,8 +73,9 @@ def accuracy_curves(curves: dict, norm: str, eps_marks=()) -> bytes:
               ("empirical", "empirically robust (attacks fail; estimate)", "-", "tab:orange"),
               ("certified", "certified, VRA (sound)", "-", "tab:blue"))
     for key, label, style, color in styles:
-        ax.plot(curves["eps"], curves[key], style, color=color, lw=2, label=label)
-    if "certified" in curves and "empirical" in curves:
+        if curves.get(key) is not None:  # no attack run: no empirical curve
+            ax.plot(curves["eps"], curves[key], style, color=color, lw=2, label=label)
+    if curves.get("certified") is not None and curves.get("empirical") is not None:
         ax.fill_between(curves["eps"], curves["certified"], curves["empirical"], color="tab:orange", alpha=0.12,
                         lw=0, label="gap: not proven, not broken")
     for k, e in enumerate(eps_marks):

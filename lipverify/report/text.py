@@ -398,8 +398,7 @@ def print_audit(res, console: Console | None = None, report_path=None) -> None:
                      "found an adversarial example; gap: empirically robust minus certified")
     _bullets(c, verdict)
     _notes(c, getattr(res, "notes", None) or [])
+    label = getattr(res, "time_label", None) or f"time {_secs(res.time_s)} s"
     if report_path is not None:
-        _line(c, f"report: {report_path} (also report.md, report.json)   time {_secs(res.time_s)} s "
-                 "(including loading)")
-    else:
-        _line(c, f"time {_secs(res.time_s)} s")
+        _line(c, f"report: {report_path} (also report.md, report.json)")
+    _line(c, label)
