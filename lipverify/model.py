@@ -270,6 +270,59 @@ class LipModel:
                                    batch_size=batch_size, seed=seed, forward64=self.module_double(),
                                    max_eps=max_eps, progress=progress, names=names, index_offset=index_offset)
 
+    def audit(self, x, y, eps=None, norm="2", *, clip="auto", strength="standard", method: str = "local",
+              steps="all", time_budget="auto", seed: int = 0, progress=None, on_step=None):
+        """The two-sided audit of ``lipverify audit`` (same defaults): sound bounds and certificates next
+        to lower bounds and attacks (:func:`lipverify.report.audit.run_audit`).
+
+        Parameters
+        ----------
+        x, y:
+            Inputs ``(N, *input_shape)`` and integer labels ``(N,)`` (NumPy arrays or torch tensors).
+            The command audits the first 200 inputs of ``--data`` by default; here all of ``x``.
+        eps:
+            Radii to report (a float, a list, ``"2/255,8/255"``); None: ``0.1, 0.3, 1`` for l2,
+            ``1/255, 2/255, 8/255`` for l_inf (:func:`lipverify.report.audit.default_eps`).
+        norm:
+            Any spelling of :func:`lipverify.arguments.parse_norm`.
+        clip:
+            As :meth:`attack`: ``"auto"`` is ``[0, 1]`` when every input lies in it, else no box; the
+            box is also the domain of the certificates (:meth:`set_domain`), as in the command.
+        strength, method, steps, time_budget, seed:
+            As the command's ``--strength`` (``"auto"``, ``"fast"``, ``"standard"``, ``"thorough"``),
+            ``--method`` (``"global"``: no local work), ``--steps`` (``"all"`` or e.g.
+            ``"attack,lower"``), ``--time-budget`` (seconds, ``"3m"``, ``"auto"`` or None for no limit)
+            and ``--seed``.
+        progress, on_step:
+            ``progress``: None, a ``progress(message)`` callable or a
+            :class:`lipverify.report.progress.Stages`; ``on_step(result)`` receives the partial
+            :class:`~lipverify.report.audit.AuditResult` after every step.
+
+        Returns
+        -------
+        :class:`lipverify.report.audit.AuditResult`; ``res.headline`` is the one-line answer,
+        :func:`lipverify.report.files.render` gives the report files.
+
+        Warnings
+        --------
+        Bad arguments raise :class:`~lipverify.errors.UserInputError`.  A time budget reduces the
+        attack strength, the lower-bound effort, the local certificates and possibly the number of
+        inputs; ``res.notes`` says what was reduced.
+        """
+        from lipverify.arguments import as_inputs, parse_eps, parse_norm, resolve_box
+        from lipverify.report.audit import default_eps, parse_steps, parse_time_budget, run_audit
+
+        norm = parse_norm(norm)
+        x, y = as_inputs(x, y, self.input_shape, self.n_classes)
+        eps_list = sorted(set(parse_eps(eps))) if eps is not None else []
+        eps_list = eps_list or default_eps(norm)
+        box = resolve_box(clip, x)
+        if box is not None:
+            self.set_domain(*box)
+        return run_audit(self, x, y, eps_list, norm=norm, clip=box, seed=seed, strength=strength,
+                         progress=progress, method=method, steps=parse_steps(steps),
+                         time_budget=parse_time_budget(time_budget), on_step=on_step)
+
     # -- bounds -----------------------------------------------------------------------------------
     def node_constants(self, norm: str = "2", method: str = "sound"):
         key = ("consts", norm, method)

@@ -145,6 +145,8 @@ class BoundsReport:
     domain: list | None = None  # [lo, hi] the bounds hold on (None: every input)
     #: seconds including loading the model (the command's whole run; None from the API)
     total_time_s: float | None = None
+    #: the command's labelled time line (``time 5.5 s (load 0.1 s, bounds 5.4 s)``; None from the API)
+    time_label: str | None = None
 
     def __repr__(self) -> str:
         name = self.model if len(str(self.model)) <= 60 else "..." + str(self.model)[-57:]
@@ -168,6 +170,7 @@ class BoundsReport:
             "time_s": self.time_s,
             "domain": self.domain,
             **({} if self.total_time_s is None else {"total_time_s": self.total_time_s}),
+            **({} if self.time_label is None else {"time_label": self.time_label}),
         }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -280,3 +281,17 @@ def test_progress_reaches_its_total_at_the_end():
     ticks = []
     lm.attack(x, y, eps=[0.05, 0.1], strength="fast", progress=ticks.append, batch_size=5)
     assert sum(ticks) == n * 3 and len(ticks) >= 9
+
+
+def test_each_command_prints_one_labelled_time_line(samples, tmp_path):
+    """The terminal summary ends with one time line that includes loading: ``time T s (load L s, <cmd> A s)``."""
+    x, y = samples
+    data = write_npz(tmp_path, x[:2].numpy(), y[:2].numpy())
+    for args in (["bounds"], ["certify", "--data", data, "--eps", "0.5", "--quiet"],
+                 ["attack", "--data", data, "--eps", "3", "--strength", "fast", "--quiet"]):
+        res = CliRunner().invoke(main, [str(a) for a in args])
+        assert res.exit_code == 0, res.stdout + res.stderr
+        times = [ln for ln in res.stdout.splitlines() if ln.startswith("time ")]
+        assert len(times) == 1 and f"{args[0]} " in times[0] and "(load " in times[0], res.stdout
+        total, load, part = (float(v) for v in re.findall(r"([\d.e+-]+) s", times[0])[:3])
+        assert load <= total and part <= total * (1 + 1e-2) + 1e-3

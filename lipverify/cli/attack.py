@@ -153,8 +153,8 @@ def attack(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
         return
     from lipverify.report.text import print_attack
 
+    out["time_label"] = rep.time_label
     print_attack(out, exact_box)
-    click.echo(rep.time_label)
 
 
 def _attack_properties(lm, ds, box, strength, seed, as_json, save_npz, quiet, t_start=None, t_loaded=None):
@@ -183,8 +183,6 @@ def _attack_properties(lm, ds, box, strength, seed, as_json, save_npz, quiet, t_
     from lipverify.report.text import print_property_attack
 
     print_property_attack(out)
-    if t_start is not None:
-        click.echo(out["time_label"])
 
 
 def _short(prop) -> str:

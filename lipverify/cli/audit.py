@@ -24,7 +24,7 @@ DEFAULT_LIMIT = 200
 
 @click.command()
 @model_options
-@data_options
+@data_options(default_limit=DEFAULT_LIMIT)
 @click.option("--eps", default=None,
               help="Radii to report, e.g. 0.1,0.3 or 2/255,8/255 (default: 0.1,0.3,1 for l2; "
                    "1/255,2/255,8/255 for l_inf).")
@@ -42,10 +42,11 @@ DEFAULT_LIMIT = 200
 @click.option("--steps", default="all", show_default=True,
               help="Steps to run, comma-separated, from: attack, local, lower, lipsdp (bounds and the global "
                    "certificates always run); 'all'.")
-@click.option("--time-budget", default="120", show_default=True,
+@click.option("--time-budget", default="auto", show_default=True,
               help="Seconds for the analysis (e.g. 120, 3m): attack strength, lower-bound effort, local "
                    "certificates and, if need be, the number of inputs are reduced to fit, and the report says "
-                   "what was reduced; 'none' runs everything as asked.")
+                   "what was reduced; 'auto': 15 s plus the time of 100,000 forward-backward passes of one input "
+                   "(measured), at most 150 s; 'none' runs everything as asked.")
 @handle_errors
 def audit(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device, debug, data_path, layout,
           limit, batch_size, quiet, eps, norm, clip, out_dir, strength, seed, method, steps, time_budget):
@@ -58,7 +59,7 @@ def audit(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, 
 
     from lipverify.arguments import parse_eps
     from lipverify.data.atomic import check_not_input, staged_outputs
-    from lipverify.report.audit import parse_steps, parse_time_budget, run_audit
+    from lipverify.report.audit import default_eps, parse_steps, parse_time_budget, run_audit
     from lipverify.report.files import REPORT_FILES, render
     from lipverify.report.progress import Stages
     from lipverify.results import time_label
@@ -72,7 +73,6 @@ def audit(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, 
     for name in REPORT_FILES:
         check_not_input(out / name, model, data_path)
     stages = Stages(run_steps, quiet=quiet)
-    stages.say("loading the model and the data")
     lm = load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device)
     require_decision(lm, "audit")
     ds = load_dataset(lm, data_path, layout, limit if limit is not None else DEFAULT_LIMIT, mean, std,
@@ -82,7 +82,7 @@ def audit(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, 
         lm.set_domain(*box)
     load_s = time.perf_counter() - t_start
     if not eps_list:
-        eps_list = [0.1, 0.3, 1.0] if norm == "2" else [1 / 255, 2 / 255, 8 / 255]
+        eps_list = default_eps(norm)
 
     def write(res, figures: bool):
         res.load_s = load_s

@@ -42,13 +42,11 @@ def bounds(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check,
         report = lm.bounds(norm=norm, method=method)
     report.time_s = time.perf_counter() - t_loaded  # the analysis (loading excluded)
     report.total_time_s = time.perf_counter() - t0
-    label = time_label(report.total_time_s, t_loaded - t0, "bounds", report.time_s)
+    report.time_label = time_label(report.total_time_s, t_loaded - t0, "bounds", report.time_s)
     if as_json:
         d = report.to_dict()
-        d["time_label"] = label
         click.echo(dumps(d, indent=2))
         return
     from lipverify.report.text import print_bounds
 
     print_bounds(report)
-    click.echo(label)

@@ -109,10 +109,6 @@ def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check
     from lipverify.report.text import print_certify
 
     print_certify(res, lm.name)
-    if res.stable_misclassified:
-        click.echo(f"certified but misclassified (stable, in no VRA, not in 'certified by'): "
-                   f"{res.stable_misclassified}")
-    click.echo(res.time_label)
 
 
 def _write_certify_outputs(res, out_csv, plot_png):

@@ -216,12 +216,16 @@ def load_model(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_ch
                           fidelity_inputs=fidelity_inputs, device=resolve_device(device))
 
 
-def data_options(fn):
+def data_options(fn=None, *, default_limit: int | None = None):
+    """The data options; ``default_limit``: the inputs used when ``--limit`` is not given (shown in --help)."""
+    if fn is None:
+        return lambda f: data_options(f, default_limit=default_limit)
+    limit_help = ("Use only the first N examples" + (f" [default: {default_limit}]." if default_limit else " (default: all)."))
     opts = [
         click.option("--data", "data_path", required=True, help=".npz (x, y), a folder of class sub-folders, or VNN-LIB file(s)."),
         click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True,
                      help="Channel order of the data file."),
-        click.option("--limit", type=int, default=None, help="Use only the first N examples."),
+        click.option("--limit", type=click.IntRange(min=1), default=None, help=limit_help),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help="Examples per batch (default: certify picks one from the free memory of the device; "
                           "256 elsewhere)."),

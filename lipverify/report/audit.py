@@ -43,8 +43,14 @@ from lipverify.report import verdict as verdict_mod
 STEPS = ("bounds", "certify", "attack", "local", "lower", "lipsdp")
 #: the steps ``--steps`` may leave out
 OPTIONAL = ("attack", "local", "lower", "lipsdp")
-#: default analysis time budget of ``lipverify audit`` (seconds; None: no limit)
-DEFAULT_TIME_BUDGET = 120.0
+#: default analysis time budget of ``lipverify audit``: sized by the model (see budget.auto_budget)
+DEFAULT_TIME_BUDGET = "auto"
+
+
+def default_eps(norm: str) -> list[float]:
+    """The radii an audit reports when none are given: ``0.1, 0.3, 1`` for l2, ``1/255, 2/255, 8/255``
+    for l_inf (inputs in [0, 1])."""
+    return [0.1, 0.3, 1.0] if str(norm) == "2" else [1 / 255, 2 / 255, 8 / 255]
 
 
 def parse_steps(text) -> list[str]:
@@ -58,10 +64,13 @@ def parse_steps(text) -> list[str]:
     return [s for s in STEPS if s in parts or s in ("bounds", "certify")]
 
 
-def parse_time_budget(text) -> float | None:
-    """``"120"``, ``"3m"``, ``"90s"`` -> seconds; ``"none"``/``"0"`` -> None (no limit)."""
+def parse_time_budget(text) -> float | str | None:
+    """``"120"``, ``"3m"``, ``"90s"`` -> seconds; ``"none"``/``"0"`` -> None (no limit); ``"auto"`` ->
+    ``"auto"`` (sized by the model's measured speed: :func:`lipverify.report.budget.auto_budget`)."""
     if text is None:
         return None
+    if isinstance(text, str) and text.strip().lower() == "auto":
+        return "auto"
     if isinstance(text, (int, float)):
         v = float(text)
     else:
@@ -146,7 +155,7 @@ def _jsonable(o):
 class _Quiet:
     """Progress that shows nothing (the default of the Python API)."""
 
-    def stage(self, name, total):
+    def stage(self, name, total, step=None, limit_s=None):
         import contextlib
 
         @contextlib.contextmanager
@@ -164,7 +173,7 @@ class _Messages(_Quiet):
     def __init__(self, fn):
         self.fn = fn
 
-    def stage(self, name, total):
+    def stage(self, name, total, step=None, limit_s=None):
         self.fn(name)
         return super().stage(name, total)
 
@@ -181,7 +190,8 @@ def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str 
     ``progress``: None, a ``progress(message)`` callable, or a :class:`lipverify.report.progress.Stages`
     (a bar with an ETA per step).  ``strength``: a preset name, ``"auto"`` (the strongest that fits the
     budget) or a :class:`~lipverify.attacks.strength.Strength`.  ``time_budget``: seconds for the whole
-    analysis (None: no limit).  ``on_step(result)``: called after every step with the partial result.
+    analysis, ``"auto"`` (sized by the model: :func:`lipverify.report.budget.auto_budget`) or None (no
+    limit).  ``on_step(result)``: called after every step with the partial result.
     ``lower_steps`` overrides the lower bounds' ascent steps; ``n_local`` the inputs of the local-constant
     comparison (0: none)."""
     t0 = time.perf_counter()
@@ -204,7 +214,7 @@ def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str 
 
     # ---- 1. bounds ------------------------------------------------------------------------------
     ts = time.perf_counter()
-    with prog.stage("bounds", 1) as adv:
+    with prog.stage("bounds", 1, step="bounds") as adv:
         rep = lm.bounds(norm)
         K = lm.margin_constants(norm).K
         adv(1)
@@ -214,7 +224,7 @@ def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str 
     # ---- 2. global certificates -----------------------------------------------------------------
     ts = time.perf_counter()
     n = len(x)
-    with prog.stage("certify (global)", max(n, 1)) as adv:
+    with prog.stage("certify (global)", max(n, 1), step="certify") as adv:
         cert = lm.certify(x, y, eps=eps, norm=norm, method="global", progress=adv)
     pred = cert.pred.cpu().numpy().astype(int) if cert.pred is not None else \
         np.array([c.pred for c in cert.inputs])
@@ -230,6 +240,11 @@ def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str 
     t_pass = None
     if time_budget is not None and costly and n:
         t_pass = budget_mod.measure_pass(lm.module, x.to(lm.device), batch=min(n, 64))
+    if time_budget == "auto":
+        time_budget = budget_mod.auto_budget(t_pass) if t_pass is not None else None
+        if time_budget is not None:
+            notes.append(f"time budget {budget_mod.secs(time_budget)} s (auto: sized by the model's measured speed, "
+                         f"{t_pass * 1e3:.3g} ms per forward-backward pass of one input; --time-budget sets it)")
     plan = budget_mod.plan(n, len(eps), norm, strength, set(run), time_budget, t_pass,
                            spent_s=time.perf_counter() - t0)
     notes.extend(plan.notes)
@@ -300,7 +315,7 @@ def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str 
     if "attack" in run:
         ts = time.perf_counter()
         total = n * (1 + len(eps))
-        with prog.stage(f"attack ({plan.strength.name})", max(total, 1)) as adv:
+        with prog.stage(f"attack ({plan.strength.name})", max(total, 1), step="attack") as adv:
             rob = lm.attack(x, y, eps=eps, norm=norm, clip=clip,
                             strength=plan.strength, seed=seed, progress=adv)
         state["r_adv"] = rob.radius.cpu().double().numpy()
@@ -329,7 +344,7 @@ def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str 
         pair_counts = Counter(zip(logits.argmax(1).tolist(), second.argmax(1).tolist()))
         pairs = [p for p, _ in pair_counts.most_common(3)]
         seeds = x[:plan.lower_seeds].to(lm.device)
-        with prog.stage("lower bounds", len(pairs) + (1 if norm == "2" else 0)) as adv:
+        with prog.stage("lower bounds", len(pairs) + (1 if norm == "2" else 0), step="lower") as adv:
             lsteps = lower_steps if lower_steps is not None else plan.lower_steps
             lbs = margin_lipschitz_lower_bound(lm.module, seeds, pairs, norm=norm, steps=lsteps, restarts=2,
                                                generator=g, clip=None) if pairs and n else []
@@ -351,7 +366,7 @@ def run_audit(lm, x: torch.Tensor, y: torch.Tensor, eps: list[float], norm: str 
     # ---- 6. LipSDP and the compositional bounds ---------------------------------------------------
     if "lipsdp" in run and norm == "2":
         ts = time.perf_counter()
-        with prog.stage("LipSDP", 1) as adv:
+        with prog.stage("LipSDP", 1, step="lipsdp") as adv:
             _lipsdp_step(lm, state, notes)
             adv(1)
         finish_step("lipsdp", ts)
@@ -398,7 +413,7 @@ def _local_step(lm, x, y, eps, norm, correct, pred, r_cert, cmeth, csound, cert_
     t_start = time.perf_counter()
     examined, gained = 0, 0
     per_input = None
-    with prog.stage("local certificates", max(len(todo), 1)) as adv:
+    with prog.stage("local certificates", max(len(todo), 1), step="local", limit_s=budget) as adv:
         k = 0
         while k < len(todo):
             if budget is not None and per_input is not None:
@@ -449,7 +464,7 @@ def _local_step(lm, x, y, eps, norm, correct, pred, r_cert, cmeth, csound, cert_
     try:
         from lipverify.bounds.local import local_margin_constants
 
-        with prog.stage("local constants", 1) as adv:
+        with prog.stage("local constants", 1, step="local") as adv:
             xs = x[:m].to(lm.device, torch.float64)
             p_loc = torch.tensor(pred[:m])
             with torch.no_grad():

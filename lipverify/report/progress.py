@@ -37,8 +37,10 @@ class _PlainBar:
     """``label: k/N (p%), elapsed ..., ETA ...`` lines on a non-terminal stream, at most every
     :data:`PLAIN_EVERY_S` seconds, and one when the stage ends if it took that long."""
 
-    def __init__(self, total: int, label: str, stream, every: float = PLAIN_EVERY_S):
-        self.total, self.label, self.stream, self.every = max(int(total), 0), label, stream, every
+    def __init__(self, total: int, label: str, stream, every: float | None = None, limit_s: float | None = None):
+        self.total, self.label, self.stream = max(int(total), 0), label, stream
+        self.every = PLAIN_EVERY_S if every is None else every
+        self.limit_s = limit_s
         self.done = 0
         self.t0 = self.last = time.monotonic()
         self.printed = False
@@ -50,7 +52,10 @@ class _PlainBar:
             msg += f" ({100 * self.done / self.total:.0f}%)"
         msg += f", elapsed {_duration(el)}"
         if 0 < self.done < self.total:
-            msg += f", ETA {_duration(el * (self.total - self.done) / self.done)}"
+            eta = el * (self.total - self.done) / self.done
+            if self.limit_s is not None:  # the stage stops at its time limit
+                eta = min(eta, max(self.limit_s - el, 0.0))
+            msg += f", ETA {_duration(eta)}"
         return msg
 
     def advance(self, k: int = 1) -> None:
@@ -66,9 +71,12 @@ class _PlainBar:
             print(self.line() + " - done", file=self.stream, flush=True)
 
 
-def progress_bar(total: int, label: str, quiet: bool):
+def progress_bar(total: int, label: str, quiet: bool, limit_s: float | None = None):
     """A context manager yielding ``advance(k=1)``: a rich bar with an ETA on stderr when it is a
-    terminal, timed plain lines when it is not, nothing with ``quiet``."""
+    terminal, timed plain lines when it is not, nothing with ``quiet``.  ``limit_s``: the stage stops
+    after this many seconds (a time budget): the label says so and the plain ETA never exceeds it."""
+    if limit_s is not None:
+        label = f"{label} (at most {_duration(limit_s)})"
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -82,7 +90,7 @@ def progress_bar(total: int, label: str, quiet: bool):
     if not console.is_terminal:
         @contextlib.contextmanager
         def plain():
-            bar = _PlainBar(total, label, sys.stderr)
+            bar = _PlainBar(total, label, sys.stderr, limit_s=limit_s)
             try:
                 yield bar.advance
             finally:
@@ -109,7 +117,10 @@ def progress_bar(total: int, label: str, quiet: bool):
 
 class Stages:
     """The progress of a multi-stage job (``audit``): ``with stages.stage("attack", total) as advance``
-    shows one bar per stage, labelled ``[i/n] name``; :meth:`say` prints a one-line message."""
+    shows one bar per stage, labelled ``[i/n] name``; :meth:`say` prints a one-line message.
+
+    ``stage(label, total, step=None, limit_s=None)``: ``step`` (one of ``names``) numbers the bar by
+    its place in ``names`` (several bars may belong to one step); else bars are numbered in order."""
 
     def __init__(self, names, quiet: bool = False, prefix: str = "audit"):
         self.names = list(names)
@@ -117,10 +128,10 @@ class Stages:
         self.prefix = prefix
         self.i = 0
 
-    def stage(self, name: str, total: int):
-        self.i += 1
+    def stage(self, name: str, total: int, step: str | None = None, limit_s: float | None = None):
+        self.i = self.names.index(step) + 1 if step in self.names else self.i + 1
         label = f"{self.prefix} [{self.i}/{len(self.names)}] {name}"
-        return progress_bar(max(int(total), 1), label, self.quiet)
+        return progress_bar(max(int(total), 1), label, self.quiet, limit_s=limit_s)
 
     def say(self, msg: str) -> None:
         if not self.quiet:

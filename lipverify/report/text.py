@@ -265,6 +265,12 @@ def _k_matrix(c: Console, K) -> None:
                _Col("K_ij", "num", justify="right", cells=[num(v) for v, _, _ in lo])])
 
 
+def _time_text(label, time_s) -> str:
+    """The last line: the command's labelled times (loading included) when it set them, else the
+    analysis time."""
+    return label or f"time {_secs(time_s)} s"
+
+
 def print_bounds(report, console: Console | None = None) -> None:
     c = console or Console()
     _line(c, ("lipverify bounds", "bold"), f"  model {report.model}  norm l{report.norm}  "
@@ -296,7 +302,7 @@ def print_bounds(report, console: Console | None = None) -> None:
     _line(c, ("margin constants K_ij", "bold"), f": max {num(m.max)}  min {num(m.min)}   sound: ", _sound(m.sound))
     _indented(c, f"method: {m.method}", "dim")
     _k_matrix(c, m.K)
-    _line(c, f"time {_secs(report.time_s)} s")
+    _line(c, _time_text(getattr(report, "time_label", None), report.time_s))
 
 
 # -------------------------------------------------------------------------------------------------- certify
@@ -321,8 +327,11 @@ def print_certify(res, model_name: str, console: Console | None = None) -> None:
               else ""))
     _line(c, f"median certified radius (correct inputs): {num(res.median_radius)}")
     by = ", ".join(f"{k}: {v}" for k, v in res.counts.items()) or "none"
-    _line(c, f"certified by: {by}")
-    _line(c, f"time {_secs(res.time_s)} s")
+    at = max((k for k in res.vra if not isinstance(k, str)), default=None)
+    _line(c, f"certified{f' at eps = {_eps_text(at)}' if at is not None else ''} by: {by}")
+    if getattr(res, "stable_misclassified", 0):
+        _line(c, f"certified but misclassified (stable, in no VRA, not in 'certified by'): {res.stable_misclassified}")
+    _line(c, _time_text(getattr(res, "time_label", None), res.time_s))
 
 
 # --------------------------------------------------------------------------------------------------- attack
@@ -345,7 +354,7 @@ def print_attack(out: dict, exact_box: bool = False, console: Console | None = N
     _line(c, f"median adversarial radius (correct inputs): {num(out['median_adversarial_radius'])}")
     _line(c, "found by: " + (", ".join(f"{k} {v}" for k, v in sorted(out["found_by"].items())) or "none"))
     _line(c, (f"attacks run: {'; '.join(out['tried'])}; every point checked in {out['precision']}", "dim"))
-    _line(c, f"time {_secs(out['time_s'])} s")
+    _line(c, _time_text(out.get("time_label"), out["time_s"]))
 
 
 def print_property_attack(out: dict, console: Console | None = None) -> None:
@@ -360,7 +369,7 @@ def print_property_attack(out: dict, console: Console | None = None) -> None:
                _Col("slack (float64)", "num", justify="right", cells=[num(r["slack"]) for r in rows])],
            "counterexample search per specification")
     _line(c, f"counterexamples found inside the VNN-LIB boxes: {out['counterexamples_found']} of {out['n']}")
-    _line(c, f"time {_secs(out['time_s'])} s")
+    _line(c, _time_text(out.get("time_label"), out["time_s"]))
 
 
 # ---------------------------------------------------------------------------------------------------- audit
@@ -374,13 +383,14 @@ def print_audit(res, console: Console | None = None, report_path=None) -> None:
     if violations:
         _line(c, (f"SOUNDNESS VIOLATION on {len(violations)} input(s): a certified input was broken by an "
                   "attack; do not trust these certificates", "bold red"))
-    _line(c, ("lipverify audit", "bold"), f"  model {res.model}  norm l{res.norm}  inputs {res.n}")
     verdict = [str(v) for v in (getattr(res, "verdict", None) or [])]
     headline = getattr(res, "headline", None)
     if not headline and verdict:
         headline, verdict = verdict[0], verdict[1:]
-    if headline:
+    if headline:  # the answer is the first line
         _line(c, (str(headline), "bold"))
+    _line(c, ("lipverify audit", "bold"), f"  model {res.model}  norm l{res.norm}  inputs {res.n}"
+          + ("  (partial: interrupted)" if getattr(res, "partial", False) else ""))
     rows = _by_eps(getattr(res, "eps", None), getattr(res, "accuracy_at_eps", None) or {})
     if rows:
         def frac(d, key):
