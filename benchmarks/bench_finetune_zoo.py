@@ -16,7 +16,7 @@ batch), then run ``lipverify finetune`` on it through the CLI with the defaults 
     python benchmarks/bench_finetune_zoo.py --families resnet18,mobilenet_v2 --epochs 20 --threads 2
     python benchmarks/bench_finetune_zoo.py --quick      # two families, 2 epochs: a smoke run
 
-Nothing is a timed test; the numbers go in the README.
+Nothing is a timed test; the numbers go in docs/benchmarks.md.
 """
 
 from __future__ import annotations

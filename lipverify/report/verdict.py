@@ -6,6 +6,7 @@ Every sentence is chosen by a rule on the numbers it states, so the words cannot
   and empirically robust fractions and the points in between; when nothing is certified at any eps it
   says so and names the smallest eps and the two median radii, which show how far the bound is from it;
 * a tightness judgement ("tight", "loose", "vacuous") follows the upper/lower ratio;
+* the fractions per eps are in the table beside the verdict, not repeated in it;
 * the local-bound line says whether the smaller local constants certified any more inputs, measured
   by the local certificates themselves, not by the ratio alone.
 
@@ -116,12 +117,6 @@ def verdict(*, norm, glob, lower, pairs, r_cert, r_adv, correct, eps, cert, emp,
     vac = [e for e in eps if cert[e] == 0.0]
     if vac:
         lines.append(f"Certificates are vacuous (no input certified) at eps >= {fmt_eps(min(vac))}.")
-    for e in eps:
-        if emp is not None:
-            lines.append(f"At eps = {fmt_eps(e)}: {pct(cert[e])} certified, {pct(emp[e])} empirically robust "
-                         f"(gap {pct(max(emp[e] - cert[e], 0.0))}).")
-        else:
-            lines.append(f"At eps = {fmt_eps(e)}: {pct(cert[e])} certified.")
     if lipsdp_info and lipsdp_info.get("sound"):
         lines.append(f"LipSDP tightens the global bound to {num(lipsdp_info['value'])} "
                      f"(product of layer norms: {num(glob)}).")

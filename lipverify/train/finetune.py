@@ -76,8 +76,8 @@ def loss_defaults(loss: str) -> dict:
     """The defaults that depend on the loss: the eps ramp of the loss's paper (EMMA: LiResNet's 0.1 eps ->
     1.5 eps by mid-training; GloRo, TRADES, local: GloRo's log ramp) and the learning rate of a
     fine-tuning run (Adam 5e-3: the papers' 1e-3 is for runs of hundreds of epochs from scratch; on
-    runs of tens of epochs 5e-3 certified 64-79% instead of 34-41% on kw_mnist at l2 0.3, see the
-    README)."""
+    runs of tens of epochs 5e-3 certified 64-79% instead of 34-41% on kw_mnist at l2 0.3, see
+    docs/benchmarks.md)."""
     return {"eps_schedule": "liresnet" if loss == "emma" else "log", "lr": 5e-3}
 
 
