@@ -115,7 +115,6 @@ def audit(label: str, args: list[str], out: Path) -> dict:
     row["n"] = len(rep.get("inputs", []))
     row["headline"] = rep.get("headline", "")
     row["budget"] = (rep.get("plan") or {}).get("budget_s")
-    row["first_line"] = (p.stdout.strip().splitlines() or [""])[0]
     return row
 
 
@@ -170,7 +169,7 @@ def main() -> None:
         print(f"{r['case']:36} {r['wall_s']:7.1f} {target:>7}  {steps}")
         budget = f"{r['budget']:.0f} s" if r["budget"] else "none"
         print(f"{'':36} {'':15}  n={r['n']}, attack strength {r['strength'] or '-'}, budget {budget}")
-        print(f"{'':36} {'':15}  {r['first_line'][:120]}")
+        print(f"{'':36} {'':15}  {r['headline']}")
 
 
 if __name__ == "__main__":
