@@ -59,7 +59,9 @@ def repr_eps(e) -> str:
 
 
 #: certificate methods by code in :attr:`CertifyResult.method_code`
-METHODS = ("global", "local", "local (estimate)", "global (float32, rounding error bounded)")
+METHODS = ("global", "local", "local (estimate)", "global (float32, rounding error bounded)", "crown")
+#: the ``method`` argument of :func:`certify`
+CERTIFY_METHODS = ("global", "local", "crown", "crown-ibp", "best")
 #: relative inflation of ``K`` in the rule: the rule's own float64 products and quotients round by at
 #: most ``2^-53`` each, so ``d > fl(eps * K (1 + 2^-51))`` proves ``d > eps K`` and ``fl(d / (K (1 +
 #: 2^-51)))`` is at most ``d / K``
@@ -248,7 +250,7 @@ def inside_domain(t: torch.Tensor, dom, like: torch.Tensor) -> torch.Tensor:
 
 def progress_total(n: int, method: str = "global") -> int:
     """The total that :func:`certify` advances its ``progress`` callback by for ``n`` inputs."""
-    return 2 * n if method == "local" else n
+    return n if method == "global" else 2 * n
 
 
 def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float] | torch.Tensor = (),
@@ -294,8 +296,12 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     """
     t0 = time.perf_counter()
     norm = parse_norm(norm)
-    if method not in ("global", "local"):
-        raise UserInputError(f"method must be 'global' or 'local', got {method!r}")
+    if method not in CERTIFY_METHODS:
+        raise UserInputError(f"method must be one of {', '.join(CERTIFY_METHODS)}, got {method!r}")
+    if method in ("crown", "crown-ibp", "best"):
+        from lipverify.bounds.crown import check_supported
+
+        check_supported(model.graph)
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         from lipverify.arguments import as_inputs
 
@@ -536,24 +542,53 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
         notes.append(f"certificates hold for perturbations inside the input domain {describe_domain(dom)} "
                      "(products/normalisations are bounded there); "
                      f"{int((~inside).sum())} input(s) outside it are not certified")
-    if method == "local":
-        from lipverify.certify.local import local_certify
+    targets = eps_check if per_example else (max(eps_list) if eps_list else None)
+    extra = (["local"] if method in ("local", "best") else []) + \
+        (["crown"] if method in ("crown", "crown-ibp", "best") else [])
+    for step_no, kind in enumerate(extra):
+        # with two extra methods each advances progress by half of the inputs' share
+        part = progress if len(extra) == 1 or progress is None else _half(progress, n)
+        if kind == "local":
+            from lipverify.certify.local import local_certify
 
-        targets = eps_check if per_example else (max(eps_list) if eps_list else None)
-        loc = local_certify(model, x, pred, diffs, mask, radius, targets, norm, cert_at, eps_list,
-                            per_example, progress=progress, **(local_options or {}))
-        for i, (r_loc, snd, at) in loc.items():
-            if r_loc > radius[i]:
-                radius[i] = r_loc
-                method_code[i] = 1 if snd else 2
+            found = local_certify(model, x, pred, diffs, mask, radius, targets, norm, cert_at, eps_list,
+                                  per_example, progress=part, **(local_options or {}))
+            notes.append(f"local bounds computed for {len(found)} inputs the global bound left uncertified")
+        else:
+            from lipverify.certify.crown import crown_certify
+
+            t_c = time.perf_counter()
+            found, box = crown_certify(model, x, pred, radius, targets, norm, cert_at, eps_list, per_example,
+                                       intermediate="ibp" if method == "crown-ibp" else "crown", progress=part,
+                                       all_inputs=method == "best")
+            where = "the whole ball" if box is None else \
+                f"the ball intersected with the input domain {describe_domain(box)}"
+            notes.append(f"linear bound propagation ({'CROWN-IBP' if method == 'crown-ibp' else 'CROWN'}) for "
+                         f"{len(found)} inputs{'' if method == 'best' else ' not yet certified'} ({time.perf_counter() - t_c:.3g} s); its "
+                         f"certificates hold on {where}")
+        for i, (r_new, snd, at) in found.items():
+            if r_new > radius[i] or (snd and not bool(sound[i])):  # a sound radius beats an estimate
+                radius[i] = r_new
+                method_code[i] = (1 if snd else 2) if kind == "local" else 4
                 sound[i] = snd
             for key, v in at.items():
                 if v and snd:
                     cert_at[key][i] = True
-        notes.append(f"local bounds computed for {len(loc)} inputs the global bound left uncertified")
 
     return summarise(norm, method, eps_list, per_example, pred, y, margin, radius, sound, method_code, cert_at,
                      notes, names, time.perf_counter() - t0)
+
+
+def _half(progress, n):
+    """``progress`` scaled by one half (two certification stages share the inputs' share)."""
+    acc = [0.0]
+
+    def adv(k):
+        before = int(acc[0])
+        acc[0] += k / 2
+        if int(acc[0]) > before:
+            progress(int(acc[0]) - before)
+    return adv
 
 
 def summarise(norm, method, eps_list, per_example, pred, y, margin, radius, sound, method_code, cert_at, notes,
@@ -571,7 +606,7 @@ def summarise(norm, method, eps_list, per_example, pred, y, margin, radius, soun
         primary_t = (radius > 0) & sound
     vra = {k: float((cert_at[k] & correct).double().mean()) for k in keys if k >= 0}
     vra_est = {}
-    for e in (eps_list if method == "local" else []):
+    for e in (eps_list if method in ("local", "best") else []):
         est = (radius > e) & correct
         vra_est[e] = float(est.double().mean())
     # only correctly classified inputs count as certified: the counts add up to the VRA at ``primary``

@@ -1,0 +1,577 @@
+"""Linear bound propagation (CROWN) over the Lipschitz graph.
+
+Method of Zhang, Weng, Chen, Hsieh and Daniel, "Efficient neural network robustness certification with
+general activation functions", NeurIPS 2018, in the general graph form of Xu et al., "Automatic
+perturbation analysis for scalable certified robustness and beyond" (auto_LiRPA), NeurIPS 2020.
+
+For a linear specification ``C v_t(x')`` of a node ``t`` over the input set ``S`` (the ball
+``B_p(x, eps)`` intersected with the input domain ``[lo, hi]``), a lower bound is found by walking the
+graph backwards from ``t`` with a coefficient tensor ``Lambda_v`` per node (``Lambda_t = C``) and a
+constant ``beta``:
+
+* linear ``y = A h + b``: ``Lambda_h += A^T Lambda_y`` (the operator's adjoint), ``beta += <Lambda_y, b>``;
+* ``add`` ``y = sum_k c_k h_k``: ``Lambda_{h_k} += c_k Lambda_y``; ``concat``: the slices;
+* element-wise ``y = phi(h)`` with ``h`` in ``[l, u]`` (intermediate bounds, below): a linear
+  relaxation ``a_L h + b_L <= phi(h) <= a_U h + b_U`` on ``[l, u]``; then
+  ``Lambda_h += Lambda_y^+ a_L + Lambda_y^- a_U`` and ``beta += Lambda_y^+ b_L + Lambda_y^- b_U``.
+  ReLU and clipped ReLU (ReLU6, hardtanh): the triangle relaxation with CROWN's adaptive lower slope
+  (``1`` where ``u >= -l``, else ``0``); leaky ReLU: the same for its two slopes; a clip with both
+  kinks inside ``[l, u]``: the two parallel lines of slope ``(hi - lo) / (u - l)`` through the kinks;
+  every other activation: the lines through ``(l, phi(l))`` or ``(u, phi(u))`` with the extreme
+  slopes of its slope range (mean value theorem), whichever is tighter at the midpoint;
+* max pooling: ``y >= h_k`` for the entry ``k`` of the window with the largest lower bound, and
+  ``y <= max_window u`` (or ``y = h_k`` when ``l_k`` is at least every other entry's ``u``);
+* the input: ``min_{x' in S} <Lambda, x'>`` — over the box ``[max(x - eps, lo), min(x + eps, hi)]``
+  exactly (``l_inf``), and for ``l_2`` the larger of the box bound and the ball bound
+  ``<Lambda, x> - eps ||Lambda||_2`` (both hold on the intersection).
+
+Upper bounds are lower bounds of ``-C``.  Intermediate bounds (the ``[l, u]`` of every input of an
+activation or pooling node) are computed the same way, with ``C`` the identity on the units that
+interval propagation (:func:`lipverify.bounds.local.preactivation_bounds`) leaves undecided, in
+topological order, and intersected with the interval bounds.
+
+Everything runs in float64.  Outward rounding: every bound is moved outwards by
+``ROUNDING_SLACK`` times the sum of the magnitudes of the terms it adds up (the bias contributions and
+``|Lambda| max(|lo|, |hi|)`` at the input), times the number of nodes the walk crossed — the same
+convention as the local bounds, far above float64's unit roundoff times any dot-product length here.
+
+Warnings
+--------
+Raises :class:`~lipverify.errors.UnsupportedOpError` naming every node without a linear relaxation
+(``minmax``, ``mul``, ``normalization``, ``attention``, ``linf_dist``).  Cost: one backward walk per
+undecided intermediate unit (batched); on large convolutional networks the intermediate bounds
+dominate, and ``max_specs`` bounds the memory of one batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lipverify.errors import UnsupportedOpError
+from lipverify.graph.nodes import LipschitzGraph
+
+#: relative outward rounding per node crossed (see the module docstring)
+ROUNDING_SLACK = 1e-12
+#: node kinds with a linear relaxation here
+SUPPORTED = ("input", "linear", "activation", "maxpool", "add", "concat")
+#: entries of one coefficient tensor (specs x units) before the specs are split into batches
+MAX_ENTRIES = 30_000_000
+
+
+def check_supported(graph: LipschitzGraph) -> None:
+    """Raise :class:`UnsupportedOpError` naming every node CROWN has no relaxation for."""
+    bad = [(n.kind, n.name) for i, n in enumerate(graph.nodes) if i <= graph.output and n.kind not in SUPPORTED]
+    if bad:
+        raise UnsupportedOpError([(f"{k} (no linear relaxation for --method crown)", name) for k, name in bad])
+
+
+# -- relaxations ---------------------------------------------------------------------------------------
+
+
+def _clip_relaxation(l, u, lo: float, hi: float):
+    """``(aL, bL, aU, bU)`` of ``clip(h, lo, hi)`` on ``[l, u]`` (``lo``/``hi`` may be infinite)."""
+    aL, bL, aU, bU = (torch.zeros_like(l) for _ in range(4))
+    width = (u - l).clamp_min(1e-300)
+    lo_t = torch.full_like(l, lo if math.isfinite(lo) else -math.inf)
+    hi_t = torch.full_like(l, hi if math.isfinite(hi) else math.inf)
+    below = u <= lo_t                    # constant lo
+    above = l >= hi_t                    # constant hi
+    inside = (l >= lo_t) & (u <= hi_t)   # identity
+    lower_kink = (l < lo_t) & (u > lo_t) & (u <= hi_t)   # convex: like ReLU at lo
+    upper_kink = (l >= lo_t) & (l < hi_t) & (u > hi_t)   # concave: like -ReLU at hi
+    both = (l < lo_t) & (u > hi_t)
+    lo_f = torch.where(torch.isfinite(lo_t), lo_t, torch.zeros_like(l))
+    hi_f = torch.where(torch.isfinite(hi_t), hi_t, torch.zeros_like(l))
+    # constants
+    bL = torch.where(below, lo_f, bL)
+    bU = torch.where(below, lo_f, bU)
+    bL = torch.where(above, hi_f, bL)
+    bU = torch.where(above, hi_f, bU)
+    one = torch.ones_like(l)
+    aL = torch.where(inside, one, aL)
+    aU = torch.where(inside, one, aU)
+    # convex kink at lo: upper secant through (l, lo) and (u, u); lower: slope 1 (h) or 0 (lo)
+    s = (u - lo_f) / width
+    aU = torch.where(lower_kink, s, aU)
+    bU = torch.where(lower_kink, lo_f - s * l, bU)
+    take_h = (u - lo_f) >= (lo_f - l)
+    aL = torch.where(lower_kink & take_h, one, aL)
+    bL = torch.where(lower_kink & ~take_h, lo_f, bL)
+    # concave kink at hi: lower secant through (l, l) and (u, hi); upper: slope 1 (h) or 0 (hi)
+    s = (hi_f - l) / width
+    aL = torch.where(upper_kink, s, aL)
+    bL = torch.where(upper_kink, l - s * l, bL)
+    take_h = (hi_f - l) >= (u - hi_f)
+    aU = torch.where(upper_kink & take_h, one, aU)
+    bU = torch.where(upper_kink & ~take_h, hi_f, bU)
+    # both kinks: parallel lines of slope (hi - lo) / (u - l) through (lo, lo) below and (hi, hi) above
+    s = (hi_f - lo_f) / width
+    aL = torch.where(both, s, aL)
+    bL = torch.where(both, lo_f - s * lo_f, bL)
+    aU = torch.where(both, s, aU)
+    bU = torch.where(both, hi_f - s * hi_f, bU)
+    return aL, bL, aU, bU
+
+
+def _relu_relaxation(l, u):
+    """ReLU on ``[l, u]``: the triangle (upper secant, lower slope 1 where ``u >= -l``, else 0)."""
+    cross = (l < 0) & (u > 0)
+    s = torch.where(cross, u / (u - l).clamp_min(1e-300), (l >= 0).to(l.dtype))
+    aU = s
+    bU = torch.where(cross, -s * l, torch.zeros_like(l))
+    aL = torch.where(cross, (u >= -l).to(l.dtype), s)
+    return aL, torch.zeros_like(l), aU, bU
+
+
+def _leaky_relaxation(l, u, a: float):
+    """``max(h, a h)`` with ``0 <= a < 1`` (convex) on ``[l, u]``."""
+    f = lambda t: torch.where(t >= 0, t, a * t)  # noqa: E731
+    cross = (l < 0) & (u > 0)
+    width = (u - l).clamp_min(1e-300)
+    s = (f(u) - f(l)) / width
+    aU = torch.where(cross, s, torch.where(u <= 0, torch.full_like(l, a), torch.ones_like(l)))
+    bU = torch.where(cross, f(l) - s * l, torch.zeros_like(l))
+    slope_low = torch.where(u >= -l, torch.ones_like(l), torch.full_like(l, a))
+    aL = torch.where(cross, slope_low, aU)
+    bL = torch.zeros_like(l)
+    return aL, bL, aU, bU
+
+
+def _slope_relaxation(act, l, u):
+    """Any activation with slope range ``[s_lo, s_hi]``: lines through an end point with an extreme
+    slope (mean value theorem), the tighter at the midpoint; the end values get an outward slack."""
+    s_lo, s_hi = float(act.lo), float(act.hi)
+    with torch.no_grad():
+        fl, fu = act.fn(l), act.fn(u)
+    tol = 1e-12 * (1 + torch.maximum(fl.abs(), fu.abs()))
+    fl_lo, fl_hi, fu_lo, fu_hi = fl - tol, fl + tol, fu - tol, fu + tol
+    c = (l + u) / 2
+    # lower candidates: f(l) + s_lo (h - l); f(u) - s_hi (u - h)
+    v1 = fl_lo + s_lo * (c - l)
+    v2 = fu_lo - s_hi * (u - c)
+    first = v1 >= v2
+    aL = torch.where(first, torch.full_like(l, s_lo), torch.full_like(l, s_hi))
+    bL = torch.where(first, fl_lo - s_lo * l, fu_lo - s_hi * u)
+    # upper candidates: f(l) + s_hi (h - l); f(u) - s_lo (u - h)
+    w1 = fl_hi + s_hi * (c - l)
+    w2 = fu_hi - s_lo * (u - c)
+    first = w1 <= w2
+    aU = torch.where(first, torch.full_like(l, s_hi), torch.full_like(l, s_lo))
+    bU = torch.where(first, fl_hi - s_hi * l, fu_hi - s_lo * u)
+    # a unit whose interval is a point: the constant
+    point = u <= l
+    for t, v in ((aL, 0.0), (aU, 0.0)):
+        t.masked_fill_(point, v)
+    bL = torch.where(point, fl_lo, bL)
+    bU = torch.where(point, fu_hi, bU)
+    return aL, bL, aU, bU
+
+
+def relaxation(act, l: torch.Tensor, u: torch.Tensor):
+    """``(aL, bL, aU, bU)``: ``aL h + bL <= phi(h) <= aU h + bU`` for every ``h`` in ``[l, u]``."""
+    name = act.name
+    if name == "relu":
+        return _relu_relaxation(l, u)
+    if name.startswith("clip["):
+        lo = act.const_below if act.const_below is not None else -math.inf
+        hi = act.const_above if act.const_above is not None else math.inf
+        return _clip_relaxation(l, u, lo, hi)
+    if name.startswith("leaky_relu(") and act.hi == 1.0 and 0.0 <= act.lo < 1.0:
+        return _leaky_relaxation(l, u, float(act.lo))
+    return _slope_relaxation(act, l, u)
+
+
+# -- max pooling -------------------------------------------------------------------------------------
+
+
+def _pool_geometry(pool, shape):
+    """Unfold arguments of a (2-d or stored 1-d) max pooling on per-example ``shape``."""
+    if pool.one_d:
+        c, w = shape
+        return c, 1, w, (1, pool.kernel[-1]), (1, pool.stride[-1]), (0, pool.padding[-1]), (1, pool.dilation[-1])
+    c, h, w = shape
+    return c, h, w, tuple(pool.kernel), tuple(pool.stride), tuple(pool.padding), tuple(pool.dilation)
+
+
+def _windows(t: torch.Tensor, pool, shape, out_hw, fill: float):
+    """``(B, C, K, L)`` window entries of ``t`` (``(B, *shape)``), padded with ``fill``."""
+    c, h, w, k, s, p, d = _pool_geometry(pool, shape)
+    B = t.shape[0]
+    x = t.reshape(B * c, 1, h, w)
+    oh, ow = out_hw
+    need_h = (oh - 1) * s[0] + d[0] * (k[0] - 1) + 1
+    need_w = (ow - 1) * s[1] + d[1] * (k[1] - 1) + 1
+    ph_extra = max(0, need_h - (h + 2 * p[0]))
+    pw_extra = max(0, need_w - (w + 2 * p[1]))
+    x = F.pad(x, (p[1], p[1] + pw_extra, p[0], p[0] + ph_extra), value=fill)
+    cols = F.unfold(x, k, dilation=d, stride=s)  # (B*C, K, L')
+    cols = cols[:, :, : oh * ow]
+    return cols.reshape(B, c, cols.shape[1], oh * ow)
+
+
+def _pool_relaxation(pool, shape, out_shape, l, u):
+    """Per output: the flat index (into one channel) of the selected entry, whether it dominates its
+    window, and the window's upper bound."""
+    c, h, w, *_ = _pool_geometry(pool, shape)
+    oh, ow = (1, out_shape[-1]) if pool.one_d else (out_shape[-2], out_shape[-1])
+    B = l.shape[0]
+    idx_map = torch.arange(h * w, device=l.device, dtype=torch.float64).reshape(1, h, w).expand(B, c, h, w)
+    li = _windows(l, pool, shape, (oh, ow), -math.inf)
+    ui = _windows(u, pool, shape, (oh, ow), -math.inf)
+    ii = _windows(idx_map.reshape(B, *shape), pool, shape, (oh, ow), -1.0)
+    best = li.argmax(2, keepdim=True)  # (B, C, 1, L)
+    sel_idx = ii.gather(2, best).squeeze(2).long()
+    sel_l = li.gather(2, best).squeeze(2)
+    others = ui.scatter(2, best, -math.inf).amax(2)
+    dom = sel_l >= others
+    U = ui.amax(2)
+    return sel_idx, dom, U
+
+
+# -- the backward walk -------------------------------------------------------------------------------
+
+
+class _Walk:
+    def __init__(self, graph, x, eps, norm, box, bounds, relax_cache, ops):
+        self.g, self.x, self.eps, self.norm, self.box = graph, x, eps, norm, box
+        self.bounds, self.relax, self.ops = bounds, relax_cache, ops
+
+    def _relax(self, i):
+        if i not in self.relax:
+            n = self.g.nodes[i]
+            l, u = self.bounds[n.inputs[0]]
+            if n.kind == "activation":
+                self.relax[i] = relaxation(n.op, l, u)
+            else:
+                in_shape = self.g.nodes[n.inputs[0]].out_shape
+                self.relax[i] = _pool_relaxation(n.op, in_shape, n.out_shape, l, u)
+        return self.relax[i]
+
+    def lower(self, t: int, C: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Lower bounds ``(R, S)`` of ``C[r] . v_t`` over the input set of example ``rows[r]``;
+        ``C`` is ``(R, S, *shape_t)``."""
+        g = self.g
+        R, S = C.shape[0], C.shape[1]
+        lam: dict[int, torch.Tensor] = {t: C}
+        beta = torch.zeros(R, S, dtype=torch.float64, device=C.device)
+        mag = torch.zeros_like(beta)
+        crossed = 0
+        for i in range(t, -1, -1):
+            A = lam.pop(i, None)
+            if A is None:
+                continue
+            crossed += 1
+            n = g.nodes[i]
+            k = n.kind
+            if k == "input":
+                return self._concretise(A, rows, beta, mag, crossed)
+            if k == "linear":
+                op = self.ops[i]
+                if op.bias is not None:
+                    b = op.bias.to(A)
+                    term = (A * b).flatten(2)
+                    beta = beta + term.sum(2)
+                    mag = mag + term.abs().sum(2)
+                flat = A.reshape(R * S, *n.out_shape)
+                back = op.adjoint(flat).reshape(R, S, *g.nodes[n.inputs[0]].out_shape)
+                self._add(lam, n.inputs[0], back)
+            elif k == "add":
+                for c, j in zip(n.op, n.inputs):
+                    self._add(lam, j, A * c)
+            elif k == "concat":
+                axis = n.op + 2
+                start = 0
+                for j in n.inputs:
+                    size = g.nodes[j].out_shape[n.op]
+                    self._add(lam, j, A.narrow(axis, start, size))
+                    start += size
+            elif k == "activation":
+                aL, bL, aU, bU = (v[rows][:, None] for v in self._relax(i))
+                pos = A >= 0
+                self._add(lam, n.inputs[0], A * torch.where(pos, aL, aU))
+                term = (A * torch.where(pos, bL, bU)).flatten(2)
+                beta = beta + term.sum(2)
+                mag = mag + term.abs().sum(2)
+            elif k == "maxpool":
+                sel_idx, dom, U = (v[rows] for v in self._relax(i))
+                in_shape = g.nodes[n.inputs[0]].out_shape
+                c = in_shape[0]
+                Af = A.reshape(R, S, c, -1)
+                Ap, An = Af.clamp_min(0), Af.clamp_max(0)
+                domf = dom.reshape(R, 1, c, -1).to(A.dtype)
+                coef = Ap + An * domf
+                hw = math.prod(in_shape[1:])
+                back = torch.zeros(R, S, c, hw, dtype=A.dtype, device=A.device)
+                back.scatter_add_(3, sel_idx.reshape(R, 1, c, -1).expand(R, S, c, Af.shape[-1]), coef)
+                self._add(lam, n.inputs[0], back.reshape(R, S, *in_shape))
+                term = (An * (1 - domf) * U.reshape(R, 1, c, -1)).flatten(2)
+                beta = beta + term.sum(2)
+                mag = mag + term.abs().sum(2)
+            else:  # pragma: no cover - check_supported refuses these first
+                raise UnsupportedOpError([(k, n.name)])
+        raise AssertionError("the backward walk never reached the input")  # pragma: no cover
+
+    @staticmethod
+    def _add(lam, j, v):
+        lam[j] = v if j not in lam else lam[j] + v
+
+    def _concretise(self, A, rows, beta, mag, crossed):
+        lo, hi = self.box
+        lo, hi = lo[rows][:, None], hi[rows][:, None]
+        Af = A.flatten(2)
+        lof, hif = lo.flatten(2), hi.flatten(2)
+        box = (Af.clamp_min(0) * lof + Af.clamp_max(0) * hif).sum(2)
+        size = (Af.abs() * torch.maximum(lof.abs(), hif.abs())).sum(2)
+        val = box
+        if self.norm == "2":
+            xc = self.x[rows].flatten(1)[:, None]
+            ball = (Af * xc).sum(2) - self.eps[rows][:, None] * Af.norm(dim=2)
+            val = torch.maximum(box, ball)
+        slack = ROUNDING_SLACK * crossed * (mag + size + beta.abs())
+        return val + beta - slack
+
+
+def input_box(x: torch.Tensor, eps: torch.Tensor, domain=None):
+    """The box ``[max(x - eps, lo), min(x + eps, hi)]`` (every coordinate of an l2 or l_inf ball)."""
+    e = eps.reshape(-1, *([1] * (x.dim() - 1)))
+    lo, hi = x - e, x + e
+    if domain is not None:
+        dlo, dhi = domain
+        dlo = torch.as_tensor(dlo, dtype=torch.float64, device=x.device)
+        dhi = torch.as_tensor(dhi, dtype=torch.float64, device=x.device)
+        lo, hi = torch.maximum(lo, dlo), torch.minimum(hi, dhi)
+    return lo, hi
+
+
+def _needs_bounds(graph: LipschitzGraph) -> list[int]:
+    return sorted({graph.nodes[i].inputs[0] for i in range(graph.output + 1)
+                   if graph.nodes[i].kind in ("activation", "maxpool")})
+
+
+def _affine_nodes(graph: LipschitzGraph) -> set[int]:
+    """Nodes that are affine functions of the input (only linear, add and concat nodes above them)."""
+    out: set[int] = set()
+    for i, n in enumerate(graph.nodes[:graph.output + 1]):
+        if n.kind == "input" or (n.kind in ("linear", "add", "concat") and all(j in out for j in n.inputs)):
+            out.add(i)
+    return out
+
+
+def _box_intervals(graph: LipschitzGraph, ops: dict, affine: set[int], box) -> dict:
+    """Exact ranges over the box of the affine nodes (centre/radius through ``A`` and ``|A|``)."""
+    lo, hi = box
+    cr: dict[int, tuple[torch.Tensor, torch.Tensor]] = {0: ((lo + hi) / 2, (hi - lo) / 2)}
+    for i in sorted(affine):
+        n = graph.nodes[i]
+        if n.kind == "linear":
+            c, r = cr[n.inputs[0]]
+            cr[i] = (ops[i].forward(c), ops[i].abs_apply(r))
+        elif n.kind == "add":
+            c = sum(k * cr[j][0] for k, j in zip(n.op, n.inputs))
+            r = sum(abs(k) * cr[j][1] for k, j in zip(n.op, n.inputs))
+            cr[i] = (c, r)
+        elif n.kind == "concat":
+            cr[i] = tuple(torch.cat([cr[j][t] for j in n.inputs], dim=n.op + 1) for t in (0, 1))
+    out = {}
+    for i, (c, r) in cr.items():
+        r = r * (1 + 1e-12) + 1e-300  # outward: the centre/radius products round too
+        slack = 1e-12 * c.abs()
+        out[i] = (c - r - slack, c + r + slack)
+    return out
+
+
+def _affine_ball(graph: LipschitzGraph, ops: dict, j: int, x: torch.Tensor, cache: dict | None):
+    """Value at ``x`` and l2 norms of the rows of the affine node ``j`` as a map of the input (its
+    exact range over an l2 ball is ``value -+ eps * row norm``); the norms are cached per graph."""
+    key = ("crown-rownorm", j, str(x.device))
+    nodes = graph.nodes
+    if cache is None or key not in cache:
+        shape = nodes[j].out_shape
+        units = math.prod(shape)
+        norms = torch.empty(units, dtype=torch.float64, device=x.device)
+        step = _spec_batches(units, max(units, math.prod(graph.input_shape)), 1)
+        for s0 in range(0, units, step):
+            k = min(step, units - s0)
+            lam = {j: torch.eye(units, dtype=torch.float64, device=x.device)[s0:s0 + k].reshape(k, *shape)}
+            for i in range(j, 0, -1):
+                A = lam.pop(i, None)
+                if A is None:
+                    continue
+                n = nodes[i]
+                if n.kind == "linear":
+                    _Walk._add(lam, n.inputs[0], ops[i].adjoint(A))
+                elif n.kind == "add":
+                    for c, src in zip(n.op, n.inputs):
+                        _Walk._add(lam, src, A * c)
+                else:  # concat
+                    start = 0
+                    for src in n.inputs:
+                        size = nodes[src].out_shape[n.op]
+                        _Walk._add(lam, src, A.narrow(n.op + 1, start, size))
+                        start += size
+            norms[s0:s0 + k] = lam[0].reshape(k, -1).norm(dim=1)
+        if cache is None:
+            cache = {}
+        cache[key] = norms
+    vals: dict[int, torch.Tensor] = {0: x}
+    for i in range(1, j + 1):
+        n = nodes[i]
+        if n.kind == "linear" and n.inputs[0] in vals:
+            vals[i] = ops[i].forward(vals[n.inputs[0]])
+        elif n.kind == "add" and all(src in vals for src in n.inputs):
+            vals[i] = sum(c * vals[src] for c, src in zip(n.op, n.inputs))
+        elif n.kind == "concat" and all(src in vals for src in n.inputs):
+            vals[i] = torch.cat([vals[src] for src in n.inputs], dim=n.op + 1)
+    return vals[j], cache[key].reshape(nodes[j].out_shape)
+
+
+def _kinks(act) -> list[float] | None:
+    """The kinks of a piecewise-linear activation (its relaxation is exact on a unit without one
+    inside its interval); None for any other activation."""
+    if act.name == "relu" or act.name.startswith("leaky_relu("):
+        return [0.0]
+    if act.name.startswith("clip["):
+        return [v for v in (act.const_below, act.const_above) if v is not None]
+    return None
+
+
+def _open_units(graph: LipschitzGraph, consumers: list[int], l, u) -> torch.Tensor:
+    """Units of a node whose bounds a consumer's relaxation depends on: a kink inside the interval of
+    a piecewise-linear activation, any width for other activations and max pooling (``(B, units)``
+    booleans)."""
+    lf, uf = l.reshape(len(l), -1), u.reshape(len(u), -1)
+    mask = torch.zeros_like(lf, dtype=torch.bool)
+    for c in consumers:
+        n = graph.nodes[c]
+        if n.kind == "maxpool":
+            mask |= uf > lf  # the selection and the window maxima use the bounds directly
+            continue
+        if n.kind != "activation":
+            continue
+        ks = _kinks(n.op)
+        if ks is None:
+            mask |= uf > lf
+        else:
+            for k in ks:
+                mask |= (lf < k) & (uf > k)
+    return mask
+
+
+def _spec_batches(count: int, units: int, rows: int) -> int:
+    return max(1, min(count, MAX_ENTRIES // max(units * rows, 1)))
+
+
+def float64_ops(graph: LipschitzGraph, device, cache: dict | None = None) -> dict:
+    """Float64 copies of the graph's linear operators on ``device`` (cached in ``cache``)."""
+    key = ("crown-ops", str(device))
+    if cache is not None and key in cache:
+        return cache[key]
+    ops = {i: copy.deepcopy(n.op).to(torch.float64, device) for i, n in enumerate(graph.nodes) if n.kind == "linear"}
+    if cache is not None:
+        cache[key] = ops
+    return ops
+
+
+def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *, domain=None,
+                 C: torch.Tensor | None = None, intermediate: str = "crown", cache: dict | None = None,
+                 upper: bool = True):
+    """Lower and upper bounds ``(B, S)`` of ``C v_out(x')`` over ``x'`` in ``B_p(x_b, eps_b)`` intersected
+    with ``domain`` (``(lo, hi)`` floats or tensors; None: the whole ball).
+
+    ``C``: ``(B, S, m)`` (default: the identity: bounds of every logit).  ``intermediate``: ``"crown"``
+    (linear bounds for the undecided units of every activation/pooling input) or ``"ibp"`` (interval
+    bounds only: the CROWN-IBP variant).  Returns ``(lower, upper, bounds)`` with ``bounds`` the
+    intermediate intervals by node.  ``cache``: a dict kept between calls on the same graph (the
+    float64 operators).  ``upper=False`` skips the upper bounds (None).
+    """
+    from lipverify.bounds.local import preactivation_bounds
+
+    check_supported(graph)
+    norm = "inf" if str(norm) in ("inf", "linf") else "2"
+    x = x.to(torch.float64)
+    B = x.shape[0]
+    eps_t = torch.as_tensor(eps, dtype=torch.float64, device=x.device)
+    eps_t = eps_t.expand(B).clone() if eps_t.dim() == 0 else eps_t.reshape(B)
+    box = input_box(x, eps_t, domain)
+    with torch.no_grad():
+        ibp = preactivation_bounds(graph, x, eps_t, norm)
+        bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        relax: dict = {}
+        walk = _Walk(graph, x, eps_t, norm, box, bounds, relax, float64_ops(graph, x.device, cache))
+        rows_all = torch.arange(B, device=x.device)
+        affine = _affine_nodes(graph)
+        exact = _box_intervals(graph, walk.ops, affine, box)
+        consumers = graph.consumers()
+        for j in _needs_bounds(graph):
+            l, u = (v.to(torch.float64) for v in ibp[j])
+            if j in exact:
+                l, u = torch.maximum(l, exact[j][0]), torch.minimum(u, exact[j][1])
+                if norm == "2" and j:  # and the exact range over the ball
+                    val, rn = _affine_ball(graph, walk.ops, j, x, cache)
+                    r = eps_t.reshape(-1, *([1] * (val.dim() - 1))) * rn[None]
+                    r = r * (1 + 1e-12) + 1e-12 * val.abs() + 1e-300
+                    l, u = torch.maximum(l, val - r), torch.minimum(u, val + r)
+            n = graph.nodes[j]
+            if n.kind == "activation" and n.op.lo >= 0 and n.inputs[0] in bounds:  # monotone: the image
+                li, ui = bounds[n.inputs[0]]
+                with torch.no_grad():
+                    fl, fu = n.op.fn(li), n.op.fn(ui)
+                tol = 1e-12 * (1 + torch.maximum(fl.abs(), fu.abs()))
+                l, u = torch.maximum(l, fl - tol), torch.minimum(u, fu + tol)
+            # affine nodes have their exact ranges over the box and the ball already
+            refine = intermediate == "crown" and n.kind in ("linear", "add", "concat") and j not in affine
+            if refine:
+                l, u = _refine(walk, graph, j, l, u, rows_all, _open_units(graph, consumers[j], l, u))
+            bounds[j] = (l, u)
+        out_shape = graph.nodes[graph.output].out_shape
+        m = math.prod(out_shape)
+        if C is None:
+            C = torch.eye(m, dtype=torch.float64, device=x.device).expand(B, m, m)
+        C = C.to(torch.float64).reshape(B, C.shape[1], *out_shape)
+        S = C.shape[1]
+        lower = walk.lower(graph.output, C, rows_all)
+        up = -walk.lower(graph.output, -C, rows_all) if upper else None
+    assert lower.shape == (B, S)
+    return lower, up, bounds
+
+
+def _refine(walk: _Walk, graph, j, l, u, rows_all, open_):
+    """CROWN bounds of node ``j``'s units in ``open_`` (``(B, units)``: those whose relaxation the
+    intervals leave inexact), intersected with the intervals."""
+    shape = graph.nodes[j].out_shape
+    units = math.prod(shape)
+    lf, uf = l.reshape(len(l), -1).clone(), u.reshape(len(u), -1).clone()
+    for b in range(len(l)):
+        idx = open_[b].nonzero().flatten()
+        if not len(idx):
+            continue
+        step = _spec_batches(len(idx), units, 2)
+        for s in range(0, len(idx), step):
+            part = idx[s:s + step]
+            k = len(part)
+            C = torch.zeros(1, 2 * k, units, dtype=torch.float64, device=l.device)
+            ar = torch.arange(k, device=l.device)
+            C[0, ar, part] = 1.0
+            C[0, k + ar, part] = -1.0
+            low = walk.lower(j, C.reshape(1, 2 * k, *shape), rows_all[b:b + 1])[0]
+            lf[b, part] = torch.maximum(lf[b, part], low[:k])
+            uf[b, part] = torch.minimum(uf[b, part], -low[k:])
+    return lf.reshape(l.shape), uf.reshape(u.shape)
+
+
+def margin_lower_bounds(graph: LipschitzGraph, x: torch.Tensor, pred: torch.Tensor, eps, norm: str = "2", *,
+                        domain=None, intermediate: str = "crown", cache: dict | None = None) -> torch.Tensor:
+    """``(B, m)`` lower bounds of ``f_pred - f_j`` over the input set (``+inf`` at ``j = pred``)."""
+    B = x.shape[0]
+    m = math.prod(graph.nodes[graph.output].out_shape)
+    pred = pred.to(x.device).long()
+    C = -torch.eye(m, dtype=torch.float64, device=x.device).expand(B, m, m).clone()
+    C[torch.arange(B), :, pred] += 1.0
+    lower, _, _ = crown_bounds(graph, x, eps, norm, domain=domain, C=C, intermediate=intermediate, cache=cache,
+                               upper=False)
+    lower[torch.arange(B), pred] = math.inf
+    return lower

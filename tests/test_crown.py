@@ -1,0 +1,261 @@
+"""Linear bound propagation (CROWN) over the Lipschitz graph, and ``certify --method crown``.
+
+Oracles: exact minima of tiny ReLU networks over a box by enumerating activation patterns and solving
+one linear program per pattern (scipy), exact rational arithmetic for linear networks with
+adversarially scaled weights, closed-form ranges of affine maps over a box and an l2 ball, dense
+sampling and attacks inside the ball on convolutional, pooling, residual and concatenating networks
+with every kind of activation, and the number of inputs auto_LiRPA's CROWN certifies on a public model
+(published with the request for this method).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+
+import lipverify
+from lipverify.bounds.crown import crown_bounds, margin_lower_bounds
+from lipverify.cli import main
+from lipverify.errors import UnsupportedOpError
+
+
+def _relu_net(seed, d=2, h=(4, 3), m=3, scale=1.5):
+    torch.manual_seed(seed)
+    layers, k = [], d
+    for w in h:
+        layers += [nn.Linear(k, w), nn.ReLU()]
+        k = w
+    net = nn.Sequential(*layers, nn.Linear(k, m)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(scale)
+    return net
+
+
+def _exact_min(net, c, lo, hi):
+    """min over the box [lo, hi] of c . net(x) for a ReLU MLP: one LP per activation pattern."""
+    from scipy.optimize import linprog
+
+    Ws = [m.weight.detach().double().numpy() for m in net if isinstance(m, nn.Linear)]
+    bs = [m.bias.detach().double().numpy() for m in net if isinstance(m, nn.Linear)]
+    hidden = [W.shape[0] for W in Ws[:-1]]
+    d = Ws[0].shape[1]
+    best = math.inf
+    for pattern in itertools.product([0, 1], repeat=sum(hidden)):
+        # x -> affine map per layer under the pattern; constraints on the pre-activations' signs
+        A, a = np.eye(d), np.zeros(d)
+        A_ub, b_ub, k = [], [], 0
+        for W, b, width in zip(Ws[:-1], bs[:-1], hidden):
+            P, p = W @ A, W @ a + b  # pre-activation = P x + p
+            s = np.array(pattern[k:k + width])
+            k += width
+            for u in range(width):  # active: P x + p >= 0; inactive: <= 0
+                sign = -1.0 if s[u] else 1.0
+                A_ub.append(sign * P[u])
+                b_ub.append(-sign * p[u])
+            A, a = P * s[:, None], p * s
+        obj_A, obj_a = c @ (Ws[-1] @ A), c @ (Ws[-1] @ a + bs[-1])
+        res = linprog(obj_A, A_ub=np.array(A_ub), b_ub=np.array(b_ub), bounds=list(zip(lo, hi)), method="highs")
+        if res.status == 0:
+            best = min(best, res.fun + obj_a)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bounds_contain_the_exact_range_of_tiny_relu_nets(seed):
+    net = _relu_net(seed)
+    lm = lipverify.load(net, input_shape=(2,))
+    rng = np.random.default_rng(seed)
+    x = torch.tensor(rng.uniform(0.1, 0.9, size=(1, 2)))
+    eps = 0.15
+    C = torch.tensor(rng.normal(size=(1, 4, 3)))
+    lower, upper, _ = crown_bounds(lm.graph, x, eps, "inf", C=C, domain=(0.0, 1.0))
+    lo = np.clip(x[0].numpy() - eps, 0, 1)
+    hi = np.clip(x[0].numpy() + eps, 0, 1)
+    for s in range(4):
+        c = C[0, s].numpy()
+        exact_min = _exact_min(net, c, lo, hi)
+        exact_max = -_exact_min(net, -c, lo, hi)
+        assert lower[0, s] <= exact_min + 1e-9 and upper[0, s] >= exact_max - 1e-9
+        # not vacuous: within the interval-bound width of the truth
+        assert exact_min - lower[0, s] <= 2.0 * (exact_max - exact_min) + 1.0
+
+
+def test_affine_maps_get_their_exact_range():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 3)).eval()
+    lm = lipverify.load(net, input_shape=(5,))
+    x = torch.rand(4, 5, dtype=torch.float64) * 0.6 + 0.2
+    W, b = net[0].weight.double(), net[0].bias.double()
+    centre = x @ W.T + b
+    lower, upper, _ = crown_bounds(lm.graph, x, 0.1, "inf")  # box: c -+ |W| eps
+    assert torch.allclose(lower, centre - 0.1 * W.abs().sum(1), atol=1e-10)
+    assert torch.allclose(upper, centre + 0.1 * W.abs().sum(1), atol=1e-10)
+    lower, upper, _ = crown_bounds(lm.graph, x, 0.1, "2")  # ball: c -+ eps ||row||_2
+    assert torch.allclose(lower, centre - 0.1 * W.norm(dim=1), atol=1e-10)
+    # on the domain [0, 1] with a large ball, the box [0, 1] decides: the exact box range
+    lower, _, _ = crown_bounds(lm.graph, x, 10.0, "2", domain=(0.0, 1.0))
+    box_min = b + W.clamp_max(0).sum(1)
+    assert torch.allclose(lower, box_min.expand(4, 3), atol=1e-10)
+
+
+def test_outward_rounding_on_adversarially_scaled_weights():
+    """y = W2 W1 x with entries 1e8 and 1e-8 that cancel: the bound stays below the exact rational
+    minimum over the box."""
+    W1 = torch.tensor([[1e8, -1e8 + 1.0, 3e-8], [1e-8, 1.0, -1e8]], dtype=torch.float64)
+    W2 = torch.tensor([[1.0, 1.0], [1e8, -1e-8]], dtype=torch.float64)
+    net = nn.Sequential(nn.Linear(3, 2, bias=False), nn.Linear(2, 2, bias=False)).double().eval()
+    with torch.no_grad():
+        net[0].weight.copy_(W1)
+        net[1].weight.copy_(W2)
+    net32 = net.float()
+    lm = lipverify.load(net32, input_shape=(3,))
+    x = torch.tensor([[0.5, 0.5, 0.5]], dtype=torch.float64)
+    eps = 0.25
+    lower, upper, _ = crown_bounds(lm.graph, x, eps, "inf")
+    # the float32 network's own weights, exactly, as rationals
+    M = [[sum(Fraction(float(a)) * Fraction(float(b)) for a, b in zip(row2, col))
+          for col in zip(*[[float(v) for v in r] for r in net32[0].weight.detach()])]
+         for row2 in [[float(v) for v in r] for r in net32[1].weight.detach()]]
+    lo_box, hi_box = Fraction(1, 4), Fraction(3, 4)
+    for k in range(2):
+        exact_min = sum(m * (lo_box if m > 0 else hi_box) for m in M[k])
+        exact_max = sum(m * (hi_box if m > 0 else lo_box) for m in M[k])
+        assert Fraction(float(lower[0, k])) <= exact_min and Fraction(float(upper[0, k])) >= exact_max
+
+
+class _Mixed(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, ceil_mode=True)
+        self.c3 = nn.Conv2d(4, 2, 3, stride=2)
+        self.fc = nn.Linear(66, 5)
+        self.act = act
+
+    def forward(self, x):
+        h = self.act(self.c1(x))
+        h = h + self.act(self.c2(h))  # residual sum
+        p = self.pool(h)
+        z = self.act(self.c3(p))
+        return self.fc(torch.cat([z.flatten(1), p.flatten(1)], 1))  # concatenation
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-0.5, 0.5), nn.LeakyReLU(0.1), nn.Tanh(),
+                                 nn.GELU(), nn.ELU()], ids=lambda a: type(a).__name__)
+@pytest.mark.parametrize("norm,eps", [("inf", 0.05), ("2", 0.3)])
+def test_samples_and_attacks_stay_inside_the_bounds(act, norm, eps):
+    torch.manual_seed(3)
+    net = _Mixed(act).eval()
+    lm = lipverify.load(net, input_shape=(1, 7, 7))
+    x = torch.rand(2, 1, 7, 7, dtype=torch.float64)
+    lower, upper, _ = crown_bounds(lm.graph, x, eps, norm, domain=(0.0, 1.0))
+    net64 = net.double()
+    g = torch.Generator().manual_seed(0)
+    for b in range(2):
+        d = torch.randn(3000, 1, 7, 7, generator=g, dtype=torch.float64)
+        if norm == "inf":  # vertices of the box and uniform points inside it
+            d = torch.where(torch.arange(3000)[:, None, None, None] < 1500, torch.sign(d) * eps,
+                            (torch.rand(d.shape, generator=g, dtype=torch.float64) * 2 - 1) * eps)
+        else:
+            d = d / d.flatten(1).norm(dim=1)[:, None, None, None] * eps
+        pts = (x[b] + d).clamp(0, 1)
+        # a few steps of projected gradient descent on every logit, both directions
+        for sign in (1.0, -1.0):
+            z = pts[:64].clone().requires_grad_(True)
+            for _ in range(20):
+                out = net64(z).sum() * sign
+                (gz,) = torch.autograd.grad(out, z)
+                with torch.no_grad():
+                    step = gz.sign() * eps / 10 if norm == "inf" else gz / (gz.flatten(1).norm(dim=1)[:, None, None, None] + 1e-12) * eps / 10
+                    z = z - step
+                    delta = z - x[b]
+                    if norm == "inf":
+                        delta = delta.clamp(-eps, eps)
+                    else:
+                        nrm = delta.flatten(1).norm(dim=1)[:, None, None, None]
+                        delta = delta * torch.clamp(eps / (nrm + 1e-300), max=1.0)
+                    z = (x[b] + delta).clamp(0, 1)
+                z.requires_grad_(True)
+            pts = torch.cat([pts, z.detach()])
+        with torch.no_grad():
+            y = net64(pts)
+        assert (y >= lower[b] - 1e-9).all() and (y <= upper[b] + 1e-9).all()
+
+
+def test_unsupported_nodes_are_named():
+    net = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    lm = lipverify.load(net, input_shape=(4,))
+    with pytest.raises(UnsupportedOpError, match="normalization"):
+        crown_bounds(lm.graph, torch.rand(1, 4, dtype=torch.float64), 0.1, "inf")
+    with pytest.raises(UnsupportedOpError, match="no linear relaxation"):
+        lm.certify(torch.rand(2, 4), torch.zeros(2, dtype=torch.long), eps=[0.1], method="crown")
+
+
+def test_certify_crown_radii_are_proven_and_below_the_attacks():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    lm = lipverify.load(net, input_shape=(6,))
+    x = torch.rand(24, 6)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    g = lm.certify(x, y, eps=[0.05, 0.1], norm="inf", method="global")
+    c = lm.certify(x, y, eps=[0.05, 0.1], norm="inf", method="crown")
+    assert (c.radius >= g.radius).all() and c.vra[0.05] >= g.vra[0.05]
+    assert "crown" in c.counts and c.vra[0.1] > g.vra[0.1]
+    # every reported radius was proven: the margins' lower bounds are positive there
+    pred = c.pred
+    for i in range(24):
+        r = float(c.radius[i])
+        if r > 0:
+            low = margin_lower_bounds(lm.graph, x[i:i + 1].double(), pred[i:i + 1], r, "inf", domain=(0.0, 1.0))
+            assert (low > 0).all()
+    rob = lm.attack(x, y, eps=[0.05, 0.1], norm="inf", strength="thorough")
+    assert (c.radius.double() <= rob.radius.double() * (1 + 1e-9) + 1e-12).all()
+    best = lm.certify(x, y, eps=[0.05, 0.1], norm="inf", method="best")
+    loc = lm.certify(x, y, eps=[0.05, 0.1], norm="inf", method="local")
+    # the largest of the methods' radii, up to the bisection's resolution (8 halvings of [r, 2r])
+    assert (best.radius >= torch.maximum(loc.radius, c.radius) * (1 - 2 ** -7)).all()
+    assert best.vra[0.1] >= max(c.vra[0.1], loc.vra[0.1]) and bool(best.sound.all())
+
+
+def test_certify_cli_crown(tmp_path):
+    from lipverify.models.zoo import default_samples
+
+    x, y = default_samples()
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x[:3].numpy(), y=y[:3].numpy())
+    res = CliRunner().invoke(main, ["certify", "--data", str(data), "--eps", "0.5,1.5", "--method", "crown",
+                                    "--json"])
+    assert res.exit_code == 0, res.stdout + res.stderr
+    d = json.loads(res.stdout)
+    assert d["method"] == "crown" and any("linear bound propagation (CROWN)" in n for n in d["notes"])
+    assert any("[0, 1]" in n for n in d["notes"] if "CROWN" in n)  # the domain it holds on is said
+
+
+@pytest.mark.realdata
+def test_crown_certifies_what_the_reference_library_certifies(realdata):
+    """auto_LiRPA's CROWN certified 32 of the first 50 MNIST test images of mnist-net_256x2 at l_inf
+    0.02 (ball intersected with [0, 1]); lipverify's CROWN must be within 2 of it, and never above
+    what the attacks leave robust."""
+    lm = lipverify.load(str(realdata / "models" / "onnx" / "mnist-net_256x2.onnx"))
+    d = np.load(realdata / "data" / "mnist_test_1000.npz")
+    x = torch.from_numpy(d["x"][:50]).reshape(50, *lm.input_shape).double()
+    y = torch.from_numpy(d["y"][:50]).long()
+    with torch.no_grad():
+        pred = lm(x.float()).argmax(1)
+    low = margin_lower_bounds(lm.graph, x, pred, 0.02, "inf", domain=(0.0, 1.0))
+    certified = (low > 0).all(1) & (pred == y)
+    assert abs(int(certified.sum()) - 32) <= 2
+    rob = lm.attack(x.float(), y, eps=[0.02], norm="inf", strength="fast")
+    broken = rob.radius <= 0.02
+    assert not bool((certified & broken).any())
