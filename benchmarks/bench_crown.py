@@ -33,6 +33,7 @@ SHARED = ROOT.parent / "shared" / "data"
 
 import lipverify  # noqa: E402
 from lipverify.bounds.crown import margin_lower_bounds  # noqa: E402
+from lipverify.report.numbers import eps as fmt_eps  # noqa: E402
 
 ONNX = SHARED / "models" / "onnx"
 MNIST, CIFAR = SHARED / "data" / "mnist_test_1000.npz", SHARED / "data" / "cifar10_test_100.npz"
@@ -92,8 +93,7 @@ def main():
         n_crown, t_crown = crown_count(lm, x, y, eps, norm, "crown")
         rob = lm.attack(x, y, eps=[eps], norm=norm, strength="fast")
         n_pgd = int(round(rob.robust_accuracy[eps] * a.n))
-        eps_s = f"{'l_inf' if norm == 'inf' else 'l2'} {eps * 255:.0f}/255" if abs(eps * 255 - round(eps * 255)) < 1e-9 \
-            and eps < 0.1 else f"{'l_inf' if norm == 'inf' else 'l2'} {eps:g}"
+        eps_s = f"{'l_inf' if norm == 'inf' else 'l2'} {fmt_eps(eps)}"
         print(f"{name:16} {eps_s:14} {round(cg.vra[eps] * a.n):>4} {round(cl.vra[eps] * a.n):>5} {n_ibp:>5} "
               f"{n_crown:>5} {n_pgd:>4} | {l_ibp:>9} {l_crown:>5} {'-' if l_alpha is None else l_alpha:>7} | "
               f"{t_local:>10.3f} {t_crown:>7.3f} {l_s:>7.3f} {t_crown / l_s:>5.2f}x", flush=True)

@@ -461,6 +461,14 @@ def _open_units(graph: LipschitzGraph, consumers: list[int], l, u) -> torch.Tens
     return mask
 
 
+def refined_units(graph: LipschitzGraph) -> int:
+    """Units whose intermediate bounds CROWN computes by backward walks (the inputs of activation and
+    pooling nodes that are not affine in the input): the main term of its cost."""
+    affine = _affine_nodes(graph)
+    return sum(math.prod(graph.nodes[j].out_shape) for j in _needs_bounds(graph)
+               if j not in affine and graph.nodes[j].kind in ("linear", "add", "concat"))
+
+
 def _spec_batches(count: int, units: int, rows: int) -> int:
     return max(1, min(count, MAX_ENTRIES // max(units * rows, 1)))
 

@@ -9,7 +9,8 @@ the difference is the bound's fault.
 
 Steps, in the order they run (``steps`` chooses the optional ones; the first two always run):
 ``bounds`` (global and margin constants), ``certify`` (global certificates), ``attack`` (adversarial
-radii), ``local`` (local certificates and local constants, with ``method="local"``), ``lower``
+radii), ``local`` (local certificates: the larger sound radius of the local constants and of CROWN where it
+applies and is affordable, :func:`local_method`; and the local constants, with ``method="local"``), ``lower``
 (optimised lower bounds), ``lipsdp`` (LipSDP and compositional bounds of dense chains, l2 only).
 With a time budget (:mod:`lipverify.report.budget`) the optional steps get shares of it; what they leave
 out is said in the notes.  After each step ``on_step`` receives the result so far (``partial=True``), so
@@ -403,6 +404,42 @@ def _lipsdp_step(lm, state, notes):
         notes.append(f"LipSDP not applicable: {str(exc).splitlines()[0]}")
 
 
+#: ``audit`` adds CROWN to its local certificates (``method="best"``) when at most this many units need
+#: intermediate bounds by backward walks (:func:`lipverify.bounds.crown.refined_units`)
+CROWN_AUDIT_UNITS = 20_000
+
+
+def local_method(lm, notes: list, budgeted: bool = False, global_share: float = 0.0) -> str:
+    """``"best"`` (local constants and CROWN, the larger sound radius) where CROWN applies and is
+    affordable, else ``"local"``, with a note saying why.  Within a time budget ``"crown"`` instead of
+    ``"best"``: CROWN alone certifies about twice the inputs in the same time, and its radii were at
+    least the local constants' on every public model (benchmarks/bench_crown.py); but where the global
+    certificates already hold on at least half of the correct inputs at the smallest eps (a network
+    trained for certification), the cheaper local constants are kept."""
+    from lipverify.bounds.crown import SUPPORTED, refined_units
+
+    bad = sorted({n.kind for i, n in enumerate(lm.graph.nodes) if i <= lm.graph.output and n.kind not in SUPPORTED})
+    if bad:
+        notes.append(f"CROWN certificates not tried: no linear relaxation for {', '.join(bad)} nodes")
+        return "local"
+    units = refined_units(lm.graph)
+    if units > CROWN_AUDIT_UNITS:
+        notes.append(f"CROWN certificates not tried: {units} units would need intermediate bounds (more than "
+                     f"{CROWN_AUDIT_UNITS}); 'lipverify certify --method crown' runs them")
+        return "local"
+    if budgeted and global_share >= 0.5:
+        notes.append(f"local certificates by the local constants (the global ones already certify "
+                     f"{global_share:.0%} of the correct inputs at the smallest eps; certify --method crown "
+                     "tries linear bound propagation)")
+        return "local"
+    if budgeted:
+        notes.append("local certificates by CROWN (linear bound propagation; within the time budget it certifies "
+                     "more inputs than the local constants; --time-budget none compares both per input)")
+        return "crown"
+    notes.append("local certificates: the larger sound radius of the local constants and CROWN (method best)")
+    return "best"
+
+
 def _local_step(lm, x, y, eps, norm, correct, pred, r_cert, cmeth, csound, cert_at, plan, state, prog, notes,
                 n_local, K):
     """Local certificates (input by input within the budget) and the local/global constant ratio."""
@@ -410,6 +447,9 @@ def _local_step(lm, x, y, eps, norm, correct, pred, r_cert, cmeth, csound, cert_
     top = max(eps) if eps else None
     todo = [i for i in range(n) if correct[i] and not (top is not None and cert_at[top][i])]
     budget = plan.local_budget_s
+    n_ok = int(correct.sum())
+    share = float((correct & cert_at[min(eps)]).sum()) / n_ok if eps and n_ok else 0.0
+    cert_method = local_method(lm, notes, budgeted=budget is not None, global_share=share)
     t_start = time.perf_counter()
     examined, gained = 0, 0
     per_input = None
@@ -426,7 +466,7 @@ def _local_step(lm, x, y, eps, norm, correct, pred, r_cert, cmeth, csound, cert_
                 size = 1 if budget is not None else 64
             idx = todo[k:k + size]
             t1 = time.perf_counter()
-            sub = lm.certify(x[idx], y[idx], eps=eps, norm=norm, method="local")
+            sub = lm.certify(x[idx], y[idx], eps=eps, norm=norm, method=cert_method)
             dt = time.perf_counter() - t1
             per_input = dt / len(idx) if per_input is None else 0.5 * per_input + 0.5 * dt / len(idx)
             for j, c in zip(idx, sub.inputs):
