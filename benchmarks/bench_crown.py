@@ -13,6 +13,7 @@ installed beside it, so they are printed as reference values, not re-measured he
 
     python benchmarks/bench_crown.py                 # every row, 50 inputs
     python benchmarks/bench_crown.py --n 10 --rows 0,1   # a quick look
+    python benchmarks/bench_crown.py --rows 0,1,2 --alpha  # with alpha-CROWN (optimised slopes)
 
 Nothing is a timed test; the numbers go in docs/benchmarks.md.
 """
@@ -62,11 +63,12 @@ def load(name, data, norm_kw, n):
     return lm, x, torch.from_numpy(d["y"][:n]).long()
 
 
-def crown_count(lm, x, y, eps, norm, intermediate):
+def crown_count(lm, x, y, eps, norm, intermediate, alpha_steps=0):
     with torch.no_grad():
         pred = lm(x).argmax(1)
     t0 = time.perf_counter()
-    low = margin_lower_bounds(lm.graph, x.double(), pred, eps, norm, domain=(0.0, 1.0), intermediate=intermediate)
+    low = margin_lower_bounds(lm.graph, x.double(), pred, eps, norm, domain=(0.0, 1.0), intermediate=intermediate,
+                              alpha_steps=alpha_steps)
     dt = (time.perf_counter() - t0) / len(x)
     return int(((low > 0).all(1) & (pred == y)).sum()), dt
 
@@ -76,6 +78,7 @@ def main():
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--rows", default=None, help="comma-separated row numbers (default: all)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--alpha", action="store_true", help="also alpha-CROWN (20 Adam steps per bound; slow)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     rows = ROWS if a.rows is None else [ROWS[int(k)] for k in a.rows.split(",")]
@@ -91,12 +94,16 @@ def main():
         t_local = (time.perf_counter() - t0) / a.n
         n_ibp, _ = crown_count(lm, x, y, eps, norm, "ibp")
         n_crown, t_crown = crown_count(lm, x, y, eps, norm, "crown")
+        alpha = ""
+        if a.alpha:
+            n_alpha, t_alpha = crown_count(lm, x, y, eps, norm, "crown", alpha_steps=20)
+            alpha = f"  alpha-CROWN {n_alpha} ({t_alpha:.3f} s/input)"
         rob = lm.attack(x, y, eps=[eps], norm=norm, strength="fast")
         n_pgd = int(round(rob.robust_accuracy[eps] * a.n))
         eps_s = f"{'l_inf' if norm == 'inf' else 'l2'} {fmt_eps(eps)}"
         print(f"{name:16} {eps_s:14} {round(cg.vra[eps] * a.n):>4} {round(cl.vra[eps] * a.n):>5} {n_ibp:>5} "
               f"{n_crown:>5} {n_pgd:>4} | {l_ibp:>9} {l_crown:>5} {'-' if l_alpha is None else l_alpha:>7} | "
-              f"{t_local:>10.3f} {t_crown:>7.3f} {l_s:>7.3f} {t_crown / l_s:>5.2f}x", flush=True)
+              f"{t_local:>10.3f} {t_crown:>7.3f} {l_s:>7.3f} {t_crown / l_s:>5.2f}x{alpha}", flush=True)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,8 @@ def test_bounds_contain_the_exact_range_of_tiny_relu_nets(seed):
     eps = 0.15
     C = torch.tensor(rng.normal(size=(1, 4, 3)))
     lower, upper, _ = crown_bounds(lm.graph, x, eps, "inf", C=C, domain=(0.0, 1.0))
+    a_lower, _, _ = crown_bounds(lm.graph, x, eps, "inf", C=C, domain=(0.0, 1.0), alpha_steps=15, upper=False)
+    assert (a_lower >= lower).all()  # optimised slopes keep the best bound, the CROWN one included
     lo = np.clip(x[0].numpy() - eps, 0, 1)
     hi = np.clip(x[0].numpy() + eps, 0, 1)
     for s in range(4):
@@ -85,6 +87,7 @@ def test_bounds_contain_the_exact_range_of_tiny_relu_nets(seed):
         exact_min = _exact_min(net, c, lo, hi)
         exact_max = -_exact_min(net, -c, lo, hi)
         assert lower[0, s] <= exact_min + 1e-9 and upper[0, s] >= exact_max - 1e-9
+        assert a_lower[0, s] <= exact_min + 1e-9
         # not vacuous: within the interval-bound width of the truth
         assert exact_min - lower[0, s] <= 2.0 * (exact_max - exact_min) + 1.0
 
@@ -256,6 +259,9 @@ def test_crown_certifies_what_the_reference_library_certifies(realdata):
     low = margin_lower_bounds(lm.graph, x, pred, 0.02, "inf", domain=(0.0, 1.0))
     certified = (low > 0).all(1) & (pred == y)
     assert abs(int(certified.sum()) - 32) <= 2
+    # optimised slopes: auto_LiRPA's alpha-CROWN certified 35 (10 inputs here, to keep it quick)
+    low_a = margin_lower_bounds(lm.graph, x[:10], pred[:10], 0.02, "inf", domain=(0.0, 1.0), alpha_steps=20)
+    assert ((low_a > 0).all(1) >= (low[:10] > 0).all(1)).all()
     rob = lm.attack(x.float(), y, eps=[0.02], norm="inf", strength="fast")
     broken = rob.radius <= 0.02
     assert not bool((certified & broken).any())

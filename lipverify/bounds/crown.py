@@ -239,6 +239,8 @@ class _Walk:
     def __init__(self, graph, x, eps, norm, box, bounds, relax_cache, ops):
         self.g, self.x, self.eps, self.norm, self.box = graph, x, eps, norm, box
         self.bounds, self.relax, self.ops = bounds, relax_cache, ops
+        self.alpha: dict | None = None  # node -> (R, S, *shape) lower slopes of ReLU units that cross 0
+        self.alpha_mask: dict = {}
 
     def _relax(self, i):
         if i not in self.relax:
@@ -291,6 +293,11 @@ class _Walk:
                     start += size
             elif k == "activation":
                 aL, bL, aU, bU = (v[rows][:, None] for v in self._relax(i))
+                if self.alpha is not None and i in self.alpha:  # optimised lower slopes (alpha-CROWN)
+                    cross = self.alpha_mask[i][rows][:, None]
+                    a = self.alpha[i]
+                    a = a - (a - a.clamp(0.0, 1.0)).detach()  # the value clamped, the gradient kept at 0 and 1
+                    aL = torch.where(cross, a, aL)
                 pos = A >= 0
                 self._add(lam, n.inputs[0], A * torch.where(pos, aL, aU))
                 term = (A * torch.where(pos, bL, bU)).flatten(2)
@@ -486,7 +493,7 @@ def float64_ops(graph: LipschitzGraph, device, cache: dict | None = None) -> dic
 
 def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *, domain=None,
                  C: torch.Tensor | None = None, intermediate: str = "crown", cache: dict | None = None,
-                 upper: bool = True):
+                 upper: bool = True, alpha_steps: int = 0):
     """Lower and upper bounds ``(B, S)`` of ``C v_out(x')`` over ``x'`` in ``B_p(x_b, eps_b)`` intersected
     with ``domain`` (``(lo, hi)`` floats or tensors; None: the whole ball).
 
@@ -494,7 +501,10 @@ def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *
     (linear bounds for the undecided units of every activation/pooling input) or ``"ibp"`` (interval
     bounds only: the CROWN-IBP variant).  Returns ``(lower, upper, bounds)`` with ``bounds`` the
     intermediate intervals by node.  ``cache``: a dict kept between calls on the same graph (the
-    float64 operators).  ``upper=False`` skips the upper bounds (None).
+    float64 operators).  ``upper=False`` skips the upper bounds (None).  ``alpha_steps``: Adam steps
+    optimising the lower slopes of the ReLU units that cross 0, for every intermediate bound and the
+    final one (alpha-CROWN, Xu et al., ICLR 2021); every step's bound is valid, and the largest is kept
+    per specification.
     """
     from lipverify.bounds.local import preactivation_bounds
 
@@ -533,7 +543,7 @@ def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *
             # affine nodes have their exact ranges over the box and the ball already
             refine = intermediate == "crown" and n.kind in ("linear", "add", "concat") and j not in affine
             if refine:
-                l, u = _refine(walk, graph, j, l, u, rows_all, _open_units(graph, consumers[j], l, u))
+                l, u = _refine(walk, graph, j, l, u, rows_all, _open_units(graph, consumers[j], l, u), alpha_steps)
             bounds[j] = (l, u)
         out_shape = graph.nodes[graph.output].out_shape
         m = math.prod(out_shape)
@@ -542,12 +552,14 @@ def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *
         C = C.to(torch.float64).reshape(B, C.shape[1], *out_shape)
         S = C.shape[1]
         lower = walk.lower(graph.output, C, rows_all)
+        if alpha_steps:
+            lower = _optimise_slopes(walk, graph, C, rows_all, lower, alpha_steps)
         up = -walk.lower(graph.output, -C, rows_all) if upper else None
     assert lower.shape == (B, S)
     return lower, up, bounds
 
 
-def _refine(walk: _Walk, graph, j, l, u, rows_all, open_):
+def _refine(walk: _Walk, graph, j, l, u, rows_all, open_, alpha_steps: int = 0):
     """CROWN bounds of node ``j``'s units in ``open_`` (``(B, units)``: those whose relaxation the
     intervals leave inexact), intersected with the intervals."""
     shape = graph.nodes[j].out_shape
@@ -565,14 +577,52 @@ def _refine(walk: _Walk, graph, j, l, u, rows_all, open_):
             ar = torch.arange(k, device=l.device)
             C[0, ar, part] = 1.0
             C[0, k + ar, part] = -1.0
-            low = walk.lower(j, C.reshape(1, 2 * k, *shape), rows_all[b:b + 1])[0]
+            Cj = C.reshape(1, 2 * k, *shape)
+            low = walk.lower(j, Cj, rows_all[b:b + 1])
+            if alpha_steps:
+                low = _optimise_slopes(walk, graph, Cj, rows_all[b:b + 1], low, alpha_steps, target=j)
+            low = low[0]
             lf[b, part] = torch.maximum(lf[b, part], low[:k])
             uf[b, part] = torch.minimum(uf[b, part], -low[k:])
     return lf.reshape(l.shape), uf.reshape(u.shape)
 
 
+def _optimise_slopes(walk: _Walk, graph, C, rows, lower, steps: int, lr: float = 0.1, target: int | None = None):
+    """alpha-CROWN on the specification ``C`` of node ``target`` (default: the output): gradient ascent
+    on the lower bounds over the lower slopes in [0, 1] of the ReLU units that cross 0 (one per
+    specification and unit), keeping the best bound of each."""
+    R, S = C.shape[0], C.shape[1]
+    t = graph.output if target is None else target
+    alpha, walk.alpha_mask = {}, {}
+    for i, n in enumerate(graph.nodes[:t]):
+        if n.kind == "activation" and n.op.name == "relu":
+            aL = walk._relax(i)[0]
+            l, u = walk.bounds[n.inputs[0]]
+            walk.alpha_mask[i] = (l < 0) & (u > 0)
+            alpha[i] = aL[rows][:, None].expand(R, S, *aL.shape[1:]).clone().requires_grad_(True)
+    if not alpha:
+        return lower
+    best = lower.clone()
+    opt = torch.optim.Adam(list(alpha.values()), lr=lr)
+    walk.alpha = alpha
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                opt.zero_grad()
+                val = walk.lower(t, C, rows)
+                best = torch.maximum(best, val.detach())
+                (-val.sum()).backward()
+                opt.step()
+            with torch.no_grad():
+                best = torch.maximum(best, walk.lower(t, C, rows))
+    finally:
+        walk.alpha = None
+    return best
+
+
 def margin_lower_bounds(graph: LipschitzGraph, x: torch.Tensor, pred: torch.Tensor, eps, norm: str = "2", *,
-                        domain=None, intermediate: str = "crown", cache: dict | None = None) -> torch.Tensor:
+                        domain=None, intermediate: str = "crown", cache: dict | None = None,
+                        alpha_steps: int = 0) -> torch.Tensor:
     """``(B, m)`` lower bounds of ``f_pred - f_j`` over the input set (``+inf`` at ``j = pred``)."""
     B = x.shape[0]
     m = math.prod(graph.nodes[graph.output].out_shape)
@@ -580,6 +630,6 @@ def margin_lower_bounds(graph: LipschitzGraph, x: torch.Tensor, pred: torch.Tens
     C = -torch.eye(m, dtype=torch.float64, device=x.device).expand(B, m, m).clone()
     C[torch.arange(B), :, pred] += 1.0
     lower, _, _ = crown_bounds(graph, x, eps, norm, domain=domain, C=C, intermediate=intermediate, cache=cache,
-                               upper=False)
+                               upper=False, alpha_steps=alpha_steps)
     lower[torch.arange(B), pred] = math.inf
     return lower

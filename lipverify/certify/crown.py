@@ -29,9 +29,10 @@ from lipverify.bounds.crown import check_supported, margin_lower_bounds
 
 def crown_certify(model, x, pred, radius, targets, norm, cert_at, eps_list, per_example,
                   bisection_steps: int = 8, batch_size: int = 32, max_doublings: int = 12,
-                  intermediate: str = "crown", progress=None, all_inputs: bool = False):
+                  intermediate: str = "crown", progress=None, all_inputs: bool = False, alpha_steps: int = 0):
     """CROWN certificates for the inputs not yet certified at the largest requested radius (every
-    input with ``all_inputs``: the radius of each is then the largest CROWN proves).
+    input with ``all_inputs``: the radius of each is then the largest CROWN proves).  ``alpha_steps``:
+    optimised ReLU slopes (alpha-CROWN) in every bound, this many Adam steps each.
 
     The input set is the ball intersected with the model's domain (:meth:`LipModel.set_domain`,
     ``--clip``), else with ``[0, 1]`` when every input lies in it (the attacks' default box,
@@ -59,7 +60,7 @@ def crown_certify(model, x, pred, radius, targets, norm, cert_at, eps_list, per_
 
     def ok_at(xs, p, e):
         low = margin_lower_bounds(model.graph, xs, p, e, norm, domain=domain, intermediate=intermediate,
-                                  cache=cache)
+                                  cache=cache, alpha_steps=alpha_steps)
         return (low > 0).all(1).cpu()
 
     for s in range(0, len(todo), batch_size):

@@ -61,7 +61,9 @@ def repr_eps(e) -> str:
 #: certificate methods by code in :attr:`CertifyResult.method_code`
 METHODS = ("global", "local", "local (estimate)", "global (float32, rounding error bounded)", "crown")
 #: the ``method`` argument of :func:`certify`
-CERTIFY_METHODS = ("global", "local", "crown", "crown-ibp", "best")
+CERTIFY_METHODS = ("global", "local", "crown", "crown-ibp", "alpha-crown", "best")
+#: Adam steps of ``alpha-crown`` per bound
+ALPHA_STEPS = 20
 #: relative inflation of ``K`` in the rule: the rule's own float64 products and quotients round by at
 #: most ``2^-53`` each, so ``d > fl(eps * K (1 + 2^-51))`` proves ``d > eps K`` and ``fl(d / (K (1 +
 #: 2^-51)))`` is at most ``d / K``
@@ -298,7 +300,7 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     norm = parse_norm(norm)
     if method not in CERTIFY_METHODS:
         raise UserInputError(f"method must be one of {', '.join(CERTIFY_METHODS)}, got {method!r}")
-    if method in ("crown", "crown-ibp", "best"):
+    if method in ("crown", "crown-ibp", "alpha-crown", "best"):
         from lipverify.bounds.crown import check_supported
 
         check_supported(model.graph)
@@ -544,7 +546,7 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
                      f"{int((~inside).sum())} input(s) outside it are not certified")
     targets = eps_check if per_example else (max(eps_list) if eps_list else None)
     extra = (["local"] if method in ("local", "best") else []) + \
-        (["crown"] if method in ("crown", "crown-ibp", "best") else [])
+        (["crown"] if method in ("crown", "crown-ibp", "alpha-crown", "best") else [])
     for step_no, kind in enumerate(extra):
         # with two extra methods each advances progress by half of the inputs' share
         part = progress if len(extra) == 1 or progress is None else _half(progress, n)
@@ -560,10 +562,12 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
             t_c = time.perf_counter()
             found, box = crown_certify(model, x, pred, radius, targets, norm, cert_at, eps_list, per_example,
                                        intermediate="ibp" if method == "crown-ibp" else "crown", progress=part,
-                                       all_inputs=method == "best")
+                                       all_inputs=method == "best",
+                                       alpha_steps=ALPHA_STEPS if method == "alpha-crown" else 0)
             where = "the whole ball" if box is None else \
                 f"the ball intersected with the input domain {describe_domain(box)}"
-            notes.append(f"linear bound propagation ({'CROWN-IBP' if method == 'crown-ibp' else 'CROWN'}) for "
+            label = {"crown-ibp": "CROWN-IBP", "alpha-crown": f"alpha-CROWN, {ALPHA_STEPS} steps"}.get(method, "CROWN")
+            notes.append(f"linear bound propagation ({label}) for "
                          f"{len(found)} inputs{'' if method == 'best' else ' not yet certified'} ({time.perf_counter() - t_c:.3g} s); its "
                          f"certificates hold on {where}")
         for i, (r_new, snd, at) in found.items():

@@ -32,11 +32,12 @@ from lipverify.report.progress import progress_bar
 @data_options
 @click.option("--eps", default=None, help="Radius or list: 0.3 | 36/255,72/255 (default: VNN-LIB eps, else none).")
 @norm_option("2")
-@click.option("--method", type=click.Choice(["global", "local", "crown", "crown-ibp", "best"]), default="global",
+@click.option("--method", type=click.Choice(["global", "local", "crown", "crown-ibp", "alpha-crown", "best"]), default="global",
               show_default=True,
               help="global: the GloRo rule with the global margin constants; local: also sound local constants by "
                    "bisection; crown: also linear bound propagation (CROWN) over the ball and the input domain; "
-                   "crown-ibp: CROWN with interval intermediate bounds (faster, looser); best: the largest sound "
+                   "crown-ibp: CROWN with interval intermediate bounds (faster, looser); alpha-crown: CROWN with "
+                   "optimised ReLU slopes (tighter, about 30x slower); best: the largest sound "
                    "radius of global, local and crown.")
 @click.option("--clip", default=None, help="Input domain LO,HI for products/normalisations (default 0,1).")
 @click.option("--precision", type=click.Choice(["auto", "float32", "float64"]), default="auto", show_default=True,
