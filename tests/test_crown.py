@@ -265,3 +265,33 @@ def test_crown_certifies_what_the_reference_library_certifies(realdata):
     rob = lm.attack(x.float(), y, eps=[0.02], norm="inf", strength="fast")
     broken = rob.radius <= 0.02
     assert not bool((certified & broken).any())
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+@pytest.mark.parametrize("name,data,norm_kw,norm,eps", [
+    ("mnist-net_256x2", "mnist_test_1000.npz", {}, "2", 0.3),
+    ("Convnet_maxpool", "mnist_test_1000.npz", {}, "inf", 0.02),
+    ("cifar_base_kw", "cifar10_test_100.npz", {"mean": "0.485,0.456,0.406", "std": "0.225"}, "inf", 2 / 255),
+    ("resnet_2b", "cifar10_test_100.npz", {"mean": "0.4914,0.4822,0.4465", "std": "0.2471,0.2435,0.2616"},
+     "inf", 1 / 255),
+])
+def test_no_attack_breaks_a_crown_certificate_on_the_public_models(realdata, name, data, norm_kw, norm, eps):
+    """Certified at eps by CROWN implies no adversarial example within eps (the standard preset);
+    the certified radii of the smaller models stay below the adversarial radii."""
+    lm = lipverify.load(str(realdata / "models" / "onnx" / f"{name}.onnx"), **norm_kw)
+    d = np.load(realdata / "data" / data)
+    n = 4
+    x = torch.from_numpy(d["x"][:n]).float()
+    x = (x / 255 if x.max() > 1.5 else x).reshape(n, *lm.input_shape)
+    y = torch.from_numpy(d["y"][:n]).long()
+    with torch.no_grad():
+        pred = lm(x).argmax(1)
+    low = margin_lower_bounds(lm.graph, x.double(), pred, eps, norm, domain=(0.0, 1.0))
+    certified = (low > 0).all(1) & (pred == y)
+    rob = lm.attack(x, y, eps=[eps], norm=norm, strength="standard")
+    assert not bool((certified & (rob.radius <= eps)).any())
+    if name in ("mnist-net_256x2", "Convnet_maxpool"):
+        c = lm.certify(x, y, eps=[eps], norm=norm, method="crown")
+        ok = c.pred == y
+        assert (c.radius[ok].double() <= rob.radius[ok].double() * (1 + 1e-9) + 1e-12).all()
