@@ -400,7 +400,7 @@ def _affine_ball(graph: LipschitzGraph, ops: dict, j: int, x: torch.Tensor, cach
         shape = nodes[j].out_shape
         units = math.prod(shape)
         norms = torch.empty(units, dtype=torch.float64, device=x.device)
-        step = _spec_batches(units, max(units, math.prod(graph.input_shape)), 1)
+        step = _spec_batches(units, max(math.prod(nd.out_shape) for nd in nodes[:j + 1]), 1)
         for s0 in range(0, units, step):
             k = min(step, units - s0)
             lam = {j: torch.eye(units, dtype=torch.float64, device=x.device)[s0:s0 + k].reshape(k, *shape)}
@@ -569,7 +569,9 @@ def _refine(walk: _Walk, graph, j, l, u, rows_all, open_, alpha_steps: int = 0):
         idx = open_[b].nonzero().flatten()
         if not len(idx):
             continue
-        step = _spec_batches(len(idx), units, 2)
+        # the walk's coefficient tensors are as wide as the widest node it crosses
+        widest = max(math.prod(nd.out_shape) for nd in graph.nodes[:j + 1])
+        step = _spec_batches(2 * len(idx), widest, 1) // 2 or 1
         for s in range(0, len(idx), step):
             part = idx[s:s + step]
             k = len(part)
