@@ -318,3 +318,42 @@ def test_crown_never_certifies_a_sat_competition_instance(realdata):
         else:
             proven_unsat += bool(res.inputs[0].certified)
     assert proven_unsat >= 10  # 13 of the 18 `unsat` ones when this was written (the global constants: 0)
+
+
+def test_best_never_starts_crown_from_an_estimate(monkeypatch):
+    """``best`` runs the local constants first; an unproven (estimated) local radius must not become the
+    start of CROWN's bisection, which reports its start as proven."""
+    import lipverify.certify.local as local_mod
+
+    def inflated(model, x, pred, diffs, mask, radius, targets, norm, cert_at, eps_list, per_example, **kw):
+        return {i: (50.0, False, {}) for i in range(len(x))}  # estimates, far beyond any true radius
+
+    monkeypatch.setattr(local_mod, "local_certify", inflated)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    lm = lipverify.load(net, input_shape=(6,))
+    x = torch.rand(8, 6)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    res = lm.certify(x, y, eps=[0.05], norm="inf", method="best")
+    for c in res.inputs:
+        assert c.sound and c.radius < 50.0 and c.method in ("global", "crown")
+        if c.radius > 0:  # proven: the margins' lower bounds are positive at the reported radius
+            low = margin_lower_bounds(lm.graph, x[c.index:c.index + 1].double(), torch.tensor([c.pred]), c.radius,
+                                      "inf", domain=(0.0, 1.0))
+            assert (low > 0).all()
+
+
+def test_a_ball_that_misses_the_domain_is_refused_and_not_certified():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    lm = lipverify.load(net, input_shape=(3,))
+    x = torch.tensor([[1.5, 0.5, 0.5]], dtype=torch.float64)  # 0.5 outside [0, 1]
+    with pytest.raises(lipverify.UserInputError, match="outside the input domain"):
+        crown_bounds(lm.graph, x, 0.1, "inf", domain=(0.0, 1.0))
+    lm.set_domain(0.0, 1.0)
+    xs = torch.tensor([[1.5, 0.5, 0.5], [0.5, 0.5, 0.5]])
+    with torch.no_grad():
+        y = net(xs).argmax(1)
+    res = lm.certify(xs, y, eps=[0.01], norm="inf", method="crown")
+    assert res.inputs[0].method != "crown"  # never examined: its ball and the domain do not meet

@@ -31,16 +31,19 @@ interval propagation (:func:`lipverify.bounds.local.preactivation_bounds`) leave
 topological order, and intersected with the interval bounds.
 
 Everything runs in float64.  Outward rounding: every bound is moved outwards by
-``ROUNDING_SLACK`` times the sum of the magnitudes of the terms it adds up (the bias contributions and
-``|Lambda| max(|lo|, |hi|)`` at the input), times the number of nodes the walk crossed — the same
-convention as the local bounds, far above float64's unit roundoff times any dot-product length here.
+``ROUNDING_SLACK`` (``1e-8``, the relative slack of the local bounds) times the sum of the magnitudes of
+the terms it adds up (the bias contributions and ``|Lambda| max(|lo|, |hi|)`` at the input), times the
+number of nodes the walk crossed; exact ranges of affine nodes get the same slack on the magnitude
+``|A| |x| + |b|`` of their values.  Intermediate bounds that come out NaN are never used (the interval
+bound stays).
 
 Warnings
 --------
 Raises :class:`~lipverify.errors.UnsupportedOpError` naming every node without a linear relaxation
 (``minmax``, ``mul``, ``normalization``, ``attention``, ``linf_dist``).  Cost: one backward walk per
 undecided intermediate unit (batched); on large convolutional networks the intermediate bounds
-dominate, and ``max_specs`` bounds the memory of one batch.
+dominate, and :data:`MAX_ENTRIES` bounds the memory of one batch of specifications.  An input whose
+ball does not meet the domain (an empty set) is refused.
 """
 
 from __future__ import annotations
@@ -51,11 +54,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lipverify.errors import UnsupportedOpError
+from lipverify.errors import UnsupportedOpError, UserInputError
 from lipverify.graph.nodes import LipschitzGraph
 
 #: relative outward rounding per node crossed (see the module docstring)
-ROUNDING_SLACK = 1e-12
+ROUNDING_SLACK = 1e-8
 #: node kinds with a linear relaxation here
 SUPPORTED = ("input", "linear", "activation", "maxpool", "add", "concat")
 #: entries of one coefficient tensor (specs x units) before the specs are split into batches
@@ -235,6 +238,27 @@ def _pool_relaxation(pool, shape, out_shape, l, u):
 # -- the backward walk -------------------------------------------------------------------------------
 
 
+def _add(lam, j, v):
+    lam[j] = v if j not in lam else lam[j] + v
+
+
+def _push_back(lam, nodes, n, A, op, lead: int):
+    """Add to ``lam`` the coefficients of the inputs of the linear, add or concat node ``n`` for the
+    coefficients ``A`` of its output (``lead`` leading batch dimensions; biases are the caller's)."""
+    if n.kind == "linear":
+        back = op.adjoint(A.reshape(-1, *n.out_shape))
+        _add(lam, n.inputs[0], back.reshape(*A.shape[:lead], *nodes[n.inputs[0]].out_shape))
+    elif n.kind == "add":
+        for c, j in zip(n.op, n.inputs):
+            _add(lam, j, A * c)
+    else:  # concat
+        start = 0
+        for j in n.inputs:
+            size = nodes[j].out_shape[n.op]
+            _add(lam, j, A.narrow(n.op + lead, start, size))
+            start += size
+
+
 class _Walk:
     def __init__(self, graph, x, eps, norm, box, bounds, relax_cache, ops):
         self.g, self.x, self.eps, self.norm, self.box = graph, x, eps, norm, box
@@ -271,26 +295,13 @@ class _Walk:
             k = n.kind
             if k == "input":
                 return self._concretise(A, rows, beta, mag, crossed)
-            if k == "linear":
-                op = self.ops[i]
-                if op.bias is not None:
-                    b = op.bias.to(A)
-                    term = (A * b).flatten(2)
+            if k in ("linear", "add", "concat"):
+                op = self.ops.get(i)
+                if op is not None and op.bias is not None:
+                    term = (A * op.bias.to(A)).flatten(2)
                     beta = beta + term.sum(2)
                     mag = mag + term.abs().sum(2)
-                flat = A.reshape(R * S, *n.out_shape)
-                back = op.adjoint(flat).reshape(R, S, *g.nodes[n.inputs[0]].out_shape)
-                self._add(lam, n.inputs[0], back)
-            elif k == "add":
-                for c, j in zip(n.op, n.inputs):
-                    self._add(lam, j, A * c)
-            elif k == "concat":
-                axis = n.op + 2
-                start = 0
-                for j in n.inputs:
-                    size = g.nodes[j].out_shape[n.op]
-                    self._add(lam, j, A.narrow(axis, start, size))
-                    start += size
+                _push_back(lam, g.nodes, n, A, op, 2)
             elif k == "activation":
                 aL, bL, aU, bU = (v[rows][:, None] for v in self._relax(i))
                 if self.alpha is not None and i in self.alpha:  # optimised lower slopes (alpha-CROWN)
@@ -299,7 +310,7 @@ class _Walk:
                     a = a - (a - a.clamp(0.0, 1.0)).detach()  # the value clamped, the gradient kept at 0 and 1
                     aL = torch.where(cross, a, aL)
                 pos = A >= 0
-                self._add(lam, n.inputs[0], A * torch.where(pos, aL, aU))
+                _add(lam, n.inputs[0], A * torch.where(pos, aL, aU))
                 term = (A * torch.where(pos, bL, bU)).flatten(2)
                 beta = beta + term.sum(2)
                 mag = mag + term.abs().sum(2)
@@ -314,17 +325,13 @@ class _Walk:
                 hw = math.prod(in_shape[1:])
                 back = torch.zeros(R, S, c, hw, dtype=A.dtype, device=A.device)
                 back.scatter_add_(3, sel_idx.reshape(R, 1, c, -1).expand(R, S, c, Af.shape[-1]), coef)
-                self._add(lam, n.inputs[0], back.reshape(R, S, *in_shape))
+                _add(lam, n.inputs[0], back.reshape(R, S, *in_shape))
                 term = (An * (1 - domf) * U.reshape(R, 1, c, -1)).flatten(2)
                 beta = beta + term.sum(2)
                 mag = mag + term.abs().sum(2)
             else:  # pragma: no cover - check_supported refuses these first
                 raise UnsupportedOpError([(k, n.name)])
         raise AssertionError("the backward walk never reached the input")  # pragma: no cover
-
-    @staticmethod
-    def _add(lam, j, v):
-        lam[j] = v if j not in lam else lam[j] + v
 
     def _concretise(self, A, rows, beta, mag, crossed):
         lo, hi = self.box
@@ -371,69 +378,53 @@ def _affine_nodes(graph: LipschitzGraph) -> set[int]:
 def _box_intervals(graph: LipschitzGraph, ops: dict, affine: set[int], box) -> dict:
     """Exact ranges over the box of the affine nodes (centre/radius through ``A`` and ``|A|``)."""
     lo, hi = box
-    cr: dict[int, tuple[torch.Tensor, torch.Tensor]] = {0: ((lo + hi) / 2, (hi - lo) / 2)}
+    # centre, radius and magnitude |A| |x| + |b| of every affine node (the magnitude sizes the slack)
+    cr = {0: ((lo + hi) / 2, (hi - lo) / 2, torch.maximum(lo.abs(), hi.abs()))}
     for i in sorted(affine):
         n = graph.nodes[i]
         if n.kind == "linear":
-            c, r = cr[n.inputs[0]]
-            cr[i] = (ops[i].forward(c), ops[i].abs_apply(r))
+            op = ops[i]
+            c, r, m = cr[n.inputs[0]]
+            mag = op.abs_apply(m)
+            if op.bias is not None:
+                mag = mag + op.bias.to(mag).abs()
+            cr[i] = (op.forward(c), op.abs_apply(r), mag)
         elif n.kind == "add":
-            c = sum(k * cr[j][0] for k, j in zip(n.op, n.inputs))
-            r = sum(abs(k) * cr[j][1] for k, j in zip(n.op, n.inputs))
-            cr[i] = (c, r)
+            cr[i] = (sum(k * cr[j][0] for k, j in zip(n.op, n.inputs)),
+                     sum(abs(k) * cr[j][1] for k, j in zip(n.op, n.inputs)),
+                     sum(abs(k) * cr[j][2] for k, j in zip(n.op, n.inputs)))
         elif n.kind == "concat":
-            cr[i] = tuple(torch.cat([cr[j][t] for j in n.inputs], dim=n.op + 1) for t in (0, 1))
+            cr[i] = tuple(torch.cat([cr[j][t] for j in n.inputs], dim=n.op + 1) for t in range(3))
     out = {}
-    for i, (c, r) in cr.items():
-        r = r * (1 + 1e-12) + 1e-300  # outward: the centre/radius products round too
-        slack = 1e-12 * c.abs()
-        out[i] = (c - r - slack, c + r + slack)
+    for i, (c, r, m) in cr.items():
+        r = r * (1 + ROUNDING_SLACK) + ROUNDING_SLACK * (m + c.abs()) + 1e-300  # outward
+        out[i] = (c - r, c + r)
     return out
 
 
-def _affine_ball(graph: LipschitzGraph, ops: dict, j: int, x: torch.Tensor, cache: dict | None):
-    """Value at ``x`` and l2 norms of the rows of the affine node ``j`` as a map of the input (its
-    exact range over an l2 ball is ``value -+ eps * row norm``); the norms are cached per graph."""
-    key = ("crown-rownorm", j, str(x.device))
+def _affine_row_norms(graph: LipschitzGraph, ops: dict, j: int, device, cache: dict | None) -> torch.Tensor:
+    """l2 norms of the rows of the affine node ``j`` as a map of the input (its exact range over an l2
+    ball is ``value -+ eps * row norm``), shaped like the node; cached per graph in ``cache``."""
+    key = ("crown-rownorm", j, str(device))
     nodes = graph.nodes
     if cache is None or key not in cache:
         shape = nodes[j].out_shape
         units = math.prod(shape)
-        norms = torch.empty(units, dtype=torch.float64, device=x.device)
+        norms = torch.empty(units, dtype=torch.float64, device=device)
         step = _spec_batches(units, max(math.prod(nd.out_shape) for nd in nodes[:j + 1]), 1)
         for s0 in range(0, units, step):
             k = min(step, units - s0)
-            lam = {j: torch.eye(units, dtype=torch.float64, device=x.device)[s0:s0 + k].reshape(k, *shape)}
+            lam = {j: torch.eye(units, dtype=torch.float64, device=device)[s0:s0 + k].reshape(k, *shape)}
             for i in range(j, 0, -1):
                 A = lam.pop(i, None)
                 if A is None:
                     continue
-                n = nodes[i]
-                if n.kind == "linear":
-                    _Walk._add(lam, n.inputs[0], ops[i].adjoint(A))
-                elif n.kind == "add":
-                    for c, src in zip(n.op, n.inputs):
-                        _Walk._add(lam, src, A * c)
-                else:  # concat
-                    start = 0
-                    for src in n.inputs:
-                        size = nodes[src].out_shape[n.op]
-                        _Walk._add(lam, src, A.narrow(n.op + 1, start, size))
-                        start += size
+                _push_back(lam, nodes, nodes[i], A, ops.get(i), 1)
             norms[s0:s0 + k] = lam[0].reshape(k, -1).norm(dim=1)
         if cache is None:
             cache = {}
         cache[key] = norms
-    vals: dict[int, torch.Tensor] = {0: x}
-    for i in range(1, j + 1):
-        n = nodes[i]
-        if n.kind == "linear" and n.inputs[0] in vals:
-            vals[i] = ops[i].forward(vals[n.inputs[0]])
-        elif n.kind == "add" and all(src in vals for src in n.inputs):
-            vals[i] = sum(c * vals[src] for c, src in zip(n.op, n.inputs))
-        elif n.kind == "concat" and all(src in vals for src in n.inputs):
-            vals[i] = torch.cat([vals[src] for src in n.inputs], dim=n.op + 1)
-    return vals[j], cache[key].reshape(nodes[j].out_shape)
+    return cache[key].reshape(nodes[j].out_shape)
 
 
 def _kinks(act) -> list[float] | None:
@@ -515,6 +506,10 @@ def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *
     eps_t = torch.as_tensor(eps, dtype=torch.float64, device=x.device)
     eps_t = eps_t.expand(B).clone() if eps_t.dim() == 0 else eps_t.reshape(B)
     box = input_box(x, eps_t, domain)
+    empty = (box[0] > box[1]).reshape(B, -1).any(1)
+    if bool(empty.any()):
+        raise UserInputError(f"input {int(empty.nonzero()[0])} lies farther than eps outside the input domain: "
+                             "its ball does not meet the domain")
     with torch.no_grad():
         ibp = preactivation_bounds(graph, x, eps_t, norm)
         bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -523,16 +518,16 @@ def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *
         rows_all = torch.arange(B, device=x.device)
         affine = _affine_nodes(graph)
         exact = _box_intervals(graph, walk.ops, affine, box)
+        at_x = _box_intervals(graph, walk.ops, affine, (x, x)) if norm == "2" else {}  # values at x, outwards
         consumers = graph.consumers()
         for j in _needs_bounds(graph):
             l, u = (v.to(torch.float64) for v in ibp[j])
             if j in exact:
                 l, u = torch.maximum(l, exact[j][0]), torch.minimum(u, exact[j][1])
                 if norm == "2" and j:  # and the exact range over the ball
-                    val, rn = _affine_ball(graph, walk.ops, j, x, cache)
-                    r = eps_t.reshape(-1, *([1] * (val.dim() - 1))) * rn[None]
-                    r = r * (1 + 1e-12) + 1e-12 * val.abs() + 1e-300
-                    l, u = torch.maximum(l, val - r), torch.minimum(u, val + r)
+                    rn = _affine_row_norms(graph, walk.ops, j, x.device, cache)
+                    r = eps_t.reshape(-1, *([1] * rn.dim())) * rn[None] * (1 + ROUNDING_SLACK)
+                    l, u = torch.maximum(l, at_x[j][0] - r), torch.minimum(u, at_x[j][1] + r)
             n = graph.nodes[j]
             if n.kind == "activation" and n.op.lo >= 0 and n.inputs[0] in bounds:  # monotone: the image
                 li, ui = bounds[n.inputs[0]]
@@ -565,12 +560,12 @@ def _refine(walk: _Walk, graph, j, l, u, rows_all, open_, alpha_steps: int = 0):
     shape = graph.nodes[j].out_shape
     units = math.prod(shape)
     lf, uf = l.reshape(len(l), -1).clone(), u.reshape(len(u), -1).clone()
+    # the walk's coefficient tensors are as wide as the widest node it crosses
+    widest = max(math.prod(nd.out_shape) for nd in graph.nodes[:j + 1])
     for b in range(len(l)):
         idx = open_[b].nonzero().flatten()
         if not len(idx):
             continue
-        # the walk's coefficient tensors are as wide as the widest node it crosses
-        widest = max(math.prod(nd.out_shape) for nd in graph.nodes[:j + 1])
         step = _spec_batches(2 * len(idx), widest, 1) // 2 or 1
         for s in range(0, len(idx), step):
             part = idx[s:s + step]
@@ -584,8 +579,9 @@ def _refine(walk: _Walk, graph, j, l, u, rows_all, open_, alpha_steps: int = 0):
             if alpha_steps:
                 low = _optimise_slopes(walk, graph, Cj, rows_all[b:b + 1], low, alpha_steps, target=j)
             low = low[0]
-            lf[b, part] = torch.maximum(lf[b, part], low[:k])
-            uf[b, part] = torch.minimum(uf[b, part], -low[k:])
+            # fmax/fmin: a NaN bound (never expected) leaves the interval bound in place
+            lf[b, part] = torch.fmax(lf[b, part], low[:k])
+            uf[b, part] = torch.fmin(uf[b, part], -low[k:])
     return lf.reshape(l.shape), uf.reshape(u.shape)
 
 
@@ -612,11 +608,13 @@ def _optimise_slopes(walk: _Walk, graph, C, rows, lower, steps: int, lr: float =
             for _ in range(steps):
                 opt.zero_grad()
                 val = walk.lower(t, C, rows)
-                best = torch.maximum(best, val.detach())
+                best = torch.fmax(best, val.detach())  # a NaN step never replaces a bound
                 (-val.sum()).backward()
+                for a in alpha.values():  # the l2 norm of an all-zero row has a NaN gradient
+                    a.grad.nan_to_num_(0.0)
                 opt.step()
             with torch.no_grad():
-                best = torch.maximum(best, walk.lower(t, C, rows))
+                best = torch.fmax(best, walk.lower(t, C, rows))
     finally:
         walk.alpha = None
     return best

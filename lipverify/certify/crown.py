@@ -25,13 +25,16 @@ import torch
 
 from lipverify.arguments import default_box
 from lipverify.bounds.crown import check_supported, margin_lower_bounds
+from lipverify.certify.rules import inside_domain
 
 
 def crown_certify(model, x, pred, radius, targets, norm, cert_at, eps_list, per_example,
                   bisection_steps: int = 8, batch_size: int = 32, max_doublings: int = 12,
                   intermediate: str = "crown", progress=None, all_inputs: bool = False, alpha_steps: int = 0):
     """CROWN certificates for the inputs not yet certified at the largest requested radius (every
-    input with ``all_inputs``: the radius of each is then the largest CROWN proves).  ``alpha_steps``:
+    input with ``all_inputs``: the radius of each is then the largest CROWN proves).  ``radius``: the
+    radii already proven (sound ones only: the bisection starts there without checking them), 0 where
+    none is.  Inputs outside the domain are not examined.  ``alpha_steps``:
     optimised ReLU slopes (alpha-CROWN) in every bound, this many Adam steps each.
 
     The input set is the ball intersected with the model's domain (:meth:`LipModel.set_domain`,
@@ -43,6 +46,8 @@ def crown_certify(model, x, pred, radius, targets, norm, cert_at, eps_list, per_
     in all."""
     check_supported(model.graph)
     n = len(x)
+    domain = model.domain if model.domain is not None else default_box(x)
+    inside = inside_domain(x, domain, x) if domain is not None else torch.ones(n, dtype=torch.bool)
     if all_inputs:
         todo = list(range(n))
     elif per_example:
@@ -52,10 +57,10 @@ def crown_certify(model, x, pred, radius, targets, norm, cert_at, eps_list, per_
         todo = [i for i in range(n) if not bool(radius[i] > top)]
     else:
         todo = list(range(n))
+    todo = [i for i in todo if bool(inside[i])]
     if progress:
         progress(n - len(todo))
-    domain = model.domain if model.domain is not None else default_box(x)
-    cache = model._cache.setdefault("crown", {}) if hasattr(model, "_cache") else {}
+    cache = model._cache.setdefault("crown", {})
     out = {}
 
     def ok_at(xs, p, e):

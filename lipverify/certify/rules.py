@@ -547,7 +547,7 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     targets = eps_check if per_example else (max(eps_list) if eps_list else None)
     extra = (["local"] if method in ("local", "best") else []) + \
         (["crown"] if method in ("crown", "crown-ibp", "alpha-crown", "best") else [])
-    for step_no, kind in enumerate(extra):
+    for kind in extra:
         # with two extra methods each advances progress by half of the inputs' share
         part = progress if len(extra) == 1 or progress is None else _half(progress, n)
         if kind == "local":
@@ -560,7 +560,8 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
             from lipverify.certify.crown import crown_certify
 
             t_c = time.perf_counter()
-            found, box = crown_certify(model, x, pred, radius, targets, norm, cert_at, eps_list, per_example,
+            proven = torch.where(sound, radius, torch.zeros_like(radius))  # never start from an estimate
+            found, box = crown_certify(model, x, pred, proven, targets, norm, cert_at, eps_list, per_example,
                                        intermediate="ibp" if method == "crown-ibp" else "crown", progress=part,
                                        all_inputs=method == "best",
                                        alpha_steps=ALPHA_STEPS if method == "alpha-crown" else 0)

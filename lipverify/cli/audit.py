@@ -37,8 +37,9 @@ DEFAULT_LIMIT = 200
                    "'auto': the strongest that fits).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--method", type=click.Choice(["global", "local"]), default="local", show_default=True,
-              help="Certificates: global constants only (no local work at all), or also the sound local "
-                   "constants by bisection.")
+              help="Certificates: global constants only (no local work at all), or also local certificates: "
+                   "sound local constants by bisection, or CROWN where the global certificates are weak "
+                   "(the notes say which).")
 @click.option("--steps", default="all", show_default=True,
               help="Steps to run, comma-separated, from: attack, local, lower, lipsdp (bounds and the global "
                    "certificates always run); 'all'.")
@@ -95,7 +96,6 @@ def audit(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, 
                     method=method, steps=run_steps, time_budget=budget,
                     on_step=lambda partial: write(partial, figures=False))
     res.notes = res.notes + ds.notes
-    res.load_s = load_s
     total = time.perf_counter() - t_start
     res.total_time_s = total
     res.time_label = time_label(total, load_s, "audit", res.time_s)

@@ -42,10 +42,6 @@ from lipverify.report import verdict as verdict_mod
 
 #: every step, in the order they run
 STEPS = ("bounds", "certify", "attack", "local", "lower", "lipsdp")
-#: the steps ``--steps`` may leave out
-OPTIONAL = ("attack", "local", "lower", "lipsdp")
-#: default analysis time budget of ``lipverify audit``: sized by the model (see budget.auto_budget)
-DEFAULT_TIME_BUDGET = "auto"
 
 
 def default_eps(norm: str) -> list[float]:
@@ -416,11 +412,13 @@ def local_method(lm, notes: list, budgeted: bool = False, global_share: float = 
     least the local constants' on every public model (benchmarks/bench_crown.py); but where the global
     certificates already hold on at least half of the correct inputs at the smallest eps (a network
     trained for certification), the cheaper local constants are kept."""
-    from lipverify.bounds.crown import SUPPORTED, refined_units
+    from lipverify.bounds.crown import check_supported, refined_units
+    from lipverify.errors import UnsupportedOpError
 
-    bad = sorted({n.kind for i, n in enumerate(lm.graph.nodes) if i <= lm.graph.output and n.kind not in SUPPORTED})
-    if bad:
-        notes.append(f"CROWN certificates not tried: no linear relaxation for {', '.join(bad)} nodes")
+    try:
+        check_supported(lm.graph)
+    except UnsupportedOpError as exc:
+        notes.append(f"CROWN certificates not tried: {exc}")
         return "local"
     units = refined_units(lm.graph)
     if units > CROWN_AUDIT_UNITS:

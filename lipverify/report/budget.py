@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lipverify.attacks.strength import STRENGTHS, Strength, get_strength
+from lipverify.attacks.strength import Strength, get_strength
 
 #: weakest scaling of the ``fast`` preset's step counts before inputs are dropped instead
 MIN_SCALE = 0.2
@@ -215,6 +215,3 @@ def plan(n: int, n_eps: int, norm: str, strength, steps: set, budget_s: float | 
     if "lipsdp" in share:
         p.lipsdp_budget_s = share["lipsdp"]
     return p
-
-
-STRENGTH_NAMES = tuple(STRENGTHS) + ("auto",)
