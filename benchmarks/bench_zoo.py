@@ -36,7 +36,9 @@ TORCHVISION = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "mo
                "vit_b_16", "swin_t", "maxvit_t"]
 TIMM = ["resnet18", "resnet26d", "seresnext26d_32x4d", "efficientnet_b0", "mobilenetv3_small_100", "mixnet_s",
         "rexnet_100", "ghostnet_100", "dla34", "dpn68", "cspresnet50", "regnety_002", "convnext_atto", "repvgg_a0",
-        "hrnet_w18_small", "res2net50_14w_8s", "vit_tiny_patch16_224", "deit_tiny_patch16_224"]
+        "hrnet_w18_small", "res2net50_14w_8s", "vit_tiny_patch16_224", "deit_tiny_patch16_224",
+        # weight-standardised convolutions (a BatchNormalization over the weights, folded at import)
+        "nf_resnet26", "nfnet_l0", "resnetv2_50x1_bit"]
 
 CHILD = r'''
 import json, resource, sys, time, warnings, copy
@@ -128,6 +130,7 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default="onnx")
     ap.add_argument("--models", default=None, help="comma-separated torchvision names (default: all families)")
     ap.add_argument("--timm", action="store_true", help="also a sample of timm's architectures")
+    ap.add_argument("--timm-models", default=None, help="comma-separated timm names (default: the sample)")
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
         try:
             import timm  # noqa: F401
 
-            jobs += [("timm", n) for n in TIMM]
+            jobs += [("timm", n) for n in (args.timm_models.split(",") if args.timm_models else TIMM)]
         except ImportError:
             print("note: timm is not installed (pip install '.[bench]'): its models are skipped")
     rows = []

@@ -88,12 +88,17 @@ class LipModel:
         return n
 
     def __call__(self, x) -> torch.Tensor:
-        """Logits ``(B, m)`` of the model for raw inputs ``(B, *input_shape)`` (tensor or NumPy array)."""
+        """Logits ``(B, m)`` of the model for raw inputs ``(B, *input_shape)`` (tensor or NumPy array);
+        float64 inputs are evaluated by the float64 copy (:meth:`module_double`), as given."""
         if not isinstance(x, torch.Tensor):
             from lipverify.arguments import as_inputs
 
             x = as_inputs(x, None, self.input_shape)[0]
-        out = self.module(x.to(self.device))
+        first = next(self.module.parameters(), None)
+        if x.dtype == torch.float64 and first is not None and first.dtype != torch.float64:
+            out = self.module_double()(x.to(self.device))
+        else:
+            out = self.module(x.to(self.device))
         return out.reshape(out.shape[0], -1)
 
     def check_graph(self, n: int = 3, rtol: float = 1e-4) -> float:
@@ -342,6 +347,49 @@ class LipModel:
                                                     tail=self.tail_matrix() if small else None)
         return self._cache[key]
 
+    def local_constants(self, x, eps, norm="2", *, jacobian: str = "auto", clip="auto", rows=None):
+        """Sound local margin constants ``K_ij(x_b, eps)`` on the balls around ``x`` (float64).
+
+        ``K[b, i, j]`` bounds the Lipschitz constant of the margin ``f_i - f_j`` on ``B_p(x_b, eps_b)``
+        (intersected with the input domain where a linear relaxation is used), the minimum of the masked
+        operator-norm product (Huang et al. 2021) and the Clarke-Jacobian bounds chosen by ``jacobian``
+        (see :func:`lipverify.bounds.local.local_margin_constants`): ``"auto"`` (default) the linear
+        relaxation (Shi et al. 2022) with CROWN's pre-activation bounds where CROWN applies and is
+        affordable, else interval bounds; ``"interval"``, ``"linear"``, ``"linear-refined"``, ``"none"``.
+
+        ``x``: inputs ``(N, *input_shape)``; ``eps``: a float or ``(N,)`` radii; ``norm`` as
+        :meth:`certify`; ``clip``: the input domain (``"auto"``: the model's, else ``[0, 1]`` when every
+        input lies in it, else none); ``rows``: class indices ``(N,)``: the Jacobian bounds only for the
+        pairs ``(rows_b, j)`` (the others keep the masked-norm bound).  Returns a
+        :class:`lipverify.bounds.local.LocalBoundResult`.
+
+        Warnings
+        --------
+        The constants hold only inside the balls they were computed for.  ``"linear-refined"`` costs
+        seconds per input on convolutional networks.
+        """
+        from lipverify.arguments import as_inputs, default_box, parse_box, parse_norm
+        from lipverify.bounds.local import local_margin_constants
+
+        norm = parse_norm(norm)
+        x, _ = as_inputs(x, None, self.input_shape, self.n_classes)
+        x = x.to(self.device, torch.float64)
+        if isinstance(clip, str) and clip.strip().lower() == "auto":
+            box = self.domain if self.domain is not None else default_box(x)
+        elif clip is None or isinstance(clip, str) and clip.strip().lower() == "none":
+            box = None
+        else:
+            box = parse_box(clip) if isinstance(clip, str) else clip
+        dom = box if box is not None else self.effective_domain()
+        if rows is not None:
+            rows = torch.as_tensor(rows, device=self.device).long().reshape(-1)
+        eps_t = torch.as_tensor(eps, dtype=torch.float64, device=self.device)
+        if bool((eps_t < 0).any()) or not bool(torch.isfinite(eps_t).all()):
+            raise UserInputError(f"eps must be finite and non-negative, got {eps!r}")
+        with no_tf32():
+            return local_margin_constants(self.graph, x, eps_t, norm, domain=dom, rows=rows, jacobian=jacobian,
+                                          box=box)
+
     def rounded_forward(self, norm: str = "2", dtype=torch.float32):
         """The graph evaluated in ``dtype`` with a proven bound on the logits' rounding error
         (:class:`lipverify.bounds.rounding.RoundedForward`; ``supported`` false when the graph has a step
@@ -434,9 +482,17 @@ class LipModel:
             notes.append(f"products/normalisations bounded with interval bounds on the input domain "
                          f"{describe_domain(dom)}" + (" (the default; set --clip)" if self.domain is None else "")
                          + ": the bound and certificates hold for inputs inside it only")
+        overflow_at = next((r.name for r in rows if r.overflow), None)
+        if overflow_at is None and rows and math.isinf(float(out.value)):
+            overflow_at = rows[-1].name
+        if overflow_at is not None:
+            notes.append(f"the bound overflows float64 (above 1.8e308) at layer {overflow_at}: from there on every "
+                         "running bound, the global bound and the margin constants are infinite, which proves "
+                         "nothing (typical of products such as squeeze-excitation gates bounded over the whole "
+                         "input domain; a smaller --clip box or local bounds may help)")
         return BoundsReport(
             model=self.name, norm=norm, method=method, input_shape=self.input_shape,
-            n_classes=self.n_classes, layers=rows,
+            n_classes=self.n_classes, layers=rows, overflow_at=overflow_at,
             global_bound=ValueWithMethod(out.value, gmethod, out.sound),
             margin=MarginSummary(mc.K.tolist(), mc.method, mc.sound),
             fidelity=self.fidelity, notes=notes, time_s=time.perf_counter() - t0,

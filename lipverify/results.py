@@ -21,6 +21,10 @@ def _num(v: float) -> float | None:
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
 
 
+def _inf(v) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isinf(float(v))
+
+
 def short_number(v) -> str:
     """``v`` with 6 significant digits for a one-line ``repr`` (``None`` as ``None``)."""
     try:
@@ -88,10 +92,16 @@ class LayerRow:
     sound: bool
     cumulative: float | None = None
 
+    @property
+    def overflow(self) -> bool:
+        """The node's constant or the running bound up to it overflowed float64 (is infinite)."""
+        return _inf(self.lipschitz) or _inf(self.cumulative)
+
     def to_dict(self) -> dict:
         return {"name": self.name, "op": self.op, "kind": self.kind, "in_shape": list(self.in_shape),
                 "out_shape": list(self.out_shape), "lipschitz": _num(self.lipschitz),
-                "method": self.method, "sound": self.sound, "cumulative": _num(self.cumulative)}
+                "method": self.method, "sound": self.sound, "cumulative": _num(self.cumulative),
+                "overflow": self.overflow}
 
 
 @dataclass
@@ -101,7 +111,7 @@ class ValueWithMethod:
     sound: bool
 
     def to_dict(self) -> dict:
-        return {"value": _num(self.value), "method": self.method, "sound": self.sound}
+        return {"value": _num(self.value), "infinite": _inf(self.value), "method": self.method, "sound": self.sound}
 
 
 @dataclass
@@ -123,8 +133,8 @@ class MarginSummary:
         return min(self.off_diagonal) if self.off_diagonal else 0.0
 
     def to_dict(self) -> dict:
-        return {"K": [[float(v) for v in row] for row in self.K], "max": self.max, "min": self.min,
-                "method": self.method, "sound": self.sound}
+        return {"K": [[_num(v) for v in row] for row in self.K], "max": _num(self.max), "min": _num(self.min),
+                "infinite": any(_inf(v) for v in self.off_diagonal), "method": self.method, "sound": self.sound}
 
 
 @dataclass
@@ -147,6 +157,8 @@ class BoundsReport:
     total_time_s: float | None = None
     #: the command's labelled time line (``time 5.5 s (load 0.1 s, bounds 5.4 s)``; None from the API)
     time_label: str | None = None
+    #: the first layer (graph order) whose constant or running bound overflowed float64; None if none did
+    overflow_at: str | None = None
 
     def __repr__(self) -> str:
         name = self.model if len(str(self.model)) <= 60 else "..." + str(self.model)[-57:]
@@ -169,6 +181,9 @@ class BoundsReport:
             "notes": list(self.notes),
             "time_s": self.time_s,
             "domain": self.domain,
+            "overflow": None if self.overflow_at is None else {
+                "layer": self.overflow_at,
+                "index": next(i for i, r in enumerate(self.layers) if r.name == self.overflow_at)},
             **({} if self.total_time_s is None else {"total_time_s": self.total_time_s}),
             **({} if self.time_label is None else {"time_label": self.time_label}),
         }

@@ -295,3 +295,52 @@ def test_each_command_prints_one_labelled_time_line(samples, tmp_path):
         assert len(times) == 1 and f"{args[0]} " in times[0] and "(load " in times[0], res.stdout
         total, load, part = (float(v) for v in re.findall(r"([\d.e+-]+) s", times[0])[:3])
         assert load <= total and part <= total * (1 + 1e-2) + 1e-3
+
+
+def test_float64_inputs_give_float64_logits(builtin, samples):
+    x, _ = samples
+    x64 = x[:4].double().numpy()
+    out = builtin(x64)
+    assert out.dtype == torch.float64
+    want = builtin.module_double()(torch.from_numpy(x64))
+    assert torch.equal(out, want.reshape(4, -1))
+    assert torch.allclose(builtin(x[:4]).double(), out, atol=1e-4)  # float32 inputs: the float32 module
+
+
+def test_local_constants_api_and_certify_option_agree(samples, tmp_path):
+    """``LipModel.local_constants`` (linear relaxation where it applies) is sound at sampled points,
+    tighter than the interval bound on this network, and ``certify --local-jacobian linear`` gives
+    certificates no weaker than the interval ones (the CLI and the API take the same path)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 6, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 6 * 6, 12), nn.ReLU(),
+                        nn.Linear(12, 4)).eval()
+    lm = lipverify.load(net, input_shape=(1, 14, 14))
+    x = torch.rand(6, 1, 14, 14)
+    pred = lm(x).argmax(1)
+    lin = lm.local_constants(x, 0.03, "inf", rows=pred)
+    itv = lm.local_constants(x, 0.03, "inf", jacobian="interval", rows=pred)
+    assert "Shi et al." in lin.method and "Shi et al." not in itv.method
+    b = torch.arange(6)
+    assert bool(torch.all(lin.K[b, pred] <= itv.K[b, pred] * (1 + 1e-12)))
+    assert float((lin.K[b, pred] / itv.K[b, pred]).nan_to_num(1.0).min()) < 0.9
+    net64 = lm.module_double()
+    z = (x.double() + 0.03 * torch.sign(torch.randn(6, 1, 14, 14, dtype=torch.float64))).clamp(0, 1)
+    z.requires_grad_(True)
+    out = net64(z)
+    for j in range(4):
+        gr, = torch.autograd.grad((out[b, pred] - out[:, j]).sum(), z, retain_graph=True)
+        assert bool(torch.all(gr.flatten(1).abs().sum(1) <= lin.K[b, pred, j] * (1 + 1e-9) + 1e-12))
+    with pytest.raises(lipverify.UserInputError):
+        lm.local_constants(x, -1.0)
+    y = pred.numpy()
+    data = write_npz(tmp_path, x.numpy(), y)
+    onnx_path = tmp_path / "small.onnx"
+    torch.onnx.export(net, torch.rand(1, 1, 14, 14), str(onnx_path), dynamo=False, opset_version=17)
+    lo = lipverify.load(str(onnx_path))
+    api_i = lo.certify(x, y, eps=0.01, norm="inf", method="local")
+    api_l = lo.certify(x, y, eps=0.01, norm="inf", method="local", local_options={"jacobian": "linear"})
+    assert all(a >= b_ * (1 - 1e-9) for a, b_ in zip(api_l.radius.tolist(), api_i.radius.tolist()))
+    assert any("Shi et al." in n for n in api_l.notes) and not any("Shi et al." in n for n in api_i.notes)
+    d = run_json("certify", onnx_path, "--data", data, "--eps", "0.01", "--norm", "inf", "--method", "local",
+                 "--local-jacobian", "linear", "--json")
+    assert [r["radius"] for r in d["inputs"]] == api_l.radius.tolist()

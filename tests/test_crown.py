@@ -25,6 +25,7 @@ import lipverify
 from lipverify.bounds.crown import crown_bounds, margin_lower_bounds
 from lipverify.cli import main
 from lipverify.errors import UnsupportedOpError
+from nets import Mixed
 
 
 def _relu_net(seed, d=2, h=(4, 3), m=3, scale=1.5):
@@ -135,30 +136,12 @@ def test_outward_rounding_on_adversarially_scaled_weights():
         assert Fraction(float(lower[0, k])) <= exact_min and Fraction(float(upper[0, k])) >= exact_max
 
 
-class _Mixed(nn.Module):
-    def __init__(self, act):
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
-        self.pool = nn.MaxPool2d(2, ceil_mode=True)
-        self.c3 = nn.Conv2d(4, 2, 3, stride=2)
-        self.fc = nn.Linear(66, 5)
-        self.act = act
-
-    def forward(self, x):
-        h = self.act(self.c1(x))
-        h = h + self.act(self.c2(h))  # residual sum
-        p = self.pool(h)
-        z = self.act(self.c3(p))
-        return self.fc(torch.cat([z.flatten(1), p.flatten(1)], 1))  # concatenation
-
-
 @pytest.mark.parametrize("act", [nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-0.5, 0.5), nn.LeakyReLU(0.1), nn.Tanh(),
                                  nn.GELU(), nn.ELU()], ids=lambda a: type(a).__name__)
 @pytest.mark.parametrize("norm,eps", [("inf", 0.05), ("2", 0.3)])
 def test_samples_and_attacks_stay_inside_the_bounds(act, norm, eps):
     torch.manual_seed(3)
-    net = _Mixed(act).eval()
+    net = Mixed(act).eval()
     lm = lipverify.load(net, input_shape=(1, 7, 7))
     x = torch.rand(2, 1, 7, 7, dtype=torch.float64)
     lower, upper, _ = crown_bounds(lm.graph, x, eps, norm, domain=(0.0, 1.0))

@@ -23,33 +23,20 @@ import torch
 import torch.nn as nn
 
 import lipverify
-from lipverify.bounds.jacobian import margin_jacobian_bounds, pair_directions
-from lipverify.bounds.local import _Context, local_margin_constants, preactivation_bounds
+from lipverify.bounds.jacobian import margin_jacobian_bounds
+from lipverify.bounds.local import local_margin_constants
 from lipverify.models.layers import MinMax
+from nets import interval_inputs, one_hidden_layer
 
 
 def _pure_bound(lm, x, eps, p, rows=None):
-    g = lm.graph
-    pb = preactivation_bounds(g, x, eps, p)
-    n = len(g.nodes)
-    lbs = [pb[i][0] if i in pb else None for i in range(n)]
-    ubs = [pb[i][1] if i in pb else None for i in range(n)]
-    ctx = _Context(g, p, {})
-    m = int(np.prod(g.nodes[g.output].out_shape))
-    C, I, J = pair_directions(m, rows, x.shape[0])
-    return margin_jacobian_bounds(g, ctx.ops, lbs, ubs, C, p), C, I, J, pb
+    lbs, ubs, ops, (C, I, J), pb = interval_inputs(lm, x, eps, p, rows)
+    return margin_jacobian_bounds(lm.graph, ops, lbs, ubs, C, p), C, I, J, pb
 
 
 @pytest.mark.parametrize("p", ["2", "inf"])
 def test_one_hidden_layer_equals_brute_force_over_activation_patterns(p):
-    torch.manual_seed(3)
-    net = nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 3)).eval()
-    lm = lipverify.load(net, input_shape=(4,))
-    W1 = net[0].weight.detach().double().numpy()
-    b1 = net[0].bias.detach().double().numpy()
-    W2 = net[2].weight.detach().double().numpy()
-    x = torch.rand(5, 4, dtype=torch.float64)
-    eps = 0.25 if p == "2" else 0.12
+    lm, W1, b1, W2, x, eps = one_hidden_layer(p)
     K, C, _, _, _ = _pure_bound(lm, x, eps, p)
     rown = np.linalg.norm(W1, axis=1) if p == "2" else np.abs(W1).sum(1)
     checked_unstable = False

@@ -24,6 +24,7 @@ import torch
 
 import lipverify
 from lipverify.errors import UserInputError
+from nets import jacobian_spectral_lower_bound
 
 tv = pytest.importorskip("torchvision")
 
@@ -55,14 +56,7 @@ def _build(name):
 
 def _jacobian_lower_bound(module, shape, n=2, seed=0):
     """max over sampled x in [0,1]^d of ||J(x)||_2, exact SVD of the autograd Jacobian (float64)."""
-    g = torch.Generator().manual_seed(seed)
-    m64 = __import__("copy").deepcopy(module).double()
-    best = 0.0
-    for _ in range(n):
-        x = torch.rand((1,) + tuple(shape), generator=g, dtype=torch.float64)
-        jac = torch.autograd.functional.jacobian(lambda z: m64(z).reshape(-1), x).reshape(-1, x.numel())
-        best = max(best, float(torch.linalg.matrix_norm(jac, ord=2)))
-    return best
+    return jacobian_spectral_lower_bound(__import__("copy").deepcopy(module).double(), shape, n, seed)
 
 
 def _check_outcome(load, what):
@@ -151,3 +145,26 @@ def test_cli_on_an_aliased_export_never_exits_1(tmp_path):
     assert d["domain"] == [0.0, 1.0] and "holds on the input domain [0, 1]" in d["global"]["method"]
     res = CliRunner().invoke(main, ["bounds", str(path), "--clip", "1,0"])
     assert res.exit_code == 2 and "--clip" in res.stderr and "Traceback" not in res.stderr
+
+
+# timm's families whose convolutions standardise their weights at run time (exported as a training-mode
+# BatchNormalization over the weight tensor, folded into plain weights at import)
+# family -> outcome: NFNet's squeeze-excitation gates and BiT's GroupNorm are bounded on the input domain
+TIMM_WEIGHT_STANDARDISED = {"nf_resnet26": "bounded", "nfnet_l0": "bounded on the domain",
+                            "resnetv2_50x1_bit": "bounded on the domain"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TIMM_WEIGHT_STANDARDISED)
+def test_timm_weight_standardised_families(name, tmp_path):
+    timm = pytest.importorskip("timm", reason="timm (pip install '.[test]') builds these families")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    path = tmp_path / f"{name}.onnx"
+    _export_onnx(net, 32, path)
+    outcome, detail = _check_outcome(lambda: lipverify.load(path), name)
+    assert outcome == TIMM_WEIGHT_STANDARDISED[name], detail
+    lm = lipverify.load(path)
+    assert any("BatchNormalization" in n and "folded" in n for n in lm.notes), lm.notes

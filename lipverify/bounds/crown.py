@@ -459,6 +459,23 @@ def _open_units(graph: LipschitzGraph, consumers: list[int], l, u) -> torch.Tens
     return mask
 
 
+#: CROWN is used by default (audit, local constants) when at most this many units need intermediate
+#: bounds by backward walks (:func:`refined_units`)
+AFFORDABLE_UNITS = 20_000
+
+
+def affordable(graph: LipschitzGraph) -> str | None:
+    """``None`` when CROWN applies to ``graph`` and is affordable by default, else the reason."""
+    try:
+        check_supported(graph)
+    except UnsupportedOpError as exc:
+        return str(exc)
+    units = refined_units(graph)
+    if units > AFFORDABLE_UNITS:
+        return f"{units} units would need intermediate bounds (more than {AFFORDABLE_UNITS})"
+    return None
+
+
 def refined_units(graph: LipschitzGraph) -> int:
     """Units whose intermediate bounds CROWN computes by backward walks (the inputs of activation and
     pooling nodes that are not affine in the input): the main term of its cost."""

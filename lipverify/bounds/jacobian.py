@@ -146,51 +146,81 @@ def _linear_back(op, lo, hi):
     return gc - gr, gc + gr
 
 
+class PoolWindows:
+    """The windows of a max-pooling node over its input, and which inputs can be each window's maximum.
+
+    ``cand``: ``(B, C, k, L)`` an input can be the maximum of the window (``u >= max l`` over the window;
+    padding never is); ``sole``: ``(B, C, 1, L)`` the window has a single candidate.  :meth:`view` lays a
+    ``(R, C, H, W)`` tensor out as ``(R, C, k, L)`` windows, :meth:`fold` sums ``(R, C, k, L)`` back
+    onto the input (``R`` a multiple of ``B``).
+    """
+
+    def __init__(self, pool, l_in: torch.Tensor, u_in: torch.Tensor):
+        self.one_d = pool.one_d
+        if self.one_d:
+            l_in, u_in = l_in.unsqueeze(2), u_in.unsqueeze(2)
+        self.C, self.H, self.W = l_in.shape[1:]
+        self.kernel = pool.kernel
+        self.stride = pool.stride
+        self.padding = pool.padding
+        self.dilation = pool.dilation
+        self.windows_per_input = pool.windows_per_input()
+        self.l_in, self.u_in = l_in, u_in
+
+    def setup(self, out_hw):
+        """Geometry for an output of spatial size ``out_hw`` (taken from the gradient tensors)."""
+        Ho, Wo = out_hw
+        kh, kw = self.kernel
+        sh, sw = self.stride
+        dh, dw = self.dilation
+        ph, pw = self.padding
+        self.Ho, self.Wo = Ho, Wo
+        # the padded input exactly as far as the windows reach (ceil_mode windows may pass the edge;
+        # floor mode may leave the last rows and columns outside every window)
+        self.need_h = (Ho - 1) * sh + dh * (kh - 1) + 1
+        self.need_w = (Wo - 1) * sw + dw * (kw - 1) + 1
+        self.pad = (pw, max(0, self.need_w - self.W - pw), ph, max(0, self.need_h - self.H - ph))
+        U, L = self.view(self.u_in, -math.inf), self.view(self.l_in, -math.inf)
+        self.cand = U >= L.amax(2, keepdim=True)  # padding (-inf) is never a candidate
+        self.sole = self.cand.sum(2, keepdim=True) == 1
+        return self
+
+    def view(self, t: torch.Tensor, fill: float) -> torch.Tensor:
+        kh, kw = self.kernel
+        if self.one_d and t.dim() == 3:
+            t = t.unsqueeze(2)
+        tp = F.pad(t, self.pad, value=fill)[..., :self.need_h, :self.need_w]
+        return F.unfold(tp, kernel_size=(kh, kw), dilation=self.dilation, stride=self.stride).reshape(
+            t.shape[0], self.C, kh * kw, self.Ho * self.Wo)
+
+    def fold(self, t: torch.Tensor) -> torch.Tensor:
+        kh, kw = self.kernel
+        ph, pw = self.padding
+        R = t.shape[0]
+        out = F.fold(t.reshape(R, self.C * kh * kw, self.Ho * self.Wo), (self.need_h, self.need_w),
+                     kernel_size=(kh, kw), dilation=self.dilation, stride=self.stride)
+        short_h, short_w = max(0, ph + self.H - self.need_h), max(0, pw + self.W - self.need_w)
+        if short_h or short_w:  # rows / columns no window reads: zero gradient
+            out = F.pad(out, (0, short_w, 0, short_h))
+        out = out[:, :, ph:ph + self.H, pw:pw + self.W]
+        return out.squeeze(2) if self.one_d else out
+
+
 def _maxpool_back(pool, l_in, u_in, lo, hi, P):
     """Gradient interval of a max-pooling input from its output's (see the module docstring)."""
-    one_d = pool.one_d
-    if one_d:
-        l_in, u_in, lo, hi = (t.unsqueeze(2) for t in (l_in, u_in, lo, hi))
-    B, C, H, W = l_in.shape
-    kh, kw = pool.kernel
-    sh, sw = pool.stride
-    ph, pw = pool.padding
-    dh, dw = pool.dilation
-    Ho, Wo = lo.shape[-2], lo.shape[-1]
-    # the padded input exactly as far as the windows reach (ceil_mode windows may pass the edge; floor
-    # mode may leave the last rows and columns outside every window)
-    need_h = (Ho - 1) * sh + dh * (kh - 1) + 1
-    need_w = (Wo - 1) * sw + dw * (kw - 1) + 1
-    pad = (pw, max(0, need_w - W - pw), ph, max(0, need_h - H - ph))
-
-    def window_view(t):
-        tp = F.pad(t, pad, value=-math.inf)[..., :need_h, :need_w]
-        return F.unfold(tp, kernel_size=(kh, kw), dilation=(dh, dw), stride=(sh, sw)).reshape(
-            B, C, kh * kw, Ho * Wo)
-    U, L = window_view(u_in), window_view(l_in)
-    cand = U >= L.amax(2, keepdim=True)  # padding (-inf) is never a candidate
-    sole = cand.sum(2, keepdim=True) == 1
-    cand = cand.repeat_interleave(P, dim=0)
-    sole = sole.repeat_interleave(P, dim=0)
-    glo = lo.reshape(B * P, C, 1, Ho * Wo)
-    ghi = hi.reshape(B * P, C, 1, Ho * Wo)
+    win = PoolWindows(pool, l_in, u_in).setup((lo.shape[-2], lo.shape[-1]) if not pool.one_d
+                                              else (1, lo.shape[-1]))
+    B = l_in.shape[0]
+    cand = win.cand.repeat_interleave(P, dim=0)
+    sole = win.sole.repeat_interleave(P, dim=0)
+    glo = lo.reshape(B * P, win.C, 1, win.Ho * win.Wo)
+    ghi = hi.reshape(B * P, win.C, 1, win.Ho * win.Wo)
     z = torch.zeros((), dtype=lo.dtype, device=lo.device)
     c_lo = torch.where(cand, torch.where(sole, glo, torch.minimum(glo, z)), z)
     c_hi = torch.where(cand, torch.where(sole, ghi, torch.maximum(ghi, z)), z)
-
-    def fold(t):
-        out = F.fold(t.reshape(B * P, C * kh * kw, Ho * Wo), (need_h, need_w), kernel_size=(kh, kw),
-                     dilation=(dh, dw), stride=(sh, sw))
-        short_h, short_w = max(0, ph + H - need_h), max(0, pw + W - need_w)
-        if short_h or short_w:  # rows / columns no window reads: zero gradient
-            out = F.pad(out, (0, short_w, 0, short_h))
-        return out[:, :, ph:ph + H, pw:pw + W]
-    r_lo, r_hi = fold(c_lo), fold(c_hi)
-    w = REL_SLACK * (r_lo.abs() + r_hi.abs()) * pool.windows_per_input()
-    r_lo, r_hi = r_lo - w, r_hi + w
-    if one_d:
-        r_lo, r_hi = r_lo.squeeze(2), r_hi.squeeze(2)
-    return r_lo, r_hi
+    r_lo, r_hi = win.fold(c_lo), win.fold(c_hi)
+    w = REL_SLACK * (r_lo.abs() + r_hi.abs()) * win.windows_per_input
+    return r_lo - w, r_hi + w
 
 
 def _minmax_back(l_in, u_in, lo, hi, P):
@@ -257,7 +287,7 @@ def margin_jacobian_bounds(graph: LipschitzGraph, ops: dict, lbs: list, ubs: lis
     for s in range(0, B, per):
         sl = slice(s, min(B, s + per))
         nls = [None if nl is None else [None if t is None else t[sl] for t in nl] for nl in sets]
-        out[:, sl] = _bounds_chunk(graph, ops, [None if t is None else t[sl] for t in lbs],
+        out[:, sl] = interval_chunk(graph, ops, [None if t is None else t[sl] for t in lbs],
                                    [None if t is None else t[sl] for t in ubs], C[sl], p, nls)
     return out if node_lipschitz_sets is not None else out[0]
 
@@ -267,7 +297,9 @@ def _dual_norm(lo, hi, B, P, p):
     return (g.norm(dim=2) if p == "2" else g.sum(dim=2)) * (1 + 1e-10)
 
 
-def _bounds_chunk(graph, ops, lbs, ubs, C, p, node_lipschitz_sets):
+def interval_chunk(graph, ops, lbs, ubs, C, p, node_lipschitz_sets, keep: dict | None = None):
+    """``keep``: a dict that receives every node's complete gradient interval ``(lo, hi)`` (``(B P, *shape)``)
+    by node index (for :mod:`lipverify.bounds.jacobian_linear`)."""
     nodes = graph.nodes
     B, P, m = C.shape
     o = graph.output
@@ -298,6 +330,8 @@ def _bounds_chunk(graph, ops, lbs, ubs, C, p, node_lipschitz_sets):
         k = n.kind
         if k == "input":
             inp = i
+            if keep is not None:
+                keep[i] = (lo, hi)
             continue
         if sum(1 for t in glo if t is not None) == 1:
             # every path to the logits passes through node i (no other gradient is pending)
@@ -307,6 +341,8 @@ def _bounds_chunk(graph, ops, lbs, ubs, C, p, node_lipschitz_sets):
                     here = _dual_norm(lo, hi, B, P, p) if here is None else here
                     Li = nl[i].to(torch.float64).reshape(B, 1)
                     best[s_] = torch.minimum(best[s_], here * Li * (1 + 1e-12))
+        if keep is not None:
+            keep[i] = (lo, hi)
         glo[i] = ghi[i] = None
         ins = n.inputs
         if k == "linear":

@@ -708,12 +708,60 @@ def _combine(ctx: _Context, norms, masks, bounds=None):
     return K, L
 
 
+def _jacobian_mode(graph: LipschitzGraph, jacobian) -> str:
+    if jacobian is False or jacobian == "none":
+        return "none"
+    if jacobian is True or jacobian == "interval":
+        return "interval"
+    if jacobian not in ("auto", "linear", "linear-refined"):
+        raise ValueError(f"jacobian must be auto, none, interval, linear or linear-refined, not {jacobian!r}")
+    from lipverify.bounds.crown import affordable, check_supported
+    from lipverify.bounds.jacobian_linear import linear_supports
+    from lipverify.errors import UnsupportedOpError
+
+    if linear_supports(graph) is not None:
+        return "interval"
+    if jacobian == "auto":
+        return "interval" if affordable(graph) is not None else "linear"
+    try:
+        check_supported(graph)
+    except UnsupportedOpError:
+        return "interval"
+    return jacobian
+
+
+def _linear_jacobian(graph, ctx, x, e, lbs, ubs, C, box, refine: bool):
+    """Linear-relaxation Jacobian bounds ``(B, P)`` with CROWN's pre-activation bounds (on the balls
+    intersected with ``box`` when every ball meets it), or None when the relaxation has no rule."""
+    from lipverify.bounds.crown import crown_bounds, input_box
+    from lipverify.bounds.jacobian_linear import REFINE_ROWS, linear_jacobian_bounds
+
+    if box is not None:
+        lo_b, hi_b = input_box(x, e, box)
+        if bool((lo_b > hi_b).reshape(x.shape[0], -1).any()):
+            box = None  # a ball misses the box: the whole balls
+    cache = ctx.cache.setdefault("crown", {})
+    _, _, cb = crown_bounds(graph, x, e, ctx.p, domain=box, upper=False, cache=cache,
+                            C=torch.zeros(x.shape[0], 1, *graph.nodes[graph.output].out_shape,
+                                          dtype=torch.float64, device=x.device))
+    lb2, ub2 = list(lbs), list(ubs)
+    for j, (l, u) in cb.items():
+        if lb2[j] is not None:
+            lb2[j], ub2[j] = torch.maximum(lb2[j], l), torch.minimum(ub2[j], u)
+    try:
+        lin, itv = linear_jacobian_bounds(graph, ctx.ops, lb2, ub2, C, ctx.p,
+                                          refine_rows=REFINE_ROWS if refine else 0)
+    except NotImplementedError:
+        return None
+    return torch.minimum(lin, itv)
+
+
 def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *,
                            tol: float = 1e-3, max_iter: int = 2000, exact_max_entries: int = 250_000,
                            gram_max_entries: int = GRAM_MAX_ENTRIES,
                            warm_start: dict | None = None, clamp_to_global: bool = True,
-                           domain=None, rows=None, jacobian: bool = True,
-                           estimate: bool = False, need=None) -> LocalBoundResult:
+                           domain=None, rows=None, jacobian: bool | str = "interval",
+                           estimate: bool = False, need=None, box=None) -> LocalBoundResult:
     """Local margin constants ``K_ij(x_b, eps_b)`` and local Lipschitz bounds on ``B_p(x_b, eps_b)``.
 
     Huang et al. 2021 ("Training certifiably robust neural networks with efficient local Lipschitz
@@ -760,8 +808,22 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
         ``(B,)`` class indices (the predictions): the Clarke-Jacobian bound is computed for the pairs
         ``(rows_b, j)`` only (``m`` backward passes per example); ``None``: for every pair.
     jacobian:
-        Use the Clarke-Jacobian interval bound (:mod:`lipverify.bounds.jacobian`) where the graph has
-        rules for it (default); ``False``: the masked-norm product alone.
+        Bounds of the Clarke Jacobian, taken where smaller than the masked-norm product:
+
+        * ``"interval"`` (or ``True``, the default): interval bounds (:mod:`lipverify.bounds.jacobian`)
+          where the graph has rules for them;
+        * ``"linear"``: also CROWN's pre-activation bounds on the ball intersected with ``box`` (which
+          decide which units' slopes are fixed) and the linear relaxation of the backward graph
+          (:mod:`lipverify.bounds.jacobian_linear`, Shi et al., NeurIPS 2022);
+        * ``"linear-refined"``: ``"linear"`` with linear (not interval) bounds of the gradient units
+          the relaxation depends on, Shi et al.'s tightness at a cost of seconds per input;
+        * ``"auto"``: ``"linear"`` where CROWN applies and is affordable
+          (:func:`lipverify.bounds.crown.affordable`), else ``"interval"``;
+        * ``False`` / ``"none"``: the masked-norm product alone.
+    box:
+        ``(lo, hi)`` input domain the linear relaxations intersect the ball with (the constants then
+        hold on ``B_p(x_b, eps_b)`` intersected with the box); ignored for a batch with a ball that
+        misses it.  None: the whole ball.
     estimate:
         Also run the batched power iteration on the large masked operators and return ``K_estimate``
         (an estimate from below of the masked-norm product; what training uses).
@@ -812,7 +874,8 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
             norms[i], norms_est[i], exacts[i], refinable[i] = v, v_est, ex, rf
             iters = torch.maximum(iters, it)
         bounds = list(zip(lbs, ubs))
-        use_jac = jacobian and jac.supports(graph) is None
+        mode = _jacobian_mode(graph, jacobian)
+        use_jac = mode != "none" and jac.supports(graph) is None
         m = int(math.prod(graph.nodes[graph.output].out_shape))
         C = I = J = None
         if use_jac:
@@ -838,6 +901,11 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
                 Kp = jac.margin_jacobian_bounds(graph, ctx.ops, lbs, ubs, C, ctx.p, node_lipschitz_sets=sets)
             except NotImplementedError:
                 Kp, use_jac = None, False
+            if use_jac and mode.startswith("linear"):
+                Kl = _linear_jacobian(graph, ctx, x, e, lbs, ubs, C, box, mode == "linear-refined")
+                if Kl is not None:
+                    Kp = torch.minimum(Kp, Kl[None])
+                    method += " and the linear relaxation of the Clarke Jacobian (Shi et al. 2022)"
             if use_jac:
                 bi = torch.arange(B, device=ctx.device)[:, None].expand_as(I)
                 cur = torch.minimum(K[bi, I, J], Kp[0])
@@ -873,7 +941,7 @@ def local_margin_constants(graph: LipschitzGraph, x: torch.Tensor, eps, norm: st
                         [None if t is None else t[which] for t in ubs], C[which], ctx.p,
                         node_lipschitz=[None if t is None else t[which] for t in L_sound])
                     Kp0 = Kp[0].clone()
-                    Kp0[wl] = Kp_w
+                    Kp0[wl] = torch.minimum(Kp0[wl], Kp_w)
                     Kp = Kp0[None]
         if use_jac:
             Kj = torch.full_like(K, math.inf)

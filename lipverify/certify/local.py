@@ -42,16 +42,19 @@ def _local_ok(model, xs, pred, diffs, mask, eps, norm, warm, opts, decide: bool 
 
 def local_certify(model, x, pred, diffs, mask, radius, targets, norm, cert_at, eps_list, per_example,
                   bisection_steps: int = 8, batch_size: int = 64, tol: float = 1e-3, max_iter: int = 2000,
-                  exact_max_entries: int = 250_000, progress=None):
+                  exact_max_entries: int = 250_000, progress=None, jacobian: str = "interval", box=None):
     """Local certificates for the inputs the global rule left uncertified.
 
     Returns ``{index: (radius, sound, {eps_key: certified})}`` for every input it examined.
     ``progress``: optional ``progress(k)`` advanced by ``len(x)`` in all: at once by the inputs not
     examined, then for each batch by its size in equal fractions per bound computation (one per
     requested eps, one for the upper end, one per bisection step), the last when the batch is done.
+    ``jacobian``, ``box``: how the Clarke Jacobian is bounded and the input box the linear relaxations
+    intersect the balls with (:func:`lipverify.bounds.local.local_margin_constants`).
     """
     n = len(x)
-    opts = {"tol": tol, "max_iter": max_iter, "exact_max_entries": exact_max_entries}
+    opts = {"tol": tol, "max_iter": max_iter, "exact_max_entries": exact_max_entries, "jacobian": jacobian,
+            "box": box}
     warm: dict = {}
     margin = torch.where(mask, diffs, torch.full_like(diffs, math.inf)).min(1).values
     if per_example:

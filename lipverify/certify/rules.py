@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from lipverify.arguments import eps_key, parse_eps, parse_norm
+from lipverify.arguments import default_box
 from lipverify.bounds.domain import DomainForward
 from lipverify.bounds.global_bound import describe_domain
 from lipverify.errors import UserInputError
@@ -553,9 +554,16 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
         if kind == "local":
             from lipverify.certify.local import local_certify
 
+            lo_opts = dict(local_options or {})
+            if str(lo_opts.get("jacobian", "interval")).startswith("linear") and "box" not in lo_opts:
+                lo_opts["box"] = model.domain if model.domain is not None else default_box(x)
             found = local_certify(model, x, pred, diffs, mask, radius, targets, norm, cert_at, eps_list,
-                                  per_example, progress=part, **(local_options or {}))
+                                  per_example, progress=part, **lo_opts)
             notes.append(f"local bounds computed for {len(found)} inputs the global bound left uncertified")
+            if lo_opts.get("box") is not None:
+                notes.append("local constants with the linear relaxation of the Clarke Jacobian (Shi et al. 2022); "
+                             "they hold on the ball intersected with the input domain "
+                             f"{describe_domain(lo_opts['box'])}")
         else:
             from lipverify.certify.crown import crown_certify
 

@@ -15,6 +15,9 @@ and one output) before the ONNX checker, and :func:`convert_onnx` converts with
   cannot follow); any other is bypassed;
 * ``Constant`` nodes become initializers; initializers no node uses are dropped; initializers listed
   as graph inputs (old IR versions) are no longer inputs;
+* every node whose inputs are all constant is evaluated once and becomes initializers
+  (:mod:`lipverify.importers.onnx_fold`: weight standardisation, weight normalisation, reshaped or
+  transposed weights), with its output sizes checked before anything is allocated;
 * opsets older than 11 are converted to 13 with ``onnx.version_converter``;
 * a ``Reshape`` of an input-dependent tensor whose constant shape fixes the batch dimension at 1 gets
   ``0`` there ("copy the input's batch size"), so that the model runs on batches;
@@ -36,6 +39,7 @@ import torch.nn as nn
 
 from lipverify.errors import UnsupportedOpError, UserInputError
 from lipverify.importers.names import record_onnx_names
+from lipverify.importers.onnx_fold import fold_constants
 from lipverify.importers.onnx_safety import check_io, check_structure, read_model
 from lipverify.limits import check_regular
 
@@ -167,6 +171,10 @@ def normalise_onnx(model):
                  f"{bypassed} Identity node(s) bypassed" if bypassed else "",
                  f"{consts} Constant node(s) made initializers" if consts else ""]
         notes.append("ONNX normalised: " + ", ".join(p for p in parts if p))
+    folded, by_op = fold_constants(m)
+    if folded:
+        ops = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in sorted(by_op.items(), key=lambda kv: -kv[1]))
+        notes.append(f"ONNX: {folded} node(s) computing constants from the weights folded into weights ({ops})")
     used = {i for n in g.node for i in n.input} | outputs
     unused = [i for i in g.initializer if i.name not in used]
     if unused:

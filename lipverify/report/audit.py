@@ -36,6 +36,7 @@ from lipverify.attacks.lower import (
     jacobian_spectral_lower_bound,
     margin_lipschitz_lower_bound,
 )
+from lipverify.bounds.crown import AFFORDABLE_UNITS
 from lipverify.errors import UserInputError
 from lipverify.report import budget as budget_mod
 from lipverify.report import verdict as verdict_mod
@@ -402,7 +403,7 @@ def _lipsdp_step(lm, state, notes):
 
 #: ``audit`` adds CROWN to its local certificates (``method="best"``) when at most this many units need
 #: intermediate bounds by backward walks (:func:`lipverify.bounds.crown.refined_units`)
-CROWN_AUDIT_UNITS = 20_000
+CROWN_AUDIT_UNITS = AFFORDABLE_UNITS
 
 
 def local_method(lm, notes: list, budgeted: bool = False, global_share: float = 0.0) -> str:

@@ -288,18 +288,25 @@ def print_bounds(report, console: Console | None = None) -> None:
         if tail and k == len(head):
             rows.append(["...", "", "", "", "", f"{len(layers) - len(head) - len(tail)} more layers (all in --json)",
                          ""])
+        method = r.method
+        if r.name == getattr(report, "overflow_at", None):
+            method = "OVERFLOW: the running bound is inf from this layer on; " + method
         rows.append([r.name, r.op, "x".join(map(str, r.in_shape)), "x".join(map(str, r.out_shape)),
-                     num(r.lipschitz), r.method, _sound(r.sound, short=True) if r.lipschitz is not None else ""])
+                     num(r.lipschitz), method, _sound(r.sound, short=True) if r.lipschitz is not None else ""])
     for row in rows:
         for col, v in zip(cols, row):
             col.cells.append(v)
     if rows:
         _table(c, cols)
     g = report.global_bound
-    _line(c, ("global Lipschitz bound", "bold"), f" (l{report.norm}): {num(g.value)}   sound: ", _sound(g.sound))
+    at = getattr(report, "overflow_at", None)
+
+    def big(v):
+        return f"{num(v)} (overflow at layer {at})" if at is not None and v is not None and math.isinf(v) else num(v)
+    _line(c, ("global Lipschitz bound", "bold"), f" (l{report.norm}): {big(g.value)}   sound: ", _sound(g.sound))
     _indented(c, f"method: {g.method}", "dim")
     m = report.margin
-    _line(c, ("margin constants K_ij", "bold"), f": max {num(m.max)}  min {num(m.min)}   sound: ", _sound(m.sound))
+    _line(c, ("margin constants K_ij", "bold"), f": max {big(m.max)}  min {num(m.min)}   sound: ", _sound(m.sound))
     _indented(c, f"method: {m.method}", "dim")
     _k_matrix(c, m.K)
     _line(c, _time_text(getattr(report, "time_label", None), report.time_s))

@@ -1,0 +1,338 @@
+"""Local margin constants by linear relaxation of the backward (Clarke-Jacobian) graph.
+
+Shi, Wang, Zhang, Yi and Hsieh ("Efficiently computing local Lipschitz constants of neural networks via
+bound propagation", NeurIPS 2022) bound ``sup_z ||c^T J_f(z)||_q`` over a ball by treating the
+backward pass as a computational graph of its own and bounding it with linear relaxations instead of
+intervals.  Over the Lipschitz graph the backward pass is (see :mod:`lipverify.bounds.jacobian`)
+
+.. math::
+    g_{out} = c, \\qquad g_j = \\sum_{k \\text{ reads } j} T_k(g_k),
+
+with ``T_k`` the adjoint ``A^T`` of a linear node, ``s \\odot g`` for an activation (``s`` in the
+slope interval ``[s_lo, s_hi]`` of each unit on the ball), the routing of max pooling (each window's
+gradient to one candidate maximum: ``\\delta g`` with ``\\delta`` in ``[0, 1]``, exactly ``1`` for a sole
+candidate), the coefficients of a sum and the split of a concatenation.  The objective is
+``||g_in||_q`` at the input node.
+
+The bound is built *forwards* through the network (the backward graph read from its end): a linear
+upper bound ``\\Lambda_j^T g_j + \\text{const}`` of the objective in the gradient of node ``j`` is
+rewritten in the gradients of the nodes that read ``j``:
+
+* the objective: ``q = 1`` (``l_inf`` balls): ``|g| <= a g + b``, the chord of ``|.|`` over the unit's
+  gradient interval (exact when it does not cross 0); ``q = 2`` (``l_2`` balls): ``g^2 <= (l + u) g - l u``
+  per unit, so ``||g||_2^2`` is bounded by a linear function and the square root is taken at the end;
+* linear ``g_j = A^T g_k``: ``\\Lambda_k = A \\Lambda_j`` (``LinearOp.apply``, no bias);
+* activation ``g_j = s \\odot g_k`` and pooling ``\\delta g``: the McCormick planes of the bilinear term
+  ``w s g`` (``w`` the coefficient) over the box ``[s_lo, s_hi] x [g_lo, g_hi]``, upper planes for
+  ``w >= 0`` and lower ones for ``w < 0``; of the two, the one with the smaller maximum over the box,
+  its ``s`` term maximised over ``[s_lo, s_hi]`` (the slopes are free in their intervals) and its ``g``
+  term carried on;
+* sums and concatenations: scale and place the coefficients.
+
+At the logits ``g = c`` is known and the bound is ``\\Lambda_{out}^T c + \\text{const}``.  The gradient
+intervals ``[g_lo, g_hi]`` of every node are the interval bounds of :mod:`lipverify.bounds.jacobian`;
+the slope intervals come from the pre-activation bounds it is given (CROWN's, on the ball intersected
+with the input domain, in :func:`lipverify.bounds.local.local_margin_constants`), which decide most
+of the gain: with them most ReLUs are stable and ``s`` is exact.
+
+Soundness: every plane is valid on its box, and every float64 step adds its rounding error to the
+constant: ``REL_SLACK`` times the magnitudes involved, times the largest ``|g|`` the term can take
+(``|fl(A \\Lambda) - A \\Lambda| <= REL_SLACK |A| |\\Lambda|`` element-wise, far above the float64
+error of the dot products).  The result is ``min`` with the interval bound by the caller.
+
+Warnings
+--------
+* The slopes are treated as independent of each other and of the input within their intervals (Shi
+  et al. relate them to the input through the relaxation of the activations' derivatives), and the
+  intermediate gradient intervals are interval bounds, not linear ones: on units whose slope is
+  undecided the bound can be looser than the paper's.
+* The refinement of the gradient intervals (``refine_rows > 0``) costs one pass through the rest of the
+  network per refined unit and direction, twice; at most ``MAX_REFINED`` pairs per node and example (the widest
+  intervals) are refined, the others keep their interval bounds.
+* The plane of each bilinear term is chosen greedily (no optimisation over the convex combinations).
+* MinMax and nodes without a Jacobian rule raise ``NotImplementedError``: the caller keeps the
+  interval bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lipverify.bounds.jacobian import MAX_ROWS, PoolWindows, interval_chunk, slope_interval, supports
+from lipverify.graph import LipschitzGraph
+from lipverify.graph.domain import REL_SLACK
+from lipverify.limits import check_alloc
+
+__all__ = ["linear_jacobian_bounds"]
+
+#: rows (units x directions x 2) per batch of the intermediate gradient refinement; 0 turns it off
+REFINE_ROWS = 4096
+#: at most this many (direction, unit) pairs of one node are refined per example (the widest intervals)
+MAX_REFINED = 1000
+#: float64 entries of one node's tensor in a refinement pass (rows x node size)
+ROW_ELEMENTS = 1 << 23
+
+_LINEAR_KINDS = ("input", "linear", "activation", "maxpool", "add", "concat")
+
+
+def linear_supports(graph: LipschitzGraph) -> str | None:
+    """``None`` when :func:`linear_jacobian_bounds` applies to ``graph``, else the reason."""
+    reason = supports(graph)
+    if reason is not None:
+        return reason
+    for n in graph.nodes[:graph.output + 1]:
+        if n.kind not in _LINEAR_KINDS:
+            return f"no linear Jacobian relaxation for {n.kind} nodes"
+    return None
+
+
+def bilinear_plane(w: torch.Tensor, s_lo, s_hi, g_lo, g_hi):
+    """``(cg, const)`` with ``w s g <= cg g + const`` for every ``s`` in ``[s_lo, s_hi]`` and ``g`` in
+    ``[g_lo, g_hi]`` (element-wise; the McCormick plane with the smaller maximum over the box, its ``s``
+    term maximised; of two planes with the same maximum, the one with the larger ``|cg|``, so that ``-w``
+    gets the mirror image of ``w``'s plane).  ``const`` includes the plane's rounding error bound."""
+    pos = w >= 0
+    # planes of s g: upper ones (w >= 0): s_hi g + g_lo s - s_hi g_lo and s_lo g + g_hi s - s_lo g_hi;
+    # lower ones (w < 0): s_lo g + g_lo s - s_lo g_lo and s_hi g + g_hi s - s_hi g_hi
+    a1 = torch.where(pos, s_hi, s_lo)
+    a2 = torch.where(pos, s_lo, s_hi)
+
+    def term(a, b):
+        cg = w * a
+        cs = w * b
+        c0 = -cg * b  # w * (-a * b) with b the g end point the plane passes through
+        smax = torch.maximum(cs * s_lo, cs * s_hi)
+        score = torch.maximum(cg * g_lo, cg * g_hi) + smax + c0
+        return cg, smax + c0, score, cs
+    cg1, k1, sc1, cs1 = term(a1, g_lo)
+    cg2, k2, sc2, cs2 = term(a2, g_hi)
+    # near-ties go to the plane that keeps the larger g coefficient: the same plane for c and -c
+    tie = (sc1 - sc2).abs() <= 1e-9 * (sc1.abs() + sc2.abs())
+    one = torch.where(tie, cg1.abs() >= cg2.abs(), sc1 < sc2)
+    cg = torch.where(one, cg1, cg2)
+    k = torch.where(one, k1, k2)
+    cs = torch.where(one, cs1, cs2)
+    gmax = torch.maximum(g_lo.abs(), g_hi.abs())
+    smag = torch.maximum(s_lo.abs(), s_hi.abs())
+    err = REL_SLACK * (cg.abs() * gmax + cs.abs() * smag + (cg * torch.where(one, g_lo, g_hi)).abs())
+    return cg, k + err
+
+
+def linear_jacobian_bounds(graph: LipschitzGraph, ops: dict, lbs: list, ubs: list, C: torch.Tensor,
+                           p: str, refine_rows: int = REFINE_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper bounds ``(B, P)`` of ``sup_{z in ball} ||C_bp^T J_f(z)||_q`` by linear relaxation of the
+    backward graph (see the module docstring), and the interval bounds ``(B, P)`` computed on the way
+    (:func:`lipverify.bounds.jacobian.margin_jacobian_bounds` without node constants).
+
+    Arguments as :func:`~lipverify.bounds.jacobian.margin_jacobian_bounds`.  Raises
+    ``NotImplementedError`` for graphs it has no rule for (:func:`linear_supports`).
+    """
+    reason = linear_supports(graph)
+    if reason is not None:
+        raise NotImplementedError(reason)
+    B, P, m = C.shape
+    per = max(1, MAX_ROWS // max(P, 1))
+    lin = torch.empty(B, P, dtype=torch.float64, device=C.device)
+    itv = torch.empty(B, P, dtype=torch.float64, device=C.device)
+    for s in range(0, B, per):
+        sl = slice(s, min(B, s + per))
+        keep: dict = {}
+        itv[sl] = interval_chunk(graph, ops, [None if t is None else t[sl] for t in lbs],
+                                [None if t is None else t[sl] for t in ubs], C[sl], p, [None], keep=keep)[0]
+        lin[sl] = _linear_chunk(graph, ops, [None if t is None else t[sl] for t in lbs],
+                                [None if t is None else t[sl] for t in ubs], C[sl], p, keep, refine_rows)
+    return lin, itv
+
+
+def _objective(g_lo, g_hi, p):
+    """Coefficients and constants (per row) of a linear upper bound of ``||g||_1`` or ``||g||_2^2``."""
+    R = g_lo.shape[0]
+    gmax = torch.maximum(g_lo.abs(), g_hi.abs())
+    if p == "inf":  # chord of |g|
+        cross = (g_lo < 0) & (g_hi > 0)
+        width = torch.where(cross, g_hi - g_lo, torch.ones_like(g_lo))
+        a = torch.where(g_lo >= 0, torch.ones_like(g_lo),
+                        torch.where(g_hi <= 0, -torch.ones_like(g_lo), (g_hi + g_lo) / width))
+        b = torch.where(cross, -2 * g_hi * g_lo / width, torch.zeros_like(g_lo))
+        err = 1e-12 * gmax
+    else:  # chord of g^2
+        a = g_lo + g_hi
+        b = -g_lo * g_hi
+        err = 1e-12 * gmax * gmax
+    const = (b + err).reshape(R, -1).sum(1)
+    return a, const
+
+
+def _linear_chunk(graph, ops, lbs, ubs, C, p, grads, refine_rows: int):
+    B, P, m = C.shape
+    R = B * P
+    nodes = graph.nodes
+    o = graph.output
+    inp = next((i for i, n in enumerate(nodes[:o + 1]) if n.kind == "input"), None)
+    if inp is None or inp not in grads:
+        return torch.zeros(B, P, dtype=torch.float64, device=C.device)
+    ex = torch.arange(B, device=C.device).repeat_interleave(P)
+    src = torch.arange(R, device=C.device)
+    c = C.reshape((R,) + tuple(nodes[o].out_shape))
+    if refine_rows:
+        _refine_gradients(graph, ops, lbs, ubs, c, grads, ex, refine_rows)
+    L0, const0 = _objective(*grads[inp], p)
+    val = propagate(graph, ops, lbs, ubs, c, grads, inp, L0, const0, ex, src)
+    val = val + 1e-10 * val.abs()
+    if p == "2":
+        val = val.clamp_min(0).sqrt() * (1 + 1e-10)
+    else:
+        val = val.clamp_min(0) * (1 + 1e-10)
+    val = torch.where(torch.isnan(val), torch.full_like(val, math.inf), val)
+    if refine_rows:  # the norm of the refined input intervals themselves
+        lo, hi = grads[inp]
+        gm = torch.maximum(lo.abs(), hi.abs()).reshape(R, -1)
+        nrm = (gm.norm(dim=1) if p == "2" else gm.sum(1)) * (1 + 1e-10)
+        val = torch.minimum(val, nrm)
+    return val.reshape(B, P)
+
+
+def _open_units(graph, lbs, ubs, k):
+    """``(B, units)`` activation node ``k``'s units whose slope the intervals leave undecided."""
+    n = graph.nodes[k]
+    j = n.inputs[0]
+    s_lo, s_hi = slope_interval(n.op, lbs[j], ubs[j])
+    return (s_lo < s_hi).reshape(s_lo.shape[0], -1)
+
+
+def _refine_gradients(graph, ops, lbs, ubs, c, grads, ex, max_rows: int):
+    """Linear bounds of the gradient units the McCormick planes depend on (activation outputs whose
+    slope is undecided), from the logits' side first, intersected with the interval bounds in place."""
+    nodes = graph.nodes
+    o = graph.output
+    R = c.shape[0]
+    for k in range(o - 1, -1, -1):
+        if nodes[k].kind not in ("activation", "input") or k not in grads:
+            continue
+        if nodes[k].kind == "input":  # the objective's chords: the units whose interval crosses 0
+            open_ = ((grads[k][0] < 0) & (grads[k][1] > 0)).reshape(R, -1)
+        else:
+            open_ = _open_units(graph, lbs, ubs, k)[ex]  # (R, units)
+        r_idx, u_idx = open_.nonzero(as_tuple=True)
+        if not r_idx.numel():
+            continue
+        lo, hi = grads[k]
+        cap = MAX_REFINED * (int(ex.max()) + 1)  # per example
+        if r_idx.numel() > cap:  # the widest gradient intervals first
+            width = (hi.reshape(R, -1) - lo.reshape(R, -1))[r_idx, u_idx]
+            keep = torch.topk(width, cap).indices
+            r_idx, u_idx = r_idx[keep], u_idx[keep]
+        shape = lo.shape[1:]
+        lo_f, hi_f = lo.reshape(R, -1).clone(), hi.reshape(R, -1).clone()
+        # rows per pass: at most max_rows, and at most ROW_ELEMENTS float64 entries per tensor
+        widest = max(math.prod(nodes[i].out_shape) for i in range(k, o + 1))
+        per = max(1, min(max_rows, ROW_ELEMENTS // widest) // 2)
+        check_alloc(16.0 * 8 * 2 * per * widest, "the linear Jacobian relaxation's refinement")
+        for s in range(0, r_idx.numel(), per):
+            rr, uu = r_idx[s:s + per], u_idx[s:s + per]
+            q = rr.numel()
+            L0 = torch.zeros((2 * q, lo_f.shape[1]), dtype=torch.float64, device=c.device)
+            ar = torch.arange(q, device=c.device)
+            L0[ar, uu] = 1.0
+            L0[q + ar, uu] = -1.0
+            src = torch.cat([rr, rr])
+            val = propagate(graph, ops, lbs, ubs, c[src], grads, k, L0.reshape((2 * q,) + tuple(shape)),
+                            torch.zeros(2 * q, dtype=torch.float64, device=c.device), ex[src], src)
+            up, low = val[:q], -val[q:]
+            up = up + 1e-10 * up.abs()
+            low = low - 1e-10 * low.abs()
+            ok = torch.isfinite(up) & torch.isfinite(low)
+            hi_f[rr[ok], uu[ok]] = torch.minimum(hi_f[rr[ok], uu[ok]], up[ok])
+            lo_f[rr[ok], uu[ok]] = torch.maximum(lo_f[rr[ok], uu[ok]], low[ok])
+        grads[k] = (lo_f.reshape(lo.shape), hi_f.reshape(hi.shape))
+
+
+def propagate(graph, ops, lbs, ubs, c, grads, start: int, L0, const0, ex, src):
+    """Upper bounds ``(R,)`` of ``L0 . g_start + const0`` (the gradient of node ``start``) for rows whose
+    example is ``ex`` (``lbs``/``ubs`` rows) and whose gradient intervals are row ``src`` of ``grads``,
+    ``c`` ``(R, *out)`` the directions at the logits (see the module docstring)."""
+    nodes = graph.nodes
+    o = graph.output
+    R = L0.shape[0]
+    consumers = graph.consumers()
+    gcache: dict = {}
+
+    def g_of(k):
+        if k not in gcache:
+            lo, hi = grads[k]
+            gcache[k] = (lo[src], hi[src]) if src.numel() != lo.shape[0] or not bool(
+                (src == torch.arange(lo.shape[0], device=src.device)).all()) else (lo, hi)
+        return gcache[k]
+
+    def gmax(k):
+        lo, hi = g_of(k)
+        return torch.maximum(lo.abs(), hi.abs())
+
+    def rows_of(t):
+        return t[ex]
+
+    lam: dict[int, torch.Tensor] = {start: L0}
+    const = const0
+
+    def add(k, t):
+        nonlocal const
+        if k in lam:
+            new = lam[k] + t
+            const = const + REL_SLACK * ((lam[k].abs() + t.abs()) * gmax(k)).reshape(R, -1).sum(1)
+            lam[k] = new
+        else:
+            lam[k] = t
+
+    for j in range(start, o + 1):
+        if j not in lam:
+            continue
+        if j == o:
+            break
+        L = lam.pop(j)
+        for k in consumers[j]:
+            if k > o or k not in grads:
+                continue  # no gradient reaches k: it contributes nothing to g_j
+            n = nodes[k]
+            kind = n.kind
+            if kind == "linear":
+                op = ops[k]
+                t = op.apply(L)
+                const = const + REL_SLACK * (op.abs_apply(L.abs()) * gmax(k)).reshape(R, -1).sum(1)
+                add(k, t)
+            elif kind == "activation":
+                s_lo, s_hi = slope_interval(n.op, lbs[j], ubs[j])
+                cg, c0 = bilinear_plane(L, rows_of(s_lo), rows_of(s_hi), *g_of(k))
+                const = const + c0.reshape(R, -1).sum(1)
+                add(k, cg)
+            elif kind == "maxpool":
+                g_lo, g_hi = g_of(k)
+                out_hw = (1, g_lo.shape[-1]) if n.op.one_d else (g_lo.shape[-2], g_lo.shape[-1])
+                win = PoolWindows(n.op, lbs[j], ubs[j]).setup(out_hw)
+                cand = rows_of(win.cand).to(torch.float64)
+                d_lo = cand * rows_of(win.sole).to(torch.float64)
+                W = win.view(L, 0.0)
+                cols = win.Ho * win.Wo
+                gl = g_lo.reshape(R, win.C, 1, cols)
+                gh = g_hi.reshape(R, win.C, 1, cols)
+                cg, c0 = bilinear_plane(W, d_lo, cand, gl.expand_as(W), gh.expand_as(W))
+                const = const + c0.reshape(R, -1).sum(1)
+                add(k, cg.sum(2).reshape(g_lo.shape))
+            elif kind == "add":
+                for co, jj in zip(n.op, n.inputs):
+                    if jj == j and co != 0:
+                        t = co * L
+                        const = const + REL_SLACK * (t.abs() * gmax(k)).reshape(R, -1).sum(1)
+                        add(k, t)
+            elif kind == "concat":
+                ax = n.op + 1
+                parts = [L if jj == j else torch.zeros((R,) + tuple(nodes[jj].out_shape), dtype=L.dtype,
+                                                       device=L.device) for jj in n.inputs]
+                add(k, torch.cat(parts, dim=ax))
+            else:
+                raise NotImplementedError(f"no linear Jacobian relaxation for {kind} nodes")
+    if o not in lam:  # the logits do not depend on this node
+        return const
+    val = (lam[o] * c).reshape(R, -1).sum(1)
+    return val + REL_SLACK * (lam[o] * c).abs().reshape(R, -1).sum(1) + const
