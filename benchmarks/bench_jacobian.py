@@ -16,6 +16,10 @@ printed as the reference, not re-measured.
 
     python benchmarks/bench_jacobian.py                    # both models, both norms, 10 inputs
     python benchmarks/bench_jacobian.py --n 3 --rows 0     # a quick look
+    python benchmarks/bench_jacobian.py --certify --rows 0 # also certify --method local both ways
+
+``--certify``: certified-and-correct counts and seconds per input of ``certify --method local`` at the
+row's eps with ``--local-jacobian interval`` and ``linear``, side by side.
 
 Nothing is a timed test; the numbers go in docs/benchmarks.md.
 """
@@ -99,6 +103,7 @@ def main():
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--rows", default=",".join(str(i) for i in range(len(ROWS))))
     ap.add_argument("--modes", default="interval,linear,linear-refined")
+    ap.add_argument("--certify", action="store_true")
     args = ap.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"needs the shared data next to the repository ({SHARED})")
@@ -129,6 +134,16 @@ def main():
         row = [name, norm, f"{eps:g}", f"{float(low[mask].median()):.4g}"] + cells + \
             [f"{meds.get('interval', float('nan')) / best:.3g}x", ref]
         print(" | ".join(row), flush=True)
+        if args.certify:
+            y = torch.from_numpy(d["y"][:args.n]).long()
+            cells = []
+            for jac in ("interval", "linear"):
+                t0 = time.perf_counter()
+                c = lm.certify(x.float(), y, eps=[eps], norm=norm, method="local",
+                               local_options=None if jac == "interval" else {"jacobian": jac})
+                dt = (time.perf_counter() - t0) / args.n
+                cells.append(f"{jac}: {int(round(c.vra[eps] * args.n))}/{args.n} certified ({dt:.3g} s/input)")
+            print("  certify --method local: " + "; ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -251,6 +251,11 @@ def test_a_bound_past_float64_reports_where_it_overflowed(tmp_path):
     assert d["margin"]["infinite"] is True
     flags = [r["overflow"] for r in d["layers"]]
     assert not any(flags[:d["overflow"]["index"]]) and flags[d["overflow"]["index"]]
+    from lipverify.report.files import layer_rows
+
+    rows, _ = layer_rows(d)  # the audit report's running product: inf from the overflow on, not "-"
+    k = d["overflow"]["index"]
+    assert rows[k]["running"] == float("inf") and rows[k - 1]["running"] == pytest.approx(1e35 ** 8, rel=1e-4)
     lm_path = tmp_path / "ovf.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -262,3 +267,17 @@ def test_a_bound_past_float64_reports_where_it_overflowed(tmp_path):
     res = CliRunner().invoke(main, ["bounds", str(lm_path), "--json"])
     d = json.loads(res.stdout)
     assert d["global"]["infinite"] and d["overflow"] is not None
+
+
+def test_a_training_mode_batchnorm_on_activations_is_named(tmp_path):
+    """A BatchNormalization with batch statistics on input-dependent values cannot be folded: refused
+    with the node named and the reason, exit 2."""
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).train()
+    p = tmp_path / "bn_train.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.rand(2, 4),), str(p), dynamo=False, opset_version=17,
+                          training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)
+    res = CliRunner().invoke(main, ["bounds", str(p)])
+    assert res.exit_code == 2, res.output
+    assert "BatchNormalization" in res.output and "training mode" in res.output and "Traceback" not in res.output

@@ -22,7 +22,10 @@ rewritten in the gradients of the nodes that read ``j``:
   gradient interval (exact when it does not cross 0); ``q = 2`` (``l_2`` balls): ``g^2 <= (l + u) g - l u``
   per unit, so ``||g||_2^2`` is bounded by a linear function and the square root is taken at the end;
 * linear ``g_j = A^T g_k``: ``\\Lambda_k = A \\Lambda_j`` (``LinearOp.apply``, no bias);
-* activation ``g_j = s \\odot g_k`` and pooling ``\\delta g``: the McCormick planes of the bilinear term
+* max pooling: a window's gradient ``g_w`` goes to one candidate ``u``, so it adds ``t g_w`` with ``t``
+  between the smallest and largest ``\\Lambda_j[u]`` over the window's candidates (exact for a sole
+  candidate), bounded by the McCormick planes below;
+* activation ``g_j = s \\odot g_k``: the McCormick planes of the bilinear term
   ``w s g`` (``w`` the coefficient) over the box ``[s_lo, s_hi] x [g_lo, g_hi]``, upper planes for
   ``w >= 0`` and lower ones for ``w < 0``; of the two, the one with the smaller maximum over the box,
   its ``s`` term maximised over ``[s_lo, s_hi]`` (the slopes are free in their intervals) and its ``g``
@@ -310,15 +313,22 @@ def propagate(graph, ops, lbs, ubs, c, grads, start: int, L0, const0, ex, src):
                 g_lo, g_hi = g_of(k)
                 out_hw = (1, g_lo.shape[-1]) if n.op.one_d else (g_lo.shape[-2], g_lo.shape[-1])
                 win = PoolWindows(n.op, lbs[j], ubs[j]).setup(out_hw)
-                cand = rows_of(win.cand).to(torch.float64)
-                d_lo = cand * rows_of(win.sole).to(torch.float64)
+                # a window's gradient goes to exactly one candidate u (a convex combination at ties):
+                # L . g_in gets g_w L[u], i.e. g_w t with t between the smallest and largest L over the
+                # window's candidates
+                cand = rows_of(win.cand)
                 W = win.view(L, 0.0)
+                inf = torch.tensor(math.inf, dtype=W.dtype, device=W.device)
+                t_hi = torch.where(cand, W, -inf).amax(2)
+                t_lo = torch.where(cand, W, inf).amin(2)
+                none = ~cand.any(2)  # (cannot happen: every window has a candidate) no gradient
+                t_hi = torch.where(none, torch.zeros_like(t_hi), t_hi)
+                t_lo = torch.where(none, torch.zeros_like(t_lo), t_lo)
                 cols = win.Ho * win.Wo
-                gl = g_lo.reshape(R, win.C, 1, cols)
-                gh = g_hi.reshape(R, win.C, 1, cols)
-                cg, c0 = bilinear_plane(W, d_lo, cand, gl.expand_as(W), gh.expand_as(W))
+                cg, c0 = bilinear_plane(torch.ones_like(t_hi), t_lo, t_hi, g_lo.reshape(R, win.C, cols),
+                                        g_hi.reshape(R, win.C, cols))
                 const = const + c0.reshape(R, -1).sum(1)
-                add(k, cg.sum(2).reshape(g_lo.shape))
+                add(k, cg.reshape(g_lo.shape))
             elif kind == "add":
                 for co, jj in zip(n.op, n.inputs):
                     if jj == j and co != 0:

@@ -270,6 +270,12 @@ def convert_onnx(model, path, notes: list | None = None):
     bad = onnx_unconvertible(model)
     if bad:
         raise UnsupportedOpError(bad, str(path))
+    for i, n in enumerate(model.graph.node):  # left after folding: it normalises input-dependent values
+        training = any(a.name == "training_mode" and a.i == 1 for a in n.attribute)
+        if n.op_type == "BatchNormalization" and (training or len([o for o in n.output if o]) > 1):
+            raise UserInputError(f"node {n.name or '#' + str(i)} (BatchNormalization) normalises with the "
+                                 "statistics of the batch (training mode), so each output depends on the other "
+                                 "inputs of the batch: export the model after model.eval()", str(path))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -104,7 +104,8 @@ def layer_rows(bounds: dict) -> tuple[list[dict], str]:
     """The per-layer rows with a running product and the layers that dominate the bound.
 
     The running product is the row's ``cumulative`` field (the graph's bound from the input to the
-    layer's output, residual branches included; None is shown as ``-``) where the rows carry it, else the product of the
+    layer's output, residual branches included; None is shown as ``-``, ``inf`` where the row says the
+    bound overflowed) where the rows carry it, else the product of the
     constants in order (``None`` constants, e.g. of an ``add``, are skipped).  Dominant: the
     :data:`N_DOMINANT` largest constants above 1, by their share of the log of the product of all
     constants above 1 (the layers that make the bound grow), those with at least :data:`MIN_SHARE` of it.
@@ -117,6 +118,8 @@ def layer_rows(bounds: dict) -> tuple[list[dict], str]:
         if c is not None:
             prod *= float(c)
         run = _cumulative_value(r.get("cumulative")) if use_cum else prod
+        if run is None and r.get("overflow"):  # the running bound passed float64's range here
+            run = math.inf
         rows.append({"index": k + 1, "name": str(r.get("name", "")), "op": str(r.get("op", "")), "constant": c,
                      "running": run, "method": str(r.get("method", "")), "sound": r.get("sound"),
                      "share": None, "dominant": False})
