@@ -43,7 +43,7 @@ from lipverify.report.progress import progress_bar
               show_default=True,
               help="--method local/best: how the local constants bound the Clarke Jacobian. interval: interval "
                    "bounds (fast); linear: CROWN's pre-activation bounds and a linear relaxation of the backward "
-                   "pass (Shi et al. 2022; about 10x slower, much tighter on l-inf balls); linear-refined: also "
+                   "pass (Shi et al. 2022; tens of times slower, much tighter on l-inf balls); linear-refined: also "
                    "linear bounds of the gradient units it depends on (seconds per input).")
 @click.option("--clip", default=None, help="Input domain LO,HI for products/normalisations (default 0,1).")
 @click.option("--precision", type=click.Choice(["auto", "float32", "float64"]), default="auto", show_default=True,
