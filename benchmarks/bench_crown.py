@@ -14,6 +14,7 @@ installed beside it, so they are printed as reference values, not re-measured he
     python benchmarks/bench_crown.py                 # every row, 50 inputs
     python benchmarks/bench_crown.py --n 10 --rows 0,1   # a quick look
     python benchmarks/bench_crown.py --rows 0,1,2 --alpha  # with alpha-CROWN (optimised slopes)
+    python benchmarks/bench_crown.py --rows 0 --alpha --alpha-budget 5  # and within a time budget
 
 Nothing is a timed test; the numbers go in docs/benchmarks.md.
 """
@@ -63,12 +64,13 @@ def load(name, data, norm_kw, n):
     return lm, x, torch.from_numpy(d["y"][:n]).long()
 
 
-def crown_count(lm, x, y, eps, norm, intermediate, alpha_steps=0):
+def crown_count(lm, x, y, eps, norm, intermediate, alpha_steps=0, alpha_budget=None):
     with torch.no_grad():
         pred = lm(x).argmax(1)
     t0 = time.perf_counter()
     low = margin_lower_bounds(lm.graph, x.double(), pred, eps, norm, domain=(0.0, 1.0), intermediate=intermediate,
-                              alpha_steps=alpha_steps)
+                              alpha_steps=alpha_steps,
+                              alpha_deadline=None if alpha_budget is None else time.perf_counter() + alpha_budget)
     dt = (time.perf_counter() - t0) / len(x)
     return int(((low > 0).all(1) & (pred == y)).sum()), dt
 
@@ -79,6 +81,8 @@ def main():
     ap.add_argument("--rows", default=None, help="comma-separated row numbers (default: all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--alpha", action="store_true", help="also alpha-CROWN (20 Adam steps per bound; slow)")
+    ap.add_argument("--alpha-budget", type=float, default=None,
+                    help="with --alpha: also alpha-CROWN within this many seconds per row")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     rows = ROWS if a.rows is None else [ROWS[int(k)] for k in a.rows.split(",")]
@@ -98,6 +102,9 @@ def main():
         if a.alpha:
             n_alpha, t_alpha = crown_count(lm, x, y, eps, norm, "crown", alpha_steps=20)
             alpha = f"  alpha-CROWN {n_alpha} ({t_alpha:.3f} s/input)"
+            if a.alpha_budget is not None:
+                n_b, t_b = crown_count(lm, x, y, eps, norm, "crown", alpha_steps=20, alpha_budget=a.alpha_budget)
+                alpha += f"  within {a.alpha_budget:g} s: {n_b} ({t_b:.3f} s/input)"
         rob = lm.attack(x, y, eps=[eps], norm=norm, strength="fast")
         n_pgd = int(round(rob.robust_accuracy[eps] * a.n))
         eps_s = f"{'l_inf' if norm == 'inf' else 'l2'} {fmt_eps(eps)}"

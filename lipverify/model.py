@@ -126,7 +126,8 @@ class LipModel:
         return self._cache["module64"]
 
     def certify(self, x, y, eps=(), norm="2", method: str = "global", *, clip="auto", precision: str = "auto",
-                batch_size: int | None = None, progress=None, names=None, local_options: dict | None = None):
+                batch_size: int | None = None, progress=None, names=None, local_options: dict | None = None,
+                alpha_budget: float | None = None):
         """Certified radius per input: the largest ``r`` with a proof that no perturbation of norm
         ``<= r`` changes the prediction (see :func:`lipverify.certify.rules.certify`).
 
@@ -153,7 +154,7 @@ class LipModel:
             command without ``--clip``; ``(lo, hi)`` or ``"LO,HI"``: that domain (it stays set, like
             :meth:`set_domain`); ``None``/``"none"``: no domain, refused for graphs that need one.
             Certificates of other graphs hold on the whole ball, so the box changes nothing there.
-        precision, batch_size, progress, names, local_options:
+        precision, batch_size, progress, names, local_options, alpha_budget:
             See :func:`lipverify.certify.rules.certify` (``progress(k)`` is advanced by
             :func:`lipverify.certify.rules.progress_total` in all).
 
@@ -173,7 +174,7 @@ class LipModel:
         x, y = as_inputs(x, y, self.input_shape, self.n_classes)
         self._certify_domain(clip)
         return certify(self, x, y, eps=eps, norm=norm, method=method, batch_size=batch_size, progress=progress,
-                       names=names, local_options=local_options, precision=precision)
+                       names=names, local_options=local_options, precision=precision, alpha_budget=alpha_budget)
 
     def _certify_domain(self, clip) -> None:
         """Apply ``clip`` of :meth:`certify` to the model's domain."""

@@ -340,3 +340,29 @@ def test_a_ball_that_misses_the_domain_is_refused_and_not_certified():
         y = net(xs).argmax(1)
     res = lm.certify(xs, y, eps=[0.01], norm="inf", method="crown")
     assert res.inputs[0].method != "crown"  # never examined: its ball and the domain do not meet
+
+
+def test_alpha_crown_time_budget_falls_back_to_crown_soundly(tmp_path):
+    """alpha_budget=0: no optimisation step runs, so every bound is CROWN's (identical radii) and a note
+    says the budget cut it; a large budget: radii at least CROWN's and no such note."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    lm = lipverify.load(net, input_shape=(6,))
+    x = torch.rand(12, 6)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    c = lm.certify(x, y, eps=[0.05], norm="inf", method="crown")
+    cut = lm.certify(x, y, eps=[0.05], norm="inf", method="alpha-crown", alpha_budget=0.0)
+    assert torch.equal(cut.radius, c.radius)
+    assert any("time budget" in n for n in cut.notes)
+    full = lm.certify(x, y, eps=[0.05], norm="inf", method="alpha-crown", alpha_budget=1e6)
+    assert (full.radius >= c.radius).all() and not any("time budget" in n for n in full.notes)
+    with pytest.raises(lipverify.UserInputError):
+        lm.certify(x, y, eps=[0.05], norm="inf", method="alpha-crown", alpha_budget=-1.0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x.numpy(), y=y.numpy())
+    onnx_path = tmp_path / "m.onnx"
+    torch.onnx.export(net, torch.rand(1, 6), str(onnx_path), dynamo=False, opset_version=17)
+    res = CliRunner().invoke(main, ["certify", str(onnx_path), "--data", str(data), "--eps", "0.05", "--norm", "inf",
+                                    "--method", "alpha-crown", "--alpha-budget", "-1"])
+    assert res.exit_code == 2

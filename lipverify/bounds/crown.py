@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -265,6 +266,8 @@ class _Walk:
         self.bounds, self.relax, self.ops = bounds, relax_cache, ops
         self.alpha: dict | None = None  # node -> (R, S, *shape) lower slopes of ReLU units that cross 0
         self.alpha_mask: dict = {}
+        self.deadline: float | None = None  # time.perf_counter() after which alpha-CROWN stops
+        self.stats: dict | None = None
 
     def _relax(self, i):
         if i not in self.relax:
@@ -501,7 +504,8 @@ def float64_ops(graph: LipschitzGraph, device, cache: dict | None = None) -> dic
 
 def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *, domain=None,
                  C: torch.Tensor | None = None, intermediate: str = "crown", cache: dict | None = None,
-                 upper: bool = True, alpha_steps: int = 0):
+                 upper: bool = True, alpha_steps: int = 0, alpha_deadline: float | None = None,
+                 stats: dict | None = None):
     """Lower and upper bounds ``(B, S)`` of ``C v_out(x')`` over ``x'`` in ``B_p(x_b, eps_b)`` intersected
     with ``domain`` (``(lo, hi)`` floats or tensors; None: the whole ball).
 
@@ -512,7 +516,9 @@ def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *
     float64 operators).  ``upper=False`` skips the upper bounds (None).  ``alpha_steps``: Adam steps
     optimising the lower slopes of the ReLU units that cross 0, for every intermediate bound and the
     final one (alpha-CROWN, Xu et al., ICLR 2021); every step's bound is valid, and the largest is kept
-    per specification.
+    per specification.  ``alpha_deadline``: a ``time.perf_counter()`` instant after which no further
+    optimisation step runs (the bounds reached so far, CROWN's at least, are kept: sound either way);
+    ``stats["alpha_cut"]`` is set when it stopped one.
     """
     from lipverify.bounds.local import preactivation_bounds
 
@@ -532,6 +538,7 @@ def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *
         bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         relax: dict = {}
         walk = _Walk(graph, x, eps_t, norm, box, bounds, relax, float64_ops(graph, x.device, cache))
+        walk.deadline, walk.stats = alpha_deadline, stats
         rows_all = torch.arange(B, device=x.device)
         affine = _affine_nodes(graph)
         exact = _box_intervals(graph, walk.ops, affine, box)
@@ -623,6 +630,10 @@ def _optimise_slopes(walk: _Walk, graph, C, rows, lower, steps: int, lr: float =
     try:
         with torch.enable_grad():
             for _ in range(steps):
+                if walk.deadline is not None and time.perf_counter() > walk.deadline:
+                    if walk.stats is not None:
+                        walk.stats["alpha_cut"] = True
+                    break
                 opt.zero_grad()
                 val = walk.lower(t, C, rows)
                 best = torch.fmax(best, val.detach())  # a NaN step never replaces a bound
@@ -639,14 +650,16 @@ def _optimise_slopes(walk: _Walk, graph, C, rows, lower, steps: int, lr: float =
 
 def margin_lower_bounds(graph: LipschitzGraph, x: torch.Tensor, pred: torch.Tensor, eps, norm: str = "2", *,
                         domain=None, intermediate: str = "crown", cache: dict | None = None,
-                        alpha_steps: int = 0) -> torch.Tensor:
-    """``(B, m)`` lower bounds of ``f_pred - f_j`` over the input set (``+inf`` at ``j = pred``)."""
+                        alpha_steps: int = 0, alpha_deadline: float | None = None,
+                        stats: dict | None = None) -> torch.Tensor:
+    """``(B, m)`` lower bounds of ``f_pred - f_j`` over the input set (``+inf`` at ``j = pred``);
+    ``alpha_deadline``, ``stats`` as :func:`crown_bounds`."""
     B = x.shape[0]
     m = math.prod(graph.nodes[graph.output].out_shape)
     pred = pred.to(x.device).long()
     C = -torch.eye(m, dtype=torch.float64, device=x.device).expand(B, m, m).clone()
     C[torch.arange(B), :, pred] += 1.0
     lower, _, _ = crown_bounds(graph, x, eps, norm, domain=domain, C=C, intermediate=intermediate, cache=cache,
-                               upper=False, alpha_steps=alpha_steps)
+                               upper=False, alpha_steps=alpha_steps, alpha_deadline=alpha_deadline, stats=stats)
     lower[torch.arange(B), pred] = math.inf
     return lower

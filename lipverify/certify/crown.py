@@ -30,12 +30,14 @@ from lipverify.certify.rules import inside_domain
 
 def crown_certify(model, x, pred, radius, targets, norm, cert_at, eps_list, per_example,
                   bisection_steps: int = 8, batch_size: int = 32, max_doublings: int = 12,
-                  intermediate: str = "crown", progress=None, all_inputs: bool = False, alpha_steps: int = 0):
+                  intermediate: str = "crown", progress=None, all_inputs: bool = False, alpha_steps: int = 0,
+                  alpha_deadline: float | None = None, stats: dict | None = None):
     """CROWN certificates for the inputs not yet certified at the largest requested radius (every
     input with ``all_inputs``: the radius of each is then the largest CROWN proves).  ``radius``: the
     radii already proven (sound ones only: the bisection starts there without checking them), 0 where
     none is.  Inputs outside the domain are not examined.  ``alpha_steps``:
-    optimised ReLU slopes (alpha-CROWN) in every bound, this many Adam steps each.
+    optimised ReLU slopes (alpha-CROWN) in every bound, this many Adam steps each, none after the
+    ``time.perf_counter()`` instant ``alpha_deadline`` (``stats["alpha_cut"]`` then says so).
 
     The input set is the ball intersected with the model's domain (:meth:`LipModel.set_domain`,
     ``--clip``), else with ``[0, 1]`` when every input lies in it (the attacks' default box,
@@ -65,7 +67,7 @@ def crown_certify(model, x, pred, radius, targets, norm, cert_at, eps_list, per_
 
     def ok_at(xs, p, e):
         low = margin_lower_bounds(model.graph, xs, p, e, norm, domain=domain, intermediate=intermediate,
-                                  cache=cache, alpha_steps=alpha_steps)
+                                  cache=cache, alpha_steps=alpha_steps, alpha_deadline=alpha_deadline, stats=stats)
         return (low > 0).all(1).cpu()
 
     for s in range(0, len(todo), batch_size):

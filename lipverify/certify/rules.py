@@ -259,7 +259,7 @@ def progress_total(n: int, method: str = "global") -> int:
 def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float] | torch.Tensor = (),
             norm: str = "2", method: str = "global", batch_size: int | None = None,
             progress: Callable | None = None, names: Sequence[str] | None = None, local_options: dict | None = None,
-            precision: str = "auto") -> CertifyResult:
+            precision: str = "auto", alpha_budget: float | None = None) -> CertifyResult:
     """Certify every input of ``(x, y)`` with ``model`` (a :class:`lipverify.model.LipModel`).
 
     ``eps``: a float, a list of floats (VRA per eps), or a per-example tensor (e.g. from VNN-LIB
@@ -287,6 +287,10 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     the least expected work by the fraction of the probe's decisions each leaves open
     (:data:`RUNNING_COST`, :data:`FLOAT64_COST`, :data:`DOMAIN_COST`).
     ``"float64"``: float64 only.
+
+    ``alpha_budget``: seconds for alpha-CROWN's slope optimisation (``method="alpha-crown"``) over the
+    whole call; once spent, the remaining bounds are plain CROWN's (sound) and a note says so.  None:
+    no limit.
     ``"auto"`` (default): float32 when the graph has a rounding model, else float64.  Decisions at the
     requested radii are the float64 ones; the radius of an input decided in float32 is the one proven
     with the float32 logits, lower than the float64 one by at most ``2 delta / K``.  Records decided in
@@ -298,6 +302,8 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     of the model taken as exact (a note says so); ``precision="float32"`` refuses such a graph.
     """
     t0 = time.perf_counter()
+    if alpha_budget is not None and not (isinstance(alpha_budget, (int, float)) and 0 <= alpha_budget < math.inf):
+        raise UserInputError(f"alpha_budget must be a non-negative number of seconds, got {alpha_budget!r}")
     norm = parse_norm(norm)
     if method not in CERTIFY_METHODS:
         raise UserInputError(f"method must be one of {', '.join(CERTIFY_METHODS)}, got {method!r}")
@@ -569,10 +575,17 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
 
             t_c = time.perf_counter()
             proven = torch.where(sound, radius, torch.zeros_like(radius))  # never start from an estimate
+            stats: dict = {}
+            deadline = None if alpha_budget is None else time.perf_counter() + float(alpha_budget)
             found, box = crown_certify(model, x, pred, proven, targets, norm, cert_at, eps_list, per_example,
                                        intermediate="ibp" if method == "crown-ibp" else "crown", progress=part,
                                        all_inputs=method == "best",
-                                       alpha_steps=ALPHA_STEPS if method == "alpha-crown" else 0)
+                                       alpha_steps=ALPHA_STEPS if method == "alpha-crown" else 0,
+                                       alpha_deadline=deadline, stats=stats)
+            if stats.get("alpha_cut"):
+                notes.append(f"alpha-CROWN's slope optimisation stopped at its time budget ({alpha_budget:g} s): "
+                             "the bounds after it are plain CROWN's (sound, possibly looser); raise "
+                             "--alpha-budget to optimise them all")
             where = "the whole ball" if box is None else \
                 f"the ball intersected with the input domain {describe_domain(box)}"
             label = {"crown-ibp": "CROWN-IBP", "alpha-crown": f"alpha-CROWN, {ALPHA_STEPS} steps"}.get(method, "CROWN")

@@ -45,6 +45,9 @@ from lipverify.report.progress import progress_bar
                    "bounds (fast); linear: CROWN's pre-activation bounds and a linear relaxation of the backward "
                    "pass (Shi et al. 2022; tens of times slower, much tighter on l-inf balls); linear-refined: also "
                    "linear bounds of the gradient units it depends on (seconds per input).")
+@click.option("--alpha-budget", type=click.FloatRange(min=0), default=None,
+              help="--method alpha-crown: seconds for the slope optimisation in all; once spent the remaining "
+                   "bounds are plain CROWN's (sound; a note says so). Default: no limit.")
 @click.option("--clip", default=None, help="Input domain LO,HI for products/normalisations (default 0,1).")
 @click.option("--precision", type=click.Choice(["auto", "float32", "float64"]), default="auto", show_default=True,
               help="Logits in float32 with a proven rounding-error bound (inputs near a decision are recomputed "
@@ -54,7 +57,8 @@ from lipverify.report.progress import progress_bar
 @click.option("--plot", "plot_png", default=None, help="PNG: certified accuracy vs eps and radius histogram.")
 @handle_errors
 def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check, device, debug, data_path, layout,
-            limit, batch_size, quiet, eps, norm, method, local_jacobian, clip, precision, as_json, out_csv, plot_png):
+            limit, batch_size, quiet, eps, norm, method, local_jacobian, alpha_budget, clip, precision, as_json, out_csv,
+            plot_png):
     """Certified radius per input (global GloRo rule, or IBP-masked local bounds)."""
     t_start = time.perf_counter()
     from lipverify.certify import parse_eps
@@ -104,11 +108,12 @@ def certify(model, input_shape, mean, std, arch, trust_pickle, no_fidelity_check
                 e = eps_arg[sl] if isinstance(eps_arg, torch.Tensor) else eps_arg
                 res = lm.certify(ds.x[sl], ds.y[sl], eps=e, norm=norm, method=method, batch_size=batch_size,
                                  progress=advance, precision=precision, names=None if ds.names is None else list(ds.names)[sl],
-                                 local_options=local_options)
+                                 local_options=local_options, alpha_budget=alpha_budget)
                 res = gather(res, ctx.world)
             else:
                 res = lm.certify(ds.x, ds.y, eps=eps_arg, norm=norm, method=method, batch_size=batch_size,
-                                 progress=advance, names=ds.names, precision=precision, local_options=local_options)
+                                 progress=advance, names=ds.names, precision=precision, local_options=local_options,
+                                 alpha_budget=alpha_budget)
     if not ctx.is_main:
         return
     res.notes = list(lm.notes) + list(ds.notes) + res.notes
