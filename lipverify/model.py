@@ -369,18 +369,14 @@ class LipModel:
         The constants hold only inside the balls they were computed for.  ``"linear-refined"`` costs
         seconds per input on convolutional networks.
         """
-        from lipverify.arguments import as_inputs, default_box, parse_box, parse_norm
+        from lipverify.arguments import AUTO, as_inputs, parse_norm, resolve_box
         from lipverify.bounds.local import local_margin_constants
 
         norm = parse_norm(norm)
         x, _ = as_inputs(x, None, self.input_shape, self.n_classes)
         x = x.to(self.device, torch.float64)
-        if isinstance(clip, str) and clip.strip().lower() == "auto":
-            box = self.domain if self.domain is not None else default_box(x)
-        elif clip is None or isinstance(clip, str) and clip.strip().lower() == "none":
-            box = None
-        else:
-            box = parse_box(clip) if isinstance(clip, str) else clip
+        auto = isinstance(clip, str) and clip.strip().lower() == AUTO
+        box = self.domain if auto and self.domain is not None else resolve_box(clip, x)
         dom = box if box is not None else self.effective_domain()
         if rows is not None:
             rows = torch.as_tensor(rows, device=self.device).long().reshape(-1)
@@ -484,8 +480,6 @@ class LipModel:
                          f"{describe_domain(dom)}" + (" (the default; set --clip)" if self.domain is None else "")
                          + ": the bound and certificates hold for inputs inside it only")
         overflow_at = next((r.name for r in rows if r.overflow), None)
-        if overflow_at is None and rows and math.isinf(float(out.value)):
-            overflow_at = rows[-1].name
         if overflow_at is not None:
             notes.append(f"the bound overflows float64 (above 1.8e308) at layer {overflow_at}: from there on every "
                          "running bound, the global bound and the margin constants are infinite, which proves "
@@ -493,7 +487,7 @@ class LipModel:
                          "input domain; a smaller --clip box or local bounds may help)")
         return BoundsReport(
             model=self.name, norm=norm, method=method, input_shape=self.input_shape,
-            n_classes=self.n_classes, layers=rows, overflow_at=overflow_at,
+            n_classes=self.n_classes, layers=rows,
             global_bound=ValueWithMethod(out.value, gmethod, out.sound),
             margin=MarginSummary(mc.K.tolist(), mc.method, mc.sound),
             fidelity=self.fidelity, notes=notes, time_s=time.perf_counter() - t0,

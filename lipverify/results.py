@@ -157,8 +157,18 @@ class BoundsReport:
     total_time_s: float | None = None
     #: the command's labelled time line (``time 5.5 s (load 0.1 s, bounds 5.4 s)``; None from the API)
     time_label: str | None = None
-    #: the first layer (graph order) whose constant or running bound overflowed float64; None if none did
-    overflow_at: str | None = None
+
+    @property
+    def overflow_index(self) -> int | None:
+        """Index in ``layers`` of the first layer (graph order) whose constant or running bound
+        overflowed float64; None if none did."""
+        return next((i for i, r in enumerate(self.layers) if r.overflow), None)
+
+    @property
+    def overflow_at(self) -> str | None:
+        """Name of the layer at :attr:`overflow_index` (None if nothing overflowed)."""
+        k = self.overflow_index
+        return None if k is None else self.layers[k].name
 
     def __repr__(self) -> str:
         name = self.model if len(str(self.model)) <= 60 else "..." + str(self.model)[-57:]
@@ -181,9 +191,8 @@ class BoundsReport:
             "notes": list(self.notes),
             "time_s": self.time_s,
             "domain": self.domain,
-            "overflow": None if self.overflow_at is None else {
-                "layer": self.overflow_at,
-                "index": next(i for i, r in enumerate(self.layers) if r.name == self.overflow_at)},
+            "overflow": None if self.overflow_index is None else {"layer": self.overflow_at,
+                                                                  "index": self.overflow_index},
             **({} if self.total_time_s is None else {"total_time_s": self.total_time_s}),
             **({} if self.time_label is None else {"time_label": self.time_label}),
         }

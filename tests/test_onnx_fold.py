@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,7 +103,7 @@ def _save_three_ways(net, tmp_path, name):
     sd = tmp_path / f"{name}.pth"
     torch.save(net.state_dict(), sd)
     arch = tmp_path / "arch_fold.py"
-    arch.write_text(ARCH.format(here=str(__import__("pathlib").Path(__file__).resolve().parent)))
+    arch.write_text(ARCH.format(here=str(Path(__file__).resolve().parent)))
     return onnx_path, pt2, sd, arch
 
 

@@ -16,6 +16,7 @@ Never another exception (an internal error, exit 1).
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -56,7 +57,7 @@ def _build(name):
 
 def _jacobian_lower_bound(module, shape, n=2, seed=0):
     """max over sampled x in [0,1]^d of ||J(x)||_2, exact SVD of the autograd Jacobian (float64)."""
-    return jacobian_spectral_lower_bound(__import__("copy").deepcopy(module).double(), shape, n, seed)
+    return jacobian_spectral_lower_bound(copy.deepcopy(module).double(), shape, n, seed)
 
 
 def _check_outcome(load, what):

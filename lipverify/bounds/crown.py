@@ -505,7 +505,7 @@ def float64_ops(graph: LipschitzGraph, device, cache: dict | None = None) -> dic
 def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *, domain=None,
                  C: torch.Tensor | None = None, intermediate: str = "crown", cache: dict | None = None,
                  upper: bool = True, alpha_steps: int = 0, alpha_deadline: float | None = None,
-                 stats: dict | None = None):
+                 stats: dict | None = None, intervals: dict | None = None):
     """Lower and upper bounds ``(B, S)`` of ``C v_out(x')`` over ``x'`` in ``B_p(x_b, eps_b)`` intersected
     with ``domain`` (``(lo, hi)`` floats or tensors; None: the whole ball).
 
@@ -518,7 +518,9 @@ def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *
     final one (alpha-CROWN, Xu et al., ICLR 2021); every step's bound is valid, and the largest is kept
     per specification.  ``alpha_deadline``: a ``time.perf_counter()`` instant after which no further
     optimisation step runs (the bounds reached so far, CROWN's at least, are kept: sound either way);
-    ``stats["alpha_cut"]`` is set when it stopped one.
+    ``stats["alpha_cut"]`` is set when it stopped one.  ``intervals``: the interval bounds of every node
+    on the (whole) balls when the caller has them (:func:`lipverify.bounds.local.preactivation_bounds`'
+    format), else computed here.
     """
     from lipverify.bounds.local import preactivation_bounds
 
@@ -534,7 +536,7 @@ def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *
         raise UserInputError(f"input {int(empty.nonzero()[0])} lies farther than eps outside the input domain: "
                              "its ball does not meet the domain")
     with torch.no_grad():
-        ibp = preactivation_bounds(graph, x, eps_t, norm)
+        ibp = intervals if intervals is not None else preactivation_bounds(graph, x, eps_t, norm)
         bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         relax: dict = {}
         walk = _Walk(graph, x, eps_t, norm, box, bounds, relax, float64_ops(graph, x.device, cache))

@@ -743,7 +743,8 @@ def _linear_jacobian(graph, ctx, x, e, lbs, ubs, C, box, refine: bool):
     cache = ctx.cache.setdefault("crown", {})
     _, _, cb = crown_bounds(graph, x, e, ctx.p, domain=box, upper=False, cache=cache,
                             C=torch.zeros(x.shape[0], 1, *graph.nodes[graph.output].out_shape,
-                                          dtype=torch.float64, device=x.device))
+                                          dtype=torch.float64, device=x.device),
+                            intervals={i: (l, u) for i, (l, u) in enumerate(zip(lbs, ubs)) if l is not None})
     lb2, ub2 = list(lbs), list(ubs)
     for j, (l, u) in cb.items():
         if lb2[j] is not None:

@@ -27,8 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from lipverify.arguments import eps_key, parse_eps, parse_norm
-from lipverify.arguments import default_box
+from lipverify.arguments import default_box, eps_key, parse_eps, parse_norm
 from lipverify.bounds.domain import DomainForward
 from lipverify.bounds.global_bound import describe_domain
 from lipverify.errors import UserInputError
@@ -287,14 +286,14 @@ def certify(model, x: torch.Tensor, y: torch.Tensor, eps: float | Sequence[float
     the least expected work by the fraction of the probe's decisions each leaves open
     (:data:`RUNNING_COST`, :data:`FLOAT64_COST`, :data:`DOMAIN_COST`).
     ``"float64"``: float64 only.
-
-    ``alpha_budget``: seconds for alpha-CROWN's slope optimisation (``method="alpha-crown"``) over the
-    whole call; once spent, the remaining bounds are plain CROWN's (sound) and a note says so.  None:
-    no limit.
     ``"auto"`` (default): float32 when the graph has a rounding model, else float64.  Decisions at the
     requested radii are the float64 ones; the radius of an input decided in float32 is the one proven
     with the float32 logits, lower than the float64 one by at most ``2 delta / K``.  Records decided in
     float32 carry the method ``global (float32, rounding error bounded)``.
+
+    ``alpha_budget``: seconds for alpha-CROWN's slope optimisation (``method="alpha-crown"``) over the
+    whole call; once spent, the remaining bounds are plain CROWN's (sound) and a note says so.  None:
+    no limit.
 
     Warnings
     --------

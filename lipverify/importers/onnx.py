@@ -119,8 +119,9 @@ def _input_dependent(graph) -> set[str]:
     return dep
 
 
-def normalise_onnx(model):
-    """A normalised copy of ``model`` and notes on what changed (see the module docstring)."""
+def normalise_onnx(model, path=None):
+    """A normalised copy of ``model`` and notes on what changed (see the module docstring); ``path``
+    names the file in refusals."""
     import onnx
     from onnx import numpy_helper
 
@@ -171,7 +172,7 @@ def normalise_onnx(model):
                  f"{bypassed} Identity node(s) bypassed" if bypassed else "",
                  f"{consts} Constant node(s) made initializers" if consts else ""]
         notes.append("ONNX normalised: " + ", ".join(p for p in parts if p))
-    folded, by_op = fold_constants(m)
+    folded, by_op = fold_constants(m, path)
     if folded:
         ops = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in sorted(by_op.items(), key=lambda kv: -kv[1]))
         notes.append(f"ONNX: {folded} node(s) computing constants from the weights folded into weights ({ops})")
@@ -264,7 +265,7 @@ def convert_onnx(model, path, notes: list | None = None):
     from lipverify.importers.onnx_convert import convert
 
     check_structure(model, path)  # also for models exported in memory
-    model, more = normalise_onnx(model)
+    model, more = normalise_onnx(model, path)
     if notes is not None:
         notes.extend(more)
     bad = onnx_unconvertible(model)

@@ -56,16 +56,22 @@ Softsign Split Sqrt Squeeze Sub Sum Tan Tanh Tile Transpose Trilu Unsqueeze Wher
 MAX_FOLD_ELEMENTS = 1 << 28
 
 
-def _output_shapes(node, const: dict, opset_import) -> list | None:
-    """Inferred ``(shape, np.dtype)`` of every output of ``node`` with its constant inputs, or None when
-    some shape is not fully known."""
-    import onnx
-    from onnx import helper, numpy_helper
+def _mini_model(node, tensors: dict, opset_import):
+    """A model of ``node`` alone, its inputs as initializers (``tensors``: TensorProtos by name)."""
+    from onnx import helper
 
-    inits = [numpy_helper.from_array(const[i], i) for i in dict.fromkeys(x for x in node.input if x)]
+    inits = [tensors[i] for i in dict.fromkeys(x for x in node.input if x)]
     outs = [helper.make_empty_tensor_value_info(o) for o in node.output if o]
-    mini = helper.make_model(helper.make_graph([node], "fold", [], outs, initializer=inits),
+    return helper.make_model(helper.make_graph([node], "fold", [], outs, initializer=inits),
                              opset_imports=list(opset_import))
+
+
+def _output_shapes(node, mini) -> list | None:
+    """Inferred ``(shape, np.dtype)`` of every output of ``node`` (in its one-node model ``mini``), or
+    None when some shape is not fully known."""
+    import onnx
+    from onnx import helper
+
     try:
         inferred = onnx.shape_inference.infer_shapes(mini, strict_mode=False, data_prop=True)
     except Exception:
@@ -92,14 +98,9 @@ def _output_shapes(node, const: dict, opset_import) -> list | None:
     return res
 
 
-def _evaluate(node, const: dict, opset_import) -> list[np.ndarray] | None:
-    from onnx import helper, numpy_helper
+def _evaluate(mini) -> list[np.ndarray] | None:
     from onnx.reference import ReferenceEvaluator
 
-    inits = [numpy_helper.from_array(const[i], i) for i in dict.fromkeys(x for x in node.input if x)]
-    outs = [helper.make_empty_tensor_value_info(o) for o in node.output if o]
-    mini = helper.make_model(helper.make_graph([node], "fold", [], outs, initializer=inits),
-                             opset_imports=list(opset_import))
     try:
         got = ReferenceEvaluator(mini).run(None, {})
     except Exception:
@@ -118,26 +119,19 @@ def fold_constants(model, path=None) -> tuple[int, Counter]:
 
     g = model.graph
     outputs = {o.name for o in g.output}
-    arrays: dict = {}
-    init_names = {i.name for i in g.initializer}
     by_name = {i.name: i for i in g.initializer}
-
-    def value(name):
-        if name not in arrays:
-            arrays[name] = numpy_helper.to_array(by_name[name])
-        return arrays[name]
 
     kept = []
     count: Counter = Counter()
     for i, n in enumerate(g.node):
         ins = [x for x in n.input if x]
-        foldable = (n.domain in ("", "ai.onnx") and n.op_type in FOLDABLE and all(x in init_names for x in ins)
+        foldable = (n.domain in ("", "ai.onnx") and n.op_type in FOLDABLE and all(x in by_name for x in ins)
                     and not any(o in outputs for o in n.output) and not any(a.g.node or a.graphs for a in n.attribute))
         if not foldable:
             kept.append(n)
             continue
-        const = {x: value(x) for x in ins}
-        shapes = _output_shapes(n, const, model.opset_import)
+        mini = _mini_model(n, by_name, model.opset_import)
+        shapes = _output_shapes(n, mini)
         if shapes is None:
             kept.append(n)
             continue
@@ -150,7 +144,7 @@ def fold_constants(model, path=None) -> tuple[int, Counter]:
                                      f"more than {MAX_FOLD_ELEMENTS} is not a weight", None if path is None else str(path))
             total += elems * dt.itemsize
         check_alloc(total, f"folding the constant {label}", path)
-        got = _evaluate(n, const, model.opset_import)
+        got = _evaluate(mini)
         if got is None:
             kept.append(n)
             continue
@@ -161,8 +155,6 @@ def fold_constants(model, path=None) -> tuple[int, Counter]:
             t = numpy_helper.from_array(np.ascontiguousarray(arr), o)
             g.initializer.append(t)
             by_name[o] = t
-            arrays[o] = arr
-            init_names.add(o)
         count[n.op_type] += 1
     folded = sum(count.values())
     if folded:

@@ -284,12 +284,13 @@ def print_bounds(report, console: Console | None = None) -> None:
             _Col("out", "num", drop=2), _Col("constant", "num", justify="right"), _Col("method", "text"),
             _Col("sound", "text")]
     rows = []
+    at = getattr(report, "overflow_at", None)
     for k, r in enumerate(head + tail):
         if tail and k == len(head):
             rows.append(["...", "", "", "", "", f"{len(layers) - len(head) - len(tail)} more layers (all in --json)",
                          ""])
         method = r.method
-        if r.name == getattr(report, "overflow_at", None):
+        if r.name == at:
             method = "OVERFLOW: the running bound is inf from this layer on; " + method
         rows.append([r.name, r.op, "x".join(map(str, r.in_shape)), "x".join(map(str, r.out_shape)),
                      num(r.lipschitz), method, _sound(r.sound, short=True) if r.lipschitz is not None else ""])
@@ -299,7 +300,6 @@ def print_bounds(report, console: Console | None = None) -> None:
     if rows:
         _table(c, cols)
     g = report.global_bound
-    at = getattr(report, "overflow_at", None)
 
     def big(v):
         return f"{num(v)} (overflow at layer {at})" if at is not None and v is not None and math.isinf(v) else num(v)
