@@ -366,3 +366,55 @@ def test_alpha_crown_time_budget_falls_back_to_crown_soundly(tmp_path):
     res = CliRunner().invoke(main, ["certify", str(onnx_path), "--data", str(data), "--eps", "0.05", "--norm", "inf",
                                     "--method", "alpha-crown", "--alpha-budget", "-1"])
     assert res.exit_code == 2
+
+
+def _pgd_margins(net, x, pred, eps, steps=15):
+    """Smallest margins ``f_pred - f_j`` (``(B, m)``) seen by targeted l_inf PGD in the ball within [0, 1]."""
+    ar = torch.arange(len(x))
+    with torch.no_grad():
+        best = net(x)
+        best = best[ar, pred][:, None] - best
+    for j in range(best.shape[1]):
+        z = x.clone()
+        for _ in range(steps):
+            z.requires_grad_(True)
+            out = net(z)
+            marg = out[ar, pred] - out[:, j]
+            (g,) = torch.autograd.grad(marg.sum(), z)
+            with torch.no_grad():
+                best[:, j] = torch.minimum(best[:, j], marg)
+                z = (x + (z - 2.5 * eps / steps * g.sign() - x).clamp(-eps, eps)).clamp(0, 1)
+        with torch.no_grad():
+            out = net(z)
+            best[:, j] = torch.minimum(best[:, j], out[ar, pred] - out[:, j])
+    best[ar, pred] = math.inf
+    return best
+
+
+@pytest.mark.slow
+def test_crown_on_a_torchvision_resnet_never_beats_the_attacks(tmp_path):
+    """The ecosystem's own architecture (residual sums, max pooling, average pooling, folded batch
+    norms whose statistics are not the identity), exported the standard way: CROWN's margin bounds
+    stay below the margins PGD reaches, and an input certified at eps has no adversarial example within
+    eps (the trained families are in benchmarks/bench_crown_zoo.py)."""
+    family, size, n, eps = "resnet18", 8, 1, 1 / 255
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = getattr(tv.models, family)(num_classes=10).eval()
+    g = torch.Generator().manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):  # statistics of a network that has seen data
+            m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    path = tmp_path / f"{family}.onnx"
+    torch.onnx.export(net, (torch.rand(1, 3, size, size),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    lm = lipverify.load(str(path))
+    x = torch.rand(n, 3, size, size, generator=g, dtype=torch.float64)
+    pred = lm(x).argmax(1)
+    low = margin_lower_bounds(lm.graph, x, pred, eps, "inf", domain=(0.0, 1.0))
+    reached = _pgd_margins(lm.module_double(), x, pred, eps)
+    assert (low <= reached + 1e-9 * (1 + reached.abs())).all()
+    rob = lm.attack(x, pred, eps=[eps], norm="inf", strength="fast")
+    certified = (low > 0).all(1)
+    assert bool(certified.any()) and not bool((certified & (rob.radius <= eps)).any())

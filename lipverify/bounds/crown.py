@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from lipverify.errors import UnsupportedOpError, UserInputError
+from lipverify.graph.domain import REL_SLACK, activation_interval, linear_interval
 from lipverify.graph.nodes import LipschitzGraph
 
 #: relative outward rounding per node crossed (see the module docstring)
@@ -301,9 +302,10 @@ class _Walk:
             if k in ("linear", "add", "concat"):
                 op = self.ops.get(i)
                 if op is not None and op.bias is not None:
-                    term = (A * op.bias.to(A)).flatten(2)
-                    beta = beta + term.sum(2)
-                    mag = mag + term.abs().sum(2)
+                    b = op.bias.to(A).expand(n.out_shape).reshape(-1)
+                    Af = A.flatten(2)
+                    beta = beta + torch.matmul(Af, b)
+                    mag = mag + torch.matmul(Af.abs(), b.abs())
                 _push_back(lam, g.nodes, n, A, op, 2)
             elif k == "activation":
                 aL, bL, aU, bU = (v[rows][:, None] for v in self._relax(i))
@@ -314,9 +316,14 @@ class _Walk:
                     aL = torch.where(cross, a, aL)
                 pos = A >= 0
                 _add(lam, n.inputs[0], A * torch.where(pos, aL, aU))
-                term = (A * torch.where(pos, bL, bU)).flatten(2)
-                beta = beta + term.sum(2)
-                mag = mag + term.abs().sum(2)
+                # the intercepts: sum_k A_k b_k with b = bL where A >= 0, bU elsewhere (and their sizes)
+                for part, b in ((A.clamp_max(0), bU), (A.clamp_min(0), bL)):
+                    if not bool(b.any()):  # ReLU's lower lines pass through 0
+                        continue
+                    bf = b.flatten(2)[:, 0]
+                    term = torch.matmul(part.flatten(2), torch.stack([bf, bf.abs()], 2))
+                    beta = beta + term[..., 0]
+                    mag = mag + term[..., 1].abs()
             elif k == "maxpool":
                 sel_idx, dom, U = (v[rows] for v in self._relax(i))
                 in_shape = g.nodes[n.inputs[0]].out_shape
@@ -337,18 +344,21 @@ class _Walk:
         raise AssertionError("the backward walk never reached the input")  # pragma: no cover
 
     def _concretise(self, A, rows, beta, mag, crossed):
-        lo, hi = self.box
-        lo, hi = lo[rows][:, None], hi[rows][:, None]
+        # min over the box of A.v = A.c - |A|.r (centre c, radius r); the magnitude |A|.max(|lo|, |hi|)
+        # sizes the slack: matrix products over the coefficients' rows, two passes over A
+        lo, hi = (v[rows].flatten(1) for v in self.box)
         Af = A.flatten(2)
-        lof, hif = lo.flatten(2), hi.flatten(2)
-        box = (Af.clamp_min(0) * lof + Af.clamp_max(0) * hif).sum(2)
-        size = (Af.abs() * torch.maximum(lof.abs(), hif.abs())).sum(2)
-        val = box
+        cols = [(lo + hi) / 2]
         if self.norm == "2":
-            xc = self.x[rows].flatten(1)[:, None]
-            ball = (Af * xc).sum(2) - self.eps[rows][:, None] * Af.norm(dim=2)
-            val = torch.maximum(box, ball)
-        slack = ROUNDING_SLACK * crossed * (mag + size + beta.abs())
+            cols.append(self.x[rows].flatten(1).to(Af.dtype))
+        lin = torch.matmul(Af, torch.stack(cols, 2))  # (R, S, 1 or 2)
+        Aabs = Af.abs()
+        rad = torch.matmul(Aabs, torch.stack([(hi - lo) / 2, torch.maximum(lo.abs(), hi.abs())], 2))
+        val = lin[..., 0] - rad[..., 0]
+        if self.norm == "2":
+            ball = lin[..., 1] - self.eps[rows][:, None] * Af.norm(dim=2)
+            val = torch.maximum(val, ball)
+        slack = ROUNDING_SLACK * crossed * (mag + rad[..., 1] + lin[..., 0].abs() + beta.abs())
         return val + beta - slack
 
 
@@ -491,6 +501,28 @@ def _spec_batches(count: int, units: int, rows: int) -> int:
     return max(1, min(count, MAX_ENTRIES // max(units * rows, 1)))
 
 
+def _interval_step(graph: LipschitzGraph, ops: dict, j: int, cur: dict):
+    """Interval of node ``j`` from the intervals ``cur`` of its inputs (outward rounded), or None for a
+    node kind without a rule here."""
+    n = graph.nodes[j]
+    k, ins = n.kind, n.inputs
+    if k == "linear":
+        return linear_interval(ops[j], *cur[ins[0]])
+    if k == "activation":
+        return activation_interval(n.op, *cur[ins[0]])
+    if k == "maxpool":  # monotone in every entry
+        l, u = cur[ins[0]]
+        return n.op(l), n.op(u)
+    if k == "add":
+        lo = sum((c * cur[i][0] if c >= 0 else c * cur[i][1]) for c, i in zip(n.op, ins))
+        hi = sum((c * cur[i][1] if c >= 0 else c * cur[i][0]) for c, i in zip(n.op, ins))
+        w = REL_SLACK * (lo.abs() + hi.abs())
+        return lo - w, hi + w
+    if k == "concat":
+        return (torch.cat([cur[i][0] for i in ins], dim=n.op + 1), torch.cat([cur[i][1] for i in ins], dim=n.op + 1))
+    return None
+
+
 def float64_ops(graph: LipschitzGraph, device, cache: dict | None = None) -> dict:
     """Float64 copies of the graph's linear operators on ``device`` (cached in ``cache``)."""
     key = ("crown-ops", str(device))
@@ -546,26 +578,29 @@ def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *
         exact = _box_intervals(graph, walk.ops, affine, box)
         at_x = _box_intervals(graph, walk.ops, affine, (x, x)) if norm == "2" else {}  # values at x, outwards
         consumers = graph.consumers()
-        for j in _needs_bounds(graph):
+        needs = set(_needs_bounds(graph))
+        cur = {0: box}  # every node's tightest interval so far (the input: the ball's box)
+        for j in range(1, graph.output + 1):
             l, u = (v.to(torch.float64) for v in ibp[j])
+            # the interval of node j from its inputs' tightened intervals (those of the earlier
+            # CROWN bounds, not the first interval pass's): fewer undecided units to refine below
+            step = _interval_step(graph, walk.ops, j, cur)
+            if step is not None:
+                l, u = torch.maximum(l, step[0]), torch.minimum(u, step[1])
             if j in exact:
                 l, u = torch.maximum(l, exact[j][0]), torch.minimum(u, exact[j][1])
-                if norm == "2" and j:  # and the exact range over the ball
+                if norm == "2" and j in needs:  # and the exact range over the ball
                     rn = _affine_row_norms(graph, walk.ops, j, x.device, cache)
                     r = eps_t.reshape(-1, *([1] * rn.dim())) * rn[None] * (1 + ROUNDING_SLACK)
                     l, u = torch.maximum(l, at_x[j][0] - r), torch.minimum(u, at_x[j][1] + r)
             n = graph.nodes[j]
-            if n.kind == "activation" and n.op.lo >= 0 and n.inputs[0] in bounds:  # monotone: the image
-                li, ui = bounds[n.inputs[0]]
-                with torch.no_grad():
-                    fl, fu = n.op.fn(li), n.op.fn(ui)
-                tol = 1e-12 * (1 + torch.maximum(fl.abs(), fu.abs()))
-                l, u = torch.maximum(l, fl - tol), torch.minimum(u, fu + tol)
             # affine nodes have their exact ranges over the box and the ball already
-            refine = intermediate == "crown" and n.kind in ("linear", "add", "concat") and j not in affine
-            if refine:
+            if (j in needs and intermediate == "crown" and n.kind in ("linear", "add", "concat")
+                    and j not in affine):
                 l, u = _refine(walk, graph, j, l, u, rows_all, _open_units(graph, consumers[j], l, u), alpha_steps)
-            bounds[j] = (l, u)
+            if j in needs:
+                bounds[j] = (l, u)
+            cur[j] = (l, u)
         out_shape = graph.nodes[graph.output].out_shape
         m = math.prod(out_shape)
         if C is None:
