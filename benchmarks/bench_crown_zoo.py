@@ -11,9 +11,10 @@ standard way (``torch.onnx.export(..., dynamo=False, opset_version=17)``, dynami
   intersected with [0, 1] (:func:`lipverify.bounds.crown.margin_lower_bounds`, one call), and the seconds
   per input;
 * the smallest margin a targeted PGD finds for every ``j`` inside the same set (``--pgd-steps`` sign or
-  normalised gradient steps from the centre and from ``--restarts`` random starts): no lower bound may
+  normalised gradient steps on the float32 model from the centre and from ``--restarts`` random starts,
+  each target's best point judged in float64): no lower bound may
   exceed it (``unsound bounds`` counts those that do, with the float64 model);
-* ``lipverify attack --strength thorough`` on the same inputs: an input certified at eps must have no
+* ``lipverify attack --strength STRENGTH`` (``--strength``, default standard) on the same inputs: an input certified at eps must have no
   adversarial point within eps (``broken`` counts those that do; ``r_cert <= r_adv`` at eps);
 * with ``--radii``, the certified radius of ``certify --method crown`` (bisection) against the attack's
   radius, input by input.
@@ -52,45 +53,47 @@ FAMILIES = ["resnet18", "shufflenet_v2_x0_5", "mobilenet_v2", "mnasnet0_5", "reg
             "googlenet", "densenet121", "vgg11_bn", "efficientnet_b0", "mobilenet_v3_small", "convnext_tiny"]
 
 
-def pgd_margins(net, x, pred, eps, norm, steps, restarts, seed=0):
+def pgd_margins(net, net64, x, pred, eps, norm, steps, restarts, seed=0):
     """``(B, m)`` smallest margins ``f_pred - f_j`` found by targeted PGD in the ball intersected with
-    [0, 1] (float64; ``+inf`` at ``j = pred``)."""
+    [0, 1]: steps on the float32 ``net``, each target's best point judged by the float64 ``net64``
+    (``+inf`` at ``j = pred``)."""
     gen = torch.Generator().manual_seed(seed)
     B = x.shape[0]
+    x32 = x.float()
     with torch.no_grad():
-        m = net(x).shape[1]
+        m = net(x32).shape[1]
     best = torch.full((B, m), float("inf"), dtype=torch.float64)
     ar = torch.arange(B)
+    shape = (-1,) + (1,) * (x.dim() - 1)
 
     def project(z):
-        d = z - x
+        d = z - x32
         if norm == "inf":
             d = d.clamp(-eps, eps)
         else:
-            n = d.flatten(1).norm(dim=1).clamp_min(1e-30).reshape(-1, *([1] * (x.dim() - 1)))
-            d = d * torch.clamp(eps / n, max=1.0)
-        return (x + d).clamp(0.0, 1.0)
+            d = d * torch.clamp(eps / d.flatten(1).norm(dim=1).clamp_min(1e-30), max=1.0).reshape(shape)
+        return (x32 + d).clamp(0.0, 1.0)
 
     for j in range(m):
         for r in range(restarts + 1):
-            z = x.clone() if r == 0 else project(x + eps * (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1))
-            step = 2.5 * eps / steps
+            z = x32.clone() if r == 0 else project(x32 + eps * (2 * torch.rand(x.shape, generator=gen) - 1))
+            keep, keep_m = z.clone(), torch.full((B,), float("inf"))
             for _ in range(steps):
                 z.requires_grad_(True)
                 out = net(z)
                 marg = out[ar, pred] - out[:, j]
-                with torch.no_grad():
-                    best[:, j] = torch.minimum(best[:, j], marg.detach())
                 (g,) = torch.autograd.grad(marg.sum(), z)
                 with torch.no_grad():
+                    better = marg < keep_m
+                    keep[better], keep_m[better] = z[better], marg[better]
                     if norm == "inf":
-                        z = project(z - step * g.sign())
+                        z = project(z - 2.5 * eps / steps * g.sign())
                     else:
-                        gn = g.flatten(1).norm(dim=1).clamp_min(1e-30).reshape(-1, *([1] * (x.dim() - 1)))
-                        z = project(z - step * g / gn)
+                        z = project(z - 2.5 * eps / steps * g / g.flatten(1).norm(dim=1).clamp_min(1e-30).reshape(shape))
             with torch.no_grad():
-                out = net(z)
-                best[:, j] = torch.minimum(best[:, j], out[ar, pred] - out[:, j])
+                for pt in (keep, z):
+                    out = net64(pt.double())
+                    best[:, j] = torch.minimum(best[:, j], out[ar, pred] - out[:, j])
     best[ar, pred] = float("inf")
     return best
 
@@ -126,10 +129,10 @@ def run(family, trained, a, data):
         except LipverifyError as exc:
             return f"refused: {str(exc).splitlines()[0][:90]}"
         net64 = lm.module_double()
-        pgd = pgd_margins(net64, x, pred, a.eps, a.norm, a.pgd_steps, a.restarts)
+        pgd = pgd_margins(net, net64, x, pred, a.eps, a.norm, a.pgd_steps, a.restarts)
         unsound = int((low > pgd + 1e-9 * (1 + pgd.abs())).sum())
         cert = (low > 0).all(1)
-        rob = lm.attack(x, y, eps=[a.eps], norm=a.norm, strength="thorough")
+        rob = lm.attack(x, y, eps=[a.eps], norm=a.norm, strength=a.strength)
         right = pred == y  # the attack's radius is 0 on a misclassified input
         broken = int((cert & right & (rob.radius <= a.eps)).sum())
         line = (f"acc {acc:5.1%} ({epochs} ep)  units {units:6d}  crown {t_crown:7.2f} s/input  "
@@ -152,9 +155,10 @@ def main():
     ap.add_argument("--norm", default="inf", choices=["inf", "2"])
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--pretrain-acc", type=float, default=0.95)
-    ap.add_argument("--pgd-steps", type=int, default=50)
-    ap.add_argument("--restarts", type=int, default=2)
+    ap.add_argument("--pgd-steps", type=int, default=30)
+    ap.add_argument("--restarts", type=int, default=1)
     ap.add_argument("--states", default="random,trained")
+    ap.add_argument("--strength", default="standard", choices=["fast", "standard", "thorough"])
     ap.add_argument("--radii", action="store_true", help="also certified radii by bisection (many CROWN calls)")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()

@@ -25,6 +25,7 @@ import lipverify
 from lipverify.bounds.crown import crown_bounds, margin_lower_bounds
 from lipverify.cli import main
 from lipverify.errors import UnsupportedOpError
+from lipverify.models import MinMax
 from nets import Mixed
 
 
@@ -93,6 +94,75 @@ def test_bounds_contain_the_exact_range_of_tiny_relu_nets(seed):
         assert exact_min - lower[0, s] <= 2.0 * (exact_max - exact_min) + 1.0
 
 
+def _minmax_net(seed, d=2, h=(4, 4), m=3, scale=1.5):
+    torch.manual_seed(seed)
+    layers, k = [], d
+    for w in h:
+        layers += [nn.Linear(k, w), MinMax()]
+        k = w
+    net = nn.Sequential(*layers, nn.Linear(k, m)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(scale)
+    return net
+
+
+def _exact_min_minmax(net, c, lo, hi):
+    """min over the box [lo, hi] of c . net(x) for a MinMax MLP: one LP per ordering of every pair
+    (each ordering makes the network affine on a polytope)."""
+    from scipy.optimize import linprog
+
+    Ws = [m.weight.detach().double().numpy() for m in net if isinstance(m, nn.Linear)]
+    bs = [m.bias.detach().double().numpy() for m in net if isinstance(m, nn.Linear)]
+    pairs = [W.shape[0] // 2 for W in Ws[:-1]]
+    d = Ws[0].shape[1]
+    best = math.inf
+    for pattern in itertools.product([0, 1], repeat=sum(pairs)):
+        A, a = np.eye(d), np.zeros(d)
+        A_ub, b_ub, k = [], [], 0
+        for W, b, npair in zip(Ws[:-1], bs[:-1], pairs):
+            P, p = W @ A, W @ a + b
+            perm = []
+            for q in range(npair):
+                i, j = 2 * q, 2 * q + 1
+                first = pattern[k + q]  # 1: unit i is the larger (z_j - z_i <= 0), else j is
+                sign = 1.0 if first else -1.0
+                A_ub.append(sign * (P[j] - P[i]))
+                b_ub.append(-sign * (p[j] - p[i]))
+                perm += [i, j] if first else [j, i]
+            k += npair
+            A, a = P[perm], p[perm]
+        obj_A, obj_a = c @ (Ws[-1] @ A), c @ (Ws[-1] @ a + bs[-1])
+        res = linprog(obj_A, A_ub=np.array(A_ub), b_ub=np.array(b_ub), bounds=list(zip(lo, hi)), method="highs")
+        if res.status == 0:
+            best = min(best, res.fun + obj_a)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_minmax_bounds_contain_the_exact_range(seed):
+    """GroupSort-2 by max(a, b) = b + relu(a - b): the bounds contain the exact range (one LP per
+    ordering of the pairs), are exact where every pair is decided, and beat interval arithmetic."""
+    net = _minmax_net(seed)
+    lm = lipverify.load(net, input_shape=(2,))
+    assert any(nd.kind == "minmax" for nd in lm.graph.nodes)
+    rng = np.random.default_rng(seed)
+    x = torch.tensor(rng.uniform(0.2, 0.8, size=(1, 2)))
+    C = torch.tensor(rng.normal(size=(1, 4, 3)))
+    for eps in (0.15, 1e-6):
+        lower, upper, _ = crown_bounds(lm.graph, x, eps, "inf", C=C, domain=(0.0, 1.0))
+        lo, hi = np.clip(x[0].numpy() - eps, 0, 1), np.clip(x[0].numpy() + eps, 0, 1)
+        for s in range(4):
+            c = C[0, s].numpy()
+            exact_min, exact_max = _exact_min_minmax(net, c, lo, hi), -_exact_min_minmax(net, -c, lo, hi)
+            assert lower[0, s] <= exact_min + 1e-9 and upper[0, s] >= exact_max - 1e-9
+            if eps < 1e-3:  # every pair decided: the network is affine on the ball
+                assert exact_min - lower[0, s] <= 1e-6 and upper[0, s] - exact_max <= 1e-6
+    ibp_lower, _, _ = crown_bounds(lm.graph, x, 0.15, "inf", C=C, domain=(0.0, 1.0), intermediate="ibp")
+    crown_lower, _, _ = crown_bounds(lm.graph, x, 0.15, "inf", C=C, domain=(0.0, 1.0))
+    assert (crown_lower >= ibp_lower - 1e-12).all()
+
+
 def test_affine_maps_get_their_exact_range():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 3)).eval()
@@ -137,7 +207,8 @@ def test_outward_rounding_on_adversarially_scaled_weights():
 
 
 @pytest.mark.parametrize("act", [nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-0.5, 0.5), nn.LeakyReLU(0.1), nn.Tanh(),
-                                 nn.GELU(), nn.ELU()], ids=lambda a: type(a).__name__)
+                                 nn.GELU(), nn.ELU(), nn.SiLU(), nn.Sigmoid(), nn.Softplus(beta=3.0), MinMax()],
+                         ids=lambda a: type(a).__name__)
 @pytest.mark.parametrize("norm,eps", [("inf", 0.05), ("2", 0.3)])
 def test_samples_and_attacks_stay_inside_the_bounds(act, norm, eps):
     torch.manual_seed(3)

@@ -17,8 +17,9 @@ constant ``beta``:
   ReLU and clipped ReLU (ReLU6, hardtanh): the triangle relaxation with CROWN's adaptive lower slope
   (``1`` where ``u >= -l``, else ``0``); leaky ReLU: the same for its two slopes; a clip with both
   kinks inside ``[l, u]``: the two parallel lines of slope ``(hi - lo) / (u - l)`` through the kinks;
-  every other activation: the lines through ``(l, phi(l))`` or ``(u, phi(u))`` with the extreme
-  slopes of its slope range (mean value theorem), whichever is tighter at the midpoint;
+  smooth activations: tangent and secant lines where the activation is convex or concave on
+  ``[l, u]``, else mean-value lines and the secant moved by the largest gap its slope range allows
+  (:mod:`lipverify.bounds.relaxations`, where every relaxation lives);
 * max pooling: ``y >= h_k`` for the entry ``k`` of the window with the largest lower bound, and
   ``y <= max_window u`` (or ``y = h_k`` when ``l_k`` is at least every other entry's ``u``);
 * the input: ``min_{x' in S} <Lambda, x'>`` — over the box ``[max(x - eps, lo), min(x + eps, hi)]``
@@ -53,16 +54,16 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from lipverify.errors import UnsupportedOpError, UserInputError
+from lipverify.bounds.relaxations import pair_difference_bounds, pool_relaxation, relaxation, relaxation_relu
 from lipverify.graph.domain import REL_SLACK, activation_interval, linear_interval
-from lipverify.graph.nodes import LipschitzGraph
+from lipverify.graph.nodes import LipschitzGraph, minmax
 
 #: relative outward rounding per node crossed (see the module docstring)
 ROUNDING_SLACK = 1e-8
 #: node kinds with a linear relaxation here
-SUPPORTED = ("input", "linear", "activation", "maxpool", "add", "concat")
+SUPPORTED = ("input", "linear", "activation", "maxpool", "minmax", "add", "concat")
 #: entries of one coefficient tensor (specs x units) before the specs are split into batches
 MAX_ENTRIES = 30_000_000
 
@@ -72,172 +73,6 @@ def check_supported(graph: LipschitzGraph) -> None:
     bad = [(n.kind, n.name) for i, n in enumerate(graph.nodes) if i <= graph.output and n.kind not in SUPPORTED]
     if bad:
         raise UnsupportedOpError([(f"{k} (no linear relaxation for --method crown)", name) for k, name in bad])
-
-
-# -- relaxations ---------------------------------------------------------------------------------------
-
-
-def _clip_relaxation(l, u, lo: float, hi: float):
-    """``(aL, bL, aU, bU)`` of ``clip(h, lo, hi)`` on ``[l, u]`` (``lo``/``hi`` may be infinite)."""
-    aL, bL, aU, bU = (torch.zeros_like(l) for _ in range(4))
-    width = (u - l).clamp_min(1e-300)
-    lo_t = torch.full_like(l, lo if math.isfinite(lo) else -math.inf)
-    hi_t = torch.full_like(l, hi if math.isfinite(hi) else math.inf)
-    below = u <= lo_t                    # constant lo
-    above = l >= hi_t                    # constant hi
-    inside = (l >= lo_t) & (u <= hi_t)   # identity
-    lower_kink = (l < lo_t) & (u > lo_t) & (u <= hi_t)   # convex: like ReLU at lo
-    upper_kink = (l >= lo_t) & (l < hi_t) & (u > hi_t)   # concave: like -ReLU at hi
-    both = (l < lo_t) & (u > hi_t)
-    lo_f = torch.where(torch.isfinite(lo_t), lo_t, torch.zeros_like(l))
-    hi_f = torch.where(torch.isfinite(hi_t), hi_t, torch.zeros_like(l))
-    # constants
-    bL = torch.where(below, lo_f, bL)
-    bU = torch.where(below, lo_f, bU)
-    bL = torch.where(above, hi_f, bL)
-    bU = torch.where(above, hi_f, bU)
-    one = torch.ones_like(l)
-    aL = torch.where(inside, one, aL)
-    aU = torch.where(inside, one, aU)
-    # convex kink at lo: upper secant through (l, lo) and (u, u); lower: slope 1 (h) or 0 (lo)
-    s = (u - lo_f) / width
-    aU = torch.where(lower_kink, s, aU)
-    bU = torch.where(lower_kink, lo_f - s * l, bU)
-    take_h = (u - lo_f) >= (lo_f - l)
-    aL = torch.where(lower_kink & take_h, one, aL)
-    bL = torch.where(lower_kink & ~take_h, lo_f, bL)
-    # concave kink at hi: lower secant through (l, l) and (u, hi); upper: slope 1 (h) or 0 (hi)
-    s = (hi_f - l) / width
-    aL = torch.where(upper_kink, s, aL)
-    bL = torch.where(upper_kink, l - s * l, bL)
-    take_h = (hi_f - l) >= (u - hi_f)
-    aU = torch.where(upper_kink & take_h, one, aU)
-    bU = torch.where(upper_kink & ~take_h, hi_f, bU)
-    # both kinks: parallel lines of slope (hi - lo) / (u - l) through (lo, lo) below and (hi, hi) above
-    s = (hi_f - lo_f) / width
-    aL = torch.where(both, s, aL)
-    bL = torch.where(both, lo_f - s * lo_f, bL)
-    aU = torch.where(both, s, aU)
-    bU = torch.where(both, hi_f - s * hi_f, bU)
-    return aL, bL, aU, bU
-
-
-def _relu_relaxation(l, u):
-    """ReLU on ``[l, u]``: the triangle (upper secant, lower slope 1 where ``u >= -l``, else 0)."""
-    cross = (l < 0) & (u > 0)
-    s = torch.where(cross, u / (u - l).clamp_min(1e-300), (l >= 0).to(l.dtype))
-    aU = s
-    bU = torch.where(cross, -s * l, torch.zeros_like(l))
-    aL = torch.where(cross, (u >= -l).to(l.dtype), s)
-    return aL, torch.zeros_like(l), aU, bU
-
-
-def _leaky_relaxation(l, u, a: float):
-    """``max(h, a h)`` with ``0 <= a < 1`` (convex) on ``[l, u]``."""
-    f = lambda t: torch.where(t >= 0, t, a * t)  # noqa: E731
-    cross = (l < 0) & (u > 0)
-    width = (u - l).clamp_min(1e-300)
-    s = (f(u) - f(l)) / width
-    aU = torch.where(cross, s, torch.where(u <= 0, torch.full_like(l, a), torch.ones_like(l)))
-    bU = torch.where(cross, f(l) - s * l, torch.zeros_like(l))
-    slope_low = torch.where(u >= -l, torch.ones_like(l), torch.full_like(l, a))
-    aL = torch.where(cross, slope_low, aU)
-    bL = torch.zeros_like(l)
-    return aL, bL, aU, bU
-
-
-def _slope_relaxation(act, l, u):
-    """Any activation with slope range ``[s_lo, s_hi]``: lines through an end point with an extreme
-    slope (mean value theorem), the tighter at the midpoint; the end values get an outward slack."""
-    s_lo, s_hi = float(act.lo), float(act.hi)
-    with torch.no_grad():
-        fl, fu = act.fn(l), act.fn(u)
-    tol = 1e-12 * (1 + torch.maximum(fl.abs(), fu.abs()))
-    fl_lo, fl_hi, fu_lo, fu_hi = fl - tol, fl + tol, fu - tol, fu + tol
-    c = (l + u) / 2
-    # lower candidates: f(l) + s_lo (h - l); f(u) - s_hi (u - h)
-    v1 = fl_lo + s_lo * (c - l)
-    v2 = fu_lo - s_hi * (u - c)
-    first = v1 >= v2
-    aL = torch.where(first, torch.full_like(l, s_lo), torch.full_like(l, s_hi))
-    bL = torch.where(first, fl_lo - s_lo * l, fu_lo - s_hi * u)
-    # upper candidates: f(l) + s_hi (h - l); f(u) - s_lo (u - h)
-    w1 = fl_hi + s_hi * (c - l)
-    w2 = fu_hi - s_lo * (u - c)
-    first = w1 <= w2
-    aU = torch.where(first, torch.full_like(l, s_hi), torch.full_like(l, s_lo))
-    bU = torch.where(first, fl_hi - s_hi * l, fu_hi - s_lo * u)
-    # a unit whose interval is a point: the constant
-    point = u <= l
-    for t, v in ((aL, 0.0), (aU, 0.0)):
-        t.masked_fill_(point, v)
-    bL = torch.where(point, fl_lo, bL)
-    bU = torch.where(point, fu_hi, bU)
-    return aL, bL, aU, bU
-
-
-def relaxation(act, l: torch.Tensor, u: torch.Tensor):
-    """``(aL, bL, aU, bU)``: ``aL h + bL <= phi(h) <= aU h + bU`` for every ``h`` in ``[l, u]``."""
-    name = act.name
-    if name == "relu":
-        return _relu_relaxation(l, u)
-    if name.startswith("clip["):
-        lo = act.const_below if act.const_below is not None else -math.inf
-        hi = act.const_above if act.const_above is not None else math.inf
-        return _clip_relaxation(l, u, lo, hi)
-    if name.startswith("leaky_relu(") and act.hi == 1.0 and 0.0 <= act.lo < 1.0:
-        return _leaky_relaxation(l, u, float(act.lo))
-    return _slope_relaxation(act, l, u)
-
-
-# -- max pooling -------------------------------------------------------------------------------------
-
-
-def _pool_geometry(pool, shape):
-    """Unfold arguments of a (2-d or stored 1-d) max pooling on per-example ``shape``."""
-    if pool.one_d:
-        c, w = shape
-        return c, 1, w, (1, pool.kernel[-1]), (1, pool.stride[-1]), (0, pool.padding[-1]), (1, pool.dilation[-1])
-    c, h, w = shape
-    return c, h, w, tuple(pool.kernel), tuple(pool.stride), tuple(pool.padding), tuple(pool.dilation)
-
-
-def _windows(t: torch.Tensor, pool, shape, out_hw, fill: float):
-    """``(B, C, K, L)`` window entries of ``t`` (``(B, *shape)``), padded with ``fill``."""
-    c, h, w, k, s, p, d = _pool_geometry(pool, shape)
-    B = t.shape[0]
-    x = t.reshape(B * c, 1, h, w)
-    oh, ow = out_hw
-    need_h = (oh - 1) * s[0] + d[0] * (k[0] - 1) + 1
-    need_w = (ow - 1) * s[1] + d[1] * (k[1] - 1) + 1
-    ph_extra = max(0, need_h - (h + 2 * p[0]))
-    pw_extra = max(0, need_w - (w + 2 * p[1]))
-    x = F.pad(x, (p[1], p[1] + pw_extra, p[0], p[0] + ph_extra), value=fill)
-    cols = F.unfold(x, k, dilation=d, stride=s)  # (B*C, K, L')
-    cols = cols[:, :, : oh * ow]
-    return cols.reshape(B, c, cols.shape[1], oh * ow)
-
-
-def _pool_relaxation(pool, shape, out_shape, l, u):
-    """Per output: the flat index (into one channel) of the selected entry, whether it dominates its
-    window, and the window's upper bound."""
-    c, h, w, *_ = _pool_geometry(pool, shape)
-    oh, ow = (1, out_shape[-1]) if pool.one_d else (out_shape[-2], out_shape[-1])
-    B = l.shape[0]
-    idx_map = torch.arange(h * w, device=l.device, dtype=torch.float64).reshape(1, h, w).expand(B, c, h, w)
-    li = _windows(l, pool, shape, (oh, ow), -math.inf)
-    ui = _windows(u, pool, shape, (oh, ow), -math.inf)
-    ii = _windows(idx_map.reshape(B, *shape), pool, shape, (oh, ow), -1.0)
-    best = li.argmax(2, keepdim=True)  # (B, C, 1, L)
-    sel_idx = ii.gather(2, best).squeeze(2).long()
-    sel_l = li.gather(2, best).squeeze(2)
-    others = ui.scatter(2, best, -math.inf).amax(2)
-    dom = sel_l >= others
-    U = ui.amax(2)
-    return sel_idx, dom, U
-
-
-# -- the backward walk -------------------------------------------------------------------------------
 
 
 def _add(lam, j, v):
@@ -269,16 +104,22 @@ class _Walk:
         self.alpha_mask: dict = {}
         self.deadline: float | None = None  # time.perf_counter() after which alpha-CROWN stops
         self.stats: dict | None = None
+        #: node -> bounds ``(B, c/2, *spatial)`` of the pair differences ``v[2k] - v[2k+1]`` it feeds
+        #: to a MinMax node (CROWN's, where computed; else from the unit intervals)
+        self.pairs: dict = {}
 
     def _relax(self, i):
         if i not in self.relax:
             n = self.g.nodes[i]
             l, u = self.bounds[n.inputs[0]]
-            if n.kind == "activation":
+            if n.kind == "minmax":
+                dl, du = self.pairs.get(n.inputs[0]) or pair_difference_bounds(l, u)
+                self.relax[i] = relaxation_relu(dl, du)
+            elif n.kind == "activation":
                 self.relax[i] = relaxation(n.op, l, u)
             else:
                 in_shape = self.g.nodes[n.inputs[0]].out_shape
-                self.relax[i] = _pool_relaxation(n.op, in_shape, n.out_shape, l, u)
+                self.relax[i] = pool_relaxation(n.op, in_shape, n.out_shape, l, u)
         return self.relax[i]
 
     def lower(self, t: int, C: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -339,6 +180,20 @@ class _Walk:
                 term = (An * (1 - domf) * U.reshape(R, 1, c, -1)).flatten(2)
                 beta = beta + term.sum(2)
                 mag = mag + term.abs().sum(2)
+            elif k == "minmax":
+                # max(a, b) = b + r and min(a, b) = a - r with r = relu(a - b) relaxed on the pair's
+                # difference bounds: lam1 max + lam2 min = lam2 a + lam1 b + (lam1 - lam2) r
+                aL, bL, aU, bU = (v[rows][:, None] for v in self._relax(i))
+                sh = A.shape
+                P = A.reshape(R, S, sh[2] // 2, 2, *sh[3:])
+                lam1, lam2 = P[:, :, :, 0], P[:, :, :, 1]
+                cr = lam1 - lam2
+                pos = cr >= 0
+                cd = cr * torch.where(pos, aL, aU)
+                term = (cr * torch.where(pos, bL, bU)).flatten(2)
+                beta = beta + term.sum(2)
+                mag = mag + term.abs().sum(2)
+                _add(lam, n.inputs[0], torch.stack([lam2 + cd, lam1 - cd], dim=3).reshape(sh))
             else:  # pragma: no cover - check_supported refuses these first
                 raise UnsupportedOpError([(k, n.name)])
         raise AssertionError("the backward walk never reached the input")  # pragma: no cover
@@ -376,7 +231,7 @@ def input_box(x: torch.Tensor, eps: torch.Tensor, domain=None):
 
 def _needs_bounds(graph: LipschitzGraph) -> list[int]:
     return sorted({graph.nodes[i].inputs[0] for i in range(graph.output + 1)
-                   if graph.nodes[i].kind in ("activation", "maxpool")})
+                   if graph.nodes[i].kind in ("activation", "maxpool", "minmax")})
 
 
 def _affine_nodes(graph: LipschitzGraph) -> set[int]:
@@ -513,6 +368,9 @@ def _interval_step(graph: LipschitzGraph, ops: dict, j: int, cur: dict):
     if k == "maxpool":  # monotone in every entry
         l, u = cur[ins[0]]
         return n.op(l), n.op(u)
+    if k == "minmax":  # max and min are monotone in both arguments
+        l, u = cur[ins[0]]
+        return minmax(l), minmax(u)
     if k == "add":
         lo = sum((c * cur[i][0] if c >= 0 else c * cur[i][1]) for c, i in zip(n.op, ins))
         hi = sum((c * cur[i][1] if c >= 0 else c * cur[i][0]) for c, i in zip(n.op, ins))
@@ -579,17 +437,17 @@ def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *
         at_x = _box_intervals(graph, walk.ops, affine, (x, x)) if norm == "2" else {}  # values at x, outwards
         consumers = graph.consumers()
         needs = set(_needs_bounds(graph))
-        cur = {0: box}  # every node's tightest interval so far (the input: the ball's box)
-        for j in range(1, graph.output + 1):
+        cur: dict = {}  # every node's tightest interval so far (the input: the ball's box)
+        for j in range(graph.output + 1):
             l, u = (v.to(torch.float64) for v in ibp[j])
             # the interval of node j from its inputs' tightened intervals (those of the earlier
             # CROWN bounds, not the first interval pass's): fewer undecided units to refine below
-            step = _interval_step(graph, walk.ops, j, cur)
+            step = box if j == 0 else _interval_step(graph, walk.ops, j, cur)
             if step is not None:
                 l, u = torch.maximum(l, step[0]), torch.minimum(u, step[1])
             if j in exact:
                 l, u = torch.maximum(l, exact[j][0]), torch.minimum(u, exact[j][1])
-                if norm == "2" and j in needs:  # and the exact range over the ball
+                if norm == "2" and j and j in needs:  # and the exact range over the ball
                     rn = _affine_row_norms(graph, walk.ops, j, x.device, cache)
                     r = eps_t.reshape(-1, *([1] * rn.dim())) * rn[None] * (1 + ROUNDING_SLACK)
                     l, u = torch.maximum(l, at_x[j][0] - r), torch.minimum(u, at_x[j][1] + r)
@@ -601,6 +459,11 @@ def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *
             if j in needs:
                 bounds[j] = (l, u)
             cur[j] = (l, u)
+            if any(graph.nodes[c].kind == "minmax" for c in consumers[j]):  # the pairs' differences
+                dl, du = pair_difference_bounds(l, u)
+                if intermediate == "crown":
+                    dl, du = _refine(walk, graph, j, dl, du, rows_all, (dl < 0) & (du > 0), alpha_steps, pairs=True)
+                walk.pairs[j] = (dl, du)
         out_shape = graph.nodes[graph.output].out_shape
         m = math.prod(out_shape)
         if C is None:
@@ -615,16 +478,18 @@ def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *
     return lower, up, bounds
 
 
-def _refine(walk: _Walk, graph, j, l, u, rows_all, open_, alpha_steps: int = 0):
+def _refine(walk: _Walk, graph, j, l, u, rows_all, open_, alpha_steps: int = 0, pairs: bool = False):
     """CROWN bounds of node ``j``'s units in ``open_`` (``(B, units)``: those whose relaxation the
-    intervals leave inexact), intersected with the intervals."""
+    intervals leave inexact), intersected with the intervals ``l, u``.  ``pairs``: ``l, u, open_`` are
+    over the channel pairs ``(2k, 2k+1)`` of ``j`` instead, bounding the differences ``v[2k] - v[2k+1]``."""
     shape = graph.nodes[j].out_shape
     units = math.prod(shape)
     lf, uf = l.reshape(len(l), -1).clone(), u.reshape(len(u), -1).clone()
+    spatial = math.prod(shape[1:])
     # the walk's coefficient tensors are as wide as the widest node it crosses
     widest = max(math.prod(nd.out_shape) for nd in graph.nodes[:j + 1])
     for b in range(len(l)):
-        idx = open_[b].nonzero().flatten()
+        idx = open_[b].reshape(-1).nonzero().flatten()
         if not len(idx):
             continue
         step = _spec_batches(2 * len(idx), widest, 1) // 2 or 1
@@ -633,8 +498,12 @@ def _refine(walk: _Walk, graph, j, l, u, rows_all, open_, alpha_steps: int = 0):
             k = len(part)
             C = torch.zeros(1, 2 * k, units, dtype=torch.float64, device=l.device)
             ar = torch.arange(k, device=l.device)
-            C[0, ar, part] = 1.0
-            C[0, k + ar, part] = -1.0
+            first = 2 * (part // spatial) * spatial + part % spatial if pairs else part
+            C[0, ar, first] = 1.0
+            C[0, k + ar, first] = -1.0
+            if pairs:  # the second unit of each pair
+                C[0, ar, first + spatial] = -1.0
+                C[0, k + ar, first + spatial] = 1.0
             Cj = C.reshape(1, 2 * k, *shape)
             low = walk.lower(j, Cj, rows_all[b:b + 1])
             if alpha_steps:

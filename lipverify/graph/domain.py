@@ -56,7 +56,8 @@ def activation_interval(act, lb, ub):
         c, r = (lb + ub) / 2, (ub - lb) / 2
         mid = fn(c)
         lo, hi = mid - act.lipschitz * r, mid + act.lipschitz * r
-    return lo - 1e-12 * lo.abs(), hi + 1e-12 * hi.abs()
+    # 1e-9: torch's softplus jumps by 1e-10 of its value where it switches to the identity
+    return lo - 1e-9 * lo.abs(), hi + 1e-9 * hi.abs()
 
 
 def linear_interval(op, lb, ub):
