@@ -32,7 +32,6 @@ import argparse
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lipverify  # noqa: E402
-from bench_finetune_zoo import accuracy, build, load_mnist, pretrain  # noqa: E402
+from bench_finetune_zoo import export_onnx, accuracy, build, load_mnist, pretrain  # noqa: E402
 from lipverify.bounds.crown import margin_lower_bounds, refined_units  # noqa: E402
 from lipverify.errors import LipverifyError  # noqa: E402
 
@@ -110,10 +109,7 @@ def run(family, trained, a, data):
         acc = accuracy(net, x_te[:500], y_te[:500])
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f"{family}.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(net, (torch.from_numpy(x_te[:1]),), str(path), dynamo=False, opset_version=17,
-                              input_names=["x"], dynamic_axes={"x": {0: "b"}})
+        export_onnx(net, torch.from_numpy(x_te[:1]), path)
         try:
             lm = lipverify.load(str(path))
             units = refined_units(lm.graph)

@@ -67,6 +67,14 @@ def build(family: str) -> nn.Module:
     return one_channel(getattr(torchvision.models, family)(**kw))
 
 
+def export_onnx(net: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """``torch.onnx.export`` the way users export: ``dynamo=False``, opset 17, a dynamic batch."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.eval(), (example,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "b"}})
+
+
 def load_mnist(data: Path, seed: int = 0):
     with np.load(data / "data" / "mnist_train_5k.npz") as f:
         x, y = f["x"].astype(np.float32), f["y"].astype(np.int64)
