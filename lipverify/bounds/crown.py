@@ -439,12 +439,17 @@ def crown_bounds(graph: LipschitzGraph, x: torch.Tensor, eps, norm: str = "2", *
         needs = set(_needs_bounds(graph))
         cur: dict = {}  # every node's tightest interval so far (the input: the ball's box)
         for j in range(graph.output + 1):
-            l, u = (v.to(torch.float64) for v in ibp[j])
             # the interval of node j from its inputs' tightened intervals (those of the earlier
             # CROWN bounds, not the first interval pass's): fewer undecided units to refine below
             step = box if j == 0 else _interval_step(graph, walk.ops, j, cur)
-            if step is not None:
-                l, u = torch.maximum(l, step[0]), torch.minimum(u, step[1])
+            if j in ibp:
+                l, u = (v.to(torch.float64) for v in ibp[j])
+                if step is not None:
+                    l, u = torch.maximum(l, step[0]), torch.minimum(u, step[1])
+            elif step is not None:
+                l, u = step
+            else:  # pragma: no cover - every supported kind has an interval rule
+                raise AssertionError(f"no interval for node {j}")
             if j in exact:
                 l, u = torch.maximum(l, exact[j][0]), torch.minimum(u, exact[j][1])
                 if norm == "2" and j and j in needs:  # and the exact range over the ball
