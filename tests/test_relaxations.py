@@ -25,7 +25,14 @@ def _intervals(n=3000, seed=0):
     r = torch.rand(n, generator=g, dtype=torch.float64) ** 3 * 6
     r[:50] = 0.0  # points
     r[50:100] = 1e-9  # tiny intervals
-    return c - r, c + r
+    l, u = c - r, c + r
+    # end points on the kinks and the curvature changes (0, where derivatives jump; -+sqrt 2; -+3; 6)
+    kinks = [(0.0, 1.0), (-1.0, 0.0), (0.0, 2.0), (-math.sqrt(2), 0.0), (-3.0, 3.0), (0.0, 6.0), (0.0, 1e-9),
+             (0.0, 4.0), (0.0, 0.25), (-2.0, 0.0), (-0.5, 0.0), (math.sqrt(2), 3.0), (-3.0, -1.0), (3.0, 6.0)]
+    k = len(kinks)
+    l[100:100 + k] = torch.tensor([a for a, _ in kinks], dtype=torch.float64)
+    u[100:100 + k] = torch.tensor([b for _, b in kinks], dtype=torch.float64)
+    return l, u
 
 
 @pytest.mark.parametrize("name,kw", ACTIVATIONS, ids=lambda v: str(v))

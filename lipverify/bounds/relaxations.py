@@ -49,15 +49,21 @@ from lipverify.bounds.jacobian import slope_interval
 __all__ = ["CURVATURE", "pair_difference_bounds", "pool_relaxation", "relaxation", "relaxation_relu"]
 
 _SQRT2 = math.sqrt(2.0)
+#: the smallest positive float: a piece that starts here excludes 0 itself
+_ABOVE_0 = math.ulp(0.0)
 #: where each activation is convex (+1) or concave (-1): lists of ``(lo, hi, sign)``, keyed by the
-#: activation's base name (a positive scale ``"2*gelu"`` keeps them)
+#: activation's base name (a positive scale ``"2*gelu"`` keeps them).  On a convex piece the derivative
+#: autograd gives at each end point must be a subgradient of the piece (it bounds the slopes inside):
+#: where the derivative jumps, the piece on the side autograd does not take excludes the jump.
 CURVATURE = {
     "tanh": [(-math.inf, 0.0, 1), (0.0, math.inf, -1)],
     "sigmoid": [(-math.inf, 0.0, 1), (0.0, math.inf, -1)],
     "softsign": [(-math.inf, 0.0, 1), (0.0, math.inf, -1)],
     "softplus": [(-math.inf, math.inf, 1)],
     "abs": [(-math.inf, math.inf, 1)],
-    "selu": [(-math.inf, 0.0, 1), (0.0, math.inf, 1)],
+    # the derivative jumps down at 0 (lambda alpha to lambda) and autograd gives the left one there, so
+    # the right piece starts just above 0
+    "selu": [(-math.inf, 0.0, 1), (_ABOVE_0, math.inf, 1)],
     # GELU'' = phi(z) (2 - z^2): convex on [-sqrt 2, sqrt 2], concave outside
     "gelu": [(-math.inf, -_SQRT2 * (1 + 1e-9), -1), (-_SQRT2 * (1 - 1e-9), _SQRT2 * (1 - 1e-9), 1),
              (_SQRT2 * (1 + 1e-9), math.inf, -1)],
@@ -73,7 +79,7 @@ def _curvature_regions(act) -> list:
         return CURVATURE[base]
     if base.startswith("elu("):  # alpha (e^z - 1) below 0 (slope alpha e^z, rising), z above
         a = float(base[4:-1])
-        return [(-math.inf, math.inf, 1)] if a <= 1.0 else [(-math.inf, 0.0, 1), (0.0, math.inf, 1)]
+        return [(-math.inf, math.inf, 1)] if a <= 1.0 else [(-math.inf, 0.0, 1), (_ABOVE_0, math.inf, 1)]
     if base.startswith("celu("):  # slope e^(z / alpha) <= 1 below 0, 1 above
         return [(-math.inf, math.inf, 1)]
     return []
