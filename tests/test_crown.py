@@ -29,11 +29,11 @@ from lipverify.models import MinMax
 from nets import Mixed
 
 
-def _relu_net(seed, d=2, h=(4, 3), m=3, scale=1.5):
+def _relu_net(seed, d=2, h=(4, 3), m=3, scale=1.5, act=nn.ReLU):
     torch.manual_seed(seed)
     layers, k = [], d
     for w in h:
-        layers += [nn.Linear(k, w), nn.ReLU()]
+        layers += [nn.Linear(k, w), act()]
         k = w
     net = nn.Sequential(*layers, nn.Linear(k, m)).eval()
     with torch.no_grad():
@@ -43,27 +43,40 @@ def _relu_net(seed, d=2, h=(4, 3), m=3, scale=1.5):
 
 
 def _exact_min(net, c, lo, hi):
-    """min over the box [lo, hi] of c . net(x) for a ReLU MLP: one LP per activation pattern."""
+    """min over the box [lo, hi] of c . net(x) for an MLP with ReLU or MinMax layers: one LP per
+    activation pattern (ReLU: each unit on or off; MinMax: each pair's order), on whose polytope the
+    network is affine."""
     from scipy.optimize import linprog
 
     Ws = [m.weight.detach().double().numpy() for m in net if isinstance(m, nn.Linear)]
     bs = [m.bias.detach().double().numpy() for m in net if isinstance(m, nn.Linear)]
-    hidden = [W.shape[0] for W in Ws[:-1]]
+    minmax = any(isinstance(m, MinMax) for m in net)
+    choices = [W.shape[0] // 2 if minmax else W.shape[0] for W in Ws[:-1]]  # binary choices per layer
     d = Ws[0].shape[1]
     best = math.inf
-    for pattern in itertools.product([0, 1], repeat=sum(hidden)):
-        # x -> affine map per layer under the pattern; constraints on the pre-activations' signs
+    for pattern in itertools.product([0, 1], repeat=sum(choices)):
         A, a = np.eye(d), np.zeros(d)
         A_ub, b_ub, k = [], [], 0
-        for W, b, width in zip(Ws[:-1], bs[:-1], hidden):
+        for W, b, width in zip(Ws[:-1], bs[:-1], choices):
             P, p = W @ A, W @ a + b  # pre-activation = P x + p
-            s = np.array(pattern[k:k + width])
+            s = pattern[k:k + width]
             k += width
-            for u in range(width):  # active: P x + p >= 0; inactive: <= 0
-                sign = -1.0 if s[u] else 1.0
-                A_ub.append(sign * P[u])
-                b_ub.append(-sign * p[u])
-            A, a = P * s[:, None], p * s
+            if minmax:  # s[q] = 1: unit 2q is the larger of its pair (z_2q+1 - z_2q <= 0), else 2q+1 is
+                perm = []
+                for q in range(width):
+                    i, j = 2 * q, 2 * q + 1
+                    sign = 1.0 if s[q] else -1.0
+                    A_ub.append(sign * (P[j] - P[i]))
+                    b_ub.append(-sign * (p[j] - p[i]))
+                    perm += [i, j] if s[q] else [j, i]
+                A, a = P[perm], p[perm]
+            else:  # active: P x + p >= 0; inactive: <= 0
+                on = np.array(s)
+                for u in range(width):
+                    sign = -1.0 if on[u] else 1.0
+                    A_ub.append(sign * P[u])
+                    b_ub.append(-sign * p[u])
+                A, a = P * on[:, None], p * on
         obj_A, obj_a = c @ (Ws[-1] @ A), c @ (Ws[-1] @ a + bs[-1])
         res = linprog(obj_A, A_ub=np.array(A_ub), b_ub=np.array(b_ub), bounds=list(zip(lo, hi)), method="highs")
         if res.status == 0:
@@ -94,56 +107,11 @@ def test_bounds_contain_the_exact_range_of_tiny_relu_nets(seed):
         assert exact_min - lower[0, s] <= 2.0 * (exact_max - exact_min) + 1.0
 
 
-def _minmax_net(seed, d=2, h=(4, 4), m=3, scale=1.5):
-    torch.manual_seed(seed)
-    layers, k = [], d
-    for w in h:
-        layers += [nn.Linear(k, w), MinMax()]
-        k = w
-    net = nn.Sequential(*layers, nn.Linear(k, m)).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.mul_(scale)
-    return net
-
-
-def _exact_min_minmax(net, c, lo, hi):
-    """min over the box [lo, hi] of c . net(x) for a MinMax MLP: one LP per ordering of every pair
-    (each ordering makes the network affine on a polytope)."""
-    from scipy.optimize import linprog
-
-    Ws = [m.weight.detach().double().numpy() for m in net if isinstance(m, nn.Linear)]
-    bs = [m.bias.detach().double().numpy() for m in net if isinstance(m, nn.Linear)]
-    pairs = [W.shape[0] // 2 for W in Ws[:-1]]
-    d = Ws[0].shape[1]
-    best = math.inf
-    for pattern in itertools.product([0, 1], repeat=sum(pairs)):
-        A, a = np.eye(d), np.zeros(d)
-        A_ub, b_ub, k = [], [], 0
-        for W, b, npair in zip(Ws[:-1], bs[:-1], pairs):
-            P, p = W @ A, W @ a + b
-            perm = []
-            for q in range(npair):
-                i, j = 2 * q, 2 * q + 1
-                first = pattern[k + q]  # 1: unit i is the larger (z_j - z_i <= 0), else j is
-                sign = 1.0 if first else -1.0
-                A_ub.append(sign * (P[j] - P[i]))
-                b_ub.append(-sign * (p[j] - p[i]))
-                perm += [i, j] if first else [j, i]
-            k += npair
-            A, a = P[perm], p[perm]
-        obj_A, obj_a = c @ (Ws[-1] @ A), c @ (Ws[-1] @ a + bs[-1])
-        res = linprog(obj_A, A_ub=np.array(A_ub), b_ub=np.array(b_ub), bounds=list(zip(lo, hi)), method="highs")
-        if res.status == 0:
-            best = min(best, res.fun + obj_a)
-    return best
-
-
 @pytest.mark.parametrize("seed", range(5))
 def test_minmax_bounds_contain_the_exact_range(seed):
     """GroupSort-2 by max(a, b) = b + relu(a - b): the bounds contain the exact range (one LP per
     ordering of the pairs), are exact where every pair is decided, and beat interval arithmetic."""
-    net = _minmax_net(seed)
+    net = _relu_net(seed, h=(4, 4), act=MinMax)
     lm = lipverify.load(net, input_shape=(2,))
     assert any(nd.kind == "minmax" for nd in lm.graph.nodes)
     rng = np.random.default_rng(seed)
@@ -154,7 +122,7 @@ def test_minmax_bounds_contain_the_exact_range(seed):
         lo, hi = np.clip(x[0].numpy() - eps, 0, 1), np.clip(x[0].numpy() + eps, 0, 1)
         for s in range(4):
             c = C[0, s].numpy()
-            exact_min, exact_max = _exact_min_minmax(net, c, lo, hi), -_exact_min_minmax(net, -c, lo, hi)
+            exact_min, exact_max = _exact_min(net, c, lo, hi), -_exact_min(net, -c, lo, hi)
             assert lower[0, s] <= exact_min + 1e-9 and upper[0, s] >= exact_max - 1e-9
             if eps < 1e-3:  # every pair decided: the network is affine on the ball
                 assert exact_min - lower[0, s] <= 1e-6 and upper[0, s] - exact_max <= 1e-6

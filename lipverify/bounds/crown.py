@@ -158,11 +158,11 @@ class _Walk:
                 pos = A >= 0
                 _add(lam, n.inputs[0], A * torch.where(pos, aL, aU))
                 # the intercepts: sum_k A_k b_k with b = bL where A >= 0, bU elsewhere (and their sizes)
-                for part, b in ((A.clamp_max(0), bU), (A.clamp_min(0), bL)):
-                    if not bool(b.any()):  # ReLU's lower lines pass through 0
+                for clamp, b in ((torch.clamp_max, bU), (torch.clamp_min, bL)):
+                    if not bool(b.any()):  # ReLU's lower lines pass through 0: no pass over A
                         continue
                     bf = b.flatten(2)[:, 0]
-                    term = torch.matmul(part.flatten(2), torch.stack([bf, bf.abs()], 2))
+                    term = torch.matmul(clamp(A, 0).flatten(2), torch.stack([bf, bf.abs()], 2))
                     beta = beta + term[..., 0]
                     mag = mag + term[..., 1].abs()
             elif k == "maxpool":
