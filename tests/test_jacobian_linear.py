@@ -2,7 +2,8 @@
 
 Oracles, none of them the code under test:
 
-* the McCormick planes checked point by point on a grid of every box;
+* the chords of the slope-gradient products checked point by point on a grid of every box, against
+  the box's vertices and against the McCormick planes;
 * brute force over the activation patterns of one-hidden-layer nets (the gradient is linear in the
   slopes of the undecided units, so its largest norm is at a vertex pattern);
 * gradients and difference quotients of the float64 torch module at points of the ball (vertices,
@@ -25,7 +26,7 @@ import torch.nn as nn
 
 import lipverify
 from lipverify.bounds.jacobian import margin_jacobian_bounds, pair_directions
-from lipverify.bounds.jacobian_linear import bilinear_plane, linear_jacobian_bounds
+from lipverify.bounds.jacobian_linear import linear_jacobian_bounds, product_chord
 from lipverify.bounds.local import _Context, local_margin_constants
 from nets import Mixed, interval_inputs, one_hidden_layer
 
@@ -36,23 +37,39 @@ def _bounds(lm, x, eps, p, refine_rows=4096):
     return lin, itv, margin_jacobian_bounds(lm.graph, ops, lbs, ubs, C, p), C
 
 
-def test_mccormick_planes_hold_on_every_box():
+def test_product_chord_holds_on_every_box_and_is_the_tightest_line():
     gen = torch.Generator().manual_seed(0)
     n = 2000
     w = torch.randn(n, generator=gen, dtype=torch.float64) * 3
     s = torch.sort(torch.randn(n, 2, generator=gen, dtype=torch.float64), dim=1).values
     s[: n // 4, 1] = s[: n // 4, 0]  # fixed slopes
     g = torch.sort(torch.randn(n, 2, generator=gen, dtype=torch.float64) * 10, dim=1).values
-    cg, const = bilinear_plane(w, s[:, 0], s[:, 1], g[:, 0], g[:, 1])
+    cg, const = product_chord(w, s[:, 0], s[:, 1], g[:, 0], g[:, 1])
     t = torch.linspace(0, 1, 21, dtype=torch.float64)
     for a, b in itertools.product(t, t):
         sv = s[:, 0] + a * (s[:, 1] - s[:, 0])
         gv = g[:, 0] + b * (g[:, 1] - g[:, 0])
         assert bool(torch.all(w * sv * gv <= cg * gv + const + 1e-12 * (1 + (w * sv * gv).abs())))
-    # exact where the slope is fixed: the plane is the product itself
+    # tight: at both ends of the g interval the line meets the largest product over the slopes (a
+    # vertex of the box), so no line in g alone is lower at both ends
+    scale = w.abs() * (s[:, 0].abs() + s[:, 1].abs()) * g.abs().amax(1)  # the rounding slack's size
+    for gv in (g[:, 0], g[:, 1]):
+        top = torch.maximum(w * s[:, 0] * gv, w * s[:, 1] * gv)
+        assert bool(((cg * gv + const - top).abs() <= 1e-6 * (1 + scale)).all())
+    # never above either McCormick plane of w s g with its s term maximised (the textbook relaxation)
+    for sa, sb, gb in ((1, 0, 0), (0, 1, 1)):
+        lo_w = w < 0
+        a_ = torch.where(lo_w, s[:, 1 - sa], s[:, sa])  # the slope multiplying g
+        cs = w * g[:, gb]
+        smax = torch.maximum(cs * s[:, 0], cs * s[:, 1])
+        for b in t:
+            gv = g[:, 0] + b * (g[:, 1] - g[:, 0])
+            plane = w * a_ * (gv - g[:, gb]) + smax
+            assert bool(torch.all(cg * gv + const <= plane + 1e-6 * (1 + scale)))
+    # exact where the slope is fixed: the line is the product itself
     k = n // 4
     gv = g[:k, 0] * 0.3 + g[:k, 1] * 0.7
-    assert torch.allclose(cg[:k] * gv + const[:k], w[:k] * s[:k, 0] * gv, rtol=1e-6, atol=1e-5)
+    assert bool(((cg[:k] * gv + const[:k] - w[:k] * s[:k, 0] * gv).abs() <= 1e-6 * (1 + scale[:k])).all())
 
 
 @pytest.mark.parametrize("p", ["2", "inf"])

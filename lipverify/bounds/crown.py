@@ -282,7 +282,9 @@ def _affine_row_norms(graph: LipschitzGraph, ops: dict, j: int, device, cache: d
         step = _spec_batches(units, max(math.prod(nd.out_shape) for nd in nodes[:j + 1]), 1)
         for s0 in range(0, units, step):
             k = min(step, units - s0)
-            lam = {j: torch.eye(units, dtype=torch.float64, device=device)[s0:s0 + k].reshape(k, *shape)}
+            rows = torch.zeros(k, units, dtype=torch.float64, device=device)
+            rows[torch.arange(k, device=device), torch.arange(s0, s0 + k, device=device)] = 1.0
+            lam = {j: rows.reshape(k, *shape)}
             for i in range(j, 0, -1):
                 A = lam.pop(i, None)
                 if A is None:

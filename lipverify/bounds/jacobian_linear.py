@@ -73,8 +73,8 @@ __all__ = ["linear_jacobian_bounds"]
 
 #: rows (units x directions x 2) per batch of the intermediate gradient refinement; 0 turns it off
 REFINE_ROWS = 4096
-#: at most this many (direction, unit) pairs of one node are refined per example (the widest intervals)
-MAX_REFINED = 1000
+#: at most this many units of one node are refined per example and direction (the widest intervals)
+MAX_REFINED = 2000
 #: float64 entries of one node's tensor in a refinement pass (rows x node size)
 ROW_ELEMENTS = 1 << 23
 
@@ -92,36 +92,42 @@ def linear_supports(graph: LipschitzGraph) -> str | None:
     return None
 
 
-def bilinear_plane(w: torch.Tensor, s_lo, s_hi, g_lo, g_hi):
-    """``(cg, const)`` with ``w s g <= cg g + const`` for every ``s`` in ``[s_lo, s_hi]`` and ``g`` in
-    ``[g_lo, g_hi]`` (element-wise; the McCormick plane with the smaller maximum over the box, its ``s``
-    term maximised; of two planes with the same maximum, the one with the larger ``|cg|``, so that ``-w``
-    gets the mirror image of ``w``'s plane).  ``const`` includes the plane's rounding error bound."""
-    pos = w >= 0
-    # planes of s g: upper ones (w >= 0): s_hi g + g_lo s - s_hi g_lo and s_lo g + g_hi s - s_lo g_hi;
-    # lower ones (w < 0): s_lo g + g_lo s - s_lo g_lo and s_hi g + g_hi s - s_hi g_hi
-    a1 = torch.where(pos, s_hi, s_lo)
-    a2 = torch.where(pos, s_lo, s_hi)
-
-    def term(a, b):
-        cg = w * a
-        cs = w * b
-        c0 = -cg * b  # w * (-a * b) with b the g end point the plane passes through
-        smax = torch.maximum(cs * s_lo, cs * s_hi)
-        score = torch.maximum(cg * g_lo, cg * g_hi) + smax + c0
-        return cg, smax + c0, score, cs
-    cg1, k1, sc1, cs1 = term(a1, g_lo)
-    cg2, k2, sc2, cs2 = term(a2, g_hi)
-    # near-ties go to the plane that keeps the larger g coefficient: the same plane for c and -c
-    tie = (sc1 - sc2).abs() <= 1e-9 * (sc1.abs() + sc2.abs())
-    one = torch.where(tie, cg1.abs() >= cg2.abs(), sc1 < sc2)
-    cg = torch.where(one, cg1, cg2)
-    k = torch.where(one, k1, k2)
-    cs = torch.where(one, cs1, cs2)
+def chord_coefficients(s_lo, s_hi, g_lo, g_hi):
+    """``(sig_pos, sig_neg, kappa)``: the chord of :func:`product_chord` is
+    ``w sig_pos g + |w| kappa`` for ``w >= 0`` and ``w sig_neg g + |w| kappa`` for ``w < 0``, rounding
+    included in ``kappa``; they depend on the coefficient ``w`` only through its sign, so they are
+    computed once per node and reused for every row of coefficients."""
+    cross = (g_lo < 0) & (g_hi > 0)
+    width = torch.where(cross, g_hi - g_lo, torch.ones_like(g_lo))
+    # w >= 0: a = w s_lo, b = w s_hi; w < 0: a = w s_hi, b = w s_lo (a the slope below 0, b above)
+    sig_pos = torch.where(g_lo >= 0, s_hi, torch.where(g_hi <= 0, s_lo, (s_hi * g_hi - s_lo * g_lo) / width))
+    sig_neg = torch.where(g_lo >= 0, s_lo, torch.where(g_hi <= 0, s_hi, (s_lo * g_hi - s_hi * g_lo) / width))
+    # the intercept w g_lo g_hi (s_lo - s_hi) / width (w >= 0) or w g_lo g_hi (s_hi - s_lo) / width is
+    # |w| |g_lo g_hi| (s_hi - s_lo) / width either way
+    kappa = torch.where(cross, (g_lo * g_hi).abs() * (s_hi - s_lo) / width, torch.zeros_like(g_lo))
     gmax = torch.maximum(g_lo.abs(), g_hi.abs())
-    smag = torch.maximum(s_lo.abs(), s_hi.abs())
-    err = REL_SLACK * (cg.abs() * gmax + cs.abs() * smag + (cg * torch.where(one, g_lo, g_hi)).abs())
-    return cg, k + err
+    # every step is a few roundings of terms at most (|s_lo| + |s_hi|) gmax (|g_lo| + |g_hi| = width
+    # where the interval crosses 0), and |w sig g| one more: REL_SLACK of them covers it by far
+    smax = s_lo.abs() + s_hi.abs()
+    err = REL_SLACK * ((smax + torch.maximum(sig_pos.abs(), sig_neg.abs())) * gmax + kappa)
+    return sig_pos, sig_neg, kappa + err
+
+
+def product_chord(w: torch.Tensor, s_lo, s_hi, g_lo, g_hi, coefficients=None):
+    """``(cg, const)`` with ``w s g <= cg g + const`` for every ``s`` in ``[s_lo, s_hi]`` and ``g`` in
+    ``[g_lo, g_hi]`` (element-wise; ``coefficients``: :func:`chord_coefficients` of the box, if known).
+
+    With the slope free, the product is at most ``h(g) = max(a g, b g)``, ``a = min(w s_lo, w s_hi)``
+    and ``b = max(w s_lo, w s_hi)``: ``b g`` for ``g >= 0`` and ``a g`` below.  ``h`` is convex, so its
+    smallest concave (here: linear) upper bound on the interval is the chord through
+    ``(g_lo, a g_lo)`` and ``(g_hi, b g_hi)``; it is exact where the interval does not cross 0 or the
+    slope is fixed, and below both McCormick planes of ``w s g`` (with their ``s`` term maximised)
+    everywhere else.  For a ReLU slope in ``[0, 1]`` and ``w = 1`` it is the triangle relaxation of
+    ``relu(g)``.  ``const`` includes a bound of the chord's rounding error."""
+    sig_pos, sig_neg, kappa = chord_coefficients(s_lo, s_hi, g_lo, g_hi) if coefficients is None \
+        else coefficients
+    cg = w * torch.where(w >= 0, sig_pos, sig_neg)
+    return cg, w.abs() * kappa
 
 
 def linear_jacobian_bounds(graph: LipschitzGraph, ops: dict, lbs: list, ubs: list, C: torch.Tensor,
@@ -179,9 +185,10 @@ def _linear_chunk(graph, ops, lbs, ubs, C, p, grads, refine_rows: int):
         return torch.zeros(B, P, dtype=torch.float64, device=C.device)
     ex = torch.arange(B, device=C.device).repeat_interleave(P)
     c = C.reshape((R,) + tuple(nodes[o].out_shape))
-    memo: dict = {}  # per-example slope intervals and pooling windows, shared by every pass
+    # per-example slope intervals and pooling windows, per-row chord coefficients, shared by every pass
+    memo: dict = {"ex": ex}
     if refine_rows:
-        _refine_gradients(graph, ops, lbs, ubs, c, grads, ex, refine_rows, memo)
+        _refine_gradients(graph, ops, lbs, ubs, c, grads, ex, refine_rows, memo, p)
     L0, const0 = _objective(*grads[inp], p)
     val = propagate(graph, ops, lbs, ubs, c, grads, inp, L0, const0, ex, None, memo)
     val = val + 1e-10 * val.abs()
@@ -206,7 +213,7 @@ def _slopes(graph, lbs, ubs, k, memo: dict):
     return memo[("slopes", k)]
 
 
-def _refine_gradients(graph, ops, lbs, ubs, c, grads, ex, max_rows: int, memo: dict):
+def _refine_gradients(graph, ops, lbs, ubs, c, grads, ex, max_rows: int, memo: dict, p: str):
     """Linear bounds of the gradient units the McCormick planes depend on (activation outputs whose
     slope is undecided), from the logits' side first, intersected with the interval bounds in place."""
     nodes = graph.nodes
@@ -215,16 +222,18 @@ def _refine_gradients(graph, ops, lbs, ubs, c, grads, ex, max_rows: int, memo: d
     for k in range(o - 1, -1, -1):
         if nodes[k].kind not in ("activation", "input") or k not in grads:
             continue
-        if nodes[k].kind == "input":  # the objective's chords: the units whose interval crosses 0
-            open_ = ((grads[k][0] < 0) & (grads[k][1] > 0)).reshape(R, -1)
-        else:
+        cross = ((grads[k][0] < 0) & (grads[k][1] > 0)).reshape(R, -1)
+        if nodes[k].kind == "input":
+            # l_inf: the chords of |g| are exact off 0; l2: every unit's interval enters the norm
+            open_ = cross if p == "inf" else torch.ones_like(cross)
+        else:  # the products' chords are exact where the slope is decided or the interval is one-signed
             s_lo, s_hi = _slopes(graph, lbs, ubs, k, memo)
-            open_ = (s_lo < s_hi).reshape(s_lo.shape[0], -1)[ex]  # (R, units) undecided slopes
+            open_ = (s_lo < s_hi).reshape(s_lo.shape[0], -1)[ex] & cross
         r_idx, u_idx = open_.nonzero(as_tuple=True)
         if not r_idx.numel():
             continue
         lo, hi = grads[k]
-        cap = MAX_REFINED * (int(ex.max()) + 1)  # per example
+        cap = MAX_REFINED * R  # per row (example and direction)
         if r_idx.numel() > cap:  # the widest gradient intervals first
             width = (hi.reshape(R, -1) - lo.reshape(R, -1))[r_idx, u_idx]
             keep = torch.topk(width, cap).indices
@@ -244,7 +253,8 @@ def _refine_gradients(graph, ops, lbs, ubs, c, grads, ex, max_rows: int, memo: d
             L0[q + ar, uu] = -1.0
             src = torch.cat([rr, rr])
             val = propagate(graph, ops, lbs, ubs, c[src], grads, k, L0.reshape((2 * q,) + tuple(shape)),
-                            torch.zeros(2 * q, dtype=torch.float64, device=c.device), ex[src], src, memo)
+                            torch.zeros(2 * q, dtype=torch.float64, device=c.device), ex[src], src, memo,
+                            units=torch.cat([uu, uu]))
             up, low = val[:q], -val[q:]
             up = up + 1e-10 * up.abs()
             low = low - 1e-10 * low.abs()
@@ -254,11 +264,25 @@ def _refine_gradients(graph, ops, lbs, ubs, c, grads, ex, max_rows: int, memo: d
         grads[k] = (lo_f.reshape(lo.shape), hi_f.reshape(hi.shape))
 
 
-def propagate(graph, ops, lbs, ubs, c, grads, start: int, L0, const0, ex, src, memo: dict):
+def _columns(op, k, memo: dict):
+    """``op``'s columns ``A e_u`` for every unit ``u`` of its input, ``(n_in, *out)`` (memoised), or None
+    when they would take more than ``ROW_ELEMENTS`` float64 entries."""
+    if ("cols", k) not in memo:
+        n_in, n_out = math.prod(op.in_shape), math.prod(op.out_shape)
+        cols = None
+        if n_in * n_out <= ROW_ELEMENTS:
+            cols = op.matrix(torch.float64).T.reshape((n_in,) + tuple(op.out_shape))
+        memo[("cols", k)] = cols
+    return memo[("cols", k)]
+
+
+def propagate(graph, ops, lbs, ubs, c, grads, start: int, L0, const0, ex, src, memo: dict, units=None):
     """Upper bounds ``(R,)`` of ``L0 . g_start + const0`` (the gradient of node ``start``) for rows whose
     example is ``ex`` (``lbs``/``ubs`` rows) and whose gradient intervals are row ``src`` of ``grads``
     (None: the rows of ``grads`` themselves), ``c`` ``(R, *out)`` the directions at the logits (see the
-    module docstring); ``memo`` keeps what depends only on the examples between calls."""
+    module docstring); ``memo`` keeps what depends only on the examples between calls.  ``units``
+    ``(R,)``: row ``r`` of ``L0`` is ``+-1`` at unit ``units[r]`` and 0 elsewhere (the first linear steps
+    then read the operators' columns)."""
     nodes = graph.nodes
     o = graph.output
     R = L0.shape[0]
@@ -271,9 +295,25 @@ def propagate(graph, ops, lbs, ubs, c, grads, start: int, L0, const0, ex, src, m
             gcache[k] = (lo, hi) if src is None else (lo[src], hi[src])
         return gcache[k]
 
+    def of_rows(key, make):
+        """What ``make()`` gives for every row of ``grads`` (memoised: the gradient intervals of a node
+        are final once a pass reads them, see :func:`_refine_gradients`), for this call's rows."""
+        if key not in gcache:
+            if key not in memo:
+                memo[key] = make()
+            full = memo[key]
+            gcache[key] = full if src is None else tuple(t[src] for t in full)
+        return gcache[key]
+
     def gmax(k):
-        lo, hi = g_of(k)
-        return torch.maximum(lo.abs(), hi.abs())
+        return of_rows(("gmax", k), lambda: (torch.maximum(grads[k][0].abs(), grads[k][1].abs()),))[0]
+
+    def chord_of(k):
+        def make():
+            s_lo, s_hi = _slopes(graph, lbs, ubs, k, memo)
+            rows = memo["ex"]
+            return chord_coefficients(s_lo[rows], s_hi[rows], *grads[k])
+        return of_rows(("chord", k), make)
 
     def rows_of(t):
         return t[ex]
@@ -303,12 +343,17 @@ def propagate(graph, ops, lbs, ubs, c, grads, start: int, L0, const0, ex, src, m
             kind = n.kind
             if kind == "linear":
                 op = ops[k]
-                t = op.apply(L)
-                const = const + REL_SLACK * (op.abs_apply(L.abs()) * gmax(k)).reshape(R, -1).sum(1)
+                cols = _columns(op, k, memo) if j == start and units is not None else None
+                if cols is not None:  # rows of +-1 at one unit: +- a column of the operator
+                    sign = L.reshape(R, -1)[torch.arange(R, device=L.device), units]
+                    t = cols[units] * sign.reshape((R,) + (1,) * (cols.dim() - 1))
+                    const = const + REL_SLACK * (t.abs() * gmax(k)).reshape(R, -1).sum(1)
+                else:
+                    t = op.apply(L)
+                    const = const + REL_SLACK * (op.abs_apply(L.abs()) * gmax(k)).reshape(R, -1).sum(1)
                 add(k, t)
             elif kind == "activation":
-                s_lo, s_hi = _slopes(graph, lbs, ubs, k, memo)
-                cg, c0 = bilinear_plane(L, rows_of(s_lo), rows_of(s_hi), *g_of(k))
+                cg, c0 = product_chord(L, None, None, None, None, coefficients=chord_of(k))
                 const = const + c0.reshape(R, -1).sum(1)
                 add(k, cg)
             elif kind == "maxpool":
@@ -326,7 +371,7 @@ def propagate(graph, ops, lbs, ubs, c, grads, start: int, L0, const0, ex, src, m
                 t_hi = torch.where(cand, W, -inf).amax(2)  # every window has a candidate
                 t_lo = torch.where(cand, W, inf).amin(2)
                 cols = win.Ho * win.Wo
-                cg, c0 = bilinear_plane(torch.ones_like(t_hi), t_lo, t_hi, g_lo.reshape(R, win.C, cols),
+                cg, c0 = product_chord(torch.ones_like(t_hi), t_lo, t_hi, g_lo.reshape(R, win.C, cols),
                                         g_hi.reshape(R, win.C, cols))
                 const = const + c0.reshape(R, -1).sum(1)
                 add(k, cg.reshape(g_lo.shape))
