@@ -24,12 +24,13 @@ rewritten in the gradients of the nodes that read ``j``:
 * linear ``g_j = A^T g_k``: ``\\Lambda_k = A \\Lambda_j`` (``LinearOp.apply``, no bias);
 * max pooling: a window's gradient ``g_w`` goes to one candidate ``u``, so it adds ``t g_w`` with ``t``
   between the smallest and largest ``\\Lambda_j[u]`` over the window's candidates (exact for a sole
-  candidate), bounded by the McCormick planes below;
-* activation ``g_j = s \\odot g_k``: the McCormick planes of the bilinear term
-  ``w s g`` (``w`` the coefficient) over the box ``[s_lo, s_hi] x [g_lo, g_hi]``, upper planes for
-  ``w >= 0`` and lower ones for ``w < 0``; of the two, the one with the smaller maximum over the box,
-  its ``s`` term maximised over ``[s_lo, s_hi]`` (the slopes are free in their intervals) and its ``g``
-  term carried on;
+  candidate), bounded by the chord below;
+* activation ``g_j = s \\odot g_k``: the term ``w s g`` (``w`` the coefficient) with the slope free in
+  ``[s_lo, s_hi]`` is at most ``max(a g, b g)``, ``a``/``b`` the smaller/larger of ``w s_lo`` and
+  ``w s_hi``: a convex function of ``g`` whose tightest linear upper bound on ``[g_lo, g_hi]`` is its
+  chord (:func:`product_chord`; for a ReLU it is the triangle relaxation of ``relu(g)``, as in the
+  paper's implementation); it is exact where the slope is decided or the gradient interval is
+  one-signed, and below the McCormick planes of ``w s g`` everywhere;
 * sums and concatenations: scale and place the coefficients.
 
 At the logits ``g = c`` is known and the bound is ``\\Lambda_{out}^T c + \\text{const}``.  The gradient
@@ -38,22 +39,24 @@ the slope intervals come from the pre-activation bounds it is given (CROWN's, on
 with the input domain, in :func:`lipverify.bounds.local.local_margin_constants`), which decide most
 of the gain: with them most ReLUs are stable and ``s`` is exact.
 
-Soundness: every plane is valid on its box, and every float64 step adds its rounding error to the
+Soundness: every chord is valid on its box, and every float64 step adds its rounding error to the
 constant: ``REL_SLACK`` times the magnitudes involved, times the largest ``|g|`` the term can take
 (``|fl(A \\Lambda) - A \\Lambda| <= REL_SLACK |A| |\\Lambda|`` element-wise, far above the float64
 error of the dot products).  The result is ``min`` with the interval bound by the caller.
 
 Warnings
 --------
-* The slopes are treated as independent of each other and of the input within their intervals (Shi
-  et al. relate them to the input through the relaxation of the activations' derivatives), and without
-  the refinement the intermediate gradient intervals are interval bounds: on units whose slope is
-  undecided the bound can be looser than the paper's (kw_mnist on l2 balls: 1.18x below the interval
-  bound, against 2.2-2.7x for the paper's implementation).
+* The slopes are treated as independent of each other and of the input within their intervals, as in
+  the paper's implementation; without the refinement the intermediate gradient intervals are interval
+  bounds, and the chords over them are loose (kw_mnist on l2 balls: 1.16x below the interval bound
+  unrefined, 2.4x refined).
 * The refinement of the gradient intervals (``refine_rows > 0``) costs one pass through the rest of the
-  network per refined unit and direction, twice; at most ``MAX_REFINED`` pairs per node and example (the widest
-  intervals) are refined, the others keep their interval bounds.
-* The plane of each bilinear term is chosen greedily (no optimisation over the convex combinations).
+  network per refined unit and direction, twice; only units whose chord is inexact (undecided slope,
+  gradient interval across 0; at the input: across 0 for ``l_inf``, every unit for ``l2``) are refined,
+  at most ``MAX_REFINED`` per node, example and direction (the widest intervals); the others keep their
+  interval bounds.  On wide layers followed by max pooling this is slow (Convnet_maxpool: about a
+  minute per input).
+* The chord of each term is chosen per unit (no optimisation over the convex combinations).
 * MinMax and nodes without a Jacobian rule raise ``NotImplementedError``: the caller keeps the
   interval bound.
 """
