@@ -457,3 +457,34 @@ def test_crown_on_a_torchvision_resnet_never_beats_pgd(tmp_path):
     assert (low <= reached + 1e-9 * (1 + reached.abs())).all()
     certified = (low > 0).all(1)  # and so no margin PGD reached is negative: not broken
     assert bool(certified.any()) and bool((reached[certified] > 0).all())
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_refinement_walks_reading_operator_rows_match_the_adjoints(norm, monkeypatch):
+    """A refinement walk starts from unit vectors; its first linear steps read the operators' rows
+    (``A^T e_u``) instead of applying the adjoints.  The bounds are the same either way, through
+    convolutions, a residual sum (whose inputs inherit the unit vectors), pooling and a concatenation,
+    and they contain the network's outputs at sampled points of the ball."""
+    import lipverify.bounds.crown as crown_mod
+
+    torch.manual_seed(11)
+    net = Mixed(nn.ReLU()).eval()
+    lm = lipverify.load(net, input_shape=(1, 7, 7))
+    x = torch.rand(3, 1, 7, 7, dtype=torch.float64)
+    eps = 0.08 if norm == "inf" else 0.4
+    lo, up, inter = crown_bounds(lm.graph, x, eps, norm, domain=(0.0, 1.0))
+    monkeypatch.setattr(crown_mod, "ROW_TABLE", 0)
+    lo0, up0, inter0 = crown_bounds(lm.graph, x, eps, norm, domain=(0.0, 1.0))
+    assert torch.allclose(lo, lo0, rtol=1e-12, atol=1e-12) and torch.allclose(up, up0, rtol=1e-12, atol=1e-12)
+    for j in inter:
+        assert torch.allclose(inter[j][0], inter0[j][0], rtol=1e-12, atol=1e-12)
+    net64 = net.double()
+    gen = torch.Generator().manual_seed(2)
+    d = torch.randn((400,) + tuple(x.shape), generator=gen, dtype=torch.float64)
+    if norm == "inf":
+        d = d.sign() * eps
+    else:
+        d = d / d.flatten(2).norm(dim=2)[..., None, None, None] * eps
+    with torch.no_grad():
+        out = net64((x[None] + d).clamp(0, 1).reshape(-1, 1, 7, 7)).reshape(400, 3, -1)
+    assert bool((out >= lo[None] - 1e-9).all() and (out <= up[None] + 1e-9).all())

@@ -162,6 +162,42 @@ def test_gradients_and_quotients_on_the_ball_stay_below_the_bound(act, p, eps):
                 assert float(quot.max()) <= float(K[q]) * (1 + 1e-9) + 1e-12, (mode, b, q)
 
 
+def test_refinement_without_operator_columns_and_with_a_small_cap_stays_sound(monkeypatch):
+    """The first step of each refinement pass reads the operator's columns; applying the operator to the
+    unit vectors instead (the path for operators too large to tabulate) gives the same bounds, and a cap
+    of one refined unit per node keeps every bound above the gradients found on the ball."""
+    import lipverify.bounds.jacobian_linear as jl
+
+    torch.manual_seed(3)
+    net = Mixed(nn.ReLU()).eval()
+    lm = lipverify.load(net, input_shape=(1, 7, 7))
+    net64 = copy.deepcopy(net).double()
+    x = torch.rand(2, 1, 7, 7, dtype=torch.float64)
+    pred = net64(x).argmax(1)
+
+    def run():
+        return local_margin_constants(lm.graph, x, 0.3, "2", rows=pred, clamp_to_global=False,
+                                      jacobian="linear-refined", box=(0.0, 1.0)).K
+    with_cols = run()
+    monkeypatch.setattr(jl, "_columns", lambda op, k, memo: None)
+    without = run()
+    assert torch.allclose(with_cols, without, rtol=1e-9, atol=1e-12)
+    monkeypatch.setattr(jl, "MAX_REFINED", 1)
+    capped = run()
+    gen = torch.Generator().manual_seed(1)
+    for b in range(2):
+        C = pair_directions(5, pred[b:b + 1], 1)[0][0]
+        pts = _points(x[b], 0.3, "2", net64, C, gen).requires_grad_(True)
+        out = net64(pts)
+        for q in range(5):
+            if q == int(pred[b]):
+                continue
+            (gr,) = torch.autograd.grad((out * C[q]).sum(), pts, retain_graph=True)
+            top = float(gr.flatten(1).norm(dim=1).max())
+            for K in (with_cols, capped):
+                assert top <= float(K[b, pred[b], q]) * (1 + 1e-9) + 1e-12
+
+
 def test_exact_on_a_ball_where_every_unit_is_stable():
     torch.manual_seed(5)
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.LazyLinear(6), nn.ReLU(),

@@ -66,6 +66,8 @@ ROUNDING_SLACK = 1e-8
 SUPPORTED = ("input", "linear", "activation", "maxpool", "minmax", "add", "concat")
 #: entries of one coefficient tensor (specs x units) before the specs are split into batches
 MAX_ENTRIES = 30_000_000
+#: float64 entries of a linear node's table of rows ``A^T e_u`` (read by refinement walks)
+ROW_TABLE = 1 << 23
 
 
 def check_supported(graph: LipschitzGraph) -> None:
@@ -122,12 +124,26 @@ class _Walk:
                 self.relax[i] = pool_relaxation(n.op, in_shape, n.out_shape, l, u)
         return self.relax[i]
 
-    def lower(self, t: int, C: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _rows(self, i):
+        """The rows ``A^T e_u`` of linear node ``i``'s operator for every output unit ``u``, shaped
+        ``(units, *in_shape)`` (memoised), or None when they would take over ``ROW_TABLE`` entries."""
+        key = ("rows", i)
+        if key not in self.relax:
+            op = self.ops[i]
+            n_out, n_in = math.prod(op.out_shape), math.prod(op.in_shape)
+            self.relax[key] = (op.matrix(torch.float64).reshape(n_out, *op.in_shape)
+                               if n_out * n_in <= ROW_TABLE else None)
+        return self.relax[key]
+
+    def lower(self, t: int, C: torch.Tensor, rows: torch.Tensor, units: torch.Tensor | None = None) -> torch.Tensor:
         """Lower bounds ``(R, S)`` of ``C[r] . v_t`` over the input set of example ``rows[r]``;
-        ``C`` is ``(R, S, *shape_t)``."""
+        ``C`` is ``(R, S, *shape_t)``.  ``units`` ``(R, S)``: ``C[r, s]`` is zero except at flat unit
+        ``units[r, s]``; the first linear steps then read their operators' rows instead of applying
+        the adjoints (the same coefficients: a row is the adjoint applied to a unit vector)."""
         g = self.g
         R, S = C.shape[0], C.shape[1]
         lam: dict[int, torch.Tensor] = {t: C}
+        fresh = {t} if units is not None else set()  # nodes whose coefficients sit at ``units`` only
         beta = torch.zeros(R, S, dtype=torch.float64, device=C.device)
         mag = torch.zeros_like(beta)
         crossed = 0
@@ -138,6 +154,11 @@ class _Walk:
             crossed += 1
             n = g.nodes[i]
             k = n.kind
+            if fresh:  # an add node passes A (times its coefficients) to inputs that have nothing yet
+                keep = ({j for c, j in zip(n.op, n.inputs) if c != 0 and j not in lam}
+                        if i in fresh and k == "add" else set())
+                fresh.difference_update(n.inputs)
+                fresh |= keep
             if k == "input":
                 return self._concretise(A, rows, beta, mag, crossed)
             if k in ("linear", "add", "concat"):
@@ -147,6 +168,12 @@ class _Walk:
                     Af = A.flatten(2)
                     beta = beta + torch.matmul(Af, b)
                     mag = mag + torch.matmul(Af.abs(), b.abs())
+                table = self._rows(i) if i in fresh and k == "linear" and op is not None else None
+                if table is not None:
+                    val = A.flatten(2).gather(2, units.unsqueeze(2))  # (R, S, 1): the one coefficient
+                    back = table[units.reshape(-1)].reshape(R, S, -1) * val
+                    _add(lam, n.inputs[0], back.reshape(R, S, *g.nodes[n.inputs[0]].out_shape))
+                    continue
                 _push_back(lam, g.nodes, n, A, op, 2)
             elif k == "activation":
                 aL, bL, aU, bU = (v[rows][:, None] for v in self._relax(i))
@@ -512,7 +539,7 @@ def _refine(walk: _Walk, graph, j, l, u, rows_all, open_, alpha_steps: int = 0, 
                 C[0, ar, first + spatial] = -1.0
                 C[0, k + ar, first + spatial] = 1.0
             Cj = C.reshape(1, 2 * k, *shape)
-            low = walk.lower(j, Cj, rows_all[b:b + 1])
+            low = walk.lower(j, Cj, rows_all[b:b + 1], units=None if pairs else torch.cat([part, part])[None])
             if alpha_steps:
                 low = _optimise_slopes(walk, graph, Cj, rows_all[b:b + 1], low, alpha_steps, target=j)
             low = low[0]
