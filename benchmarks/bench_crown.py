@@ -8,8 +8,8 @@ over the ball intersected with [0, 1], :func:`lipverify.bounds.crown.margin_lowe
 eps), the PGD upper bound (inputs no attack broke, ``attack --strength fast``), and the seconds per
 input of the local and CROWN decisions (one thread).  The auto_LiRPA columns are the counts and
 seconds per input measured with auto_LiRPA on the same networks and inputs (same CPU, one thread) and
-filed with the request for this method; auto_LiRPA pins an older torch than lipverify's and is not
-installed beside it, so they are printed as reference values, not re-measured here.
+filed with the request for this method (auto_LiRPA from its repository, with the torch it pins),
+printed as reference values; ``bench_crown_peers.py`` runs auto_LiRPA side by side.
 
     python benchmarks/bench_crown.py                 # every row, 50 inputs
     python benchmarks/bench_crown.py --n 10 --rows 0,1   # a quick look

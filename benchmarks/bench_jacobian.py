@@ -11,8 +11,8 @@ sampled value; the ratio bound / sampled says how much room is left.
 
 The request for this method measured auto_LiRPA's Jacobian bound (Shi et al.) on ``kw_mnist`` as
 33-63x tighter than lipverify's interval constants at l_inf and 2.2-2.7x at l2 (medians), about 10 s
-per input; auto_LiRPA pins an older torch and is not installed beside lipverify, so those ratios are
-printed as the reference, not re-measured.
+per input.  auto_LiRPA's last registry release (0.3, which ``bench_crown_peers.py`` runs side by side)
+has no Jacobian bounds, so those ratios are printed as the reference, not re-measured.
 
     python benchmarks/bench_jacobian.py                    # both models, both norms, 10 inputs
     python benchmarks/bench_jacobian.py --n 3 --rows 0     # a quick look

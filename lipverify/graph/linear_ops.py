@@ -24,11 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from lipverify.graph import operator_norms as on
+from lipverify.graph.conv_crop import cropped_conv_transpose
 
 Shape = tuple[int, ...]
 
 #: largest operator matrix (entries) that is materialised for an exact SVD.
 EXACT_MAX_ENTRIES = 1_000_000
+#: batches of at least this many rows try the cropped transposed convolution (graph/conv_crop.py)
+CROP_MIN_ROWS = 8
 #: materialisation also needs the smaller side to be at most this (number of basis vectors pushed).
 EXACT_MAX_SIDE = 1024
 
@@ -342,8 +345,11 @@ class Conv(LinearOp):
             # no output padding reproduces the input size: the vector-Jacobian product of the geometry
             src = self if weight is self.weight else _with_weight(self, weight)
             return LinearOp.adjoint(src, y.squeeze(2) if self.one_d else y)
-        xp = F.conv_transpose2d(y, weight.to(y.dtype), stride=self.stride, dilation=self.dilation,
-                                groups=self.groups, output_padding=(op_h, op_w))
+        xp = cropped_conv_transpose(y, weight, self.stride, self.dilation, self.groups, (hp, wp)) \
+            if y.shape[0] >= CROP_MIN_ROWS else None
+        if xp is None:  # rows with non-zeros all over the map
+            xp = F.conv_transpose2d(y, weight.to(y.dtype), stride=self.stride, dilation=self.dilation,
+                                    groups=self.groups, output_padding=(op_h, op_w))
         x = xp[..., t:t + h, l:l + w]
         return x.squeeze(2) if self.one_d else x
 
