@@ -14,7 +14,7 @@ another order of summation, so equal up to float64 rounding of the same terms).
 
 Warnings
 --------
-* Only batches whose windows cover at most a quarter of the map are cropped; otherwise the caller's
+* Only batches whose windows cover at most half of the map are cropped; otherwise the caller's
   whole-map path runs (``None`` is returned).
 """
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 #: crop only when the window covers at most this fraction of the map
-MAX_FRACTION = 0.25
+MAX_FRACTION = 0.5
 
 
 def _span(any_: torch.Tensor):
