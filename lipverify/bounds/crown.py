@@ -98,6 +98,30 @@ def _push_back(lam, nodes, n, A, op, lead: int):
             start += size
 
 
+def _relu_like_step(A, aL, aU, bL, bU, beta, mag):
+    """The activation step of a walk over one example (``A`` ``(1, S, *shape)``): where the lower and
+    upper lines coincide (decided units) the coefficients are ``A aU`` and the intercepts ``A bU``
+    whatever the sign; only the other units need the sign-dependent choice.  The same terms as the
+    general step, computed on fewer units."""
+    S = A.shape[1]
+    aLf, aUf, bLf, bUf = (v.reshape(-1) for v in (aL, aU, bL, bU))
+    Af = A.reshape(S, -1)
+    open_ = ((aLf != aUf) | (bLf != bUf)).nonzero().squeeze(1)
+    back = Af * aUf
+    common = torch.where((aLf != aUf) | (bLf != bUf), torch.zeros_like(bUf), bUf)
+    if bool(common.any()):  # decided units with a non-zero intercept (a clip's flat parts)
+        term = torch.matmul(Af, torch.stack([common, common.abs()], 1))
+        beta, mag = beta + term[:, 0][None], mag + term[:, 1].abs()[None]
+    if len(open_):
+        As = Af[:, open_]
+        pos = As >= 0
+        back[:, open_] = As * torch.where(pos, aLf[open_], aUf[open_])
+        for part, b in ((As.clamp_max(0), bUf[open_]), (As.clamp_min(0), bLf[open_])):
+            term = torch.matmul(part, torch.stack([b, b.abs()], 1))
+            beta, mag = beta + term[:, 0][None], mag + term[:, 1].abs()[None]
+    return back.reshape(A.shape), beta, mag
+
+
 class _Walk:
     def __init__(self, graph, x, eps, norm, box, bounds, relax_cache, ops):
         self.g, self.x, self.eps, self.norm, self.box = graph, x, eps, norm, box
@@ -182,6 +206,10 @@ class _Walk:
                     a = self.alpha[i]
                     a = a - (a - a.clamp(0.0, 1.0)).detach()  # the value clamped, the gradient kept at 0 and 1
                     aL = torch.where(cross, a, aL)
+                if R == 1 and self.alpha is None:  # one example (a refinement walk): work on the open units
+                    back, beta, mag = _relu_like_step(A, aL, aU, bL, bU, beta, mag)
+                    _add(lam, n.inputs[0], back)
+                    continue
                 pos = A >= 0
                 _add(lam, n.inputs[0], A * torch.where(pos, aL, aU))
                 # the intercepts: sum_k A_k b_k with b = bL where A >= 0, bU elsewhere (and their sizes)
