@@ -106,9 +106,10 @@ def _relu_like_step(A, aL, aU, bL, bU, beta, mag):
     S = A.shape[1]
     aLf, aUf, bLf, bUf = (v.reshape(-1) for v in (aL, aU, bL, bU))
     Af = A.reshape(S, -1)
-    open_ = ((aLf != aUf) | (bLf != bUf)).nonzero().squeeze(1)
+    differ = (aLf != aUf) | (bLf != bUf)
+    open_ = differ.nonzero().squeeze(1)
     back = Af * aUf
-    common = torch.where((aLf != aUf) | (bLf != bUf), torch.zeros_like(bUf), bUf)
+    common = torch.where(differ, torch.zeros_like(bUf), bUf)
     if bool(common.any()):  # decided units with a non-zero intercept (a clip's flat parts)
         term = torch.matmul(Af, torch.stack([common, common.abs()], 1))
         beta, mag = beta + term[:, 0][None], mag + term[:, 1].abs()[None]
